@@ -1,0 +1,149 @@
+"""The one place that knows backends exist: it checks input, groups tensors and picks backends.
+
+Tensors are grouped by (device, dtype); each group goes to one backend. ``"auto"`` picks,
+per device type, the first available name in ``AUTO_ORDER`` (``FASTREG_BACKEND`` overrides
+``"auto"``). When the preferred backend cannot run, ``"auto"`` warns once and falls back.
+"""
+
+import importlib
+import math
+import numbers
+import os
+import warnings
+
+import torch
+
+# Preference order; also the order of available_backends().
+BACKENDS = ("triton", "cpu", "torch")
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
+FALLBACK = "torch"
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+_modules = {}
+_resolved = {}
+_warned = set()
+
+
+def acc_dtype(dtype):
+    """The accumulation and result dtype of a group: float64 stays float64, all else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def backend(name):
+    """The backend module called ``name`` (imported on first use)."""
+    module = _modules.get(name)
+    if module is None:
+        module = importlib.import_module(f"fastreg.backends.{name}")
+        _modules[name] = module
+    return module
+
+
+def unavailable_reason(name):
+    """``None`` if backend ``name`` can run here, else why not."""
+    check_backend_name(name)
+    try:
+        return backend(name).unavailable_reason()
+    except Exception as exc:  # a backend that cannot even import is unavailable, not fatal
+        return f"{type(exc).__name__}: {exc}"
+
+
+def available_backends():
+    return [name for name in BACKENDS if unavailable_reason(name) is None]
+
+
+def check_backend_name(name):
+    if name == "auto" or name in BACKENDS:
+        return name
+    raise ValueError(
+        f"fastreg: unknown backend {name!r}; choose 'auto' or one of {', '.join(BACKENDS)}"
+    )
+
+
+def requested_backend(name):
+    """Apply the FASTREG_BACKEND default to ``"auto"`` and validate the name."""
+    if not isinstance(name, str):
+        raise TypeError(f"fastreg: backend must be a string, got {type(name).__name__}")
+    if name == "auto":
+        name = os.environ.get("FASTREG_BACKEND", "").strip() or "auto"
+    return check_backend_name(name)
+
+
+def resolve(requested, device):
+    """The backend name that runs tensors on ``device`` when ``requested`` was asked for."""
+    key = (requested, device.type)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolve_uncached(requested, device.type)
+        _resolved[key] = name
+    return name
+
+
+def _resolve_uncached(requested, device_type):
+    if requested != "auto":
+        reason = unavailable_reason(requested)
+        if reason is not None:
+            raise RuntimeError(f"fastreg: the {requested!r} backend is not available: {reason}")
+        device_types = backend(requested).DEVICE_TYPES
+        if device_types is not None and device_type not in device_types:
+            raise RuntimeError(
+                f"fastreg: the {requested!r} backend runs on {'/'.join(device_types)} tensors, "
+                f"not {device_type}"
+            )
+        return requested
+    for name in AUTO_ORDER.get(device_type, (FALLBACK,)):
+        reason = unavailable_reason(name)
+        if reason is None:
+            return name
+        if name not in _warned:
+            _warned.add(name)
+            warnings.warn(
+                f"fastreg: the {name!r} backend is not available ({reason}); "
+                f"falling back to the {FALLBACK!r} backend",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    return FALLBACK
+
+
+def plan(tensors, requested):
+    """Group ``tensors`` by (device, dtype): a list of ``(backend_name, tensors)``."""
+    groups = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return [(resolve(requested, device), group) for (device, _), group in groups.items()]
+
+
+def check_coefficient(name, value):
+    """A penalty coefficient must be a finite, non-negative real number or 0-dim tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0:
+            raise ValueError(f"fastreg: {name} must be a number or a 0-dim tensor, got shape {tuple(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"fastreg: {name} must be real, got a {value.dtype} tensor")
+        # Reading a CUDA value would synchronise, and under torch.compile it would break the
+        # graph: such coefficients are checked by the user's own schedule, not here.
+        if value.device.type != "cpu" or torch.compiler.is_compiling():
+            return value
+        number = value.item()
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = value
+    else:
+        raise TypeError(f"fastreg: {name} must be a real number or a 0-dim tensor, got {type(value).__name__}")
+    if math.isnan(number) or math.isinf(number) or number < 0:
+        raise ValueError(f"fastreg: {name} must be finite and non-negative, got {number}")
+    return value
+
+
+def is_zero(coefficient):
+    """True for a Python zero: its term can be dropped at trace time."""
+    return not isinstance(coefficient, torch.Tensor) and coefficient == 0
+
+
+def coefficient_vector(first, second, dtype, device):
+    """``[first, second]`` as a tensor for the kernels; floats or 0-dim tensors."""
+    if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
+        return torch.stack(
+            [torch.as_tensor(c, dtype=dtype, device=device) for c in (first, second)]
+        ).detach()
+    return torch.tensor([float(first), float(second)], dtype=dtype, device=device)

@@ -1,0 +1,69 @@
+"""The differentiable op, registered with ``torch.library`` so torch.compile sees one opaque op.
+
+``fastreg::sums(params, backend) -> [Σ|w|, Σw²]`` is the only differentiable primitive. The
+coefficients stay outside it (``value = l1 * sums[0] + l2 * sums[1]`` in plain torch), so
+tensor coefficients need no recompilation, and autograd hands the backward exactly
+``grad_sums = [l1, l2] * grad_value``: the backward is ``grad_sums[0]·sign(w) +
+2·grad_sums[1]·w``, computed by ``fastreg::sums_backward`` in one multi-tensor call.
+"""
+
+import torch
+
+from fastreg import _dispatch
+
+
+@torch.library.custom_op("fastreg::sums", mutates_args=())
+def sums(params: list[torch.Tensor], backend: str) -> torch.Tensor:
+    """``[Σ|w|, Σw²]`` over one (device, dtype) group, by the named backend."""
+    return _dispatch.backend(backend).sums(params)
+
+
+@sums.register_fake
+def _(params, backend):
+    return params[0].new_empty((2,), dtype=_dispatch.acc_dtype(params[0].dtype))
+
+
+@torch.library.custom_op("fastreg::sums_backward", mutates_args=())
+def sums_backward(params: list[torch.Tensor], grad_sums: torch.Tensor, backend: str) -> list[torch.Tensor]:
+    """``grad_sums[0]·sign(w) + 2·grad_sums[1]·w`` for every tensor of the group."""
+    return _dispatch.backend(backend).grads(params, grad_sums)
+
+
+@sums_backward.register_fake
+def _(params, grad_sums, backend):
+    return [torch.empty_like(p) for p in params]
+
+
+def _sums_setup_context(ctx, inputs, output):
+    params, backend = inputs
+    ctx.save_for_backward(*params)
+    ctx.backend = backend
+
+
+def _sums_backward(ctx, grad_sums):
+    params = list(ctx.saved_tensors)
+    coeffs = grad_sums.to(_dispatch.acc_dtype(params[0].dtype)).contiguous()
+    return sums_backward(params, coeffs, ctx.backend), None
+
+
+sums.register_autograd(_sums_backward, setup_context=_sums_setup_context)
+
+
+# Second order, for completeness (gradgradcheck, Hessian-vector products): the backward is
+# linear in w except for sign(), whose derivative is zero almost everywhere. Plain torch ops.
+def _sums_backward_setup_context(ctx, inputs, output):
+    params, grad_sums, backend = inputs
+    ctx.save_for_backward(grad_sums, *params)
+
+
+def _sums_backward_backward(ctx, grad_outputs):
+    grad_sums, *params = ctx.saved_tensors
+    grad_outputs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grad_outputs)]
+    grad_params = torch._foreach_mul(grad_outputs, 2 * grad_sums[1])
+    sign_dot = sum((torch.sign(p) * g).sum() for p, g in zip(params, grad_outputs))
+    value_dot = sum((p * g).sum() for p, g in zip(params, grad_outputs))
+    grad_grad_sums = torch.stack([sign_dot, 2 * value_dot]).to(grad_sums.dtype)
+    return list(grad_params), grad_grad_sums, None
+
+
+sums_backward.register_autograd(_sums_backward_backward, setup_context=_sums_backward_setup_context)
