@@ -61,22 +61,26 @@ def check_backend_name(name):
 
 
 def requested_backend(name):
-    """Apply the FASTREG_BACKEND default to ``"auto"`` and validate the name."""
+    """Validate a user's backend argument (``"auto"`` is resolved later, per device)."""
     if not isinstance(name, str):
         raise TypeError(f"fastreg: backend must be a string, got {type(name).__name__}")
-    if name == "auto":
-        name = os.environ.get("FASTREG_BACKEND", "").strip() or "auto"
     return check_backend_name(name)
 
 
-def resolve(requested, device):
-    """The backend name that runs tensors on ``device`` when ``requested`` was asked for."""
+def backend_for(requested, device):
+    """The backend module that runs tensors on ``device`` when ``requested`` was asked for.
+
+    Called inside the ops, at run time: torch.compile never traces this, and the
+    ``FASTREG_BACKEND`` default is read when the kernels run.
+    """
+    if requested == "auto":
+        requested = check_backend_name(os.environ.get("FASTREG_BACKEND", "").strip() or "auto")
     key = (requested, device.type)
     name = _resolved.get(key)
     if name is None:
         name = _resolve_uncached(requested, device.type)
         _resolved[key] = name
-    return name
+    return backend(name)
 
 
 def _resolve_uncached(requested, device_type):
@@ -101,17 +105,17 @@ def _resolve_uncached(requested, device_type):
                 f"fastreg: the {name!r} backend is not available ({reason}); "
                 f"falling back to the {FALLBACK!r} backend",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=2,
             )
     return FALLBACK
 
 
-def plan(tensors, requested):
-    """Group ``tensors`` by (device, dtype): a list of ``(backend_name, tensors)``."""
+def plan(tensors):
+    """Group ``tensors`` by (device, dtype), in order of first appearance."""
     groups = {}
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
-    return [(resolve(requested, device), group) for (device, _), group in groups.items()]
+    return list(groups.values())
 
 
 def check_coefficient(name, value):

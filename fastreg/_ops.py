@@ -14,8 +14,8 @@ from fastreg import _dispatch
 
 @torch.library.custom_op("fastreg::sums", mutates_args=())
 def sums(params: list[torch.Tensor], backend: str) -> torch.Tensor:
-    """``[Σ|w|, Σw²]`` over one (device, dtype) group, by the named backend."""
-    return _dispatch.backend(backend).sums(params)
+    """``[Σ|w|, Σw²]`` over one (device, dtype) group; ``backend`` as the user asked for it."""
+    return _dispatch.backend_for(backend, params[0].device).sums(params)
 
 
 @sums.register_fake
@@ -26,7 +26,7 @@ def _(params, backend):
 @torch.library.custom_op("fastreg::sums_backward", mutates_args=())
 def sums_backward(params: list[torch.Tensor], grad_sums: torch.Tensor, backend: str) -> list[torch.Tensor]:
     """``grad_sums[0]·sign(w) + 2·grad_sums[1]·w`` for every tensor of the group."""
-    return _dispatch.backend(backend).grads(params, grad_sums)
+    return _dispatch.backend_for(backend, params[0].device).grads(params, grad_sums)
 
 
 @sums_backward.register_fake

@@ -79,8 +79,8 @@ class Penalty:
         """The penalty value, differentiable with respect to every selected parameter."""
         l1, l2 = self._checked_coefficients()
         total = None
-        for backend, group in _dispatch.plan(self._tensors, self._backend):
-            value = _combine(_ops.sums(group, backend), l1, l2)
+        for group in _dispatch.plan(self._tensors):
+            value = _combine(_ops.sums(group, self._backend), l1, l2)
             total = value if total is None else total + value.to(total.device)
         return self._zero() if total is None else total
 
@@ -95,11 +95,12 @@ class Penalty:
         l1, l2 = self._checked_coefficients()
         total = None
         with torch.no_grad():
-            for backend, group in _dispatch.plan(self._tensors, self._backend):
+            for group in _dispatch.plan(self._tensors):
+                kernels = _dispatch.backend_for(self._backend, group[0].device)
                 grads = self._grads_of(group)
                 acc = _dispatch.acc_dtype(group[0].dtype)
                 coeffs = _dispatch.coefficient_vector(l1, l2, acc, group[0].device)
-                value = _combine(_dispatch.backend(backend).add_grad_(group, grads, coeffs), l1, l2)
+                value = _combine(kernels.add_grad_(group, grads, coeffs), l1, l2)
                 total = value if total is None else total + value.to(total.device)
         return self._zero() if total is None else total.detach()
 
@@ -114,10 +115,11 @@ class Penalty:
             raise ValueError(f"fastreg: prox_ needs a finite lr > 0, got {lr!r}")
         l1, l2 = self._checked_coefficients()
         with torch.no_grad():
-            for backend, group in _dispatch.plan(self._tensors, self._backend):
+            for group in _dispatch.plan(self._tensors):
+                kernels = _dispatch.backend_for(self._backend, group[0].device)
                 acc = _dispatch.acc_dtype(group[0].dtype)
                 coeffs = _dispatch.coefficient_vector(lr * l1, 1 + 2 * lr * l2, acc, group[0].device)
-                _dispatch.backend(backend).prox_(group, coeffs)
+                kernels.prox_(group, coeffs)
 
     def explain(self):
         """A table of every candidate parameter: shape, dtype, included or why excluded, totals."""
@@ -132,8 +134,9 @@ class Penalty:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         backends = ", ".join(
-            f"{name} ({group[0].device}, {str(group[0].dtype).replace('torch.', '')}: {len(group)} tensors)"
-            for name, group in _dispatch.plan(self._tensors, self._backend)
+            f"{_dispatch.backend_for(self._backend, group[0].device).NAME} ({group[0].device}, "
+            f"{str(group[0].dtype).replace('torch.', '')}: {len(group)} tensors)"
+            for group in _dispatch.plan(self._tensors)
         )
         lines += [
             "",

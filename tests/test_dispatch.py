@@ -33,16 +33,17 @@ def test_unavailable_backend_is_a_runtime_error_saying_why():
 
 def test_auto_picks_the_preferred_available_backend_for_cpu():
     expected = next(n for n in _dispatch.AUTO_ORDER["cpu"] if n in fastreg.available_backends())
-    assert _dispatch.resolve("auto", torch.device("cpu")) == expected
+    assert _dispatch.backend_for("auto", torch.device("cpu")).NAME == expected
 
 
 def test_fastreg_backend_environment_variable_sets_the_default(monkeypatch):
     monkeypatch.setenv("FASTREG_BACKEND", "torch")
-    assert fastreg.Penalty([torch.randn(2)]).backend == "torch"
+    assert _dispatch.backend_for("auto", torch.device("cpu")).NAME == "torch"
+    assert "-> torch (cpu" in fastreg.Penalty([torch.randn(2)]).explain()
     monkeypatch.setenv("FASTREG_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
-        fastreg.Penalty([torch.randn(2)])
-    assert fastreg.Penalty([torch.randn(2)], backend="torch").backend == "torch"  # explicit wins
+        fastreg.penalty([torch.randn(2)], l2=1.0)
+    assert fastreg.penalty([torch.ones(2)], l2=1.0, backend="torch").item() == pytest.approx(2.0, rel=1e-6)
 
 
 def test_auto_falls_back_with_one_warning_when_the_preferred_backend_is_missing():

@@ -1,0 +1,129 @@
+"""How sparse a model is: the fraction of exact zeros, per parameter and in total.
+
+    >>> from fastreg.sparsity import sparsity
+    >>> s = sparsity(model)
+    >>> print(s)                      # an aligned text table
+    >>> s.total_fraction, s.zeros, s.numel
+    >>> s.to_dict()                   # plain data (JSON-ready)
+
+``params`` and ``exclude`` take the same forms as ``fastreg.penalty``, and select the same
+tensors: by default every parameter with ``requires_grad=True``. Only exact zeros count
+(``-0.0`` is a zero; a tiny value or a NaN is not), which is what L1's proximal step
+(``Penalty.prox_``) produces and what an L1 term in the loss, stepped by SGD, does not.
+"""
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from fastreg._params import select
+
+_SHOW_EXCLUDED = 4  # excluded tensors named under the table
+
+
+class ParameterSparsity(NamedTuple):
+    """One row: unpacks as ``name, numel, zeros, fraction``."""
+
+    name: str
+    numel: int
+    zeros: int
+    fraction: float  # zeros / numel; 0.0 for an empty tensor
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """The exact zeros of a set of parameters. ``str()`` gives ``table()``."""
+
+    per_parameter: list[ParameterSparsity]
+    excluded: list[tuple[str, str]] = field(default_factory=list)  # (name, why)
+
+    @property
+    def zeros(self):
+        """Exact zeros over all selected parameters."""
+        return sum(row.zeros for row in self.per_parameter)
+
+    @property
+    def numel(self):
+        """Elements over all selected parameters."""
+        return sum(row.numel for row in self.per_parameter)
+
+    @property
+    def total_fraction(self):
+        """``zeros / numel`` (0.0 when there are no elements)."""
+        return _fraction(self.zeros, self.numel)
+
+    def to_dict(self):
+        """Plain Python data: ``{"per_parameter": [{name, numel, zeros, fraction}, ...],
+        "zeros", "numel", "total_fraction", "excluded": [{name, reason}, ...]}``."""
+        return {
+            "per_parameter": [row._asdict() for row in self.per_parameter],
+            "zeros": self.zeros,
+            "numel": self.numel,
+            "total_fraction": self.total_fraction,
+            "excluded": [{"name": name, "reason": why} for name, why in self.excluded],
+        }
+
+    def table(self):
+        """An aligned text table: one row per parameter, then the total."""
+        header = ("parameter", "elements", "zeros", "zero fraction")
+        body = [(row.name, f"{row.numel:,}", f"{row.zeros:,}", _percent(row.fraction))
+                for row in self.per_parameter]
+        total = ("total", f"{self.numel:,}", f"{self.zeros:,}", _percent(self.total_fraction))
+        rows = [header, *body, total]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+
+        def line(row):
+            return "  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
+
+        rule = "  ".join("-" * w for w in widths)
+        lines = [line(header), rule, *(line(r) for r in body), rule, line(total)]
+        if self.excluded:
+            shown = ", ".join(f"{name} [{why}]" for name, why in self.excluded[:_SHOW_EXCLUDED])
+            more = len(self.excluded) - _SHOW_EXCLUDED
+            lines.append(f"not counted: {len(self.excluded)} tensors: {shown}"
+                         + (f", ... ({more} more in .excluded)" if more > 0 else ""))
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.table()
+
+
+def sparsity(params, *, exclude=None):
+    """The fraction of exact zeros of each selected parameter and of all of them.
+
+    ``params``: an ``nn.Module`` (its parameters with ``requires_grad=True``), tensors, or
+    ``(name, tensor)`` pairs, or a ``{name: tensor}`` mapping; ``exclude``: as for
+    ``fastreg.penalty`` (``None``, ``"bias_and_norm"``, glob patterns, or a callable).
+    A tensor shared between modules counts once. Returns a ``Sparsity``.
+
+    The counts are made on each tensor's device and read back with one transfer per device.
+    """
+    entries = select(params, exclude)
+    included = [e for e in entries if e.included]
+    excluded = [(e.name, e.excluded_because) for e in entries if not e.included]
+
+    # One count_nonzero per tensor, stacked per device: a single host read per device.
+    by_device = {}
+    for index, entry in enumerate(included):
+        by_device.setdefault(entry.tensor.device, []).append(index)
+    nonzeros = [0] * len(included)
+    for indices in by_device.values():
+        counts = torch.stack([torch.count_nonzero(included[i].tensor.detach()) for i in indices])
+        for i, count in zip(indices, counts.tolist()):
+            nonzeros[i] = count
+
+    rows = []
+    for entry, nonzero in zip(included, nonzeros):
+        numel = entry.tensor.numel()
+        zeros = numel - nonzero
+        rows.append(ParameterSparsity(entry.name, numel, zeros, _fraction(zeros, numel)))
+    return Sparsity(rows, excluded)
+
+
+def _fraction(zeros, numel):
+    return zeros / numel if numel else 0.0
+
+
+def _percent(fraction):
+    return f"{100 * fraction:.2f}%"
