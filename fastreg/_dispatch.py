@@ -110,11 +110,16 @@ def _resolve_uncached(requested, device_type):
     return FALLBACK
 
 
-def plan(tensors):
-    """Group ``tensors`` by (device, dtype), in order of first appearance."""
+def plan(items, tensor_of=None):
+    """Group ``items`` by the (device, dtype) of their tensor, in order of first appearance.
+
+    ``tensor_of`` picks the tensor of an item (default: the item itself), so pairs such as
+    ``(param, grad)`` group by their parameter.
+    """
     groups = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
+    for item in items:
+        t = item if tensor_of is None else tensor_of(item)
+        groups.setdefault((t.device, t.dtype), []).append(item)
     return list(groups.values())
 
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from fastreg import _dispatch, _ops
+from fastreg import _dispatch, _ops, _sharded
 from fastreg._params import select
 
 
@@ -62,6 +62,10 @@ class Penalty:
         self._entries = select(params, exclude)
         self._names = [e.name for e in self._entries if e.included]
         self._tensors = [e.tensor for e in self._entries if e.included]
+        self._local = [t for t in self._tensors if not _sharded.is_sharded(t)]
+        self._meshes = _group_sharded(self._entries)
+        dtypes = {t.dtype for t in self._tensors}
+        self._result_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
 
     l1 = property(lambda self: self._l1, lambda self, v: setattr(self, "_l1", _dispatch.check_coefficient("l1", v)))
     l2 = property(lambda self: self._l2, lambda self, v: setattr(self, "_l2", _dispatch.check_coefficient("l2", v)))
@@ -78,11 +82,13 @@ class Penalty:
     def __call__(self):
         """The penalty value, differentiable with respect to every selected parameter."""
         l1, l2 = self._checked_coefficients()
-        total = None
-        for group in _dispatch.plan(self._tensors):
-            value = _combine(_ops.sums(group, self._backend), l1, l2)
-            total = value if total is None else total + value.to(total.device)
-        return self._zero() if total is None else total
+        total = _value(self._local, l1, l2, self._backend)
+        for mesh, counted, uncounted in self._meshes:
+            counted_value = self._or_zero(_value([p.to_local() for p in counted], l1, l2, self._backend), mesh)
+            own = _add(counted_value, _value([p.to_local() for p in uncounted], l1, l2, self._backend))
+            global_value = _sharded.all_reduce_sum(counted_value.detach(), mesh)
+            total = _add(total, global_value + (own - own.detach()))
+        return self._or_zero(total)
 
     def add_to_grad_(self):
         """``p.grad += d(penalty)/dp`` for every selected ``p`` (``p.grad`` is created if None).
@@ -93,29 +99,28 @@ class Penalty:
         ``scaler.unscale_(optimizer)``: it adds unscaled gradients.
         """
         l1, l2 = self._checked_coefficients()
-        total = None
         with torch.no_grad():
-            for group in _dispatch.plan(self._tensors):
-                kernels = _dispatch.backend_for(self._backend, group[0].device)
-                grads = self._grads_of(group)
-                acc = _dispatch.acc_dtype(group[0].dtype)
-                coeffs = _dispatch.coefficient_vector(l1, l2, acc, group[0].device)
-                value = _combine(kernels.add_grad_(group, grads, coeffs), l1, l2)
-                total = value if total is None else total + value.to(total.device)
-        return self._zero() if total is None else total.detach()
+            total = _add_grad([(p, _dense_grad(p)) for p in self._local], l1, l2, self._backend)
+            for mesh, counted, uncounted in self._meshes:
+                counted_value = _add_grad(_local_pairs(counted), l1, l2, self._backend)
+                _add_grad(_local_pairs(uncounted), l1, l2, self._backend)
+                total = _add(total, _sharded.all_reduce_sum(self._or_zero(counted_value, mesh), mesh))
+        return self._or_zero(total).detach()
 
     def prox_(self, lr):
         """The proximal step of the penalty for step size ``lr``, in place, under no_grad.
 
         ``w <- sign(w) * max(|w| - lr*l1, 0) / (1 + 2*lr*l2)``: L1 drives weights to exact
         zeros, which subgradient steps never do. Call it right after ``optimizer.step()``,
-        with a penalty that is *not* also in the loss.
+        with a penalty that is *not* also in the loss. Sharded parameters are updated shard by
+        shard, with no communication.
         """
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"fastreg: prox_ needs a finite lr > 0, got {lr!r}")
         l1, l2 = self._checked_coefficients()
+        local = self._local + [p.to_local() for _, counted, uncounted in self._meshes for p in counted + uncounted]
         with torch.no_grad():
-            for group in _dispatch.plan(self._tensors):
+            for group in _dispatch.plan(local):
                 kernels = _dispatch.backend_for(self._backend, group[0].device)
                 acc = _dispatch.acc_dtype(group[0].dtype)
                 coeffs = _dispatch.coefficient_vector(lr * l1, 1 + 2 * lr * l2, acc, group[0].device)
@@ -133,10 +138,11 @@ class Penalty:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        local = self._local + [p.to_local() for _, c, u in self._meshes for p in c + u]
         backends = ", ".join(
             f"{_dispatch.backend_for(self._backend, group[0].device).NAME} ({group[0].device}, "
             f"{str(group[0].dtype).replace('torch.', '')}: {len(group)} tensors)"
-            for group in _dispatch.plan(self._tensors)
+            for group in _dispatch.plan(local)
         )
         lines += [
             "",
@@ -155,19 +161,62 @@ class Penalty:
         # Tensor coefficients may have been changed in place since they were set.
         return _dispatch.check_coefficient("l1", self._l1), _dispatch.check_coefficient("l2", self._l2)
 
-    def _grads_of(self, group):
-        grads = []
-        for p in group:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            elif p.grad.layout != torch.strided:
-                raise TypeError("fastreg: add_to_grad_ needs dense gradients; a parameter has a "
-                                f"{p.grad.layout} gradient (use the autograd penalty instead)")
-            grads.append(p.grad)
-        return grads
+    def _or_zero(self, value, mesh=None):
+        if value is not None:
+            return value
+        device = mesh.device_type if mesh is not None else "cpu"
+        return torch.zeros((), dtype=self._result_dtype, device=device)
 
-    def _zero(self):
-        return torch.zeros((), dtype=torch.float32)
+
+def _value(tensors, l1, l2, backend):
+    """The differentiable penalty of plain tensors, one op per (device, dtype) group; None if none."""
+    total = None
+    for group in _dispatch.plan(tensors):
+        total = _add(total, _combine(_ops.sums(group, backend), l1, l2))
+    return total
+
+
+def _add_grad(pairs, l1, l2, backend):
+    """``grad += gradient`` for ``(tensor, grad)`` pairs, fused per group; the value, or None."""
+    total = None
+    for group in _dispatch.plan(pairs, tensor_of=lambda pair: pair[0]):
+        params = [w for w, _ in group]
+        acc = _dispatch.acc_dtype(params[0].dtype)
+        coeffs = _dispatch.coefficient_vector(l1, l2, acc, params[0].device)
+        sums = _dispatch.backend_for(backend, params[0].device).add_grad_(params, [g for _, g in group], coeffs)
+        total = _add(total, _combine(sums, l1, l2))
+    return total
+
+
+def _add(total, value):
+    """Sum onto the first value's device; float32 + float64 gives float64."""
+    if value is None:
+        return total
+    return value if total is None else total + value.to(total.device)
+
+
+def _dense_grad(p):
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    elif p.grad.layout != torch.strided:
+        raise TypeError("fastreg: add_to_grad_ needs dense gradients; a parameter has a "
+                        f"{p.grad.layout} gradient (use the autograd penalty instead)")
+    return p.grad
+
+
+def _local_pairs(sharded_params):
+    return [(p.to_local(), _dense_grad(p).to_local()) for p in sharded_params]
+
+
+def _group_sharded(entries):
+    """``[(mesh, counted, uncounted)]`` for the included DTensor parameters, one per mesh."""
+    meshes = {}
+    for e in entries:
+        if e.included and _sharded.is_sharded(e.tensor):
+            _sharded.check_placements(e.name, e.tensor)
+            counted, uncounted = meshes.setdefault(e.tensor.device_mesh, ([], []))
+            (counted if _sharded.is_counted(e.tensor) else uncounted).append(e.tensor)
+    return [(mesh, counted, uncounted) for mesh, (counted, uncounted) in meshes.items()]
 
 
 def _combine(sums, l1, l2):

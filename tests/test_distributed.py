@@ -1,0 +1,170 @@
+"""torch.distributed: DDP replicas and DTensor-sharded parameters, 2 CPU processes over gloo.
+
+Every check runs inside the workers against a single-process float64 reference built from the
+same seed; a worker's failure fails the test with its traceback.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastreg
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available in this torch build")
+
+WORLD = 2
+L1, L2, LR = 1e-2, 5e-2, 0.1
+
+
+def _run(worker, tmp_path):
+    with socket.socket() as probe:  # a free loopback port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_entry, args=(worker, port), nprocs=WORLD, join=True)
+
+
+def _entry(rank, worker, port):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only: no network is needed or wanted
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        worker(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _reference_mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 1)).double()
+
+
+def _ddp_worker(rank):
+    inputs = torch.randn(16, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    targets = torch.randn(16, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    reference = _reference_mlp()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
+    loss = nn.functional.mse_loss(reference(inputs), targets) + fastreg.penalty(reference, l1=L1, l2=L2)
+    loss.backward()
+    ref_grads = [p.grad.clone() for p in reference.parameters()]
+    ref_opt.step()
+
+    model = nn.parallel.DistributedDataParallel(_reference_mlp())
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    shard = slice(rank * 8, rank * 8 + 8)  # each replica sees half the batch
+    loss = nn.functional.mse_loss(model(inputs[shard]), targets[shard]) + fastreg.penalty(model, l1=L1, l2=L2)
+    loss.backward()  # DDP averages: mean of halves + the (identical) penalty gradient
+    for p, g in zip(model.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+    opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_ddp_replicas_get_the_single_process_gradient(tmp_path):
+    _run(_ddp_worker, tmp_path)
+
+
+# Uneven shards: 7 rows split 4/3, 1 row split 1/0 (an empty local shard), a 5-vector split 3/2.
+SHAPES = {"w7x3": (7, 3), "w1x5": (1, 5), "v5": (5,), "replicated4x4": (4, 4)}
+
+
+def _full_params():
+    g = torch.Generator().manual_seed(4)
+    return {name: torch.randn(*shape, dtype=torch.float64, generator=g) for name, shape in SHAPES.items()}
+
+
+def _sharded_params(mesh):
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    return {
+        name: nn.Parameter(distribute_tensor(full, mesh, [Replicate() if name.startswith("replicated") else Shard(0)]))
+        for name, full in _full_params().items()
+    }
+
+
+def _local_slice(param, full):
+    """The part of the full tensor this rank's shard holds (Shard(0) on a 1-D mesh)."""
+    from torch.distributed.tensor import Shard
+
+    if not isinstance(param.placements[0], Shard):
+        return full
+    rows = -(-full.shape[0] // WORLD)  # torch.chunk semantics
+    start = min(dist.get_rank() * rows, full.shape[0])
+    return full[start:start + rows]
+
+
+def _reference(full, l1, l2):
+    value = sum(l1 * t.abs().sum() + l2 * t.square().sum() for t in full.values())
+    grads = {name: l1 * torch.sign(t) + 2 * l2 * t for name, t in full.items()}
+    return value, grads
+
+
+def _dtensor_worker(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    full = _full_params()
+    ref_value, ref_grads = _reference(full, L1, L2)
+
+    # Autograd mode: the global value, and each shard's own gradient (not x world size).
+    params = _sharded_params(mesh)
+    assert params["w1x5"].to_local().numel() == (5 if rank == 0 else 0)
+    value = fastreg.penalty(list(params.items()), l1=L1, l2=L2)
+    torch.testing.assert_close(value, ref_value, rtol=1e-12, atol=0)
+    value.backward()
+    for name, p in params.items():
+        torch.testing.assert_close(p.grad.to_local(), _local_slice(p, ref_grads[name]), rtol=1e-12, atol=0)
+
+    # add_to_grad_ and one optimizer step, against the single-process step.
+    params = _sharded_params(mesh)
+    reg = fastreg.Penalty(list(params.items()), l1=L1, l2=L2)
+    torch.testing.assert_close(reg.add_to_grad_(), ref_value, rtol=1e-12, atol=0)
+    torch.optim.SGD(params.values(), lr=LR).step()
+    for name, p in params.items():
+        expected = _local_slice(p, full[name] - LR * ref_grads[name])
+        torch.testing.assert_close(p.to_local().detach(), expected, rtol=1e-12, atol=1e-15)
+
+    # prox_ shard by shard, exact zeros included.
+    params = _sharded_params(mesh)
+    fastreg.Penalty(list(params.items()), l1=5.0, l2=L2).prox_(LR)
+    for name, p in params.items():
+        w = _local_slice(p, full[name])
+        expected = torch.sign(w) * torch.clamp(w.abs() - LR * 5.0, min=0) / (1 + 2 * LR * L2)
+        torch.testing.assert_close(p.to_local().detach(), expected, rtol=1e-15, atol=0)
+        assert torch.equal(p.to_local() == 0, expected == 0)
+
+
+def test_dtensor_sharded_parameters_value_gradient_step_and_prox(tmp_path):
+    _run(_dtensor_worker, tmp_path)
+
+
+def _fsdp_worker(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    inputs = torch.randn(8, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    targets = torch.randn(8, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    reference = _reference_mlp()
+    loss = nn.functional.mse_loss(reference(inputs), targets) + fastreg.penalty(reference, l1=L1, l2=L2)
+    loss.backward()
+
+    model = _reference_mlp()
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    # Every rank sees the full batch, so FSDP's gradient average is the single-process gradient.
+    loss = nn.functional.mse_loss(model(inputs), targets) + fastreg.penalty(model, l1=L1, l2=L2)
+    torch.testing.assert_close(loss.detach(), nn.functional.mse_loss(reference(inputs), targets).detach()
+                               + fastreg.penalty(reference, l1=L1, l2=L2).detach(), rtol=1e-12, atol=0)
+    loss.backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad.to_local(), _local_slice(p, q.grad), rtol=1e-12, atol=1e-15)
+
+
+def test_fsdp2_fully_shard(tmp_path):
+    _run(_fsdp_worker, tmp_path)
