@@ -172,7 +172,7 @@ def _value(tensors, l1, l2, backend):
     """The differentiable penalty of plain tensors, one op per (device, dtype) group; None if none."""
     total = None
     for group in _dispatch.plan(tensors):
-        total = _add(total, _combine(_ops.sums(group, backend), l1, l2))
+        total = _add(total, _combine(_ops.penalty_sums(group, backend), l1, l2))
     return total
 
 

@@ -43,3 +43,14 @@ def test_compile_sees_one_opaque_op_without_graph_breaks(backend):
         return 0.1 * s[0] + 0.2 * s[1]
 
     torch.testing.assert_close(step().item(), ref.value(params, 0.1, 0.2), rtol=1e-6, atol=0)
+
+
+def test_eager_fast_path_and_the_op_agree_bitwise(backend):
+    params = [torch.randn(40, 30).requires_grad_(), torch.randn(20000).requires_grad_(), torch.randn(0).requires_grad_()]
+    coeffs = torch.tensor([0.3, 0.7])
+    via_op = _ops.sums(params, backend)
+    via_eager = _ops.penalty_sums(params, backend)
+    assert torch.equal(via_op, via_eager)
+    grads_op = torch.autograd.grad((via_op * coeffs).sum(), params)
+    grads_eager = torch.autograd.grad((via_eager * coeffs).sum(), params)
+    assert all(torch.equal(a, b) for a, b in zip(grads_op, grads_eager))
