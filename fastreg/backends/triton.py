@@ -22,6 +22,10 @@ Design (see DESIGN.md §3), shared by the four kernels:
   copies from pinned memory with ``non_blocking=True``: no host synchronisation even then.
   The tables hold only pointers and sizes, i.e. exactly what the key holds, so a hit is
   always valid, even if the memory now belongs to another tensor of the same size.
+  ``grads`` must write fresh tensors (custom ops may not return aliasing outputs, so no flat
+  buffer): their pointers go in a second, small table (``T`` pointers; the block map comes
+  from the cached parameter table), cached the same way, which hits whenever the caching
+  allocator hands out the same addresses again, as it does step after step.
 * **Deterministic sums, no atomics.** Stage 1 writes one ``[Σ|w|, Σw²]`` partial pair per
   program into its own slot (accumulated in fp32, fp64 for fp64 tensors: per lane over the
   tiles, then a tree over the lanes); stage 2 is a one-program kernel that adds the slots in
@@ -41,15 +45,18 @@ them. Defaults follow apex's ``multi_tensor_apply`` (65536-element chunks, one b
 * ``CHUNK = 65536`` keeps per-program bookkeeping (four int64 table loads) negligible and
   the partial buffer tiny (one pair per 64K elements), while a 25M-parameter model still
   spreads over ~400 programs and a 124M one over ~1900 (H100: 132 SMs).
-* ``BLOCK = 4096`` with ``NUM_WARPS = 8`` (256 threads) gives 16 elements per thread per
-  tile: four 128-bit loads in flight per thread for fp32, two for fp16/bf16, and 16 tile
-  iterations per chunk. fp64 uses ``BLOCK_FP64 = 2048`` (8 elements, four 128-bit loads per
-  thread) to bound the registers of its two fp64 accumulators.
+* ``BLOCK = 2048`` with ``NUM_WARPS = 8`` (256 threads): 8 elements per thread per tile,
+  i.e. two 128-bit loads per thread and operand for fp32, one for fp16/bf16 (apex moves 4
+  elements per thread with 512 threads), 32 tiles per chunk. Checked by compiling for
+  sm_90 without a GPU (ptxas): 40-64 registers, no spills, ``ld.global.v4`` in the main
+  loop when every pointer is 16-byte aligned (``ALIGNED``); 4096 needed up to 136
+  registers (spills for bf16 ``add_grad_``), i.e. half the resident blocks. fp64 uses
+  ``BLOCK_FP64 = 1024`` (4 elements, two 128-bit loads per thread, <= 64 registers).
+  Not measured on a GPU: sweep ``BLOCK``/``NUM_WARPS`` on the H100 before trusting them.
 * No autotuning: the in-place kernels would need ``reset_to_zero``/``restore_value``
   (DESIGN §4), and the choice is bandwidth-bound and shape-independent.
 """
 
-import math
 import os
 from collections import OrderedDict
 
@@ -59,8 +66,8 @@ NAME = "triton"
 
 # Tuning knobs (read at call time; see the module docstring for the rationale).
 CHUNK = 65536  # elements per program; a multiple of BLOCK and BLOCK_FP64
-BLOCK = 4096  # elements per tile for 1-, 2- and 4-byte dtypes
-BLOCK_FP64 = 2048  # elements per tile for float64
+BLOCK = 2048  # elements per tile for 2- and 4-byte dtypes (a power of two)
+BLOCK_FP64 = 1024  # elements per tile for float64 (a power of two)
 NUM_WARPS = 8
 FINISH_BLOCK = 1024  # stage-2 tile (partial pairs per iteration)
 FINISH_WARPS = 4
@@ -265,6 +272,7 @@ if triton is not None:
         ALIGNED: tl.constexpr,
         CHUNK: tl.constexpr,
         BLOCK: tl.constexpr,
+        F64: tl.constexpr,  # ACC is float64
     ):
         pid = tl.program_id(0).to(tl.int64)
         t = tl.load(block_map + 2 * pid)
@@ -276,7 +284,6 @@ if triton is not None:
         w += start
         threshold = tl.load(coeffs).to(ACC)
         denominator = tl.load(coeffs + 1).to(ACC)
-        F64: tl.constexpr = ACC == tl.float64
         lanes = tl.arange(0, BLOCK)
         full = count - count % BLOCK
         for i in range(0, full, BLOCK):
@@ -503,8 +510,7 @@ def grads(params, coeffs):
     _grads_kernel[(table.nblocks,)](table.operands[0], outs.operands[0], table.numels,
                                     table.block_map, coeffs,
                                     ALIGNED=table.aligned and outs.aligned, **_config(dtype))
-    for out, dst in copy_back:
-        out.copy_(dst)
+
     return results
 
 
@@ -564,7 +570,8 @@ def prox_(params, coeffs):
                          tuple(w.numel() for w in works), dtype, device, CHUNK)
     _use(table, device)
     _prox_kernel[(table.nblocks,)](table.operands[0], table.numels, table.block_map, coeffs,
-                                   ALIGNED=table.aligned, **_config(dtype))
+                                   ALIGNED=table.aligned, F64=dtype == torch.float64,
+                                   **_config(dtype))
     for p, work in copy_back:
         p.copy_(work)
     return None

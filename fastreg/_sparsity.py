@@ -1,6 +1,6 @@
 """How sparse a model is: the fraction of exact zeros, per parameter and in total.
 
-    >>> from fastreg.sparsity import sparsity
+    >>> from fastreg import sparsity
     >>> s = sparsity(model)
     >>> print(s)                      # an aligned text table
     >>> s.total_fraction, s.zeros, s.numel
