@@ -135,11 +135,13 @@ def check_coefficient(name, value):
         if value.device.type != "cpu" or torch.compiler.is_compiling():
             return value
         number = value.item()
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+    elif isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)) and not isinstance(value, bool):
         number = value
     else:
         raise TypeError(f"fastreg: {name} must be a real number or a 0-dim tensor, got {type(value).__name__}")
-    if math.isnan(number) or math.isinf(number) or number < 0:
+    # Comparisons only (NaN fails `>= 0`): torch.compile can guard on them when a changing
+    # float has become a symbol, where math.isnan() would break the graph.
+    if not number >= 0 or number == math.inf:
         raise ValueError(f"fastreg: {name} must be finite and non-negative, got {number}")
     return value
 
@@ -150,9 +152,23 @@ def is_zero(coefficient):
 
 
 def coefficient_vector(first, second, dtype, device):
-    """``[first, second]`` as a tensor for the kernels; floats or 0-dim tensors."""
+    """``[first, second]`` as a tensor for the kernels; floats or 0-dim tensors.
+
+    Float pairs are cached per (values, dtype, device): a training loop with fixed
+    coefficients then copies nothing to the GPU after its first step.
+    """
     if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
         return torch.stack(
             [torch.as_tensor(c, dtype=dtype, device=device) for c in (first, second)]
         ).detach()
-    return torch.tensor([float(first), float(second)], dtype=dtype, device=device)
+    key = (float(first), float(second), dtype, device)
+    coeffs = _coefficient_cache.get(key)
+    if coeffs is None:
+        if len(_coefficient_cache) >= 64:  # a schedule of floats: keep the cache bounded
+            _coefficient_cache.clear()
+        coeffs = torch.tensor(key[:2], dtype=dtype, device=device)
+        _coefficient_cache[key] = coeffs
+    return coeffs
+
+
+_coefficient_cache = {}

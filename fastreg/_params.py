@@ -1,6 +1,5 @@
 """Which tensors a penalty covers: collecting ``params`` and applying ``exclude``."""
 
-import fnmatch
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -101,7 +100,7 @@ def _exclusion_rule(exclude):
 
         def by_pattern(name, tensor):
             for pattern in patterns:
-                if fnmatch.fnmatchcase(name, pattern):
+                if glob_match(name, pattern):
                     return f"matches {pattern!r}"
             return None
 
@@ -110,3 +109,52 @@ def _exclusion_rule(exclude):
         f"fastreg: exclude must be None, {BIAS_AND_NORM!r}, a list of glob patterns or a callable, "
         f"got {type(exclude).__name__}"
     )
+
+
+def glob_match(name, pattern):
+    """``fnmatch.fnmatchcase`` semantics (``*``, ``?``, ``[seq]``, ``[!seq]``) in plain Python.
+
+    fnmatch compiles a regex, which torch.compile cannot trace; this loop it can, so
+    ``penalty(model, exclude=["*.bias"])`` works inside a ``fullgraph=True`` region.
+    """
+    n = p = 0
+    star_p, star_n = -1, 0  # the last '*' seen and where it started matching
+    while n < len(name):
+        if p < len(pattern) and pattern[p] == "*":
+            star_p, star_n = p, n
+            p += 1
+            continue
+        if p < len(pattern):
+            step = _match_one(name[n], pattern, p)
+            if step:
+                n, p = n + 1, p + step
+                continue
+        if star_p < 0:
+            return False
+        star_n += 1  # let the last '*' swallow one more character and retry
+        n, p = star_n, star_p + 1
+    return all(c == "*" for c in pattern[p:])
+
+
+def _match_one(char, pattern, p):
+    """Pattern length consumed if ``pattern[p:]`` matches ``char`` here, else 0."""
+    token = pattern[p]
+    if token == "?":
+        return 1
+    if token == "[":
+        first = p + 2 if pattern[p + 1:p + 2] == "!" else p + 1
+        end = pattern.find("]", first + 1)  # a ']' right after '[' (or '[!') is a literal
+        if end > 0:
+            body = pattern[p + 1:end]
+            negate = body[:1] == "!"
+            body = body[1:] if negate else body
+            found, i = False, 0
+            while i < len(body):
+                if i + 2 < len(body) and body[i + 1] == "-":
+                    found = found or body[i] <= char <= body[i + 2]
+                    i += 3
+                else:
+                    found = found or body[i] == char
+                    i += 1
+            return end - p + 1 if found != negate else 0
+    return 1 if token == char else 0

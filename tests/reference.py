@@ -46,6 +46,10 @@ def assert_close_elementwise(actual, expected, bound_scale, dtype, ulps=2):
     assert worst <= 0, f"max error {error.max().item():.3e} exceeds the rounding bound"
 
 
-def make_tensors(sizes, dtype, seed=0, device="cpu"):
+def make_tensors(sizes, dtype, seed=0, device=None):
+    """N(0, 1) tensors drawn on the CPU (reproducible everywhere), then moved to ``device``
+    (default: torch's default device, which the ``backend`` fixture sets for GPU backends)."""
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype) for n in sizes]
+    device = torch.get_default_device() if device is None else device
+    return [torch.randn(n, generator=generator, dtype=torch.float64, device="cpu").to(device=device, dtype=dtype)
+            for n in sizes]

@@ -87,3 +87,21 @@ def test_things_that_are_not_parameters_are_rejected(params):
 def test_bad_exclude_is_rejected(exclude, error):
     with pytest.raises(error, match="exclude"):
         fastreg.Penalty(Block(), exclude=exclude)
+
+
+def test_glob_match_agrees_with_fnmatch():
+    # fastreg matches globs in plain Python (traceable by torch.compile); fnmatch is the reference.
+    import fnmatch
+    import random
+
+    from fastreg._params import glob_match
+
+    rng = random.Random(0)
+    patterns = ["*", "*.bias", "a?c", "[ab]*", "[!a]*", "a*b*c", "[a-c].b", "[]]x", "[!]]*", "**", "",
+                "a[", "[a-]x", "*a*a*a", "x[!b-c]", "[!", "[", "[]", "[!]", "blocks.*.ln_?.weight"]
+    patterns += ["".join(rng.choice("ab.c]![-*?") for _ in range(rng.randint(0, 7))) for _ in range(300)]
+    names = ["".join(rng.choice("abc.x]-![") for _ in range(rng.randint(0, 7))) for _ in range(150)]
+    names += ["blocks.3.ln_1.weight", "blocks.10.ln_2.bias"]
+    for pattern in patterns:
+        for name in names:
+            assert glob_match(name, pattern) == fnmatch.fnmatchcase(name, pattern), (name, pattern)
