@@ -57,6 +57,7 @@ them. Defaults follow apex's ``multi_tensor_apply`` (65536-element chunks, one b
   (DESIGN §4), and the choice is bandwidth-bound and shape-independent.
 """
 
+import contextlib
 import os
 from collections import OrderedDict
 
@@ -254,7 +255,8 @@ if triton is not None:
 
     @triton.jit
     def _shrink(x, threshold, denominator, F64: tl.constexpr):
-        shrunk = _sign(x) * tl.maximum(tl.abs(x) - threshold, 0.0)
+        # NaN stays NaN (as with torch.clamp_min): a diverged weight is not silently zeroed.
+        shrunk = _sign(x) * tl.maximum(tl.abs(x) - threshold, 0.0, propagate_nan=tl.PropagateNan.ALL)
         if F64:
             return shrunk / denominator
         else:
@@ -354,7 +356,7 @@ def _upload(values, device):
     return host.to(device, non_blocking=True), host
 
 
-def _lookup(cache, limit, key, build, hit_stat, build_stat, device):
+def _lookup(cache, limit, key, build, hit_stat, build_stat):
     table = cache.get(key)
     if table is not None:
         cache.move_to_end(key)
@@ -386,7 +388,7 @@ def _param_table(operands, numels, dtype, device, chunk):
         aligned = all(p % ALIGN_BYTES == 0 for op in operands for p in op)
         return _Table(data, host, ntensors, len(operands), nblocks, aligned)
 
-    return _lookup(_tables, CACHE_SIZE, key, build, "hits", "builds", device)
+    return _lookup(_tables, CACHE_SIZE, key, build, "hits", "builds")
 
 
 def _out_table(pointers, device):
@@ -397,7 +399,7 @@ def _out_table(pointers, device):
         aligned = all(p % ALIGN_BYTES == 0 for p in pointers)
         return _Table(data, host, len(pointers), 1, 0, aligned)
 
-    return _lookup(_out_tables, OUT_CACHE_SIZE, key, build, "out_hits", "out_builds", device)
+    return _lookup(_out_tables, OUT_CACHE_SIZE, key, build, "out_hits", "out_builds")
 
 
 def _use(table, device):
@@ -446,6 +448,22 @@ def _readable(t):
 # Launchers
 # --------------------------------------------------------------------------------------
 
+def _device_of(params):
+    device = params[0].device
+    if device.type not in DEVICE_TYPES:
+        hint = " (under TRITON_INTERPRET=1 it runs CPU tensors only)" if _INTERPRET else ""
+        raise RuntimeError(f"fastreg: the triton backend runs on {'/'.join(DEVICE_TYPES)} "
+                           f"tensors, not {device.type}{hint}")
+    return device
+
+
+def _on(device):
+    """Triton launches on the current CUDA device: make it the group's device."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -466,8 +484,8 @@ def _finish(partials, nblocks, acc, device):
     return out
 
 
-def sums(params):
-    dtype, device = params[0].dtype, params[0].device
+def _sums(params, device):
+    dtype = params[0].dtype
     acc = _acc_dtype(dtype)
     views = [_readable(p) for p in params if p.numel()]
     if not views:
@@ -485,8 +503,8 @@ def _coeffs(coeffs, dtype, device):
     return coeffs.to(device=device, dtype=_acc_dtype(dtype)).contiguous()
 
 
-def grads(params, coeffs):
-    dtype, device = params[0].dtype, params[0].device
+def _grads(params, coeffs, device):
+    dtype = params[0].dtype
     coeffs = _coeffs(coeffs, dtype, device)
     results = [torch.empty_like(p) for p in params]
     sources, targets, copy_back = [], [], []
@@ -510,12 +528,13 @@ def grads(params, coeffs):
     _grads_kernel[(table.nblocks,)](table.operands[0], outs.operands[0], table.numels,
                                     table.block_map, coeffs,
                                     ALIGNED=table.aligned and outs.aligned, **_config(dtype))
-
+    for out, dst in copy_back:
+        out.copy_(dst)
     return results
 
 
-def add_grad_(params, grads_, coeffs):
-    dtype, device = params[0].dtype, params[0].device
+def _add_grad(params, grads_, coeffs, device):
+    dtype = params[0].dtype
     acc = _acc_dtype(dtype)
     coeffs = _coeffs(coeffs, dtype, device)
     ws, gs, copy_back = [], [], []
@@ -551,8 +570,8 @@ def add_grad_(params, grads_, coeffs):
     return _finish(partials, table.nblocks, acc, device)
 
 
-def prox_(params, coeffs):
-    dtype, device = params[0].dtype, params[0].device
+def _prox(params, coeffs, device):
+    dtype = params[0].dtype
     coeffs = _coeffs(coeffs, dtype, device)
     works, copy_back = [], []
     for p in params:
@@ -575,3 +594,31 @@ def prox_(params, coeffs):
     for p, work in copy_back:
         p.copy_(work)
     return None
+
+
+# --------------------------------------------------------------------------------------
+# The contract (fastreg/backends/__init__.py)
+# --------------------------------------------------------------------------------------
+
+def sums(params):
+    device = _device_of(params)
+    with _on(device):
+        return _sums(params, device)
+
+
+def grads(params, coeffs):
+    device = _device_of(params)
+    with _on(device):
+        return _grads(params, coeffs, device)
+
+
+def add_grad_(params, grads_, coeffs):
+    device = _device_of(params)
+    with _on(device):
+        return _add_grad(params, grads_, coeffs, device)
+
+
+def prox_(params, coeffs):
+    device = _device_of(params)
+    with _on(device):
+        _prox(params, coeffs, device)
