@@ -1,0 +1,1 @@
+"""fastreg's benchmark harness: ``python -m bench --help`` (see bench/README.md)."""

@@ -1,0 +1,217 @@
+"""The contenders: every way of computing the penalty that the benchmark puts side by side.
+
+Each contender computes the same penalty term, ``LAMBDA * Σw²`` (L2) or ``LAMBDA * Σ|w|`` (L1),
+as it would be added to the loss. ``Contender.prepare(params, penalty, clock)`` returns a
+``Prepared``: one zero-argument call per mode it supports:
+
+* ``FWD``: the value, computed with autograd recording (as in training); the graph is dropped.
+* ``FWD_BWD``: the value and its gradient added to ``p.grad`` (``backward()``, or ``add_to_grad_``).
+
+The byte model (what GB/s divides by) is ``passes * numel * itemsize``; ``passes`` per mode is
+stated next to each kind below and in ``BYTE_MODEL``.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import fastreg
+
+PENALTIES = ("l2", "l1")
+FWD, FWD_BWD = "fwd", "fwd+bwd"
+MODES = (FWD, FWD_BWD)
+
+# The penalty coefficient. A power of two, so that scaling by it is exact in every float format and
+# the relative error of the value is the error of the sum alone.
+LAMBDA = 2.0 ** -10
+
+# Memory passes over the parameters (each pass moves numel * itemsize bytes).
+FWD_PASSES = 1  # read w
+AUTOGRAD_FWD_BWD_PASSES = 6  # fwd: read w | bwd: read w, write a fresh gradient | p.grad += it: read both, write p.grad
+ADD_TO_GRAD_PASSES = 3  # read w, read p.grad, write p.grad
+BYTE_MODEL = {
+    "fwd": f"{FWD_PASSES} x numel x itemsize: read w",
+    "fwd+bwd, autograd": (
+        f"{AUTOGRAD_FWD_BWD_PASSES} x numel x itemsize: forward reads w; backward reads w and writes a fresh "
+        "gradient; the autograd engine's in-place accumulation p.grad += gradient reads both and writes p.grad"
+    ),
+    "fwd+bwd, add_to_grad_": f"{ADD_TO_GRAD_PASSES} x numel x itemsize: read w, read-modify-write p.grad",
+}
+
+
+@dataclass
+class Prepared:
+    """A contender made ready for one case and penalty."""
+
+    calls: dict  # mode -> zero-argument callable
+    value_mode: str | None = FWD  # the mode whose call returns the penalty value; None: not the penalty
+    setup_s: float | None = None  # one-off cost worth reporting (torch.compile's compile time)
+    keep_alive: list = field(default_factory=list)  # tensors owned by the contender (freed with it)
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str  # what --contenders takes
+    label: str  # what the tables show
+    penalties: tuple  # the penalties it implements
+    fwd_bwd_passes: int | None  # memory passes of FWD_BWD (None: no FWD_BWD mode)
+    prepare: Callable  # (params, penalty, clock) -> Prepared
+    needs_flag: str | None = None  # an opt-in command-line flag, e.g. "--compile"
+    is_baseline: bool = False  # the seed loop: what speedups are relative to
+    has_fwd: bool = True
+
+    @property
+    def modes(self):
+        return tuple(m for m, on in ((FWD, self.has_fwd), (FWD_BWD, self.fwd_bwd_passes is not None)) if on)
+
+
+# -- the seed article's loops, verbatim ---------------------------------------------------------
+
+def seed_loop_l2(params):
+    l2_reg = torch.tensor(0., requires_grad=True)  # Initialize to zero, track gradients
+    for param in params:
+        l2_reg = l2_reg + torch.norm(param)**2  # Sum of squares for all parameters
+    return l2_reg
+
+
+def seed_loop_l1(params):
+    l1_reg = torch.tensor(0., requires_grad=True)  # Initialize to zero, track gradients
+    for param in params:
+        l1_reg = l1_reg + torch.abs(param).sum()  # Sum of absolute values
+    return l1_reg
+
+
+# -- other plain-PyTorch ways ---------------------------------------------------------------
+
+def foreach_norm_l2(params):
+    return torch.stack(torch._foreach_norm(params)).pow(2).sum()
+
+
+def foreach_norm_l1(params):
+    return torch.stack(torch._foreach_norm(params, 1)).sum()
+
+
+def square_loop_l2(params):
+    return sum((p * p).sum() for p in params)
+
+
+def abs_loop_l1(params):
+    return sum(p.abs().sum() for p in params)
+
+
+def _autograd(sum_fn):
+    """A contender that is a Python function of the parameter list, differentiated by autograd."""
+
+    def prepare(params, penalty, clock):
+        fn = sum_fn[penalty]
+
+        def value():
+            return LAMBDA * fn(params)
+
+        return Prepared({FWD: value, FWD_BWD: lambda: value().backward()})
+
+    return prepare
+
+
+def _prepare_compiled(params, penalty, clock):
+    # A fresh dynamo cache per case: the same code object recompiled for every case would hit
+    # the recompile limit and silently fall back to eager.
+    torch._dynamo.reset()
+    fn = torch.compile({"l2": square_loop_l2, "l1": abs_loop_l1}[penalty])
+
+    def value():
+        return LAMBDA * fn(params)
+
+    clock.synchronize()
+    start = time.perf_counter()
+    value().backward()  # compiles the forward and the backward graph
+    clock.synchronize()
+    compile_s = time.perf_counter() - start
+    return Prepared({FWD: value, FWD_BWD: lambda: value().backward()}, setup_s=compile_s)
+
+
+def _prepare_flat_sum(params, penalty, clock):
+    """``torch.sum`` over one flat tensor as large as all the parameters: the bandwidth reference."""
+    total = sum(p.numel() for p in params)
+    flat = torch.empty(total, dtype=params[0].dtype, device=params[0].device).normal_(0.0, 0.02)
+    return Prepared({FWD: flat.sum}, value_mode=None, keep_alive=[flat])
+
+
+def _fastreg_autograd(backend):
+    def prepare(params, penalty, clock):
+        reg = fastreg.Penalty(params, **{penalty: LAMBDA}, backend=backend)
+        return Prepared({FWD: reg, FWD_BWD: lambda: reg().backward()})
+
+    return prepare
+
+
+def _fastreg_add_to_grad(backend):
+    def prepare(params, penalty, clock):
+        reg = fastreg.Penalty(params, **{penalty: LAMBDA}, backend=backend)
+        return Prepared({FWD_BWD: reg.add_to_grad_}, value_mode=FWD_BWD)
+
+    return prepare
+
+
+def all_contenders(backends):
+    """Every contender, in table order; ``backends``: the fastreg backends to include."""
+    contenders = [
+        Contender("seed-loop", "seed loop", PENALTIES, AUTOGRAD_FWD_BWD_PASSES,
+                  _autograd({"l2": seed_loop_l2, "l1": seed_loop_l1}), is_baseline=True),
+        Contender("foreach-norm", "torch._foreach_norm", PENALTIES, AUTOGRAD_FWD_BWD_PASSES,
+                  _autograd({"l2": foreach_norm_l2, "l1": foreach_norm_l1})),
+        # For L1 the seed loop already is the plain sum loop.
+        Contender("square-loop", "loop (p*p).sum()", ("l2",), AUTOGRAD_FWD_BWD_PASSES,
+                  _autograd({"l2": square_loop_l2})),
+        Contender("compiled-loop", "torch.compile loop", PENALTIES, AUTOGRAD_FWD_BWD_PASSES,
+                  _prepare_compiled, needs_flag="--compile"),
+        Contender("flat-sum", "torch.sum, 1 flat tensor", PENALTIES, None, _prepare_flat_sum),
+    ]
+    for backend in backends:
+        contenders += [
+            Contender(f"fastreg-{backend}", f"fastreg[{backend}] autograd", PENALTIES,
+                      AUTOGRAD_FWD_BWD_PASSES, _fastreg_autograd(backend)),
+            Contender(f"fastreg-{backend}-add-to-grad", f"fastreg[{backend}] add_to_grad_", PENALTIES,
+                      ADD_TO_GRAD_PASSES, _fastreg_add_to_grad(backend), has_fwd=False),
+        ]
+    return contenders
+
+
+def gradient_error(params, penalty, chunk_elements=2**20):
+    """max |p.grad - exact| / max |exact| over all parameters, exact = d(penalty)/dw.
+
+    The exact gradient, ``2 LAMBDA w`` or ``LAMBDA sign(w)``, is exact in the parameter dtype
+    (LAMBDA is a power of two), so the comparison is done in that dtype, chunk by chunk in one
+    small scratch buffer (fresh full-size temporaries for 124M parameters take seconds on some machines).
+    """
+    params = [p for p in params if p.numel()]
+    if not params:
+        return 0.0
+    scratch = torch.empty(min(chunk_elements, max(p.numel() for p in params)),
+                          dtype=params[0].dtype, device=params[0].device)
+    exact_max, diff_max = [], []
+    with torch.no_grad():
+        for p in params:
+            flat_p = p.detach().reshape(-1)
+            flat_grad = None if p.grad is None else p.grad.reshape(-1)
+            for start in range(0, flat_p.numel(), chunk_elements):
+                w = flat_p[start:start + chunk_elements]
+                exact = scratch[: w.numel()]
+                if penalty == "l2":
+                    torch.mul(w, 2 * LAMBDA, out=exact)
+                else:
+                    torch.sign(w, out=exact).mul_(LAMBDA)
+                exact_max.append(_max_abs(exact))
+                if flat_grad is not None:
+                    exact.sub_(flat_grad[start:start + chunk_elements])
+                diff_max.append(_max_abs(exact))
+        worst_exact = torch.stack(exact_max).max().item()
+        worst_diff = torch.stack(diff_max).max().item()
+    return worst_diff / worst_exact if worst_exact else worst_diff
+
+
+def _max_abs(t):
+    low, high = torch.aminmax(t)
+    return torch.maximum(high, -low).float()

@@ -1,0 +1,258 @@
+"""The benchmark's command line: ``python -m bench [--quick] [--cases ...] [--contenders ...]``.
+
+Runs every selected contender on every selected case, writes ``results.md``, ``results.json`` and
+``speedup.png`` to the output folder, and prints the Markdown table. See bench/README.md.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import fnmatch
+import gc
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/run.py`: make `import bench` work
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import torch
+from tqdm import tqdm
+
+import fastreg
+from bench import report
+from bench.cases import CASES, CASES_BY_NAME, float64_reference, make_params
+from bench.contenders import FWD, FWD_BWD, LAMBDA, PENALTIES, all_contenders, gradient_error
+from bench.timing import FULL_BUDGET, QUICK_BUDGET, Budget, DeviceClock, measure
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+COMPILE_MAX_TENSORS = 200  # torch.compile of a 2000-tensor loop had not compiled after 14 minutes
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Time the seed article's penalty loops, PyTorch alternatives and every fastreg backend.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run (under a minute on 2 CPU cores): fewer repeats, L2 only, "
+                             "no ResNet-50 / 100M cases unless --cases / --penalty name them")
+    parser.add_argument("--cases", help="comma-separated case names (default: all; --quick: "
+                        + ",".join(c.name for c in CASES if c.in_quick) + "); one of: "
+                        + ", ".join(c.name for c in CASES))
+    parser.add_argument("--contenders", help="comma-separated contender names or glob patterns, e.g. "
+                        "'seed-loop,fastreg-*' (default: all; see --list)")
+    parser.add_argument("--penalty", choices=("l2", "l1", "both"), default=None,
+                        help="which penalty (default: both; --quick: l2)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="parameter dtype (default fp32)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile of the loop, and report its compile time (slow)")
+    parser.add_argument("--compile-max-tensors", type=int, default=COMPILE_MAX_TENSORS,
+                        help=f"skip torch.compile on cases with more tensors (default {COMPILE_MAX_TENSORS})")
+    parser.add_argument("--no-grad-check", action="store_true",
+                        help="skip checking each contender's gradient (one extra fwd+bwd per contender)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the parameter values (default 0)")
+    parser.add_argument("--out", type=Path,
+                        help="results folder (default: bench/results/<device>-<dtype>[-quick]-<YYYY-MM-DD>)")
+    parser.add_argument("--list", action="store_true", help="list the cases and contenders, and exit")
+    return parser.parse_args(argv)
+
+
+def select_cases(args):
+    if not args.cases:
+        return [c for c in CASES if c.in_quick or not args.quick]
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES_BY_NAME]
+    if unknown:
+        sys.exit(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES_BY_NAME)}")
+    return [CASES_BY_NAME[n] for n in names]
+
+
+def select_contenders(args, contenders):
+    if args.contenders:
+        patterns = [p.strip() for p in args.contenders.split(",") if p.strip()]
+        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(c.name, p) for c in contenders)]
+        if unmatched:
+            sys.exit(f"no contender matches {', '.join(unmatched)}; "
+                     f"contenders: {', '.join(c.name for c in contenders)}")
+        contenders = [c for c in contenders if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+    flags = {"--compile": args.compile}
+    return [c for c in contenders if c.needs_flag is None or flags[c.needs_flag]]
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
+    return device
+
+
+def default_out_dir(device, args):
+    date = datetime.date.today().isoformat()
+    quick = "-quick" if args.quick else ""
+    return RESULTS_DIR / f"{report.device_slug(device)}-{args.dtype}{quick}-{date}"
+
+
+@dataclasses.dataclass
+class Session:
+    """What every case and contender of one run shares."""
+
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    clock: DeviceClock
+    budget: Budget
+    progress: tqdm
+
+
+def _row(case, penalty, contender, mode, params):
+    numel = sum(p.numel() for p in params)
+    itemsize = params[0].element_size()
+    passes = 1 if mode == FWD else contender.fwd_bwd_passes
+    return {
+        "case": case.name, "penalty": penalty, "contender": contender.name, "label": contender.label,
+        "mode": mode, "is_baseline": contender.is_baseline,
+        "numel": numel, "itemsize": itemsize, "passes": passes, "bytes": passes * numel * itemsize,
+        "median_ms": None, "times_ms": [], "warmup_calls": 0,
+        "value": None, "reference_value": None, "rel_err": None, "grad_err": None,
+        "setup_s": None, "skipped": None,
+    }
+
+
+def _skip_reason(contender, case, args):
+    if contender.needs_flag == "--compile" and case.num_tensors > args.compile_max_tensors:
+        return f"{case.num_tensors} tensors > --compile-max-tensors {args.compile_max_tensors}"
+    return None
+
+
+def _check(prepared, params, penalty, session):
+    """The value and the gradient error; returns (value, grad_err, calls already made per mode)."""
+    prior_calls = {mode: 0 for mode in prepared.calls}
+    value = grad_err = None
+    if prepared.value_mode is not None:
+        value = float(prepared.calls[prepared.value_mode]().detach())
+        prior_calls[prepared.value_mode] += 1
+    if FWD_BWD in prepared.calls and not session.args.no_grad_check:
+        with torch.no_grad():
+            torch._foreach_zero_([p.grad for p in params])
+        prepared.calls[FWD_BWD]()
+        prior_calls[FWD_BWD] += 1
+        session.clock.synchronize()
+        grad_err = gradient_error(params, penalty)
+    return value, grad_err, prior_calls
+
+
+def _failure(exc):
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+def run_contender(case, penalty, contender, params, reference, session):
+    """Check and time one contender in each of its modes; one row per mode.
+
+    A contender that fails (a backend that cannot run these tensors, out of memory) is reported
+    as skipped, with the reason, and the run goes on.
+    """
+    rows = [_row(case, penalty, contender, mode, params) for mode in contender.modes]
+    progress = session.progress
+    reason = _skip_reason(contender, case, session.args)
+    if reason is None:
+        try:
+            prepared = contender.prepare(params, penalty, session.clock)
+            value, grad_err, prior_calls = _check(prepared, params, penalty, session)
+        except Exception as exc:
+            reason = _failure(exc)
+    if reason is not None:
+        for row in rows:
+            row["skipped"] = reason
+        progress.update(len(rows))
+        return rows
+
+    exact = LAMBDA * reference[penalty]
+    for row in rows:
+        mode = row["mode"]
+        progress.set_postfix_str(f"{case.name} {penalty} {contender.name} {mode}")
+        if value is not None:
+            row.update(value=value, reference_value=exact, rel_err=(value - exact) / exact if exact else None)
+        row["setup_s"] = prepared.setup_s
+        if mode == FWD_BWD:
+            row["grad_err"] = grad_err
+        try:
+            timing = measure(prepared.calls[mode], session.clock, session.budget, prior_calls[mode])
+            row.update(median_ms=timing.median_ms, times_ms=timing.times_ms, warmup_calls=timing.warmup_calls)
+        except Exception as exc:
+            row["skipped"] = _failure(exc)
+        progress.update()
+    return rows
+
+
+def run_case(case, penalties, contenders, session):
+    """Every contender on one case: (rows, float64 reference). The parameters are freed afterwards."""
+    session.progress.set_postfix_str(f"{case.name}: making {case.num_elements:,} parameters")
+    params = make_params(case, session.dtype, session.device, session.args.seed)
+    for p in params:
+        p.grad = torch.zeros_like(p)  # the loss's gradient is already there when the penalty's backward runs
+    reference = float64_reference(params)
+    rows = []
+    for penalty in penalties:
+        for contender in contenders:
+            if penalty in contender.penalties:
+                rows += run_contender(case, penalty, contender, params, reference, session)
+                gc.collect()
+    del params
+    gc.collect()
+    if session.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows, reference
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.list:
+        print("cases:      " + ", ".join(f"{c.name} ({c.title})" for c in CASES))
+        print("contenders: " + ", ".join(f"{c.name} ({c.label})" for c in all_contenders(fastreg.available_backends())))
+        return 0
+    device = resolve_device(args.device)
+    which = args.penalty or ("l2" if args.quick else "both")
+    penalties = PENALTIES if which == "both" else (which,)
+    contenders = select_contenders(args, all_contenders(fastreg.available_backends()))
+    cases = select_cases(args)
+    if not any(c.is_baseline for c in contenders):
+        print("note: the seed loop is not selected: no speedups will be shown", file=sys.stderr)
+    budget = QUICK_BUDGET if args.quick else FULL_BUDGET
+    out_dir = args.out or default_out_dir(device, args)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    meta = report.machine_info(device)
+    meta.update(dtype=args.dtype, quick=args.quick, seed=args.seed, budget=dataclasses.asdict(budget),
+                penalties=list(penalties), contenders=[c.name for c in contenders], case_runtime_s={})
+    tasks = sum(len(c.modes) for _ in cases for p in penalties for c in contenders if p in c.penalties)
+    rows, references = [], {}
+    started = time.perf_counter()
+    with tqdm(total=tasks, unit="timing", dynamic_ncols=True, file=sys.stderr) as progress:
+        session = Session(args, device, DTYPES[args.dtype], DeviceClock(device), budget, progress)
+        for case in cases:
+            case_started = time.perf_counter()
+            case_rows, references[case.name] = run_case(case, penalties, contenders, session)
+            rows += case_rows
+            meta["case_runtime_s"][case.name] = round(time.perf_counter() - case_started, 1)
+    meta["runtime_s"] = round(time.perf_counter() - started, 1)
+    meta["load_average_at_end"] = report.load_average()
+
+    report.add_derived(rows)
+    table = report.markdown(rows, meta, cases, penalties)
+    (out_dir / report.MARKDOWN_FILE).write_text(table)
+    report.write_json(out_dir / report.JSON_FILE, meta, cases, references, rows)
+    report.plot_speedups(out_dir / report.PLOT_FILE, rows, cases, penalties,
+                         f"speedup vs the seed loop: {meta['device_name']}, {args.dtype}")
+    print(table)
+    print(f"done in {meta['runtime_s']} s; wrote {out_dir}/{{{report.MARKDOWN_FILE}, {report.JSON_FILE}, "
+          f"{report.PLOT_FILE}}}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
