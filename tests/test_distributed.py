@@ -6,6 +6,7 @@ same seed; a worker's failure fails the test with its traceback.
 
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -32,11 +33,18 @@ def _run(worker, tmp_path):
 def _entry(rank, worker, port):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only: no network is needed or wanted
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        torch.manual_seed(0)
-        worker(rank)
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    worker(rank)
+    # Every rank finishes its collectives before any rank tears gloo down: without this,
+    # a rank that exits first can make its peer abort during teardown.
+    dist.barrier()
+    dist.destroy_process_group()
+    # Skip C++ static destructors: on this torch, gloo's exit sometimes destroys a joinable
+    # std::thread and aborts ("terminate called without an active exception") after every
+    # check has passed. A failing check raises above and is reported by mp.spawn as usual.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _reference_mlp():
