@@ -119,6 +119,25 @@ if triton is not None:
         return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
 
     @triton.jit
+    def _chunk_of_program(block_map, numels, CHUNK: tl.constexpr):
+        """(program id, tensor index, first element, element count) of this program's chunk.
+
+        All int64: the program id is widened before any offset arithmetic.
+        """
+        pid = tl.program_id(0).to(tl.int64)
+        t = tl.load(block_map + 2 * pid)
+        start = tl.load(block_map + 2 * pid + 1) * CHUNK
+        return pid, t, start, tl.minimum(tl.load(numels + t) - start, CHUNK)
+
+    @triton.jit
+    def _operand(ptrs, t, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+        """Tensor ``t``'s data pointer from the table, cast to DTYPE, at the chunk's start."""
+        ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        return ptr + start
+
+    @triton.jit
     def _sums_kernel(
         w_ptrs,  # int64[T]: data pointers
         numels,  # int64[T]
@@ -130,14 +149,8 @@ if triton is not None:
         CHUNK: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        pid = tl.program_id(0).to(tl.int64)
-        t = tl.load(block_map + 2 * pid)
-        start = tl.load(block_map + 2 * pid + 1) * CHUNK
-        count = tl.minimum(tl.load(numels + t) - start, CHUNK)
-        w = tl.load(w_ptrs + t).to(tl.pointer_type(DTYPE))
-        if ALIGNED:
-            w = tl.multiple_of(w, 16)
-        w += start
+        pid, t, start, count = _chunk_of_program(block_map, numels, CHUNK)
+        w = _operand(w_ptrs, t, start, DTYPE, ALIGNED)
         lanes = tl.arange(0, BLOCK)
         acc_abs = tl.zeros([BLOCK], dtype=ACC)
         acc_sq = tl.zeros([BLOCK], dtype=ACC)
@@ -181,17 +194,9 @@ if triton is not None:
         CHUNK: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        pid = tl.program_id(0).to(tl.int64)
-        t = tl.load(block_map + 2 * pid)
-        start = tl.load(block_map + 2 * pid + 1) * CHUNK
-        count = tl.minimum(tl.load(numels + t) - start, CHUNK)
-        w = tl.load(w_ptrs + t).to(tl.pointer_type(DTYPE))
-        g = tl.load(out_ptrs + t).to(tl.pointer_type(DTYPE))
-        if ALIGNED:
-            w = tl.multiple_of(w, 16)
-            g = tl.multiple_of(g, 16)
-        w += start
-        g += start
+        pid, t, start, count = _chunk_of_program(block_map, numels, CHUNK)
+        w = _operand(w_ptrs, t, start, DTYPE, ALIGNED)
+        g = _operand(out_ptrs, t, start, DTYPE, ALIGNED)
         c1 = tl.load(coeffs).to(ACC)
         c2 = 2 * tl.load(coeffs + 1).to(ACC)
         lanes = tl.arange(0, BLOCK)
@@ -219,17 +224,9 @@ if triton is not None:
         CHUNK: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        pid = tl.program_id(0).to(tl.int64)
-        t = tl.load(block_map + 2 * pid)
-        start = tl.load(block_map + 2 * pid + 1) * CHUNK
-        count = tl.minimum(tl.load(numels + t) - start, CHUNK)
-        w = tl.load(w_ptrs + t).to(tl.pointer_type(DTYPE))
-        g = tl.load(g_ptrs + t).to(tl.pointer_type(DTYPE))
-        if ALIGNED:
-            w = tl.multiple_of(w, 16)
-            g = tl.multiple_of(g, 16)
-        w += start
-        g += start
+        pid, t, start, count = _chunk_of_program(block_map, numels, CHUNK)
+        w = _operand(w_ptrs, t, start, DTYPE, ALIGNED)
+        g = _operand(g_ptrs, t, start, DTYPE, ALIGNED)
         c1 = tl.load(coeffs).to(ACC)
         c2 = 2 * tl.load(coeffs + 1).to(ACC)
         lanes = tl.arange(0, BLOCK)
@@ -276,14 +273,8 @@ if triton is not None:
         BLOCK: tl.constexpr,
         F64: tl.constexpr,  # ACC is float64
     ):
-        pid = tl.program_id(0).to(tl.int64)
-        t = tl.load(block_map + 2 * pid)
-        start = tl.load(block_map + 2 * pid + 1) * CHUNK
-        count = tl.minimum(tl.load(numels + t) - start, CHUNK)
-        w = tl.load(w_ptrs + t).to(tl.pointer_type(DTYPE))
-        if ALIGNED:
-            w = tl.multiple_of(w, 16)
-        w += start
+        pid, t, start, count = _chunk_of_program(block_map, numels, CHUNK)
+        w = _operand(w_ptrs, t, start, DTYPE, ALIGNED)
         threshold = tl.load(coeffs).to(ACC)
         denominator = tl.load(coeffs + 1).to(ACC)
         lanes = tl.arange(0, BLOCK)
