@@ -143,6 +143,8 @@ def check_coefficient(name, value):
     # float has become a symbol, where math.isnan() would break the graph.
     if not number >= 0 or number == math.inf:
         raise ValueError(f"fastreg: {name} must be finite and non-negative, got {number}")
+    if isinstance(value, numbers.Real) and not isinstance(value, (float, int)):
+        return float(value)  # Fraction, numpy scalars, ...: plain floats for the kernels
     return value
 
 

@@ -65,8 +65,9 @@ def _sums_backward_backward(ctx, grad_outputs):
     grad_sums, *params = ctx.saved_tensors
     grad_outputs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grad_outputs)]
     grad_params = torch._foreach_mul(grad_outputs, 2 * grad_sums[1])
-    sign_dot = sum((torch.sign(p) * g).sum() for p, g in zip(params, grad_outputs))
-    value_dot = sum((p * g).sum() for p, g in zip(params, grad_outputs))
+    acc = grad_sums.dtype  # fp16 dot products would overflow
+    sign_dot = sum((torch.sign(p) * g).sum(dtype=acc) for p, g in zip(params, grad_outputs))
+    value_dot = sum((p * g).sum(dtype=acc) for p, g in zip(params, grad_outputs))
     grad_grad_sums = torch.stack([sign_dot, 2 * value_dot]).to(grad_sums.dtype)
     return list(grad_params), grad_grad_sums, None
 

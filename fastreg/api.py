@@ -7,6 +7,7 @@ Convention (the Keras one, and what the usual hand-written loop computes)::
 """
 
 import math
+import numbers
 
 import torch
 
@@ -115,8 +116,11 @@ class Penalty:
         with a penalty that is *not* also in the loss. Sharded parameters are updated shard by
         shard, with no communication.
         """
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        if isinstance(lr, torch.Tensor) and lr.ndim == 0 and lr.is_floating_point():
+            lr = lr.item()  # e.g. optimizer.param_groups[0]["lr"] held as a tensor
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"fastreg: prox_ needs a finite lr > 0, got {lr!r}")
+        lr = float(lr)
         l1, l2 = self._checked_coefficients()
         local = self._local + [p.to_local() for _, counted, uncounted in self._meshes for p in counted + uncounted]
         with torch.no_grad():
@@ -162,10 +166,13 @@ class Penalty:
         return _dispatch.check_coefficient("l1", self._l1), _dispatch.check_coefficient("l2", self._l2)
 
     def _or_zero(self, value, mesh=None):
-        if value is not None:
-            return value
-        device = mesh.device_type if mesh is not None else "cpu"
-        return torch.zeros((), dtype=self._result_dtype, device=device)
+        """``value``, or a zero in place of None. On a mesh, always in the dtype of the whole
+        penalty: every rank must all-reduce the same dtype, whichever shards it counts."""
+        if mesh is None:
+            return value if value is not None else torch.zeros((), dtype=self._result_dtype)
+        if value is None:
+            return torch.zeros((), dtype=self._result_dtype, device=mesh.device_type)
+        return value.to(self._result_dtype)
 
 
 def _value(tensors, l1, l2, backend):
@@ -222,8 +229,8 @@ def _group_sharded(entries):
 def _combine(sums, l1, l2):
     """``l1 * Σ|w| + l2 * Σw²``; a Python-zero coefficient drops its term (no 0 * inf = NaN)."""
     terms = [sums[i] * _as_factor(c, sums.dtype) for i, c in enumerate((l1, l2)) if not _dispatch.is_zero(c)]
-    if not terms:
-        return sums[1] * 0.0
+    if not terms:  # zero, but still connected to the graph (and never inf * 0)
+        return sums[1].clamp(max=0) * 0.0
     return terms[0] + terms[1] if len(terms) == 2 else terms[0]
 
 

@@ -233,3 +233,18 @@ def test_l2_to_weight_decay():
     assert fastreg.l2_to_weight_decay(1e-4) == 2e-4
     with pytest.raises(ValueError, match="l2"):
         fastreg.l2_to_weight_decay(-1.0)
+
+
+def test_second_derivative_for_the_coefficients_in_half_precision(backend):
+    # Σ 2·w over 100k fp16 weights overflows fp16: the dot products must accumulate in fp32.
+    coefficient = torch.tensor(0.3, requires_grad=True)
+    w = (torch.rand(100_000, generator=torch.Generator().manual_seed(0)) + 0.5).half().requires_grad_()
+    (g,) = torch.autograd.grad(fastreg.penalty([w], l1=coefficient, l2=coefficient, backend=backend), w,
+                               create_graph=True)
+    (second,) = torch.autograd.grad(g.float().sum(), coefficient)
+    expected = (torch.sign(w.double()) + 2 * w.double()).sum()
+    torch.testing.assert_close(second.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_zero_coefficients_give_zero_even_when_the_sums_overflow(backend):
+    assert fastreg.penalty([torch.tensor([1e20, 1.0])], backend=backend).item() == 0.0

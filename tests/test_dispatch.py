@@ -109,3 +109,22 @@ def test_add_to_grad_rejects_sparse_gradients():
     weight.grad = torch.randn(5, 3).to_sparse()
     with pytest.raises(TypeError, match="dense gradients"):
         fastreg.Penalty([weight], l2=1.0).add_to_grad_()
+
+
+def test_other_real_number_types_are_accepted_as_floats():
+    import fractions
+
+    import numpy as np
+
+    params = [torch.ones(4)]
+    for l2 in (fractions.Fraction(1, 4), np.float32(0.25), np.int64(1) / 4):
+        assert fastreg.penalty(params, l2=l2).item() == 1.0
+
+
+def test_prox_accepts_an_lr_held_as_a_tensor_or_numpy_scalar():
+    import numpy as np
+
+    for lr in (torch.tensor(0.5), np.float64(0.5)):
+        w = torch.nn.Parameter(torch.tensor([2.0, 0.25]))
+        fastreg.Penalty([w], l1=1.0).prox_(lr)
+        assert torch.equal(w.detach(), torch.tensor([1.5, 0.0]))
