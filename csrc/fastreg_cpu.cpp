@@ -130,39 +130,26 @@ inline void pin(V&) {}
 template <typename T>
 struct Traits;
 
-template <>
-struct Traits<double> {
-  using opmath = double;
-  static constexpr int kStep = kD;
+// float and double: one storage vector is one opmath vector.
+template <typename T>
+struct FullTraits {
+  using opmath = T;
+  static constexpr int kStep = Vectorized<T>::size();
   static constexpr int kM = 1;
-  static inline void load(const double* p, Vectorized<double>* x) {
-    x[0] = Vectorized<double>::loadu(p);
+  static inline void load(const T* p, Vectorized<T>* x) {
+    x[0] = Vectorized<T>::loadu(p);
     pin(x[0]);
   }
-  static inline void load(const double* p, int64_t n, Vectorized<double>* x) {
-    x[0] = Vectorized<double>::loadu(p, n);
-  }
-  static inline void store(double* p, const Vectorized<double>* x) { x[0].store(p); }
-  static inline void store(double* p, int64_t n, const Vectorized<double>* x) {
-    x[0].store(p, static_cast<int>(n));
-  }
+  static inline void load(const T* p, int64_t n, Vectorized<T>* x) { x[0] = Vectorized<T>::loadu(p, n); }
+  static inline void store(T* p, const Vectorized<T>* x) { x[0].store(p); }
+  static inline void store(T* p, int64_t n, const Vectorized<T>* x) { x[0].store(p, static_cast<int>(n)); }
 };
 
 template <>
-struct Traits<float> {
-  using opmath = float;
-  static constexpr int kStep = kF;
-  static constexpr int kM = 1;
-  static inline void load(const float* p, Vectorized<float>* x) {
-    x[0] = Vectorized<float>::loadu(p);
-    pin(x[0]);
-  }
-  static inline void load(const float* p, int64_t n, Vectorized<float>* x) {
-    x[0] = Vectorized<float>::loadu(p, n);
-  }
-  static inline void store(float* p, const Vectorized<float>* x) { x[0].store(p); }
-  static inline void store(float* p, int64_t n, const Vectorized<float>* x) { x[0].store(p, n); }
-};
+struct Traits<double> : FullTraits<double> {};
+
+template <>
+struct Traits<float> : FullTraits<float> {};
 
 template <typename T>  // at::Half, at::BFloat16
 struct ReducedTraits {

@@ -138,6 +138,16 @@ if triton is not None:
         return ptr + start
 
     @triton.jit
+    def _gradient_coeffs(coeffs, ACC: tl.constexpr):
+        """(l1, 2·l2) from the (2,) coefficient tensor: loaded on the device, never on the host."""
+        return tl.load(coeffs).to(ACC), 2 * tl.load(coeffs + 1).to(ACC)
+
+    @triton.jit
+    def _gradient(x, c1, c2):
+        """The penalty's gradient l1·sign(w) + 2·l2·w, with c2 = 2·l2 (in x's acc dtype)."""
+        return c1 * _sign(x) + c2 * x
+
+    @triton.jit
     def _sums_kernel(
         w_ptrs,  # int64[T]: data pointers
         numels,  # int64[T]
@@ -197,18 +207,17 @@ if triton is not None:
         pid, t, start, count = _chunk_of_program(block_map, numels, CHUNK)
         w = _operand(w_ptrs, t, start, DTYPE, ALIGNED)
         g = _operand(out_ptrs, t, start, DTYPE, ALIGNED)
-        c1 = tl.load(coeffs).to(ACC)
-        c2 = 2 * tl.load(coeffs + 1).to(ACC)
+        c1, c2 = _gradient_coeffs(coeffs, ACC)
         lanes = tl.arange(0, BLOCK)
         full = count - count % BLOCK
         for i in range(0, full, BLOCK):
             x = tl.load(w + i + lanes).to(ACC)
-            tl.store(g + i + lanes, (c1 * _sign(x) + c2 * x).to(DTYPE))
+            tl.store(g + i + lanes, _gradient(x, c1, c2).to(DTYPE))
         if full < count:
             offs = full + lanes
             mask = offs < count
             x = tl.load(w + offs, mask=mask, other=0.0).to(ACC)
-            tl.store(g + offs, (c1 * _sign(x) + c2 * x).to(DTYPE), mask=mask)
+            tl.store(g + offs, _gradient(x, c1, c2).to(DTYPE), mask=mask)
 
     @triton.jit
     def _add_grad_kernel(
@@ -227,8 +236,7 @@ if triton is not None:
         pid, t, start, count = _chunk_of_program(block_map, numels, CHUNK)
         w = _operand(w_ptrs, t, start, DTYPE, ALIGNED)
         g = _operand(g_ptrs, t, start, DTYPE, ALIGNED)
-        c1 = tl.load(coeffs).to(ACC)
-        c2 = 2 * tl.load(coeffs + 1).to(ACC)
+        c1, c2 = _gradient_coeffs(coeffs, ACC)
         lanes = tl.arange(0, BLOCK)
         acc_abs = tl.zeros([BLOCK], dtype=ACC)
         acc_sq = tl.zeros([BLOCK], dtype=ACC)
@@ -236,7 +244,7 @@ if triton is not None:
         for i in range(0, full, BLOCK):
             x = tl.load(w + i + lanes).to(ACC)
             old = tl.load(g + i + lanes).to(ACC)
-            tl.store(g + i + lanes, (old + (c1 * _sign(x) + c2 * x)).to(DTYPE))
+            tl.store(g + i + lanes, (old + _gradient(x, c1, c2)).to(DTYPE))
             acc_abs += tl.abs(x)
             acc_sq += x * x
         if full < count:
@@ -244,7 +252,7 @@ if triton is not None:
             mask = offs < count
             x = tl.load(w + offs, mask=mask, other=0.0).to(ACC)
             old = tl.load(g + offs, mask=mask, other=0.0).to(ACC)
-            tl.store(g + offs, (old + (c1 * _sign(x) + c2 * x)).to(DTYPE), mask=mask)
+            tl.store(g + offs, (old + _gradient(x, c1, c2)).to(DTYPE), mask=mask)
             acc_abs += tl.abs(x)
             acc_sq += x * x
         tl.store(partials + 2 * pid, tl.sum(acc_abs, axis=0))
