@@ -1,36 +1,54 @@
-// fastreg C++ CPU backend: fused multi-tensor L1/L2 kernels.
+// fastreg C++ CPU backend: fused multi-tensor kernels for every fastreg term.
 //
-// Ops (namespace fastreg_cpu, registered with TORCH_LIBRARY; no pybind module):
-//   sums(Tensor[] params) -> Tensor                          [Σ|w|, Σw²] in the acc dtype
-//   grads(Tensor[] params, Tensor coeffs) -> Tensor[]        c1*sign(w) + 2*c2*w, fresh tensors
-//   add_grad_(Tensor[] params, Tensor(a!)[] grads, Tensor coeffs) -> Tensor
-//                                                            g += gradient; returns sums(params)
-//   prox_(Tensor(a!)[] params, Tensor coeffs) -> ()          w = sign(w)*max(|w|-c1,0)/c2
+// Ops (namespace fastreg_cpu, registered with TORCH_LIBRARY; no pybind module). With d = w - c
+// (c: the center, when `centers` is not empty) and s = d, or s = sign(d)·max(|d| - t, 0):
+//   sums(Tensor[] params, Tensor[] centers, int group_dim, float threshold) -> (Tensor, Tensor)
+//       ([Σ|s|, Σs², Σ_g ‖s_g‖] in the acc dtype, group_sq = ‖s_g‖² per group)
+//   grads(Tensor[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_scale)
+//       -> Tensor[]                     c1·sign(d) + (2·c2 + scale_g)·d, fresh tensors
+//   add_grad_(Tensor[] params, Tensor(a!)[] grads, Tensor[] centers, int group_dim, Tensor coeffs,
+//             Tensor? group_norms) -> (Tensor, Tensor)
+//       g += c1·sign(d) + 2·c2·d + c3·d_g/‖d_g‖; returns sums(params, centers, group_dim)
+//   prox_(Tensor(a!)[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_norms) -> ()
+//       w = c + max(0, 1 - c3/‖s_g‖)·s/c2 (tensors with groups), c + s/c2 (others), t = c1
+// (see fastreg/backends/__init__.py for the contract, fastreg/backends/_geometry.py for groups).
 //
-// Work layout. The non-empty tensors of one call are laid end to end (int64 prefix offsets) and
-// the concatenation is cut into fixed chunks of kChunk elements, so a chunk may span many small
-// tensors and a large tensor spans many chunks. at::parallel_for runs the chunks; every chunk
-// writes its own partial sums, and the partials are added in chunk order on the calling
-// thread. A chunk's arithmetic depends only on the tensor sizes, never on the thread that runs
-// it, so results are bitwise identical for any thread count. (at::parallel_for is a header
-// template: the extension must be compiled with -fopenmp, else it silently runs serially.)
+// Work layout: one schedule of tasks per call, each task's arithmetic a function of the tensor
+// sizes only, so results are bitwise identical for any thread count. at::parallel_for runs the
+// tasks; every task writes its own partial sums (and group partials, "slots"), which are added
+// in task order on the calling thread. (at::parallel_for is a header template: the extension
+// must be compiled with -fopenmp, else it silently runs serially.) Task kinds:
+//   Flat    the tensors without a group term, laid end to end (int64 prefix offsets) and cut
+//           into chunks of kChunk elements: a chunk may span many small tensors.
+//   Runs    a tensor whose groups are runs of K >= kRunMin contiguous elements (group_dim=0 on a
+//           contiguous weight: one run per row): whole runs, about kChunk elements per task, one
+//           slot per run. With A == 1 every run is a whole group, so add_grad_ and prox_ compute
+//           its norm and update it in one visit (the second read hits the cache): one pass.
+//   RunPart one piece of a run longer than kChunk.
+//   Rows    a tensor whose runs are short (group_dim=1 on a Linear weight: K = 1): a block of rows
+//           of its (A, G*K) memory view, over a window of at most kRowMax positions, with one
+//           double accumulator per position, folded into per-group slots at the end.
+// add_grad_ and prox_ need a group's norm before they update it: for tensors whose groups span
+// tasks (Rows, RunPart, runs with A > 1) a first pass computes the norms (the sums kernel on
+// those tasks only), unless the caller passes them (sharded parameters: global norms).
 //
 // Accuracy. fp64 params accumulate in fp64. fp32 / fp16 / bf16 params accumulate in two
 // levels: float vector accumulators over short blocks (4 values per lane), folded pairwise
 // and widened into double accumulators (see "Accumulation" below): the relative error is at
 // most ~7 float roundings (4e-7) in the worst case, ~1e-9 in practice, with almost the
-// speed of a plain float sum. Chunk partials are doubles, summed in chunk order; the result
-// is rounded once to the acc dtype.
+// speed of a plain float sum. Per-run sums, positional accumulators, task partials and slots
+// are doubles, added in a fixed order; results are rounded once to the acc dtype.
 //
 // Vectorization. Inner loops use at::vec::Vectorized<T> (the width chosen by the
 // CPU_CAPABILITY_* macro the Python side passes with the matching -m flags). Tails use the
 // masked loadu(ptr, count) / store(ptr, count), so the same arithmetic handles every element.
 //
 // Layout. A tensor that is non-overlapping and dense (contiguous, transposed, channels-last,
-// ...) occupies exactly [data_ptr, data_ptr + numel) and is processed in memory order. Anything
-// else (slices, expanded tensors) is read through a dense temporary; in-place ops then copy the
-// temporary back explicitly. Gradients of add_grad_ are used directly when their strides
-// match the parameter's, otherwise through a temporary in the parameter's layout.
+// ...) occupies exactly [data_ptr, data_ptr + numel) and is processed in memory order; its
+// groups are located from its strides (fastreg/backends/_geometry.py). Anything else (slices,
+// expanded tensors) is read through a dense temporary; in-place ops then copy the temporary
+// back explicitly. Centers and gradients are used directly when their strides match the
+// parameter's (as read), otherwise through a temporary in that layout.
 
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
@@ -40,11 +58,15 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
+#include <cmath>
 #include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -56,7 +78,9 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int64_t kChunk = int64_t{1} << 16;  // elements per chunk (work unit and partial)
+constexpr int64_t kChunk = int64_t{1} << 16;  // elements per task (flat chunks, runs per task, rows per task)
+constexpr int64_t kRunMin = 64;                // runs at least this long are reduced one by one
+constexpr int64_t kRowMax = int64_t{1} << 14;  // positions (double accumulators) per Rows task
 
 constexpr int kF = Vectorized<float>::size();
 constexpr int kD = Vectorized<double>::size();
@@ -255,11 +279,59 @@ struct Acc<T, false> {  // float, half, bfloat16 params
   void finish(double* out) const { Acc<double, true>::finish_vectors(abs_, sq_, kR, out); }
 };
 
-// Runs `elem(i, count, x)` on every step of w[0, n) (x: the loaded opmath vectors; elem may
-// store results) and, when kReduce, accumulates the loaded values into `acc`. The assignment
-// of elements to accumulators depends only on n: deterministic for any thread count.
-template <typename T, bool kReduce, typename Elem>
-inline void span(const T* w, int64_t n, Acc<T>& acc, const Elem& elem) {
+
+// ----------------------------------------------------------------------------------------
+// Operands: d = w - c, loaded as opmath vectors (zero-filled past a masked count).
+
+template <typename T, bool kCenter>
+struct Diff {
+  using Tr = Traits<T>;
+  using O = typename Tr::opmath;
+  static constexpr int kM = Tr::kM;
+  const T* w;
+  const T* c;
+  C10_ALWAYS_INLINE void load(int64_t i, Vectorized<O>* x) const {
+    Tr::load(w + i, x);
+    if constexpr (kCenter) {
+      Vectorized<O> y[kM];
+      Tr::load(c + i, y);
+      for (int m = 0; m < kM; ++m) x[m] = x[m] - y[m];
+    }
+  }
+  C10_ALWAYS_INLINE void load(int64_t i, int64_t n, Vectorized<O>* x) const {
+    Tr::load(w + i, n, x);
+    if constexpr (kCenter) {
+      Vectorized<O> y[kM];
+      Tr::load(c + i, n, y);
+      for (int m = 0; m < kM; ++m) x[m] = x[m] - y[m];
+    }
+  }
+};
+
+// |s| = max(|d| - t, 0): the magnitudes of the proximal step's shrunk values, all its sums need.
+// NaN propagates (a diverged weight is not silently zeroed).
+template <typename T, bool kCenter>
+struct Shrunk {
+  using O = typename Traits<T>::opmath;
+  static constexpr int kM = Traits<T>::kM;
+  Diff<T, kCenter> d;
+  Vectorized<O> thr;
+  C10_ALWAYS_INLINE void load(int64_t i, Vectorized<O>* x) const {
+    d.load(i, x);
+    for (int m = 0; m < kM; ++m) x[m] = at::vec::maximum(x[m].abs() - thr, Vectorized<O>(O(0)));
+  }
+  C10_ALWAYS_INLINE void load(int64_t i, int64_t n, Vectorized<O>* x) const {
+    d.load(i, n, x);
+    for (int m = 0; m < kM; ++m) x[m] = at::vec::maximum(x[m].abs() - thr, Vectorized<O>(O(0)));
+  }
+};
+
+// Runs `elem(i, count, x)` on every step of [off, off + n) (x: the loaded opmath vectors, i
+// relative to off; elem may store results) and, when kReduce, accumulates the loaded values into
+// `acc`. The assignment of elements to accumulators depends only on n: deterministic for any
+// thread count.
+template <typename T, bool kReduce, typename Loader, typename Elem>
+inline void span(const Loader& ld, int64_t off, int64_t n, Acc<T>& acc, const Elem& elem) {
   using Tr = Traits<T>;
   using O = typename Tr::opmath;
   constexpr int64_t kStep = Tr::kStep;
@@ -268,12 +340,12 @@ inline void span(const T* w, int64_t n, Acc<T>& acc, const Elem& elem) {
   if constexpr (!kReduce) {  // element-wise only: one step at a time, the last one masked
     for (; i + kStep <= n; i += kStep) {
       Vectorized<O> x[kM];
-      Tr::load(w + i, x);
+      ld.load(off + i, x);
       elem(i, kStep, x);
     }
     if (i < n) {
       Vectorized<O> x[kM];
-      Tr::load(w + i, n - i, x);
+      ld.load(off + i, n - i, x);
       elem(i, n - i, x);
     }
   } else if constexpr (std::is_same_v<O, double>) {
@@ -290,7 +362,7 @@ inline void span(const T* w, int64_t n, Acc<T>& acc, const Elem& elem) {
 #pragma GCC unroll 16
       for (int u = 0; u < kU; ++u) {
         Vectorized<double> x[1];
-        Tr::load(w + i + u * kStep, x);
+        ld.load(off + i + u * kStep, x);
         elem(i + u * kStep, kStep, x);
         a[u] = a[u] + x[0].abs();
         q[u] = at::vec::fmadd(x[0], x[0], q[u]);
@@ -300,9 +372,9 @@ inline void span(const T* w, int64_t n, Acc<T>& acc, const Elem& elem) {
       const int64_t cnt = std::min<int64_t>(kStep, n - i);
       Vectorized<double> x[1];
       if (cnt == kStep) {
-        Tr::load(w + i, x);
+        ld.load(off + i, x);
       } else {
-        Tr::load(w + i, cnt, x);  // zero-filled: adds nothing to the sums
+        ld.load(off + i, cnt, x);  // zero-filled: adds nothing to the sums
       }
       elem(i, cnt, x);
       a[0] = a[0] + x[0].abs();
@@ -322,9 +394,9 @@ inline void span(const T* w, int64_t n, Acc<T>& acc, const Elem& elem) {
     auto step = [&](int64_t at, int64_t cnt, int g, Vectorized<float>* fa, Vectorized<float>* fs) {
       Vectorized<float> x[kM];
       if (cnt == kStep) {
-        Tr::load(w + at, x);
+        ld.load(off + at, x);
       } else {
-        Tr::load(w + at, cnt, x);  // zero-filled: adds nothing to the sums
+        ld.load(off + at, cnt, x);  // zero-filled: adds nothing to the sums
       }
       elem(at, cnt, x);
 #pragma GCC unroll 2
@@ -366,27 +438,114 @@ inline void span(const T* w, int64_t n, Acc<T>& acc, const Elem& elem) {
   }
 }
 
-// The element-wise maths, in opmath.
-template <typename O>
-inline Vectorized<O> gradient(const Vectorized<O>& w, const Vectorized<O>& c1, const Vectorized<O>& two_c2) {
-  const Vectorized<O> zero(O(0));
-  // c1 * sign(w), sign(0) = 0 (NaN gives 0 here and NaN from the fmadd below)
-  const Vectorized<O> s = Vectorized<O>::blendv(
-      Vectorized<O>::blendv(zero, c1.neg(), w < zero), c1, w > zero);
-  return at::vec::fmadd(two_c2, w, s);  // rounded once
+// (Σ|x|, Σx²) of [off, off + n) in double, from a fresh accumulator.
+template <typename T, typename Loader>
+inline void reduce_span(const Loader& ld, int64_t off, int64_t n, double* out) {
+  Acc<T> acc;
+  span<T, true>(ld, off, n, acc, [](int64_t, int64_t, const auto*) {});
+  acc.finish(out);
 }
 
-template <typename O>
-inline Vectorized<O> shrink(const Vectorized<O>& w, const Vectorized<O>& thr, const Vectorized<O>& den) {
-  const Vectorized<O> zero(O(0));
-  const Vectorized<O> r = at::vec::maximum(w.abs() - thr, zero);  // NaN propagates
-  return Vectorized<O>::blendv(r, r.neg(), w < zero) / den;
+// pos[j] += x_j² in double for the cnt values of one step (the positional group accumulators).
+template <typename O, int kM>
+C10_ALWAYS_INLINE void add_squares(double* pos, const Vectorized<O>* x, int64_t cnt) {
+  constexpr int64_t kStep = kM * Vectorized<O>::size();
+  if (cnt == kStep) {
+    for (int m = 0; m < kM; ++m) {
+      if constexpr (std::is_same_v<O, double>) {
+        double* p = pos + m * kD;
+        at::vec::fmadd(x[m], x[m], Vectorized<double>::loadu(p)).store(p);
+      } else {
+        Vectorized<double> d[kR];
+        widen(x[m], d);
+        for (int r = 0; r < kR; ++r) {
+          double* p = pos + m * kF + r * kD;
+          at::vec::fmadd(d[r], d[r], Vectorized<double>::loadu(p)).store(p);
+        }
+      }
+    }
+    return;
+  }
+  __at_align__ O values[kStep];
+  for (int m = 0; m < kM; ++m) x[m].store(values + m * Vectorized<O>::size());
+  for (int64_t j = 0; j < cnt; ++j) pos[j] += static_cast<double>(values[j]) * static_cast<double>(values[j]);
 }
 
 // ----------------------------------------------------------------------------------------
-// Multi-tensor plumbing.
+// The element-wise maths, in opmath.
 
-// prefix[k] = elements before item k; prefix.back() = total.
+template <typename O>
+C10_ALWAYS_INLINE Vectorized<O> gradient(const Vectorized<O>& d, const Vectorized<O>& c1,
+                                          const Vectorized<O>& coef) {
+  const Vectorized<O> zero(O(0));
+  // c1 * sign(d), sign(0) = 0 (NaN gives 0 here and NaN from the fmadd below)
+  const Vectorized<O> s = Vectorized<O>::blendv(
+      Vectorized<O>::blendv(zero, c1.neg(), d < zero), c1, d > zero);
+  return at::vec::fmadd(coef, d, s);  // rounded once
+}
+
+// sign(d) * max(|d| - thr, 0); NaN propagates.
+template <typename O>
+C10_ALWAYS_INLINE Vectorized<O> soft_threshold(const Vectorized<O>& d, const Vectorized<O>& thr) {
+  const Vectorized<O> zero(O(0));
+  const Vectorized<O> r = at::vec::maximum(d.abs() - thr, zero);
+  return Vectorized<O>::blendv(r, r.neg(), d < zero);
+}
+
+// g += grad for the cnt elements of one step, g of dtype G, grad in T's opmath: the sum is
+// formed in the wider of the two and rounded once to G.
+template <typename T, typename G>
+C10_ALWAYS_INLINE void add_into(G* g, int64_t cnt, const Vectorized<typename Traits<T>::opmath>* grad) {
+  using Tr = Traits<T>;
+  using O = typename Tr::opmath;
+  constexpr int kM = Tr::kM;
+  constexpr int64_t kStep = Tr::kStep;
+  if constexpr (std::is_same_v<G, T>) {
+    Vectorized<O> cur[kM];
+    if (cnt == kStep) {
+      Tr::load(g, cur);
+    } else {
+      Tr::load(g, cnt, cur);
+    }
+    for (int m = 0; m < kM; ++m) cur[m] = cur[m] + grad[m];
+    if (cnt == kStep) {
+      Tr::store(g, cur);
+    } else {
+      Tr::store(g, cnt, cur);
+    }
+  } else if constexpr (std::is_same_v<G, float> && std::is_same_v<O, float>) {
+    // fp16 / bf16 weights with fp32 gradients: the first-class mixed case, vectorized.
+    for (int m = 0; m < kM; ++m) {
+      const int64_t lo = m * kF;
+      if (lo >= cnt) break;
+      const int64_t n = std::min<int64_t>(kF, cnt - lo);
+      Vectorized<float> cur = n == kF ? Vectorized<float>::loadu(g + lo) : Vectorized<float>::loadu(g + lo, n);
+      cur = cur + grad[m];
+      if (n == kF) {
+        cur.store(g + lo);
+      } else {
+        cur.store(g + lo, static_cast<int>(n));
+      }
+    }
+  } else {  // any other pair: through a buffer, in the wider dtype
+    using P = std::conditional_t<std::is_same_v<O, double> || std::is_same_v<G, double>, double, float>;
+    __at_align__ O values[kStep];
+    for (int m = 0; m < kM; ++m) grad[m].store(values + m * Vectorized<O>::size());
+    for (int64_t j = 0; j < cnt; ++j) {
+      const P sum = static_cast<P>(g[j]) + static_cast<P>(values[j]);
+      if constexpr (std::is_same_v<G, double> || std::is_same_v<G, float>) {
+        g[j] = static_cast<G>(sum);
+      } else {
+        g[j] = static_cast<G>(static_cast<float>(sum));
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------
+// Multi-tensor plumbing: items, tasks, the schedule.
+
+// prefix[k] = elements before entry k; prefix.back() = total.
 struct Layout {
   std::vector<int64_t> prefix{0};
   int64_t total() const { return prefix.back(); }
@@ -395,38 +554,452 @@ struct Layout {
   void add(int64_t n) { prefix.push_back(prefix.back() + n); }
 };
 
-// fn(chunk) for every chunk, in parallel.
-template <typename Fn>
-void parallel_chunks(const Layout& layout, const Fn& fn) {
-  const int64_t nchunks = layout.chunks();
-  auto body = [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) fn(c);
-  };
-  if (nchunks <= 1) {
-    body(0, nchunks);
-  } else {
-    at::parallel_for(0, nchunks, 1, body);
-  }
-}
-
-// seg(item, offset, length) for every piece of `chunk`, in order.
+// seg(entry, offset, length) for every piece of `chunk`, in order.
 template <typename Seg>
 inline void for_each_segment(const Layout& layout, int64_t chunk, const Seg& seg) {
   const auto& prefix = layout.prefix;
   const int64_t start = chunk * kChunk;
   const int64_t end = std::min(start + kChunk, layout.total());
-  // Last item whose start <= `start` (empty items were never added, so starts are strict).
-  int64_t item = static_cast<int64_t>(std::upper_bound(prefix.begin(), prefix.end(), start) -
-                                      prefix.begin()) - 1;
-  for (; item < layout.items() && prefix[item] < end; ++item) {
-    const int64_t lo = std::max(start, prefix[item]);
-    const int64_t hi = std::min(end, prefix[item + 1]);
-    if (hi > lo) seg(item, lo - prefix[item], hi - lo);
+  // Last entry whose start <= `start` (empty items were never added, so starts are strict).
+  int64_t entry = static_cast<int64_t>(std::upper_bound(prefix.begin(), prefix.end(), start) -
+                                       prefix.begin()) - 1;
+  for (; entry < layout.items() && prefix[entry] < end; ++entry) {
+    const int64_t lo = std::max(start, prefix[entry]);
+    const int64_t hi = std::min(end, prefix[entry + 1]);
+    if (hi > lo) seg(entry, lo - prefix[entry], hi - lo);
   }
 }
 
+// One tensor of a call, as the kernels read it.
+struct Item {
+  int64_t numel = 0;
+  int64_t A = 1, G = 0, K = 0;  // memory geometry of its groups; G == 0: no group term
+  int64_t group_base = 0;       // its first entry in the group vectors
+  bool whole_groups = false;    // each of its tasks holds whole groups: norms computed in-task
+};
+
+enum class Mode : int8_t { kFlat, kRuns, kRunPart, kRows };
+
+struct Task {
+  Mode mode;
+  int64_t item;        // the item (not Flat)
+  int64_t begin, end;  // Flat: the chunk (begin); Runs: runs [begin, end); RunPart: run begin; Rows: rows
+  int64_t lo, hi;      // RunPart: elements [lo, hi) of the run; Rows: positions [lo, hi) of each row
+  int64_t slot;        // its first slot (group partial)
+  int64_t slots() const {
+    switch (mode) {
+      case Mode::kRuns: return end - begin;
+      case Mode::kRunPart: return 1;
+      case Mode::kRows: return -1;  // needs K: see slot_count
+      default: return 0;
+    }
+  }
+};
+
+struct Schedule {
+  Layout flat;                      // the items without groups, end to end
+  std::vector<int64_t> flat_items;  // flat layout entry -> item
+  std::vector<Task> tasks;          // the flat chunks first, then each item's tasks
+  int64_t nslots = 0;
+};
+
+inline int64_t slot_count(const Task& t, const Item& it) {
+  return t.mode == Mode::kRows ? (t.hi - t.lo) / it.K : t.slots();
+}
+
+// The group (index within its item) of slot j of task t.
+inline int64_t group_of_slot(const Task& t, const Item& it, int64_t j) {
+  switch (t.mode) {
+    case Mode::kRuns: return (t.begin + j) % it.G;
+    case Mode::kRunPart: return t.begin % it.G;
+    default: return t.lo / it.K + j;
+  }
+}
+
+Schedule make_schedule(std::vector<Item>& items) {
+  Schedule s;
+  for (size_t k = 0; k < items.size(); ++k) {
+    if (items[k].numel > 0 && items[k].G == 0) {
+      s.flat.add(items[k].numel);
+      s.flat_items.push_back(static_cast<int64_t>(k));
+    }
+  }
+  for (int64_t c = 0; c < s.flat.chunks(); ++c) s.tasks.push_back({Mode::kFlat, -1, c, c + 1, 0, 0, 0});
+  for (size_t k = 0; k < items.size(); ++k) {
+    Item& it = items[k];
+    if (it.numel == 0 || it.G == 0) continue;
+    const int64_t item = static_cast<int64_t>(k);
+    if (it.K >= kRunMin || it.G == 1) {
+      const int64_t runs = it.A * it.G;
+      if (it.K <= kChunk) {
+        const int64_t per = std::max<int64_t>(1, kChunk / it.K);
+        for (int64_t r = 0; r < runs; r += per) {
+          const int64_t e = std::min(runs, r + per);
+          s.tasks.push_back({Mode::kRuns, item, r, e, 0, it.K, s.nslots});
+          s.nslots += e - r;
+        }
+        it.whole_groups = it.A == 1;
+      } else {
+        for (int64_t r = 0; r < runs; ++r) {
+          for (int64_t lo = 0; lo < it.K; lo += kChunk) {
+            s.tasks.push_back({Mode::kRunPart, item, r, r + 1, lo, std::min(it.K, lo + kChunk), s.nslots});
+            s.nslots += 1;
+          }
+        }
+      }
+    } else {
+      const int64_t row = it.G * it.K;
+      const int64_t window = std::min(row, std::max<int64_t>(1, kRowMax / it.K) * it.K);
+      const int64_t per = std::max<int64_t>(1, kChunk / window);
+      for (int64_t lo = 0; lo < row; lo += window) {
+        const int64_t hi = std::min(row, lo + window);
+        for (int64_t a = 0; a < it.A; a += per) {
+          s.tasks.push_back({Mode::kRows, item, a, std::min(it.A, a + per), lo, hi, s.nslots});
+          s.nslots += (hi - lo) / it.K;
+        }
+      }
+      it.whole_groups = window == row && per >= it.A;
+    }
+  }
+  return s;
+}
+
+template <typename Fn>
+void parallel_tasks(int64_t n, const Fn& fn) {
+  auto body = [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) fn(t);
+  };
+  if (n <= 1) {
+    body(0, n);
+  } else {
+    at::parallel_for(0, n, 1, body);
+  }
+}
+
+// Per-thread scratch (positional accumulators and coefficients of Rows tasks), reused.
+template <typename V>
+V* scratch(int64_t n, int which) {
+  static thread_local std::vector<V> buffers[2];
+  auto& b = buffers[which];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
+
+// Adds the slots into per-group sums (group vector order), task by task: a fixed order.
+void add_slots(const Schedule& s, const std::vector<Item>& items, const std::vector<double>& slots,
+               std::vector<double>& group_sq, const std::vector<bool>* only_items = nullptr) {
+  for (const Task& t : s.tasks) {
+    if (t.mode == Mode::kFlat) continue;
+    if (only_items != nullptr && !(*only_items)[t.item]) continue;
+    const Item& it = items[t.item];
+    const int64_t n = slot_count(t, it);
+    for (int64_t j = 0; j < n; ++j) group_sq[it.group_base + group_of_slot(t, it, j)] += slots[t.slot + j];
+  }
+}
+
+// ----------------------------------------------------------------------------------------
+// The sums kernel: (Σ|s|, Σs²) per task, and the group partials.
+
+template <typename T, typename Loader, typename LoaderOf>
+C10_NOINLINE void sums_tasks(const Schedule& s, const std::vector<Item>& items, const LoaderOf& loader_of,
+                             double* partials, double* slots, const std::vector<bool>* only_items = nullptr) {
+  using O = typename Traits<T>::opmath;
+  constexpr int kM = Traits<T>::kM;
+  auto none = [](int64_t, int64_t, const Vectorized<O>*) {};
+  parallel_tasks(static_cast<int64_t>(s.tasks.size()), [&](int64_t ti) {
+    const Task& t = s.tasks[ti];
+    double* out = partials + 2 * ti;
+    out[0] = out[1] = 0.0;
+    if (only_items != nullptr && (t.mode == Mode::kFlat || !(*only_items)[t.item])) return;
+    if (t.mode == Mode::kFlat) {
+      Acc<T> acc;
+      for_each_segment(s.flat, t.begin, [&](int64_t entry, int64_t off, int64_t len) {
+        span<T, true>(loader_of(s.flat_items[entry]), off, len, acc, none);
+      });
+      acc.finish(out);
+      return;
+    }
+    const Item& it = items[t.item];
+    const Loader ld = loader_of(t.item);
+    if (t.mode == Mode::kRuns || t.mode == Mode::kRunPart) {
+      for (int64_t r = t.begin; r < t.end; ++r) {
+        double run[2];
+        reduce_span<T>(ld, r * it.K + t.lo, t.hi - t.lo, run);
+        out[0] += run[0];
+        out[1] += run[1];
+        slots[t.slot + (r - t.begin)] = run[1];
+      }
+      return;
+    }
+    const int64_t row = it.G * it.K;
+    const int64_t width = t.hi - t.lo;
+    double* pos = scratch<double>(width, 0);
+    std::fill(pos, pos + width, 0.0);
+    Acc<T> acc;
+    for (int64_t a = t.begin; a < t.end; ++a) {
+      span<T, true>(ld, a * row + t.lo, width, acc, [&](int64_t i, int64_t cnt, const Vectorized<O>* x) {
+        add_squares<O, kM>(pos + i, x, cnt);
+      });
+    }
+    acc.finish(out);
+    for (int64_t j = 0; j < width / it.K; ++j) {
+      double sum = 0.0;
+      for (int64_t k = 0; k < it.K; ++k) sum += pos[j * it.K + k];
+      slots[t.slot + j] = sum;
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------
+// Element-wise passes (grads, add_grad_, prox_) over the same schedule.
+//
+// Every op says what to do with d on a step given the coefficient of its position: a scalar for
+// a flat chunk or a run, one value per position for Rows. `group_coef(norm)` turns a group's
+// norm into that coefficient; for items with whole groups per task and no norms given, the norm
+// comes from a first visit of the run (or rows) in the same task.
+
+template <typename O>
+struct Positional {  // the coefficients of the positions of a Rows window
+  const O* values;
+};
+
+template <typename T, bool kCenter, typename Op>
+C10_NOINLINE void apply_tasks(const Schedule& s, const std::vector<Item>& items, const std::vector<const T*>& w,
+                              const std::vector<const T*>& c, const Op& op, const double* group_coef,
+                              bool allow_in_task, double* partials, double* slots) {
+  using Tr = Traits<T>;
+  using O = typename Tr::opmath;
+  constexpr int kM = Tr::kM;
+  constexpr bool kReduce = Op::kReduce;
+  // The sums an op returns are those of d, which is also what it takes norms of.
+  static_assert(!Op::kReduce || Op::kNormOfD, "a reducing op must take the norms of d");
+  constexpr int kVO = Vectorized<O>::size();
+  auto diff_of = [&](int64_t item) { return Diff<T, kCenter>{w[item], kCenter ? c[item] : nullptr}; };
+  auto norm_loader_of = [&](int64_t item) { return op.norm_loader(diff_of(item)); };
+  parallel_tasks(static_cast<int64_t>(s.tasks.size()), [&](int64_t ti) {
+    const Task& t = s.tasks[ti];
+    double* out = kReduce ? partials + 2 * ti : nullptr;
+    if constexpr (kReduce) out[0] = out[1] = 0.0;
+    if (t.mode == Mode::kFlat) {
+      Acc<T> acc;
+      const Vectorized<O> coef(op.flat_coef());
+      for_each_segment(s.flat, t.begin, [&](int64_t entry, int64_t off, int64_t len) {
+        const int64_t item = s.flat_items[entry];
+        span<T, kReduce>(diff_of(item), off, len, acc, [&](int64_t i, int64_t cnt, const Vectorized<O>* x) {
+          Vectorized<O> k[kM];
+          for (int m = 0; m < kM; ++m) k[m] = coef;
+          op.template elem<true>(item, off + i, cnt, x, k);
+        });
+      });
+      if constexpr (kReduce) acc.finish(out);
+      return;
+    }
+    const Item& it = items[t.item];
+    const auto ld = diff_of(t.item);
+    const bool in_task = allow_in_task && it.whole_groups;
+    if (t.mode == Mode::kRuns || t.mode == Mode::kRunPart) {
+      for (int64_t r = t.begin; r < t.end; ++r) {
+        const int64_t off = r * it.K + t.lo;
+        const int64_t len = t.hi - t.lo;
+        const int64_t g = r % it.G;
+        double run[2] = {0.0, 0.0};
+        O coef_value;
+        if (in_task) {  // one visit: the norm first (the run is then in cache), then the update
+          double shrunk[2];
+          reduce_span<T>(norm_loader_of(t.item), off, len, shrunk);
+          coef_value = op.group_coef(std::sqrt(shrunk[1]));
+          if constexpr (kReduce) {  // the visit's sums are the sums of d (kReduce ops norm d)
+            run[0] = shrunk[0];
+            run[1] = shrunk[1];
+          }
+        } else {
+          coef_value = static_cast<O>(group_coef[it.group_base + g]);
+        }
+        const Vectorized<O> coef(coef_value);
+        Acc<T> acc;
+        auto elem = [&](int64_t i, int64_t cnt, const Vectorized<O>* x) {
+          Vectorized<O> k[kM];
+          for (int m = 0; m < kM; ++m) k[m] = coef;
+          op.template elem<false>(t.item, off + i, cnt, x, k);
+        };
+        if (kReduce && !in_task) {
+          span<T, true>(ld, off, len, acc, elem);
+          acc.finish(run);
+        } else {
+          span<T, false>(ld, off, len, acc, elem);
+        }
+        if constexpr (kReduce) {
+          out[0] += run[0];
+          out[1] += run[1];
+          slots[t.slot + (r - t.begin)] = run[1];
+        }
+      }
+      return;
+    }
+    // Rows: the coefficient of every position of the window, from its group.
+    const int64_t row = it.G * it.K;
+    const int64_t width = t.hi - t.lo;
+    const int64_t ngroups = width / it.K;
+    O* coefs = scratch<O>(width + Tr::kStep, 1);
+    std::fill(coefs + width, coefs + width + Tr::kStep, O(0));
+    double* pos = scratch<double>(width, 0);
+    Acc<T> acc;
+    if (in_task) {  // the whole item is this task: its group norms first
+      std::fill(pos, pos + width, 0.0);
+      Acc<T> shrunk_acc;
+      const auto nl = norm_loader_of(t.item);
+      for (int64_t a = t.begin; a < t.end; ++a) {
+        span<T, true>(nl, a * row + t.lo, width, shrunk_acc, [&](int64_t i, int64_t cnt, const Vectorized<O>* x) {
+          add_squares<O, kM>(pos + i, x, cnt);
+        });
+      }
+      for (int64_t j = 0; j < ngroups; ++j) {
+        double sum = 0.0;
+        for (int64_t k = 0; k < it.K; ++k) sum += pos[j * it.K + k];
+        const O value = op.group_coef(std::sqrt(sum));
+        for (int64_t k = 0; k < it.K; ++k) coefs[j * it.K + k] = value;
+        if constexpr (kReduce) slots[t.slot + j] = sum;
+      }
+      if constexpr (kReduce) shrunk_acc.finish(out);
+    } else {
+      for (int64_t j = 0; j < ngroups; ++j) {
+        const O value = static_cast<O>(group_coef[it.group_base + t.lo / it.K + j]);
+        for (int64_t k = 0; k < it.K; ++k) coefs[j * it.K + k] = value;
+      }
+      if constexpr (kReduce) std::fill(pos, pos + width, 0.0);
+    }
+    for (int64_t a = t.begin; a < t.end; ++a) {
+      const int64_t off = a * row + t.lo;
+      auto elem = [&](int64_t i, int64_t cnt, const Vectorized<O>* x) {
+        Vectorized<O> k[kM];
+        for (int m = 0; m < kM; ++m) k[m] = Vectorized<O>::loadu(coefs + i + m * kVO);
+        op.template elem<false>(t.item, off + i, cnt, x, k);
+        if constexpr (kReduce) {
+          if (!in_task) add_squares<O, kM>(pos + i, x, cnt);
+        }
+      };
+      if (kReduce && !in_task) {
+        span<T, true>(ld, off, width, acc, elem);
+      } else {
+        span<T, false>(ld, off, width, acc, elem);
+      }
+    }
+    if constexpr (kReduce) {
+      if (!in_task) {
+        acc.finish(out);
+        for (int64_t j = 0; j < ngroups; ++j) {
+          double sum = 0.0;
+          for (int64_t k = 0; k < it.K; ++k) sum += pos[j * it.K + k];
+          slots[t.slot + j] = sum;
+        }
+      }
+    }
+  });
+}
+
+// grads: out = c1·sign(d) + coef·d, coef = 2·c2 (+ the group's scale).
+template <typename T>
+struct GradsOp {
+  using O = typename Traits<T>::opmath;
+  static constexpr bool kReduce = false;
+  static constexpr bool kNormOfD = true;
+  Vectorized<O> c1;
+  O two_c2;
+  std::vector<T*> out;
+  O flat_coef() const { return two_c2; }
+  O group_coef(double) const { return two_c2; }  // never in-task: the scale is given
+  template <typename D>
+  D norm_loader(const D& d) const { return d; }
+  template <bool kFlat>
+  C10_ALWAYS_INLINE void elem(int64_t item, int64_t at, int64_t cnt, const Vectorized<O>* x,
+                              const Vectorized<O>* coef) const {
+    constexpr int kM = Traits<T>::kM;
+    Vectorized<O> g[kM];
+    for (int m = 0; m < kM; ++m) g[m] = gradient(x[m], c1, coef[m]);
+    if (cnt == Traits<T>::kStep) {
+      Traits<T>::store(out[item] + at, g);
+    } else {
+      Traits<T>::store(out[item] + at, cnt, g);
+    }
+  }
+};
+
+// add_grad_: g += c1·sign(d) + coef·d, coef = 2·c2 + c3/‖d_g‖ (0 for a zero group).
+template <typename T, typename G>
+struct AddGradOp {
+  using O = typename Traits<T>::opmath;
+  static constexpr bool kReduce = true;
+  static constexpr bool kNormOfD = true;  // the norm visit's sums are the sums of d
+  Vectorized<O> c1;
+  O two_c2;
+  double c3;
+  std::vector<G*> grad;
+  O flat_coef() const { return two_c2; }
+  O group_coef(double norm) const {
+    return static_cast<O>(static_cast<double>(two_c2) + (norm > 0.0 ? c3 / norm : 0.0));
+  }
+  template <typename D>
+  D norm_loader(const D& d) const { return d; }
+  template <bool kFlat>
+  C10_ALWAYS_INLINE void elem(int64_t item, int64_t at, int64_t cnt, const Vectorized<O>* x,
+                              const Vectorized<O>* coef) const {
+    constexpr int kM = Traits<T>::kM;
+    Vectorized<O> g[kM];
+    for (int m = 0; m < kM; ++m) g[m] = gradient(x[m], c1, coef[m]);
+    add_into<T, G>(grad[item] + at, cnt, g);
+  }
+};
+
+// prox_: w = c + s·f with s = soft_threshold(d, t) and f = max(0, 1 - c3/‖s_g‖)/den for tensors
+// with groups; w = c + s/den for the others (an IEEE division, as the formula says).
+template <typename T, bool kCenter>
+struct ProxOp {
+  using O = typename Traits<T>::opmath;
+  static constexpr bool kReduce = false;
+  static constexpr bool kNormOfD = false;
+  Vectorized<O> thr;
+  Vectorized<O> den;
+  double group_thr;
+  double den_value;
+  std::vector<T*> w;
+  std::vector<const T*> c;
+  O flat_coef() const { return O(0); }  // unused: flat steps divide
+  O group_coef(double norm) const {
+    return static_cast<O>(norm > 0.0 ? std::max(0.0, 1.0 - group_thr / norm) / den_value : 0.0);
+  }
+  Shrunk<T, kCenter> norm_loader(const Diff<T, kCenter>& d) const { return {d, thr}; }
+  template <bool kFlat>
+  C10_ALWAYS_INLINE void elem(int64_t item, int64_t at, int64_t cnt, const Vectorized<O>* x,
+                              const Vectorized<O>* coef) const {
+    using Tr = Traits<T>;
+    constexpr int kM = Tr::kM;
+    Vectorized<O> r[kM];
+    for (int m = 0; m < kM; ++m) {
+      const Vectorized<O> s = soft_threshold(x[m], thr);
+      r[m] = kFlat ? s / den : s * coef[m];
+    }
+    if constexpr (kCenter) {
+      Vectorized<O> y[kM];
+      if (cnt == Tr::kStep) {
+        Tr::load(c[item] + at, y);
+      } else {
+        Tr::load(c[item] + at, cnt, y);
+      }
+      for (int m = 0; m < kM; ++m) r[m] = r[m] + y[m];
+    }
+    if (cnt == Tr::kStep) {
+      Tr::store(w[item] + at, r);
+    } else {
+      Tr::store(w[item] + at, cnt, r);
+    }
+  }
+};
+
+// ----------------------------------------------------------------------------------------
+// Preparing a call: which memory each operand is read from and written to.
+
 inline bool direct(const at::Tensor& t) {
-  return t.is_non_overlapping_and_dense() && !t.is_neg();
+  return t.is_non_overlapping_and_dense() && !t.is_neg() && !t.is_conj();
 }
 
 // Same element order in memory: equal strides on every dimension of size > 1.
@@ -447,310 +1020,420 @@ inline at::Tensor fresh_like(const at::Tensor& t) {
   return at::empty_like(t);
 }
 
-// A dense copy of `t` laid out like at::empty_like(t).
-inline at::Tensor dense_copy(const at::Tensor& t) {
-  at::Tensor tmp = at::empty_like(t);
+// A dense copy of `t` (in its own dtype) laid out like at::empty_like(like).
+inline at::Tensor copy_like(const at::Tensor& t, const at::Tensor& like) {
+  at::Tensor tmp = at::empty_like(like, like.options().dtype(t.scalar_type()));
   tmp.copy_(t);
   return tmp;
-}
-
-at::ScalarType check_group(at::TensorList params, const char* op) {
-  TORCH_CHECK(!params.empty(), "fastreg_cpu::", op, ": params must not be empty");
-  const at::ScalarType dtype = params[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "fastreg_cpu::", op, ": unsupported dtype ", dtype);
-  for (const auto& p : params) {
-    TORCH_CHECK(p.device().is_cpu(), "fastreg_cpu::", op, ": expected CPU tensors, got ", p.device());
-    TORCH_CHECK(p.scalar_type() == dtype, "fastreg_cpu::", op, ": all params must share one dtype, got ",
-                dtype, " and ", p.scalar_type());
-    TORCH_CHECK(p.layout() == at::kStrided, "fastreg_cpu::", op, ": expected strided tensors");
-  }
-  return dtype;
 }
 
 inline at::ScalarType acc_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// coeffs: a (2,) tensor of the acc dtype on the CPU.
-template <typename O>
-void read_coeffs(const at::Tensor& coeffs, at::ScalarType dtype, O* out) {
-  TORCH_CHECK(coeffs.device().is_cpu() && coeffs.dim() == 1 && coeffs.size(0) == 2,
-              "fastreg_cpu: coeffs must be a (2,) CPU tensor, got shape ", coeffs.sizes(), " on ",
+at::ScalarType check_group(at::TensorList params, at::TensorList centers, const char* op) {
+  TORCH_CHECK(!params.empty(), "fastreg_cpu::", op, ": params must not be empty");
+  const at::ScalarType dtype = params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "fastreg_cpu::", op, ": unsupported dtype ", dtype);
+  for (size_t k = 0; k < params.size(); ++k) {
+    const auto& p = params[k];
+    TORCH_CHECK(p.device().is_cpu(), "fastreg_cpu::", op, ": params[", k, "]: expected a CPU tensor, got ",
+                p.device());
+    TORCH_CHECK(p.scalar_type() == dtype, "fastreg_cpu::", op, ": params[", k, "] is ", p.scalar_type(),
+                ", params[0] is ", dtype, " (one dtype per call)");
+    TORCH_CHECK(p.layout() == at::kStrided, "fastreg_cpu::", op, ": params[", k, "]: expected a strided tensor");
+  }
+  TORCH_CHECK(centers.empty() || centers.size() == params.size(), "fastreg_cpu::", op, ": ", params.size(),
+              " params but ", centers.size(), " centers");
+  for (size_t k = 0; k < centers.size(); ++k) {
+    const auto& c = centers[k];
+    TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == dtype && c.layout() == at::kStrided &&
+                    c.sizes() == params[k].sizes(),
+                "fastreg_cpu::", op, ": centers[", k, "] must be a strided CPU ", dtype, " tensor of shape ",
+                params[k].sizes(), ", got ", c.scalar_type(), " ", c.sizes(), " on ", c.device());
+  }
+  return dtype;
+}
+
+// The values of a (n,) coefficient tensor of the acc dtype, as doubles.
+std::vector<double> read_coeffs(const at::Tensor& coeffs, at::ScalarType dtype, int64_t n) {
+  TORCH_CHECK(coeffs.device().is_cpu() && coeffs.dim() == 1 && coeffs.size(0) == n,
+              "fastreg_cpu: coeffs must be a (", n, ",) CPU tensor, got shape ", coeffs.sizes(), " on ",
               coeffs.device());
   TORCH_CHECK(coeffs.scalar_type() == acc_type(dtype), "fastreg_cpu: coeffs must be ", acc_type(dtype),
               " for ", dtype, " params, got ", coeffs.scalar_type());
-  const auto c = coeffs.accessor<O, 1>();
-  out[0] = c[0];
-  out[1] = c[1];
+  const at::Tensor values = coeffs.to(at::kDouble).contiguous();
+  return std::vector<double>(values.data_ptr<double>(), values.data_ptr<double>() + n);
 }
 
-at::Tensor finish_sums(const std::vector<double>& partials, int64_t nchunks, at::ScalarType dtype) {
-  double a = 0.0, s = 0.0;
-  for (int64_t c = 0; c < nchunks; ++c) {  // fixed order
-    a += partials[2 * c];
-    s += partials[2 * c + 1];
+// A group vector argument (group_scale / group_norms) as doubles, or nullopt.
+std::optional<std::vector<double>> read_group_vector(const std::optional<at::Tensor>& v, int64_t ngroups,
+                                                     const char* name) {
+  if (!v.has_value()) return std::nullopt;
+  TORCH_CHECK(v->device().is_cpu() && v->dim() == 1 && v->size(0) == ngroups, "fastreg_cpu: ", name,
+              " must be a (", ngroups, ",) CPU tensor, got shape ", v->sizes(), " on ", v->device());
+  const at::Tensor values = v->to(at::kDouble).contiguous();
+  return std::vector<double>(values.data_ptr<double>(), values.data_ptr<double>() + ngroups);
+}
+
+// The operands of a call, once the layouts are settled.
+struct Prepared {
+  std::vector<Item> items;
+  std::vector<const void*> w;       // what is read as w
+  std::vector<const void*> c;       // what is read as c (nullptr without centers)
+  std::vector<void*> out;           // what is written (grads: outputs; add_grad_: gradients; prox_: w)
+  std::vector<at::Tensor> keep;     // temporaries alive for the call
+  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (destination, temporary)
+  int64_t ngroups = 0;
+  Schedule schedule;
+};
+
+// Fills items / w / c for params (with centers) and their group geometry; `read[k]` is the
+// tensor actually read as params[k] (dense).
+void add_items(Prepared& p, at::TensorList params, at::TensorList centers, int64_t group_dim,
+               std::vector<at::Tensor>& read) {
+  for (size_t k = 0; k < params.size(); ++k) {
+    const at::Tensor& wv = read[k];
+    Item it;
+    it.numel = wv.numel();
+    if (group_dim >= 0 && wv.dim() >= 2) {
+      const int64_t groups = wv.size(group_dim);
+      it.group_base = p.ngroups;
+      p.ngroups += groups;
+      if (it.numel > 0) {
+        it.G = groups;
+        if (groups <= 1) {
+          it.A = 1;
+          it.K = it.numel;
+        } else {
+          it.K = wv.stride(group_dim);
+          it.A = it.numel / (groups * it.K);
+        }
+      }
+    }
+    p.items.push_back(it);
+    p.w.push_back(it.numel ? wv.const_data_ptr() : nullptr);
+    if (centers.empty()) {
+      p.c.push_back(nullptr);
+    } else if (!it.numel) {
+      p.c.push_back(nullptr);
+    } else if (direct(centers[k]) && same_layout(centers[k], wv)) {
+      p.c.push_back(centers[k].const_data_ptr());
+    } else {
+      p.keep.push_back(copy_like(centers[k], wv));
+      p.c.push_back(p.keep.back().const_data_ptr());
+    }
   }
-  at::Tensor out = at::empty({2}, at::TensorOptions().dtype(acc_type(dtype)).device(at::kCPU));
-  if (out.scalar_type() == at::kDouble) {
-    out.data_ptr<double>()[0] = a;
-    out.data_ptr<double>()[1] = s;
-  } else {
-    out.data_ptr<float>()[0] = static_cast<float>(a);
-    out.data_ptr<float>()[1] = static_cast<float>(s);
-  }
+}
+
+// The dense tensor read as w: the param itself, or a copy laid out like empty_like(param).
+at::Tensor readable(const at::Tensor& t, Prepared& p) {
+  if (direct(t)) return t;
+  at::Tensor tmp = at::empty_like(t);
+  tmp.copy_(t);
+  p.keep.push_back(tmp);
+  return tmp;
+}
+
+template <typename T>
+std::vector<T*> typed(const std::vector<void*>& v) {
+  std::vector<T*> out(v.size());
+  for (size_t k = 0; k < v.size(); ++k) out[k] = static_cast<T*>(v[k]);
   return out;
 }
 
-// ----------------------------------------------------------------------------------------
-// Kernels: one function per op and dtype, over all chunks of a call.
-
 template <typename T>
-C10_NOINLINE void sums_kernel(const Layout& layout, const std::vector<const T*>& w, double* partials) {
-  auto none = [](int64_t, int64_t, const Vectorized<typename Traits<T>::opmath>*) {};
-  parallel_chunks(layout, [&](int64_t c) {
-    Acc<T> acc;
-    for_each_segment(layout, c, [&](int64_t item, int64_t off, int64_t len) {
-      span<T, true>(w[item] + off, len, acc, none);
-    });
-    acc.finish(partials + 2 * c);
-  });
+std::vector<const T*> typed(const std::vector<const void*>& v) {
+  std::vector<const T*> out(v.size());
+  for (size_t k = 0; k < v.size(); ++k) out[k] = static_cast<const T*>(v[k]);
+  return out;
 }
 
-template <typename T>
-C10_NOINLINE void grads_kernel(const Layout& layout, const std::vector<const T*>& w,
-                               const std::vector<T*>& out, const typename Traits<T>::opmath* coeffs) {
-  using O = typename Traits<T>::opmath;
-  const Vectorized<O> c1(coeffs[0]);
-  const Vectorized<O> two_c2(O(2) * coeffs[1]);
-  parallel_chunks(layout, [&](int64_t c) {
-    Acc<T> acc;  // unused
-    for_each_segment(layout, c, [&](int64_t item, int64_t off, int64_t len) {
-      T* dst = out[item] + off;
-      span<T, false>(w[item] + off, len, acc, [&](int64_t i, int64_t n, const Vectorized<O>* x) {
-        Vectorized<O> g[Traits<T>::kM];
-        for (int m = 0; m < Traits<T>::kM; ++m) g[m] = gradient(x[m], c1, two_c2);
-        if (n == Traits<T>::kStep) {
-          Traits<T>::store(dst + i, g);
-        } else {
-          Traits<T>::store(dst + i, n, g);
-        }
-      });
-    });
-  });
+// (Σ|s|, Σs², Σ_g‖s_g‖, group_sq) from task partials and slots.
+std::tuple<at::Tensor, at::Tensor> finish_sums(const Prepared& p, const std::vector<double>& partials,
+                                               const std::vector<double>& slots, at::ScalarType dtype) {
+  double a = 0.0, s = 0.0;
+  for (size_t t = 0; t < p.schedule.tasks.size(); ++t) {  // fixed order
+    a += partials[2 * t];
+    s += partials[2 * t + 1];
+  }
+  std::vector<double> group_sq(p.ngroups, 0.0);
+  add_slots(p.schedule, p.items, slots, group_sq);
+  double norms = 0.0;
+  for (double v : group_sq) norms += std::sqrt(v);  // fixed order
+  const auto options = at::TensorOptions().dtype(acc_type(dtype)).device(at::kCPU);
+  at::Tensor out = at::empty({3}, options);
+  at::Tensor groups = at::empty({p.ngroups}, options);
+  if (out.scalar_type() == at::kDouble) {
+    double* o = out.data_ptr<double>();
+    o[0] = a;
+    o[1] = s;
+    o[2] = norms;
+    std::copy(group_sq.begin(), group_sq.end(), groups.data_ptr<double>());
+  } else {
+    float* o = out.data_ptr<float>();
+    o[0] = static_cast<float>(a);
+    o[1] = static_cast<float>(s);
+    o[2] = static_cast<float>(norms);
+    float* g = groups.data_ptr<float>();
+    for (int64_t i = 0; i < p.ngroups; ++i) g[i] = static_cast<float>(group_sq[i]);
+  }
+  return {out, groups};
 }
 
-template <typename T>
-C10_NOINLINE void add_grad_kernel(const Layout& layout, const std::vector<const T*>& w,
-                                  const std::vector<T*>& grad, const typename Traits<T>::opmath* coeffs,
-                                  double* partials) {
-  using O = typename Traits<T>::opmath;
-  const Vectorized<O> c1(coeffs[0]);
-  const Vectorized<O> two_c2(O(2) * coeffs[1]);
-  parallel_chunks(layout, [&](int64_t c) {
-    Acc<T> acc;
-    for_each_segment(layout, c, [&](int64_t item, int64_t off, int64_t len) {
-      T* g = grad[item] + off;
-      span<T, true>(w[item] + off, len, acc, [&](int64_t i, int64_t n, const Vectorized<O>* x) {
-        constexpr int kM = Traits<T>::kM;
-        Vectorized<O> cur[kM];
-        if (n == Traits<T>::kStep) {
-          Traits<T>::load(g + i, cur);
-        } else {
-          Traits<T>::load(g + i, n, cur);
-        }
-        for (int m = 0; m < kM; ++m) cur[m] = cur[m] + gradient(x[m], c1, two_c2);
-        if (n == Traits<T>::kStep) {
-          Traits<T>::store(g + i, cur);
-        } else {
-          Traits<T>::store(g + i, n, cur);
-        }
-      });
-    });
-    acc.finish(partials + 2 * c);
-  });
+template <typename T, bool kCenter>
+auto diff_loaders(const std::vector<const T*>& w, const std::vector<const T*>& c) {
+  return [&w, &c](int64_t item) { return Diff<T, kCenter>{w[item], kCenter ? c[item] : nullptr}; };
 }
 
-template <typename T>
-C10_NOINLINE void prox_kernel(const Layout& layout, const std::vector<T*>& w,
-                              const typename Traits<T>::opmath* coeffs) {
+// The sums pass over (a subset of) the schedule: shrunk values when thr > 0.
+template <typename T, bool kCenter>
+void run_sums(const Prepared& p, double thr, std::vector<double>& partials, std::vector<double>& slots,
+              const std::vector<bool>* only_items = nullptr) {
   using O = typename Traits<T>::opmath;
-  const Vectorized<O> thr(coeffs[0]);
-  const Vectorized<O> den(coeffs[1]);
-  parallel_chunks(layout, [&](int64_t c) {
-    Acc<T> acc;  // unused
-    for_each_segment(layout, c, [&](int64_t item, int64_t off, int64_t len) {
-      T* p = w[item] + off;
-      span<T, false>(p, len, acc, [&](int64_t i, int64_t n, const Vectorized<O>* x) {
-        Vectorized<O> r[Traits<T>::kM];
-        for (int m = 0; m < Traits<T>::kM; ++m) r[m] = shrink(x[m], thr, den);
-        if (n == Traits<T>::kStep) {
-          Traits<T>::store(p + i, r);
-        } else {
-          Traits<T>::store(p + i, n, r);
-        }
-      });
-    });
-  });
+  const auto w = typed<T>(p.w);
+  const auto c = typed<T>(p.c);
+  partials.assign(2 * p.schedule.tasks.size(), 0.0);
+  slots.assign(p.schedule.nslots, 0.0);
+  if (thr > 0.0) {
+    const Vectorized<O> t(static_cast<O>(thr));
+    auto loader_of = [&](int64_t item) {
+      return Shrunk<T, kCenter>{Diff<T, kCenter>{w[item], kCenter ? c[item] : nullptr}, t};
+    };
+    sums_tasks<T, Shrunk<T, kCenter>>(p.schedule, p.items, loader_of, partials.data(), slots.data(), only_items);
+  } else {
+    sums_tasks<T, Diff<T, kCenter>>(p.schedule, p.items, diff_loaders<T, kCenter>(w, c), partials.data(),
+                                    slots.data(), only_items);
+  }
+}
+
+// Norms of the groups that span tasks, from a first sums pass over their items only (the
+// others are computed in-task); `per_group(norm)` maps each to the coefficient the update needs.
+template <typename T, bool kCenter, typename PerGroup>
+std::vector<double> spanning_group_coefs(const Prepared& p, double thr, const PerGroup& per_group,
+                                         const std::optional<std::vector<double>>& given_norms) {
+  std::vector<double> coefs(p.ngroups, 0.0);
+  if (given_norms.has_value()) {
+    for (int64_t g = 0; g < p.ngroups; ++g) coefs[g] = per_group((*given_norms)[g]);
+    return coefs;
+  }
+  std::vector<bool> spanning(p.items.size(), false);
+  bool any = false;
+  for (size_t k = 0; k < p.items.size(); ++k) {
+    spanning[k] = p.items[k].G > 0 && !p.items[k].whole_groups;
+    any = any || spanning[k];
+  }
+  if (any) {
+    std::vector<double> partials, slots, group_sq(p.ngroups, 0.0);
+    run_sums<T, kCenter>(p, thr, partials, slots, &spanning);
+    add_slots(p.schedule, p.items, slots, group_sq, &spanning);
+    for (size_t k = 0; k < p.items.size(); ++k) {
+      const Item& it = p.items[k];
+      if (!spanning[k]) continue;
+      for (int64_t g = 0; g < it.G; ++g) coefs[it.group_base + g] = per_group(std::sqrt(group_sq[it.group_base + g]));
+    }
+  }
+  return coefs;
 }
 
 // ----------------------------------------------------------------------------------------
 // Ops.
 
-at::Tensor sums(at::TensorList params) {
-  const at::ScalarType dtype = check_group(params, "sums");
-  Layout layout;
-  std::vector<const void*> ptrs;
-  std::vector<at::Tensor> temps;  // keeps dense copies of non-dense params alive
-  ptrs.reserve(params.size());
-  layout.prefix.reserve(params.size() + 1);
-  for (const auto& p : params) {
-    const int64_t n = p.numel();
-    if (n == 0) continue;
-    if (direct(p)) {
-      ptrs.push_back(p.const_data_ptr());
-    } else {
-      temps.push_back(dense_copy(p));
-      ptrs.push_back(temps.back().const_data_ptr());
-    }
-    layout.add(n);
-  }
-  const int64_t nchunks = layout.chunks();
-  std::vector<double> partials(2 * nchunks);
+std::tuple<at::Tensor, at::Tensor> sums(at::TensorList params, at::TensorList centers, int64_t group_dim,
+                                        double threshold) {
+  const at::ScalarType dtype = check_group(params, centers, "sums");
+  TORCH_CHECK(threshold >= 0.0, "fastreg_cpu::sums: threshold must be >= 0, got ", threshold);
+  Prepared p;
+  std::vector<at::Tensor> read;
+  read.reserve(params.size());
+  for (const auto& t : params) read.push_back(t.numel() ? readable(t, p) : t);
+  add_items(p, params, centers, group_dim, read);
+  p.schedule = make_schedule(p.items);
+  std::vector<double> partials, slots;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::sums", [&] {
-    std::vector<const scalar_t*> w(ptrs.size());
-    for (size_t k = 0; k < ptrs.size(); ++k) w[k] = static_cast<const scalar_t*>(ptrs[k]);
-    sums_kernel<scalar_t>(layout, w, partials.data());
+    if (centers.empty()) {
+      run_sums<scalar_t, false>(p, threshold, partials, slots);
+    } else {
+      run_sums<scalar_t, true>(p, threshold, partials, slots);
+    }
   });
-  return finish_sums(partials, nchunks, dtype);
+  return finish_sums(p, partials, slots, dtype);
 }
 
-std::vector<at::Tensor> grads(at::TensorList params, const at::Tensor& coeffs) {
-  const at::ScalarType dtype = check_group(params, "grads");
-  Layout layout;
-  std::vector<const void*> src;
-  std::vector<void*> dst;
-  std::vector<at::Tensor> temps;
+std::vector<at::Tensor> grads(at::TensorList params, at::TensorList centers, int64_t group_dim,
+                              const at::Tensor& coeffs, const std::optional<at::Tensor>& group_scale) {
+  const at::ScalarType dtype = check_group(params, centers, "grads");
+  Prepared p;
   std::vector<at::Tensor> outs;
+  std::vector<at::Tensor> read;
   outs.reserve(params.size());
-  for (const auto& p : params) {
-    at::Tensor out = fresh_like(p);  // the layout of empty_like(p), as the fake impl promises
+  read.reserve(params.size());
+  for (const auto& t : params) {
+    at::Tensor out = fresh_like(t);  // the layout of empty_like(t), as the fake impl promises
     outs.push_back(out);
-    const int64_t n = p.numel();
-    if (n == 0) continue;
-    if (direct(p) && same_layout(p, out)) {
-      src.push_back(p.const_data_ptr());
-    } else {
-      temps.push_back(dense_copy(p));  // empty_like(p) layout == out's layout
-      TORCH_INTERNAL_ASSERT(same_layout(temps.back(), out));
-      src.push_back(temps.back().const_data_ptr());
+    if (!t.numel()) {
+      read.push_back(t);
+      p.out.push_back(nullptr);
+      continue;
     }
-    dst.push_back(out.data_ptr());
-    layout.add(n);
+    if (direct(t) && same_layout(t, out)) {
+      read.push_back(t);
+    } else {
+      read.push_back(copy_like(t, out));  // empty_like(t) layout == out's layout
+      p.keep.push_back(read.back());
+    }
+    p.out.push_back(out.data_ptr());
+  }
+  add_items(p, params, centers, group_dim, read);
+  p.schedule = make_schedule(p.items);
+  const auto k = read_coeffs(coeffs, dtype, 2);
+  const auto scale = read_group_vector(group_scale, p.ngroups, "group_scale");
+  std::vector<double> group_coef(p.ngroups, 2.0 * k[1]);
+  if (scale.has_value()) {
+    for (int64_t g = 0; g < p.ngroups; ++g) group_coef[g] += (*scale)[g];
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::grads", [&] {
     using O = typename Traits<scalar_t>::opmath;
-    O c[2];
-    read_coeffs<O>(coeffs, dtype, c);
-    std::vector<const scalar_t*> w(src.size());
-    std::vector<scalar_t*> o(dst.size());
-    for (size_t k = 0; k < src.size(); ++k) {
-      w[k] = static_cast<const scalar_t*>(src[k]);
-      o[k] = static_cast<scalar_t*>(dst[k]);
+    GradsOp<scalar_t> op{Vectorized<O>(static_cast<O>(k[0])), static_cast<O>(2.0 * k[1]), typed<scalar_t>(p.out)};
+    const auto w = typed<scalar_t>(p.w);
+    const auto c = typed<scalar_t>(p.c);
+    if (centers.empty()) {
+      apply_tasks<scalar_t, false>(p.schedule, p.items, w, c, op, group_coef.data(), false, nullptr, nullptr);
+    } else {
+      apply_tasks<scalar_t, true>(p.schedule, p.items, w, c, op, group_coef.data(), false, nullptr, nullptr);
     }
-    grads_kernel<scalar_t>(layout, w, o, c);
   });
   return outs;
 }
 
-at::Tensor add_grad_(at::TensorList params, at::TensorList grads_, const at::Tensor& coeffs) {
-  const at::ScalarType dtype = check_group(params, "add_grad_");
+std::tuple<at::Tensor, at::Tensor> add_grad_(at::TensorList params, at::TensorList grads_, at::TensorList centers,
+                                             int64_t group_dim, const at::Tensor& coeffs,
+                                             const std::optional<at::Tensor>& group_norms) {
+  const at::ScalarType dtype = check_group(params, centers, "add_grad_");
   TORCH_CHECK(grads_.size() == params.size(), "fastreg_cpu::add_grad_: ", params.size(), " params but ",
               grads_.size(), " grads");
-  Layout layout;
-  std::vector<const void*> src;
-  std::vector<void*> dst;
-  std::vector<at::Tensor> temps;
-  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original grad, temporary)
+  const at::ScalarType gdtype = grads_[0].scalar_type();
+  Prepared p;
+  std::vector<at::Tensor> read;
+  read.reserve(params.size());
   for (size_t k = 0; k < params.size(); ++k) {
-    const at::Tensor& p = params[k];
+    const at::Tensor& t = params[k];
     const at::Tensor& g = grads_[k];
-    TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == dtype && g.layout() == at::kStrided,
-                "fastreg_cpu::add_grad_: grads[", k, "] must be a strided CPU ", dtype, " tensor");
-    TORCH_CHECK(g.sizes() == p.sizes(), "fastreg_cpu::add_grad_: grads[", k, "] has shape ", g.sizes(),
-                ", params[", k, "] has ", p.sizes());
-    const int64_t n = p.numel();
-    if (n == 0) continue;
-    const at::Tensor* wv = &p;
-    if (!direct(p)) {
-      temps.push_back(dense_copy(p));
-      wv = &temps.back();
+    TORCH_CHECK(g.device().is_cpu() && g.layout() == at::kStrided, "fastreg_cpu::add_grad_: grads[", k,
+                "] must be a strided CPU tensor, got ", g.layout(), " on ", g.device());
+    TORCH_CHECK(g.scalar_type() == gdtype, "fastreg_cpu::add_grad_: grads[", k, "] is ", g.scalar_type(),
+                ", grads[0] is ", gdtype, " (one gradient dtype per call)");
+    TORCH_CHECK(g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble || g.scalar_type() == at::kHalf ||
+                    g.scalar_type() == at::kBFloat16,
+                "fastreg_cpu::add_grad_: grads[", k, "] has unsupported dtype ", g.scalar_type());
+    TORCH_CHECK(g.sizes() == t.sizes(), "fastreg_cpu::add_grad_: grads[", k, "] has shape ", g.sizes(),
+                ", params[", k, "] has ", t.sizes());
+    if (!t.numel()) {
+      read.push_back(t);
+      p.out.push_back(nullptr);
+      continue;
     }
-    src.push_back(wv->const_data_ptr());
-    if (direct(g) && same_layout(g, *wv)) {
-      dst.push_back(g.data_ptr());
+    read.push_back(readable(t, p));
+    if (direct(g) && same_layout(g, read.back())) {
+      p.out.push_back(g.data_ptr());
     } else {
-      at::Tensor tmp = at::empty_like(*wv);  // dense, same strides as *wv
-      tmp.copy_(g);
-      dst.push_back(tmp.data_ptr());
-      copy_back.emplace_back(g, tmp);
+      at::Tensor tmp = copy_like(g, read.back());  // dense, same strides as what is read as w
+      p.out.push_back(tmp.data_ptr());
+      p.copy_back.emplace_back(g, tmp);
     }
-    layout.add(n);
   }
-  const int64_t nchunks = layout.chunks();
-  std::vector<double> partials(2 * nchunks);
+  add_items(p, params, centers, group_dim, read);
+  p.schedule = make_schedule(p.items);
+  const auto k = read_coeffs(coeffs, dtype, 3);
+  const auto norms = read_group_vector(group_norms, p.ngroups, "group_norms");
+  std::vector<double> partials(2 * p.schedule.tasks.size(), 0.0), slots(p.schedule.nslots, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::add_grad_", [&] {
-    using O = typename Traits<scalar_t>::opmath;
-    O c[2];
-    read_coeffs<O>(coeffs, dtype, c);
-    std::vector<const scalar_t*> w(src.size());
-    std::vector<scalar_t*> o(dst.size());
-    for (size_t k = 0; k < src.size(); ++k) {
-      w[k] = static_cast<const scalar_t*>(src[k]);
-      o[k] = static_cast<scalar_t*>(dst[k]);
+    using T = scalar_t;
+    using O = typename Traits<T>::opmath;
+    auto run = [&](auto grad_tag, auto center_tag) {
+      using G = decltype(grad_tag);
+      constexpr bool kCenter = decltype(center_tag)::value;
+      AddGradOp<T, G> op{Vectorized<O>(static_cast<O>(k[0])), static_cast<O>(2.0 * k[1]), k[2], {}};
+      for (void* ptr : p.out) op.grad.push_back(static_cast<G*>(ptr));
+      const auto coefs = spanning_group_coefs<T, kCenter>(
+          p, 0.0, [&](double n) { return static_cast<double>(op.group_coef(n)); }, norms);
+      apply_tasks<T, kCenter>(p.schedule, p.items, typed<T>(p.w), typed<T>(p.c), op, coefs.data(),
+                              !norms.has_value(), partials.data(), slots.data());
+    };
+    auto with_center = [&](auto grad_tag) {
+      if (centers.empty()) {
+        run(grad_tag, std::false_type{});
+      } else {
+        run(grad_tag, std::true_type{});
+      }
+    };
+    switch (gdtype) {
+      case at::kFloat: with_center(float{}); break;
+      case at::kDouble: with_center(double{}); break;
+      case at::kHalf: with_center(at::Half{}); break;
+      default: with_center(at::BFloat16{}); break;
     }
-    add_grad_kernel<scalar_t>(layout, w, o, c, partials.data());
   });
-  for (auto& gt : copy_back) gt.first.copy_(gt.second);  // explicit write into the real grad
-  return finish_sums(partials, nchunks, dtype);
+  for (auto& gt : p.copy_back) gt.first.copy_(gt.second);  // explicit write into the real grad
+  return finish_sums(p, partials, slots, dtype);
 }
 
-void prox_(at::TensorList params, const at::Tensor& coeffs) {
-  const at::ScalarType dtype = check_group(params, "prox_");
-  Layout layout;
-  std::vector<void*> ptrs;
-  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original param, temporary)
-  for (const auto& p : params) {
-    const int64_t n = p.numel();
-    if (n == 0) continue;
-    if (direct(p)) {
-      ptrs.push_back(p.data_ptr());
+void prox_(at::TensorList params, at::TensorList centers, int64_t group_dim, const at::Tensor& coeffs,
+           const std::optional<at::Tensor>& group_norms) {
+  const at::ScalarType dtype = check_group(params, centers, "prox_");
+  Prepared p;
+  std::vector<at::Tensor> read;
+  read.reserve(params.size());
+  for (const auto& t : params) {
+    if (!t.numel()) {
+      read.push_back(t);
+      p.out.push_back(nullptr);
+    } else if (direct(t)) {
+      read.push_back(t);
+      p.out.push_back(t.data_ptr());
     } else {
-      at::Tensor tmp = dense_copy(p);
-      ptrs.push_back(tmp.data_ptr());
-      copy_back.emplace_back(p, tmp);
+      at::Tensor tmp = at::empty_like(t);
+      tmp.copy_(t);
+      read.push_back(tmp);
+      p.out.push_back(tmp.data_ptr());
+      p.copy_back.emplace_back(t, tmp);
     }
-    layout.add(n);
   }
+  add_items(p, params, centers, group_dim, read);
+  p.schedule = make_schedule(p.items);
+  const auto k = read_coeffs(coeffs, dtype, 3);
+  const auto norms = read_group_vector(group_norms, p.ngroups, "group_norms");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::prox_", [&] {
-    using O = typename Traits<scalar_t>::opmath;
-    O c[2];
-    read_coeffs<O>(coeffs, dtype, c);
-    std::vector<scalar_t*> w(ptrs.size());
-    for (size_t k = 0; k < ptrs.size(); ++k) w[k] = static_cast<scalar_t*>(ptrs[k]);
-    prox_kernel<scalar_t>(layout, w, c);
+    using T = scalar_t;
+    using O = typename Traits<T>::opmath;
+    auto run = [&](auto center_tag) {
+      constexpr bool kCenter = decltype(center_tag)::value;
+      ProxOp<T, kCenter> op{Vectorized<O>(static_cast<O>(k[0])), Vectorized<O>(static_cast<O>(k[1])), k[2], k[1],
+                            typed<T>(p.out), typed<T>(p.c)};
+      const auto coefs = spanning_group_coefs<T, kCenter>(
+          p, k[0], [&](double n) { return static_cast<double>(op.group_coef(n)); }, norms);
+      apply_tasks<T, kCenter>(p.schedule, p.items, typed<T>(p.w), typed<T>(p.c), op, coefs.data(),
+                              !norms.has_value(), nullptr, nullptr);
+    };
+    if (centers.empty()) {
+      run(std::false_type{});
+    } else {
+      run(std::true_type{});
+    }
   });
-  for (auto& pt : copy_back) pt.first.copy_(pt.second);  // explicit write into the real param
+  for (auto& pt : p.copy_back) pt.first.copy_(pt.second);  // explicit write into the real param
 }
 
 }  // namespace
 
 TORCH_LIBRARY(fastreg_cpu, m) {
   m.set_python_module("fastreg.backends.cpu");  // where the fake (meta) impls live
-  m.def("sums(Tensor[] params) -> Tensor");
-  m.def("grads(Tensor[] params, Tensor coeffs) -> Tensor[]");
-  m.def("add_grad_(Tensor[] params, Tensor(a!)[] grads, Tensor coeffs) -> Tensor");
-  m.def("prox_(Tensor(a!)[] params, Tensor coeffs) -> ()");
+  m.def("sums(Tensor[] params, Tensor[] centers, int group_dim, float threshold) -> (Tensor, Tensor)");
+  m.def("grads(Tensor[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_scale) -> Tensor[]");
+  m.def("add_grad_(Tensor[] params, Tensor(a!)[] grads, Tensor[] centers, int group_dim, Tensor coeffs, "
+        "Tensor? group_norms) -> (Tensor, Tensor)");
+  m.def("prox_(Tensor(a!)[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_norms) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastreg_cpu, CPU, m) {

@@ -1,17 +1,18 @@
-"""The one place that knows backends exist: it checks input, groups tensors and picks backends.
+"""The one place that knows which backends exist: it checks coefficients and picks backends.
 
-Tensors are grouped by (device, dtype); each group goes to one backend. ``"auto"`` picks,
-per device type, the first available name in ``AUTO_ORDER`` (``FASTREG_BACKEND`` overrides
-``"auto"``). When the preferred backend cannot run, ``"auto"`` warns once and falls back.
+``"auto"`` picks, per device type, the first available name in ``AUTO_ORDER``
+(``FASTREG_BACKEND`` overrides ``"auto"``). When the preferred backend cannot run, ``"auto"``
+warns once (at the user's line) and falls back. The grouping of tensors into kernel calls is
+``fastreg._plan``'s.
 """
 
 import importlib
 import math
 import numbers
 import os
-import warnings
-
 import torch
+
+from fastreg._warnings import warn
 
 # Preference order; also the order of available_backends().
 BACKENDS = ("triton", "cpu", "torch")
@@ -28,6 +29,9 @@ _warned = set()
 def acc_dtype(dtype):
     """The accumulation and result dtype of a group: float64 stays float64, all else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+ENVIRONMENT_VARIABLE = "FASTREG_BACKEND"
 
 
 def backend(name):
@@ -52,12 +56,17 @@ def available_backends():
     return [name for name in BACKENDS if unavailable_reason(name) is None]
 
 
-def check_backend_name(name):
+def check_backend_name(name, source="backend"):
     if name == "auto" or name in BACKENDS:
         return name
     raise ValueError(
-        f"fastreg: unknown backend {name!r}; choose 'auto' or one of {', '.join(BACKENDS)}"
+        f"fastreg: unknown backend {name!r} (from {source}); choose 'auto' or one of {', '.join(BACKENDS)}"
     )
+
+
+def environment_backend():
+    """``FASTREG_BACKEND`` as set (stripped), or ``""``."""
+    return os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
 
 
 def requested_backend(name):
@@ -74,7 +83,9 @@ def backend_for(requested, device):
     ``FASTREG_BACKEND`` default is read when the kernels run.
     """
     if requested == "auto":
-        requested = check_backend_name(os.environ.get("FASTREG_BACKEND", "").strip() or "auto")
+        requested = environment_backend() or "auto"
+        if requested != "auto":
+            check_backend_name(requested, source=f"the environment variable {ENVIRONMENT_VARIABLE}")
     key = (requested, device.type)
     name = _resolved.get(key)
     if name is None:
@@ -101,26 +112,9 @@ def _resolve_uncached(requested, device_type):
             return name
         if name not in _warned:
             _warned.add(name)
-            warnings.warn(
-                f"fastreg: the {name!r} backend is not available ({reason}); "
-                f"falling back to the {FALLBACK!r} backend",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            warn(f"fastreg: the {name!r} backend is not available ({reason}); "
+                 f"falling back to the {FALLBACK!r} backend")
     return FALLBACK
-
-
-def plan(items, tensor_of=None):
-    """Group ``items`` by the (device, dtype) of their tensor, in order of first appearance.
-
-    ``tensor_of`` picks the tensor of an item (default: the item itself), so pairs such as
-    ``(param, grad)`` group by their parameter.
-    """
-    groups = {}
-    for item in items:
-        t = item if tensor_of is None else tensor_of(item)
-        groups.setdefault((t.device, t.dtype), []).append(item)
-    return list(groups.values())
 
 
 def check_coefficient(name, value):
@@ -153,22 +147,20 @@ def is_zero(coefficient):
     return not isinstance(coefficient, torch.Tensor) and coefficient == 0
 
 
-def coefficient_vector(first, second, dtype, device):
-    """``[first, second]`` as a tensor for the kernels; floats or 0-dim tensors.
+def coefficient_vector(values, dtype, device):
+    """``values`` (floats or 0-dim tensors) as one tensor for the kernels.
 
-    Float pairs are cached per (values, dtype, device): a training loop with fixed
+    Float tuples are cached per (values, dtype, device): a training loop with fixed
     coefficients then copies nothing to the GPU after its first step.
     """
-    if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
-        return torch.stack(
-            [torch.as_tensor(c, dtype=dtype, device=device) for c in (first, second)]
-        ).detach()
-    key = (float(first), float(second), dtype, device)
+    if any(isinstance(c, torch.Tensor) for c in values):
+        return torch.stack([torch.as_tensor(c, dtype=dtype, device=device) for c in values]).detach()
+    key = (*(float(c) for c in values), dtype, device)
     coeffs = _coefficient_cache.get(key)
     if coeffs is None:
         if len(_coefficient_cache) >= 64:  # a schedule of floats: keep the cache bounded
             _coefficient_cache.clear()
-        coeffs = torch.tensor(key[:2], dtype=dtype, device=device)
+        coeffs = torch.tensor(key[:-2], dtype=dtype, device=device)
         _coefficient_cache[key] = coeffs
     return coeffs
 

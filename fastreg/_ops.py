@@ -5,98 +5,156 @@ mode it calls the same backend kernels through a thin ``autograd.Function``, bec
 custom op's Python dispatch costs ~80 us a call (measured: 87 us vs 11 us for the kernels on
 the seed article's 4-tensor MLP) — more than the whole penalty of a small model.
 
-``fastreg::sums(params, backend) -> [Σ|w|, Σw²]`` is the only differentiable primitive. The
-coefficients stay outside it (``value = l1 * sums[0] + l2 * sums[1]`` in plain torch), so
-tensor coefficients need no recompilation, and autograd hands the backward exactly
-``grad_sums = [l1, l2] * grad_value``: the backward is ``grad_sums[0]·sign(w) +
-2·grad_sums[1]·w``, computed by ``fastreg::sums_backward`` in one multi-tensor call.
+``fastreg::sums(params, centers, group_dim, backend) -> (sums, group_sq)`` is the only
+differentiable primitive: ``sums = [Σ|d|, Σd², Σ_g ‖d_g‖]`` with ``d = w - c``, and the
+groups' squared norms. The coefficients stay outside it (``value = l1·s0 + l2·s1 +
+group·s2`` in plain torch), so tensor coefficients need no recompilation, and autograd hands
+the backward exactly ``grad_sums = [l1, l2, group] · grad_value``. The backward is
+``grad_sums[0]·sign(d) + (2·grad_sums[1] + scale_g)·d`` with ``scale_g = grad_sums[2] / ‖d_g‖
++ 2·grad_group_sq[g]`` (0 for a zero group), computed by ``fastreg::sums_backward`` in one
+multi-tensor call. ``group_sq`` is an output so that sharded parameters can all-reduce it
+(``fastreg._sharded``); ``scale`` is built from it with differentiable torch ops, so second
+derivatives of the group term come out of autograd. Centers are constants (no gradient).
 """
+
+from typing import Optional
 
 import torch
 
 from fastreg import _dispatch
+from fastreg.backends._geometry import group_sizes
 
 
 @torch.library.custom_op("fastreg::sums", mutates_args=())
-def sums(params: list[torch.Tensor], backend: str) -> torch.Tensor:
-    """``[Σ|w|, Σw²]`` over one (device, dtype) group; ``backend`` as the user asked for it."""
-    return _dispatch.backend_for(backend, params[0].device).sums(params)
+def sums(params: list[torch.Tensor], centers: list[torch.Tensor], group_dim: int,
+         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([Σ|d|, Σd², Σ_g ‖d_g‖], group_sq)`` over one kernel group; ``backend`` as the user asked."""
+    return _dispatch.backend_for(backend, params[0].device).sums(params, centers or None, group_dim)
 
 
 @sums.register_fake
-def _(params, backend):
-    return params[0].new_empty((2,), dtype=_dispatch.acc_dtype(params[0].dtype))
+def _(params, centers, group_dim, backend):
+    acc = _dispatch.acc_dtype(params[0].dtype)
+    return (params[0].new_empty((3,), dtype=acc),
+            params[0].new_empty((sum(group_sizes(params, group_dim)),), dtype=acc))
 
 
 @torch.library.custom_op("fastreg::sums_backward", mutates_args=())
-def sums_backward(params: list[torch.Tensor], grad_sums: torch.Tensor, backend: str) -> list[torch.Tensor]:
-    """``grad_sums[0]·sign(w) + 2·grad_sums[1]·w`` for every tensor of the group."""
-    return _dispatch.backend_for(backend, params[0].device).grads(params, grad_sums)
+def sums_backward(params: list[torch.Tensor], centers: list[torch.Tensor], group_dim: int,
+                  coeffs: torch.Tensor, group_scale: Optional[torch.Tensor], backend: str) -> list[torch.Tensor]:
+    """``coeffs[0]·sign(d) + (2·coeffs[1] + group_scale[g])·d`` for every tensor of the group."""
+    return _dispatch.backend_for(backend, params[0].device).grads(params, centers or None, group_dim,
+                                                                   coeffs, group_scale)
 
 
 @sums_backward.register_fake
-def _(params, grad_sums, backend):
+def _(params, centers, group_dim, coeffs, group_scale, backend):
     return [torch.empty_like(p) for p in params]
 
 
+def group_scale(grad_norm_sum, group_sq, grad_group_sq):
+    """The per-group coefficient of ``d`` in the backward, or None without groups."""
+    if group_sq.numel() == 0:
+        return None
+    positive = group_sq > 0
+    scale = torch.where(positive, grad_norm_sum / torch.where(positive, group_sq, 1).sqrt(), 0)
+    if grad_group_sq is not None:
+        scale = scale + 2 * grad_group_sq
+    return scale.to(group_sq.dtype)
+
+
+def _backward_coeffs(grad_sums, group_sq, grad_group_sq):
+    acc = group_sq.dtype
+    if grad_sums is None:
+        grad_sums = group_sq.new_zeros(3)
+    grad_sums = grad_sums.to(acc)
+    return grad_sums[:2].contiguous(), group_scale(grad_sums[2], group_sq, grad_group_sq)
+
+
 def _sums_setup_context(ctx, inputs, output):
-    params, backend = inputs
-    ctx.save_for_backward(*params)
-    ctx.backend = backend
+    params, centers, group_dim, backend = inputs
+    ctx.save_for_backward(*params, *centers, output[1])
+    ctx.split = (len(params), group_dim, backend)
 
 
-def _sums_backward(ctx, grad_sums):
-    params = list(ctx.saved_tensors)
-    coeffs = grad_sums.to(_dispatch.acc_dtype(params[0].dtype)).contiguous()
-    return sums_backward(params, coeffs, ctx.backend), None
+def _unpack(ctx):
+    count, group_dim, backend = ctx.split
+    *tensors, group_sq = ctx.saved_tensors
+    return tensors[:count], tensors[count:], group_sq, group_dim, backend
+
+
+def _sums_backward(ctx, grad_sums, grad_group_sq):
+    params, centers, group_sq, group_dim, backend = _unpack(ctx)
+    coeffs, scale = _backward_coeffs(grad_sums, group_sq, grad_group_sq)
+    return sums_backward(params, centers, group_dim, coeffs, scale, backend), None, None, None
 
 
 sums.register_autograd(_sums_backward, setup_context=_sums_setup_context)
 
 
-# Second order, for completeness (gradgradcheck, Hessian-vector products): the backward is
-# linear in w except for sign(), whose derivative is zero almost everywhere. Plain torch ops.
+# Second order (gradgradcheck, Hessian-vector products): the backward is linear in d for a
+# given scale, except for sign(), whose derivative is zero almost everywhere. Plain torch ops.
 def _sums_backward_setup_context(ctx, inputs, output):
-    params, grad_sums, backend = inputs
-    ctx.save_for_backward(grad_sums, *params)
+    params, centers, group_dim, coeffs, scale, backend = inputs
+    ctx.save_for_backward(coeffs, scale, *params, *centers)
+    ctx.split = (len(params), group_dim, scale is not None)
 
 
 def _sums_backward_backward(ctx, grad_outputs):
-    grad_sums, *params = ctx.saved_tensors
-    grad_outputs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grad_outputs)]
-    grad_params = torch._foreach_mul(grad_outputs, 2 * grad_sums[1])
-    acc = grad_sums.dtype  # fp16 dot products would overflow
-    sign_dot = sum((torch.sign(p) * g).sum(dtype=acc) for p, g in zip(params, grad_outputs))
-    value_dot = sum((p * g).sum(dtype=acc) for p, g in zip(params, grad_outputs))
-    grad_grad_sums = torch.stack([sign_dot, 2 * value_dot]).to(grad_sums.dtype)
-    return list(grad_params), grad_grad_sums, None
+    count, group_dim, has_scale = ctx.split
+    coeffs, scale, *tensors = ctx.saved_tensors
+    params, centers = tensors[:count], tensors[count:]
+    acc = coeffs.dtype  # fp16 dot products would overflow
+    ds = [p - c for p, c in zip(params, centers)] if centers else list(params)
+    vs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grad_outputs)]
+    sign_dot = sum(((torch.sign(d) * v).sum(dtype=acc) for d, v in zip(ds, vs)), coeffs.new_zeros(()))
+    value_dot = sum(((d * v).sum(dtype=acc) for d, v in zip(ds, vs)), coeffs.new_zeros(()))
+    grad_params = [v * (2 * coeffs[1]).to(v.dtype) for v in vs]
+    grad_scale = None
+    if has_scale:
+        per_group, start = [], 0
+        for i, (d, v, n) in enumerate(zip(ds, vs, group_sizes(params, group_dim))):
+            if d.ndim < 2:
+                continue
+            s = scale[start:start + n]
+            grad_params[i] = grad_params[i] + (v.movedim(group_dim, -1) * s.to(v.dtype)).movedim(-1, group_dim)
+            per_group.append((d * v).to(acc).movedim(group_dim, 0).reshape(n, -1).sum(dim=1))
+            start += n
+        grad_scale = torch.cat(per_group) if per_group else scale.new_zeros(0)
+    grad_coeffs = torch.stack([sign_dot, 2 * value_dot]).to(coeffs.dtype)
+    return grad_params, None, None, grad_coeffs, grad_scale, None
 
 
 sums_backward.register_autograd(_sums_backward_backward, setup_context=_sums_backward_setup_context)
 
 
-def penalty_sums(params, backend):
-    """``[Σ|w|, Σw²]`` of one group, differentiable: the op when compiling, else the fast path."""
+def penalty_sums(params, centers, group_dim, backend):
+    """``(sums, group_sq)`` of one kernel group, differentiable: the op when compiling, else the fast path."""
+    centers = centers or []
     if torch.compiler.is_compiling():
-        return sums(params, backend)
-    return _EagerSums.apply(backend, *params)
+        return sums(params, centers, group_dim, backend)
+    return _EagerSums.apply(backend, group_dim, len(params), *params, *centers)
 
 
 class _EagerSums(torch.autograd.Function):
     """The eager twin of ``fastreg::sums``: same kernels, same backward, no op dispatch."""
 
     @staticmethod
-    def forward(ctx, backend, *params):
-        ctx.backend = backend
-        ctx.save_for_backward(*params)
-        return _dispatch.backend_for(backend, params[0].device).sums(list(params))
+    def forward(ctx, backend, group_dim, count, *tensors):
+        params, centers = list(tensors[:count]), list(tensors[count:])
+        result, group_sq = _dispatch.backend_for(backend, params[0].device).sums(params, centers or None, group_dim)
+        ctx.save_for_backward(*tensors, group_sq)
+        ctx.split = (count, group_dim, backend)
+        ctx.set_materialize_grads(False)
+        return result, group_sq
 
     @staticmethod
-    def backward(ctx, grad_sums):
-        params = list(ctx.saved_tensors)
-        coeffs = grad_sums.to(_dispatch.acc_dtype(params[0].dtype)).contiguous()
+    def backward(ctx, grad_sums, grad_group_sq):
+        params, centers, group_sq, group_dim, backend = _unpack(ctx)
+        coeffs, scale = _backward_coeffs(grad_sums, group_sq, grad_group_sq)
         if torch.is_grad_enabled():  # create_graph=True: the op carries the second derivative
-            grads = sums_backward(params, coeffs, ctx.backend)
+            grads = sums_backward(params, centers, group_dim, coeffs, scale, backend)
         else:
-            grads = _dispatch.backend_for(ctx.backend, params[0].device).grads(params, coeffs)
-        return (None, *grads)
+            grads = _dispatch.backend_for(backend, params[0].device).grads(params, centers or None, group_dim,
+                                                                            coeffs, scale)
+        return (None, None, None, *grads, *([None] * len(centers)))

@@ -1,14 +1,19 @@
-"""Which tensors a penalty covers: collecting ``params`` and applying ``exclude``."""
+"""Which tensors a penalty covers: collecting ``params``, applying ``exclude``, and rejecting
+what no kernel can regularize (with the parameter's name in the message)."""
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fastreg._dispatch import SUPPORTED_DTYPES
+from fastreg._warnings import warn
 
 BIAS_AND_NORM = "bias_and_norm"
+EMBEDDINGS = "embeddings"
+PRESETS = (BIAS_AND_NORM, EMBEDDINGS)
+EMBEDDING_MODULES = (nn.Embedding, nn.EmbeddingBag)
 
 
 @dataclass(frozen=True)
@@ -24,12 +29,12 @@ class Entry:
 
 def select(params, exclude=None):
     """Every candidate tensor, each marked included or excluded (with the reason)."""
-    is_excluded = _exclusion_rule(exclude)
+    is_excluded = _exclusion_rule(exclude, params)
     entries = []
     for name, tensor, frozen in _collect(params):
         reason = "requires_grad=False" if frozen else is_excluded(name, tensor)
         if reason is None:
-            _check_dtype(name, tensor)
+            check_tensor(name, tensor)
         entries.append(Entry(name, tensor, reason))
     return entries
 
@@ -57,6 +62,12 @@ def _collect(params):
             continue
         seen.add(id(tensor))
         yield name, tensor, frozen
+    if not seen and isinstance(params, Iterator) and not torch.compiler.is_compiling():
+        # `Penalty(model.parameters())` after the generator was consumed (e.g. by an optimizer
+        # built from the same generator) silently regularizes nothing.
+        warn(f"fastreg: params is an iterator ({type(params).__name__}) that yielded no tensors "
+             "(already consumed?); the penalty regularizes nothing. Pass the module, or a list.",
+             UserWarning)
 
 
 def _named_item(index, item):
@@ -69,46 +80,82 @@ def _named_item(index, item):
     )
 
 
-def _check_dtype(name, tensor):
-    if tensor.dtype in SUPPORTED_DTYPES:
-        return
-    kind = "complex" if tensor.is_complex() else "floating-point" if tensor.is_floating_point() else "integer/bool"
-    raise TypeError(
-        f"fastreg: parameter {name!r} has {kind} dtype {tensor.dtype}; only float32, float64, "
-        "float16 and bfloat16 parameters can be regularized (exclude it, or convert it)"
-    )
+def check_tensor(name, tensor):
+    """A regularized tensor must be a dense floating-point tensor holding data."""
+    if tensor.layout != torch.strided:
+        raise TypeError(
+            f"fastreg: parameter {name!r} is a {tensor.layout} tensor; fastreg regularizes dense "
+            "(strided) parameters only (exclude it, or convert it with .to_dense())"
+        )
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        kind = ("complex" if tensor.is_complex() else "floating-point" if tensor.is_floating_point()
+                else "integer/bool")
+        raise TypeError(
+            f"fastreg: parameter {name!r} has {kind} dtype {tensor.dtype}; only float32, float64, "
+            "float16 and bfloat16 parameters can be regularized (exclude it, or convert it)"
+        )
+    if tensor.device.type == "meta":
+        raise ValueError(
+            f"fastreg: parameter {name!r} is on the meta device (it has a shape but no data); "
+            "materialize the model first (e.g. model.to_empty(device=...) and initialize it, "
+            "or load its weights) and build the penalty after that"
+        )
 
 
-def _exclusion_rule(exclude):
-    """A function ``(name, tensor) -> reason or None`` for each accepted form of ``exclude``."""
+def _exclusion_rule(exclude, params):
+    """A function ``(name, tensor) -> reason or None`` for each accepted form of ``exclude``.
+
+    A list may mix presets (``"bias_and_norm"``, ``"embeddings"``) and glob patterns.
+    """
     if exclude is None:
         return lambda name, tensor: None
     if isinstance(exclude, str):
-        if exclude == BIAS_AND_NORM:
-            return lambda name, tensor: f"bias_and_norm (ndim={tensor.ndim})" if tensor.ndim <= 1 else None
+        if exclude in PRESETS:
+            return _exclusion_rule([exclude], params)
         raise ValueError(
-            f"fastreg: unknown exclude {exclude!r}; use {BIAS_AND_NORM!r}, a list of glob patterns "
-            f"such as [{exclude!r}], or a callable (name, tensor) -> bool"
+            f"fastreg: unknown exclude {exclude!r}; use a preset ({', '.join(map(repr, PRESETS))}), "
+            f"a list of presets and glob patterns such as [{exclude!r}], or a callable (name, tensor) -> bool"
         )
     if isinstance(exclude, Callable):
         return lambda name, tensor: "excluded by callable" if exclude(name, tensor) else None
     if isinstance(exclude, Iterable):
-        patterns = list(exclude)
-        for pattern in patterns:
-            if not isinstance(pattern, str):
-                raise TypeError(f"fastreg: exclude patterns must be strings, got {type(pattern).__name__}")
+        items = list(exclude)
+        for item in items:
+            if not isinstance(item, str):
+                raise TypeError(f"fastreg: exclude items must be presets or glob patterns (strings), "
+                                f"got {type(item).__name__}")
+        rules = [_preset_rule(item, params) if item in PRESETS else _pattern_rule(item) for item in items]
 
-        def by_pattern(name, tensor):
-            for pattern in patterns:
-                if glob_match(name, pattern):
-                    return f"matches {pattern!r}"
+        def first_reason(name, tensor):
+            for rule in rules:
+                reason = rule(name, tensor)
+                if reason is not None:
+                    return reason
             return None
 
-        return by_pattern
+        return first_reason
     raise TypeError(
-        f"fastreg: exclude must be None, {BIAS_AND_NORM!r}, a list of glob patterns or a callable, "
-        f"got {type(exclude).__name__}"
+        f"fastreg: exclude must be None, a preset ({', '.join(map(repr, PRESETS))}), a list of presets "
+        f"and glob patterns, or a callable, got {type(exclude).__name__}"
     )
+
+
+def _preset_rule(preset, params):
+    if preset == BIAS_AND_NORM:
+        return lambda name, tensor: f"bias_and_norm (ndim={tensor.ndim})" if tensor.ndim <= 1 else None
+    if not isinstance(params, nn.Module):
+        raise ValueError(
+            f"fastreg: exclude={EMBEDDINGS!r} finds the weights of nn.Embedding / nn.EmbeddingBag "
+            f"modules, so params must be an nn.Module, not a {type(params).__name__}; with plain "
+            "tensors, exclude the embeddings by name (a glob pattern) instead"
+        )
+    embedding_of = {id(m.weight): type(m).__name__ for m in params.modules() if isinstance(m, EMBEDDING_MODULES)}
+    return lambda name, tensor: (f"embeddings (nn.{embedding_of[id(tensor)]})" if id(tensor) in embedding_of
+                                 else None)
+
+
+def _pattern_rule(pattern):
+    return lambda name, tensor: f"matches {pattern!r}" if glob_match(name, pattern) else None
 
 
 def glob_match(name, pattern):

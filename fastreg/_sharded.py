@@ -8,8 +8,16 @@ gradient — not multiplied by the world size. So the value is
 
 whose forward is the global sum and whose backward is the local gradient. A replicated mesh
 dimension holds the same data on every coordinate: only coordinate 0 is counted in the value,
-but every replica gets the gradient, so replicas stay in sync. One all-reduce of a scalar per
-mesh dimension is the only communication.
+but every replica gets the gradient, so replicas stay in sync.
+
+The group term. When the parameter is sharded along its group dimension (``Shard(0)`` with
+``group_dim=0``), every group lives on one rank and nothing changes. Otherwise (``Shard(0)``
+with ``group_dim=1``: a column spans every shard) a group's squared norm is the sum of the
+ranks' local ones: the local ``group_sq`` vectors are all-reduced together with the scalar
+value, in the same single collective, and every rank then computes the same global norms
+``N_g``. The group term's gradient on a shard is ``group · d_g / N_g``: the gradient of the
+surrogate ``group · Σ_g local_sq_g / (2 N_g)`` with ``N_g`` held constant, which is how the
+value carries it. One all-reduce per mesh dimension is the only communication.
 """
 
 import torch
@@ -31,14 +39,36 @@ def is_sharded(tensor):
     return cls is not None and isinstance(tensor, cls)
 
 
-def check_placements(name, tensor):
-    from torch.distributed.tensor import Partial
+def local(tensor):
+    """The local shard of a DTensor, or the tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def check_placements(name, tensor, group_dim):
+    from torch.distributed.tensor import Partial, Shard
 
     if any(isinstance(p, Partial) for p in tensor.placements):
         raise ValueError(
             f"fastreg: parameter {name!r} has a Partial placement; a penalty of partial sums is "
             "meaningless — redistribute it to Shard or Replicate first"
         )
+    if tensor.ndim >= 2:
+        dims = {p.dim % tensor.ndim for p in tensor.placements if isinstance(p, Shard)}
+        if group_dim in dims and len(dims) > 1:
+            raise NotImplementedError(
+                f"fastreg: parameter {name!r} is sharded along its group dimension {group_dim} and along "
+                f"dimension(s) {sorted(dims - {group_dim})}; the group term supports sharding along one of them"
+            )
+
+
+def groups_span_ranks(tensor, group_dim):
+    """Whether a group of this parameter has elements on several ranks (Shard of another dim)."""
+    from torch.distributed.tensor import Shard
+
+    if tensor.ndim < 2:
+        return False
+    return any(isinstance(p, Shard) and p.dim % tensor.ndim != group_dim and size > 1
+               for p, size in zip(tensor.placements, tensor.device_mesh.shape))
 
 
 def is_counted(tensor):
@@ -51,8 +81,16 @@ def is_counted(tensor):
     return all(c == 0 for c, p in zip(coordinate, tensor.placements) if isinstance(p, Replicate))
 
 
+def local_slices(tensor):
+    """The index of this rank's shard in the full tensor (a tuple of slices)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
 def all_reduce_sum(value, mesh):
-    """The sum of a scalar over every rank of ``mesh`` (one all-reduce per mesh dimension)."""
+    """The sum of a tensor over every rank of ``mesh`` (one all-reduce per mesh dimension)."""
     import torch.distributed._functional_collectives as funcol
 
     for dim in range(mesh.ndim):

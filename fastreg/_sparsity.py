@@ -1,15 +1,19 @@
-"""How sparse a model is: the fraction of exact zeros, per parameter and in total.
+"""How sparse a model is: the fraction of exact zeros, per parameter and in total, and with
+``group_dim`` the whole groups (rows or columns) that are exactly zero.
 
     >>> from fastreg import sparsity
     >>> s = sparsity(model)
     >>> print(s)                      # an aligned text table
     >>> s.total_fraction, s.zeros, s.numel
     >>> s.to_dict()                   # plain data (JSON-ready)
+    >>> print(sparsity(model, group_dim=0))   # adds "0.weight: 171 of 256 rows zero"
 
 ``params`` and ``exclude`` take the same forms as ``fastreg.penalty``, and select the same
 tensors: by default every parameter with ``requires_grad=True``. Only exact zeros count
 (``-0.0`` is a zero; a tiny value or a NaN is not), which is what L1's proximal step
-(``Penalty.prox_``) produces and what an L1 term in the loss, stepped by SGD, does not.
+(``Penalty.prox_``) produces and what an L1 term in the loss, stepped by SGD, does not. A
+group (``w.select(group_dim, i)`` of a tensor with ``ndim >= 2``) is zero when all its
+elements are: that row or column can be cut out of the model.
 """
 
 from dataclasses import dataclass, field
@@ -18,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from fastreg._params import select
+from fastreg.backends._geometry import logical_groups
 
 _SHOW_EXCLUDED = 4  # excluded tensors named under the table
 
@@ -31,12 +36,34 @@ class ParameterSparsity(NamedTuple):
     fraction: float  # zeros / numel; 0.0 for an empty tensor
 
 
+class GroupSparsity(NamedTuple):
+    """The exact-zero groups of one tensor with ``ndim >= 2``."""
+
+    name: str
+    groups: int
+    zero_groups: int
+
+
+_GROUP_WORD = {0: "rows", 1: "columns"}
+
+
 @dataclass(frozen=True)
 class Sparsity:
     """The exact zeros of a set of parameters. ``str()`` gives ``table()``."""
 
     per_parameter: list[ParameterSparsity]
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (name, why)
+    group_dim: int | None = None
+    per_group: list[GroupSparsity] = field(default_factory=list)  # tensors with ndim >= 2, with group_dim
+
+    @property
+    def zero_groups(self):
+        """Exactly-zero groups over all tensors with groups (0 without ``group_dim``)."""
+        return sum(row.zero_groups for row in self.per_group)
+
+    @property
+    def groups(self):
+        return sum(row.groups for row in self.per_group)
 
     @property
     def zeros(self):
@@ -62,6 +89,12 @@ class Sparsity:
             "numel": self.numel,
             "total_fraction": self.total_fraction,
             "excluded": [{"name": name, "reason": why} for name, why in self.excluded],
+            **({} if self.group_dim is None else {
+                "group_dim": self.group_dim,
+                "per_group": [row._asdict() for row in self.per_group],
+                "zero_groups": self.zero_groups,
+                "groups": self.groups,
+            }),
         }
 
     def table(self):
@@ -70,6 +103,13 @@ class Sparsity:
         body = [(row.name, f"{row.numel:,}", f"{row.zeros:,}", _percent(row.fraction))
                 for row in self.per_parameter]
         total = ("total", f"{self.numel:,}", f"{self.zeros:,}", _percent(self.total_fraction))
+        if self.group_dim is not None:
+            word = _GROUP_WORD[self.group_dim]
+            by_name = {row.name: row for row in self.per_group}
+            header += (f"zero {word}",)
+            body = [(*cells, f"{by_name[cells[0]].zero_groups:,} of {by_name[cells[0]].groups:,}"
+                     if cells[0] in by_name else "-") for cells in body]
+            total += (f"{self.zero_groups:,} of {self.groups:,}",)
         rows = [header, *body, total]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
 
@@ -89,8 +129,11 @@ class Sparsity:
         return self.table()
 
 
-def sparsity(params, *, exclude=None):
+def sparsity(params, *, group_dim=None, exclude=None):
     """The fraction of exact zeros of each selected parameter and of all of them.
+
+    ``group_dim``: ``None``, or 0 / 1 to also count, per tensor with ``ndim >= 2``, the groups
+    ``w.select(group_dim, i)`` that are exactly zero (rows / columns that can be removed).
 
     ``params``: an ``nn.Module`` (its parameters with ``requires_grad=True``), tensors, or
     ``(name, tensor)`` pairs, or a ``{name: tensor}`` mapping; ``exclude``: as for
@@ -118,7 +161,17 @@ def sparsity(params, *, exclude=None):
         numel = entry.tensor.numel()
         zeros = numel - nonzero
         rows.append(ParameterSparsity(entry.name, numel, zeros, _fraction(zeros, numel)))
-    return Sparsity(rows, excluded)
+    if group_dim is None:
+        return Sparsity(rows, excluded)
+    if isinstance(group_dim, bool) or group_dim not in _GROUP_WORD:
+        raise ValueError(f"fastreg: group_dim must be None, 0 (rows) or 1 (columns), got {group_dim!r}")
+    grouped = [e for e in included if e.tensor.ndim >= 2]
+    per_group = []
+    for entry in grouped:
+        rows_of = logical_groups(entry.tensor.detach(), group_dim)
+        live = int((rows_of != 0).any(dim=1).sum()) if rows_of.numel() else 0
+        per_group.append(GroupSparsity(entry.name, rows_of.shape[0], rows_of.shape[0] - live))
+    return Sparsity(rows, excluded, group_dim, per_group)
 
 
 def _fraction(zeros, numel):

@@ -1,7 +1,7 @@
 """Backends: one module per implementation, all with the same small contract.
 
 Adding a backend is adding a file here and its name to ``fastreg._dispatch.BACKENDS``.
-Nothing outside ``fastreg._dispatch`` imports these modules.
+Nothing outside ``fastreg._dispatch`` and ``fastreg._plan`` imports these modules.
 
 Every backend module defines
 
@@ -13,26 +13,39 @@ Every backend module defines
     ``None`` when the backend can run here, else a one-line reason (cached by the module;
     may trigger a JIT build on first call).
 
-and four kernels. Each takes a non-empty list ``params`` of tensors that share one device
-and one floating dtype; any of them may be empty (0 elements) or non-contiguous, and a
-backend must give the right answer for all of them. The accumulation dtype ("acc") is
-float64 for float64 parameters and float32 for everything else.
+and four kernels, which every penalty term runs through (a new term extends them; it does not
+add functions). Each takes one *group*: a non-empty list ``params`` of tensors sharing one
+device and one floating dtype; any of them may be empty or non-contiguous. Shared operands:
 
-``sums(params) -> Tensor``
-    Shape ``(2,)``, acc dtype, on the group's device: ``[Σ|w|, Σw²]`` over every element.
-    Bitwise deterministic: the same inputs give the same bits on every call.
-``grads(params, coeffs) -> list[Tensor]``
-    ``coeffs``: shape ``(2,)`` acc-dtype tensor ``[c1, c2]`` on the group's device.
-    Returns fresh tensors ``c1 * sign(w) + 2 * c2 * w`` (``sign(0) = 0``) with the layout
-    of ``torch.empty_like(w)``, computed in acc dtype and rounded once to ``w.dtype``.
-``add_grad_(params, grads, coeffs) -> Tensor``
-    In place: ``g += c1 * sign(w) + 2 * c2 * w`` for every pair (``grads[i]`` has
-    ``params[i]``'s shape and dtype, any layout). Returns ``sums(params)`` computed in the
-    same pass over ``w``, so the value costs no extra read.
-``prox_(params, coeffs) -> None``
-    In place, ``coeffs = [threshold, denominator]``:
-    ``w = sign(w) * max(|w| - threshold, 0) / denominator``. Gives exact zeros.
+``centers``: ``None``, or one tensor per param (its shape, dtype and device; any layout).
+    Every term is computed on ``d = w - c`` (``d = w`` without centers); ``d`` is formed in
+    the accumulation dtype ("acc": float64 for float64 params, float32 otherwise), never
+    materialised as a tensor.
+``group_dim``: ``-1`` (no group term), ``0`` or ``1``: the groups of every param with
+    ``ndim >= 2`` (see ``_geometry``). Group vectors have ``sum(group_sizes(params))``
+    entries, in the acc dtype.
 
-A backend never validates user input (``fastreg._dispatch`` does that once) and never
-allocates memory proportional to the model in the in-place kernels.
+``sums(params, centers, group_dim, threshold=0.0) -> (sums, group_sq)``
+    With ``s = d`` (``threshold == 0``) or ``s = sign(d) * max(|d| - threshold, 0)`` (the
+    shrunk values of the proximal step): ``sums = [Σ|s|, Σs², Σ_g ‖s_g‖]`` (shape ``(3,)``)
+    and ``group_sq[g] = ‖s_g‖²``. One read of every operand. Bitwise deterministic.
+``grads(params, centers, group_dim, coeffs, group_scale) -> list[Tensor]``
+    ``coeffs = [c1, c2]``; ``group_scale``: a group vector or ``None`` (zeros). Fresh tensors
+    with the layout of ``torch.empty_like(w)``: ``c1·sign(d) + (2·c2 + group_scale[g])·d``,
+    computed in acc dtype and rounded once.
+``add_grad_(params, grads, centers, group_dim, coeffs, group_norms) -> (sums, group_sq)``
+    In place: ``g += c1·sign(d) + 2·c2·d + c3·d_g / ‖d_g‖`` (``coeffs = [c1, c2, c3]``; 0 for a
+    group of norm 0). ``grads[i]`` has ``params[i]``'s shape and device, any floating dtype
+    and any layout; the sum is formed in the wider of the two acc dtypes and rounded once to
+    ``g``'s dtype. ``group_norms``: the norms ``‖d_g‖`` to use (a sharded parameter's global
+    ones), or ``None`` to compute them here. Returns ``sums(params, centers, group_dim)``.
+``prox_(params, centers, group_dim, coeffs, group_norms) -> None``
+    In place, ``coeffs = [threshold, denominator, group_threshold]``: with ``s`` the shrunk
+    ``d`` as in ``sums``, ``w = c + max(0, 1 - group_threshold / ‖s_g‖) · s / denominator``
+    for tensors with groups (0 where ``‖s_g‖ = 0``) and ``w = c + s / denominator`` for the
+    others. Exact zeros of ``d``. ``group_norms``: ``‖s_g‖`` to use, or ``None``.
+
+Coefficients are acc-dtype tensors on the group's device (no host synchronisation on a GPU).
+A backend never validates user input (``fastreg._dispatch`` and ``fastreg._plan`` do, once)
+and never allocates memory proportional to the model in the in-place kernels.
 """

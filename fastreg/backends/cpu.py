@@ -48,6 +48,9 @@ from pathlib import Path
 
 import torch
 
+from fastreg.backends._geometry import acc_dtype as _acc_dtype
+from fastreg.backends._geometry import group_sizes
+
 NAME = "cpu"
 DEVICE_TYPES = ("cpu",)
 
@@ -108,23 +111,26 @@ def unavailable_reason():
     return _state["reason"]
 
 
-def sums(params):
-    return _kernels().sums(_as_list(params))
+def sums(params, centers, group_dim, threshold=0.0):
+    return _kernels().sums(_as_list(params), _as_list(centers), group_dim, float(threshold))
 
 
-def grads(params, coeffs):
-    return _kernels().grads(_as_list(params), coeffs)
+def grads(params, centers, group_dim, coeffs, group_scale):
+    return _kernels().grads(_as_list(params), _as_list(centers), group_dim, coeffs, group_scale)
 
 
-def add_grad_(params, grads_, coeffs):
-    return _kernels().add_grad_(_as_list(params), _as_list(grads_), coeffs)
+def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms):
+    return _kernels().add_grad_(_as_list(params), _as_list(grads_), _as_list(centers), group_dim, coeffs,
+                                group_norms)
 
 
-def prox_(params, coeffs):
-    _kernels().prox_(_as_list(params), coeffs)
+def prox_(params, centers, group_dim, coeffs, group_norms):
+    _kernels().prox_(_as_list(params), _as_list(centers), group_dim, coeffs, group_norms)
 
 
 def _as_list(tensors):
+    if tensors is None:
+        return []
     return tensors if isinstance(tensors, list) else list(tensors)
 
 
@@ -539,29 +545,30 @@ def _describe(exc):
 _fakes_registered = False
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _register_fakes():
     global _fakes_registered
     if _fakes_registered:
         return
 
+    def sums_like(params, group_dim):
+        acc = _acc_dtype(params[0].dtype)
+        return (params[0].new_empty((3,), dtype=acc),
+                params[0].new_empty((sum(group_sizes(params, group_dim)),), dtype=acc))
+
     @torch.library.register_fake("fastreg_cpu::sums")
-    def _sums_fake(params):
-        return params[0].new_empty((2,), dtype=_acc_dtype(params[0].dtype))
+    def _sums_fake(params, centers, group_dim, threshold):
+        return sums_like(params, group_dim)
 
     @torch.library.register_fake("fastreg_cpu::grads")
-    def _grads_fake(params, coeffs):
+    def _grads_fake(params, centers, group_dim, coeffs, group_scale):
         return [torch.empty_like(p) for p in params]
 
     @torch.library.register_fake("fastreg_cpu::add_grad_")
-    def _add_grad_fake(params, grads_, coeffs):
-        return params[0].new_empty((2,), dtype=_acc_dtype(params[0].dtype))
+    def _add_grad_fake(params, grads_, centers, group_dim, coeffs, group_norms):
+        return sums_like(params, group_dim)
 
     @torch.library.register_fake("fastreg_cpu::prox_")
-    def _prox_fake(params, coeffs):
+    def _prox_fake(params, centers, group_dim, coeffs, group_norms):
         return None
 
     _fakes_registered = True
