@@ -1,6 +1,6 @@
 """The C++ CPU backend: fused multi-tensor kernels, JIT-built with ninja on first use.
 
-The kernels live in ``csrc/fastreg_cpu.cpp`` (registered with ``TORCH_LIBRARY(fastreg_cpu, ...)``,
+The kernels live in ``csrc/`` (``fastreg_cpu.h`` and one ``.cpp`` per op) (registered with ``TORCH_LIBRARY(fastreg_cpu, ...)``,
 loaded with ``torch.ops.load_library``; no pybind module). One call handles every tensor of a
 (device, dtype) group: the tensors are laid end to end and cut into 64K-element chunks that
 ``at::parallel_for`` runs, each into its own partial, summed in a fixed order (bitwise the same
@@ -55,8 +55,10 @@ NAME = "cpu"
 DEVICE_TYPES = ("cpu",)
 
 EXTENSION_PREFIX = "fastreg_cpu"
-SOURCE_FILES = ("fastreg_cpu.cpp",)
-CHUNK_ELEMS = 1 << 16  # must match kChunk in csrc/fastreg_cpu.cpp (documentation only)
+# One translation unit per op (ninja compiles them in parallel) and the shared kernels' header.
+SOURCE_FILES = ("library.cpp", "sums.cpp", "grads.cpp", "add_grad.cpp", "prox.cpp")
+HEADER_FILES = ("fastreg_cpu.h",)
+CHUNK_ELEMS = 1 << 16  # must match kChunk in csrc/fastreg_cpu.h (documentation only)
 DEFAULT_BUILD_TIMEOUT_S = 600.0
 # Without fcntl (Windows), a torch `lock` file older than this is taken as left by a dead build.
 STALE_LOCK_S = 900.0
@@ -219,9 +221,9 @@ def source_dir():
     to the repository's ``csrc/`` in a checkout), else ``<repo>/csrc`` next to the package."""
     package = Path(__file__).resolve().parent.parent
     for candidate in (package / "csrc", package.parent / "csrc"):
-        if all((candidate / f).is_file() for f in SOURCE_FILES):
+        if all((candidate / f).is_file() for f in SOURCE_FILES + HEADER_FILES):
             return candidate
-    raise BuildError(f"the C++ sources {', '.join(SOURCE_FILES)} are missing "
+    raise BuildError(f"the C++ sources {', '.join(SOURCE_FILES + HEADER_FILES)} are missing "
                      f"(looked in {package / 'csrc'} and {package.parent / 'csrc'})")
 
 
@@ -263,7 +265,7 @@ def build_config():
     cflags, ldflags = compile_flags(isa)
     src = source_dir()
     sources = [str(src / f) for f in SOURCE_FILES]
-    name = extension_name(isa, (cflags, ldflags), sources)
+    name = extension_name(isa, (cflags, ldflags), sources + [str(src / f) for f in HEADER_FILES])
     build_dir = os.path.join(extensions_root(), name)
     return {
         "name": name,

@@ -1,4 +1,4 @@
-"""The C++ `cpu` backend (fastreg/backends/cpu.py + csrc/fastreg_cpu.cpp).
+"""The C++ `cpu` backend (fastreg/backends/cpu.py + csrc/).
 
 Every check compares against a float64 reference computed here. The general API and contract
 suites also run on this backend (they are parametrized over available_backends()); this file
@@ -66,6 +66,23 @@ def coeffs(a, b, dtype):
     return torch.tensor([a, b], dtype=acc(dtype))
 
 
+# The L1/L2 part of the contract, in the two-coefficient form these tests were written in.
+def l1l2_sums(params):
+    return cpu.sums(params, None, -1)[0][:2]
+
+
+def l1l2_grads(params, c):
+    return cpu.grads(params, None, -1, c, None)
+
+
+def l1l2_add_grad_(params, targets, c):
+    return cpu.add_grad_(params, targets, None, -1, torch.cat([c, c.new_zeros(1)]), None)[0][:2]
+
+
+def l1l2_prox_(params, c):
+    return cpu.prox_(params, None, -1, torch.cat([c, c.new_zeros(1)]), None)
+
+
 def ref_sums(params):
     a = sum((p.double().abs().sum() for p in params), torch.zeros((), dtype=torch.float64))
     s = sum((p.double().square().sum() for p in params), torch.zeros((), dtype=torch.float64))
@@ -122,14 +139,14 @@ def test_sums_accuracy(ops, dtype):
     params = make([(30, 40), 0, 70_001, (3, 5, 7), 1, 200_003], dtype)
     # fp32/fp16/bf16 accumulate in float blocks then double: bound 7 roundings, ~1e-8 typical;
     # the result is then rounded once to float32.
-    assert_sums(cpu.sums(params), params, rtol=1e-6 if dtype != torch.float64 else 1e-13)
+    assert_sums(l1l2_sums(params), params, rtol=1e-6 if dtype != torch.float64 else 1e-13)
 
 
 def test_sums_accuracy_40m_fp32(ops):
     """One 40M-element fp32 tensor, N(0.5, 1): PyTorch's CPU norms are off by ~5e-3 here."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40_000_000, generator=g).add_(0.5)
-    assert_sums(cpu.sums([x]), [x], rtol=1e-6)
+    assert_sums(l1l2_sums([x]), [x], rtol=1e-6)
 
 
 def test_sums_accuracy_gpt2_shapes(ops):
@@ -142,10 +159,10 @@ def test_sums_accuracy_gpt2_shapes(ops):
     g = torch.Generator().manual_seed(0)
     params = [torch.empty(s).uniform_(-0.05, 0.05, generator=g) for s in shapes]
     assert len(params) == 148 and sum(p.numel() for p in params) == 124_439_808
-    assert_sums(cpu.sums(params), params, rtol=1e-6)
+    assert_sums(l1l2_sums(params), params, rtol=1e-6)
     half = [p.to(torch.bfloat16) for p in params]
     del params
-    assert_sums(cpu.sums(half), half, rtol=1e-6)
+    assert_sums(l1l2_sums(half), half, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -153,7 +170,7 @@ def test_elementwise_accuracy(ops, dtype):
     params = make([(17, 33), 0, 70_001, (4, 1, 9), 1], dtype)
     params[0][0, :5] = 0  # sign(0) = 0 and prox keeps exact zeros
     c = coeffs(0.3, 0.7, dtype)
-    grads = cpu.grads(params, c)
+    grads = l1l2_grads(params, c)
     assert len(grads) == len(params)
     for p, g in zip(params, grads):
         assert g.shape == p.shape and g.dtype == p.dtype
@@ -161,8 +178,8 @@ def test_elementwise_accuracy(ops, dtype):
 
     base = make([(17, 33), 0, 70_001, (4, 1, 9), 1], dtype, seed=1)
     targets = [b.clone() for b in base]
-    sums = cpu.add_grad_(params, targets, c)
-    assert torch.equal(sums, cpu.sums(params))  # the same pass, the same bits
+    sums = l1l2_add_grad_(params, targets, c)
+    assert torch.equal(sums, l1l2_sums(params))  # the same pass, the same bits
     for p, b, t in zip(params, base, targets):
         term = ref_grad(p, c)
         want = b.double() + term
@@ -170,7 +187,7 @@ def test_elementwise_accuracy(ops, dtype):
 
     p_c = coeffs(0.5, 1.25, dtype)
     shrunk = [p.clone() for p in params]
-    assert cpu.prox_(shrunk, p_c) is None
+    assert l1l2_prox_(shrunk, p_c) is None
     for p, s in zip(params, shrunk):
         want = ref_prox(p, p_c)
         assert_rounded(s, want, dtype, ulps=2)
@@ -180,23 +197,23 @@ def test_elementwise_accuracy(ops, dtype):
 def test_special_values(ops):
     w = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, -3.0])
     c = coeffs(0.25, 0.5, torch.float32)
-    g = cpu.grads([w], c)[0]
+    g = l1l2_grads([w], c)[0]
     want = ref_grad(w, c).float()
     assert torch.equal(g.isnan(), want.isnan()) and torch.equal(g[~g.isnan()], want[~want.isnan()])
     x = w.clone()
-    cpu.prox_([x], coeffs(0.5, 2.0, torch.float32))
+    l1l2_prox_([x], coeffs(0.5, 2.0, torch.float32))
     assert x[2].isnan()  # NaN weights stay NaN, never silently zeroed
     assert x[3] == float("inf") and x[4] == -float("inf") and x[5] == 0 and x[6] == -1.25
-    s = cpu.sums([torch.tensor([1.0, -2.0]), torch.tensor([float("inf")])])
+    s = l1l2_sums([torch.tensor([1.0, -2.0]), torch.tensor([float("inf")])])
     assert s[0] == float("inf") and s[1] == float("inf")
 
 
 def test_identity_prox_and_zero_coefficients(ops):
     params = make([1000, (7, 9)], torch.float32)
     same = [p.clone() for p in params]
-    cpu.prox_(same, coeffs(0.0, 1.0, torch.float32))
+    l1l2_prox_(same, coeffs(0.0, 1.0, torch.float32))
     assert all(torch.equal(a, b) for a, b in zip(same, params))
-    assert all(not g.any() for g in cpu.grads(params, coeffs(0.0, 0.0, torch.float32)))
+    assert all(not g.any() for g in l1l2_grads(params, coeffs(0.0, 0.0, torch.float32)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -227,22 +244,22 @@ def _sizes(case):
 def test_chunk_boundaries(ops, case, dtype):
     params = make(_sizes(case), dtype)
     total = sum(p.numel() for p in params)
-    sums = cpu.sums(params)
+    sums = l1l2_sums(params)
     if total == 0:
         assert sums.tolist() == [0.0, 0.0]
     else:
         assert_sums(sums, params, rtol=1e-6)
     c = coeffs(0.1, 0.2, dtype)
-    for p, g in zip(params, cpu.grads(params, c)):
+    for p, g in zip(params, l1l2_grads(params, c)):
         assert_rounded(g, ref_grad(p, c), dtype, ulps=GRAD_ULPS)
     base = make(_sizes(case), dtype, seed=5)
     targets = [b.clone() for b in base]
-    assert torch.equal(cpu.add_grad_(params, targets, c), sums)
+    assert torch.equal(l1l2_add_grad_(params, targets, c), sums)
     for p, b, t in zip(params, base, targets):
         term = ref_grad(p, c)
         assert_rounded(t, b.double() + term, dtype, scale=b.double().abs() + term.abs(), ulps=ADD_ULPS)
     shrunk = [p.clone() for p in params]
-    cpu.prox_(shrunk, coeffs(0.3, 1.5, dtype))
+    l1l2_prox_(shrunk, coeffs(0.3, 1.5, dtype))
     for p, s in zip(params, shrunk):
         assert_rounded(s, ref_prox(p, coeffs(0.3, 1.5, dtype)), dtype, ulps=2)
 
@@ -259,10 +276,10 @@ def test_thread_count_invariance(ops, threads, dtype):
         torch.set_num_threads(n)
         targets = [g.clone() for g in grads0]
         shrunk = [p.clone() for p in params]
-        sums = cpu.sums(params)
-        grads = cpu.grads(params, c)
-        added = cpu.add_grad_(params, targets, c)
-        cpu.prox_(shrunk, coeffs(0.5, 1.5, dtype))
+        sums = l1l2_sums(params)
+        grads = l1l2_grads(params, c)
+        added = l1l2_add_grad_(params, targets, c)
+        l1l2_prox_(shrunk, coeffs(0.5, 1.5, dtype))
         results.append((sums, grads, added, targets, shrunk))
     first = results[0]
     for other in results[1:]:
@@ -274,7 +291,7 @@ def test_thread_count_invariance(ops, threads, dtype):
 
 def test_repeatable(ops):
     params = make([123_457, 5, (300, 301)], torch.float32)
-    assert torch.equal(cpu.sums(params), cpu.sums(params))
+    assert torch.equal(l1l2_sums(params), l1l2_sums(params))
 
 
 # ------------------------------------------------------------------------------------------
@@ -303,10 +320,10 @@ def test_noncontiguous_params(ops, layout, dtype):
     w = view_of(base)
     plain = make([(9, 11)], dtype, seed=4)[0]
     params = [w, plain]
-    assert_sums(cpu.sums(params), params, rtol=1e-6)
+    assert_sums(l1l2_sums(params), params, rtol=1e-6)
 
     c = coeffs(0.2, 0.4, dtype)
-    grads = cpu.grads(params, c)
+    grads = l1l2_grads(params, c)
     for p, g in zip(params, grads):
         assert g.stride() == torch.empty_like(p).stride()  # the layout the fake impl promises
         assert_rounded(g, ref_grad(p, c), dtype, ulps=GRAD_ULPS)
@@ -316,7 +333,7 @@ def test_noncontiguous_params(ops, layout, dtype):
     marker = torch.zeros_like(base, dtype=torch.bool)
     view_of(marker).fill_(True)
     expected = ref_prox(w, coeffs(0.3, 1.5, dtype))
-    cpu.prox_(params, coeffs(0.3, 1.5, dtype))
+    l1l2_prox_(params, coeffs(0.3, 1.5, dtype))
     assert_rounded(w, expected, dtype, ulps=2)
     assert torch.equal(base[~marker], before[~marker])
     assert view_of(base).data_ptr() == w.data_ptr()
@@ -358,8 +375,8 @@ def test_noncontiguous_grads(ops, param_layout, grad_layout, dtype):
         marker[2:2 + shape[0], 1:1 + shape[1]] = True
 
     c = coeffs(0.2, 0.4, dtype)
-    sums = cpu.add_grad_([w], [g], c)
-    assert torch.equal(sums, cpu.sums([w]))
+    sums = l1l2_add_grad_([w], [g], c)
+    assert torch.equal(sums, l1l2_sums([w]))
     term = ref_grad(w, c)
     assert_rounded(g, before.double() + term, dtype, scale=before.double().abs() + term.abs(), ulps=ADD_ULPS)
     assert torch.equal(gbase[~marker], before_base[~marker])  # nothing written outside g
@@ -374,15 +391,20 @@ def test_noncontiguous_grads(ops, param_layout, grad_layout, dtype):
 def test_opcheck(ops, op, dtype):
     params = make([(3, 4), 0, 70_000, 5], dtype)
     params[0] = params[0].t()  # a non-contiguous one too
-    c = coeffs(0.1, 0.2, dtype)
-    args = {
-        "sums": (params,),
-        "grads": (params, c),
-        "add_grad_": (params, [torch.randn_like(p) for p in params], c),
-        "prox_": (params, c),
-    }[op]
-    result = torch.library.opcheck(getattr(ops, op).default, args)
-    assert all(v == "SUCCESS" for v in result.values()), result
+    params[2] = params[2].reshape(70, 1000)  # a tensor with groups
+    c2, c3 = coeffs(0.1, 0.2, dtype), torch.tensor([0.1, 0.2, 0.3], dtype=acc(dtype))
+    for centers in ([], [p.clone() for p in params]):
+        for group_dim in (-1, 0, 1):
+            n = sum(p.shape[group_dim] for p in params if p.ndim >= 2) if group_dim >= 0 else 0
+            vector = torch.rand(n, dtype=acc(dtype)) + 0.5
+            args = {
+                "sums": (params, centers, group_dim, 0.25),
+                "grads": (params, centers, group_dim, c2, vector if n else None),
+                "add_grad_": (params, [torch.randn_like(p) for p in params], centers, group_dim, c3, None),
+                "prox_": (params, centers, group_dim, c3, vector if n else None),
+            }[op]
+            result = torch.library.opcheck(getattr(ops, op).default, args)
+            assert all(v == "SUCCESS" for v in result.values()), result
 
 
 def test_ops_under_torch_compile(ops):
@@ -390,9 +412,10 @@ def test_ops_under_torch_compile(ops):
 
     @torch.compile(backend="eager", fullgraph=True)
     def value(ps):
-        return torch.ops.fastreg_cpu.sums(ps)
+        return torch.ops.fastreg_cpu.sums(ps, [], 0, 0.0)
 
-    assert torch.equal(value(params), cpu.sums(params))
+    compiled, eager = value(params), cpu.sums(params, None, 0)
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
 
 
 # ------------------------------------------------------------------------------------------
@@ -552,14 +575,14 @@ def test_second_process_loads_the_cached_build(ops):
         reason = cpu.unavailable_reason()
         seconds = time.perf_counter() - start
         info = cpu.build_info()
-        value = cpu.sums([torch.tensor([3.0, -4.0])]).tolist()
+        value = cpu.sums([torch.tensor([3.0, -4.0])], None, -1)[0].tolist()
         print(json.dumps({"reason": reason, "seconds": seconds, "built_now": info["built_now"],
                           "library": info["library"], "value": value}))
     """, _env(None))
     assert result["reason"] is None and result["built_now"] is False
     assert result["library"] == library
     assert result["seconds"] < 2.0
-    assert result["value"] == [7.0, 25.0]
+    assert result["value"] == [7.0, 25.0, 0.0]
 
 
 def test_build_naming_and_cache_location(ops, monkeypatch, tmp_path):
@@ -580,11 +603,12 @@ def test_build_naming_and_cache_location(ops, monkeypatch, tmp_path):
 
 def test_sources_found_for_checkout_and_package():
     found = cpu.source_dir()
-    assert (found / "fastreg_cpu.cpp").is_file()
-    root = REPO / "csrc" / "fastreg_cpu.cpp"
-    packaged = REPO / "fastreg" / "csrc" / "fastreg_cpu.cpp"  # what package-data ships
-    assert root.is_file() and packaged.is_file()
-    assert root.read_bytes() == packaged.read_bytes()
+    for name in cpu.SOURCE_FILES + cpu.HEADER_FILES:
+        assert (found / name).is_file()
+        root = REPO / "csrc" / name
+        packaged = REPO / "fastreg" / "csrc" / name  # what package-data ships
+        assert root.is_file() and packaged.is_file()
+        assert root.read_bytes() == packaged.read_bytes()
 
 
 def test_cli_info_and_build(ops):

@@ -50,6 +50,8 @@
 // back explicitly. Centers and gradients are used directly when their strides match the
 // parameter's (as read), otherwise through a temporary in that layout.
 
+#pragma once
+
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
@@ -59,7 +61,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
+
 
 #include <algorithm>
 #include <cmath>
@@ -74,13 +76,14 @@
 #endif
 
 namespace fastreg_cpu {
-namespace {
+namespace detail {
 
 using at::vec::Vectorized;
 
 constexpr int64_t kChunk = int64_t{1} << 16;  // elements per task (flat chunks, runs per task, rows per task)
 constexpr int64_t kRunMin = 64;                // runs at least this long are reduced one by one
 constexpr int64_t kRowMax = int64_t{1} << 14;  // positions (double accumulators) per Rows task
+constexpr int64_t kRowsTask = int64_t{1} << 18;  // elements per Rows task
 
 constexpr int kF = Vectorized<float>::size();
 constexpr int kD = Vectorized<double>::size();
@@ -446,29 +449,72 @@ inline void reduce_span(const Loader& ld, int64_t off, int64_t n, double* out) {
   acc.finish(out);
 }
 
-// pos[j] += x_j² in double for the cnt values of one step (the positional group accumulators).
-template <typename O, int kM>
-C10_ALWAYS_INLINE void add_squares(double* pos, const Vectorized<O>* x, int64_t cnt) {
-  constexpr int64_t kStep = kM * Vectorized<O>::size();
-  if (cnt == kStep) {
+// Per-thread scratch of Rows tasks, reused: 0 positional sums, 1 coefficients, 2 group sums,
+// 3 positional squares in opmath.
+template <typename V>
+V* scratch(int64_t n, int which) {
+  static thread_local std::vector<V> buffers[4];
+  auto& b = buffers[which];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
+
+// Rows of a (rows, row) memory view, positions [lo, lo + width) of rows [a0, a1): pos[j] += Σ_a x²
+// at every position (the groups' partial squared norms, still to be folded over K), and the sum
+// of |x| into abs_total. Row after row (one sequential stream each: reading several rows in
+// lockstep thrashes L1 sets when the row stride is a multiple of 4 KB, measured 5.7 vs 24 GB/s on
+// 4096 x 4096), squares added into an opmath positional buffer, flushed into the double
+// accumulators every kRowBlock rows (at most 8 float roundings before widening: <= 5e-7
+// relative). pos must have room for width + kStep values (full-width updates past the end add
+// zeros: masked loads are zero-filled).
+template <typename T, typename Loader>
+inline void rows_sums(const Loader& ld, int64_t a0, int64_t a1, int64_t row, int64_t lo, int64_t width,
+                      double* pos, double* abs_total) {
+  using Tr = Traits<T>;
+  using O = typename Tr::opmath;
+  constexpr int kM = Tr::kM;
+  constexpr int64_t kStep = Tr::kStep;
+  constexpr int kVO = Vectorized<O>::size();
+  constexpr int64_t kRowBlock = 8;
+  O* squares = std::is_same_v<O, double> ? reinterpret_cast<O*>(pos) : scratch<O>(width + kStep, 3);
+  Acc<T> acc;
+  auto add_squares = [&](int64_t i, int64_t, const Vectorized<O>* x) {
     for (int m = 0; m < kM; ++m) {
-      if constexpr (std::is_same_v<O, double>) {
-        double* p = pos + m * kD;
-        at::vec::fmadd(x[m], x[m], Vectorized<double>::loadu(p)).store(p);
-      } else {
+      O* p = squares + i + m * kVO;
+      at::vec::fmadd(x[m], x[m], Vectorized<O>::loadu(p)).store(p);
+    }
+  };
+  for (int64_t a = a0; a < a1; a += kRowBlock) {
+    if constexpr (!std::is_same_v<O, double>) std::fill(squares, squares + width + kStep, O(0));
+    const int64_t end = std::min(a1, a + kRowBlock);
+    for (int64_t r = a; r < end; ++r) span<T, true>(ld, r * row + lo, width, acc, add_squares);
+    if constexpr (!std::is_same_v<O, double>) {
+      for (int64_t j = 0; j < width; j += kF) {
         Vectorized<double> d[kR];
-        widen(x[m], d);
+        widen(Vectorized<float>::loadu(squares + j), d);
         for (int r = 0; r < kR; ++r) {
-          double* p = pos + m * kF + r * kD;
-          at::vec::fmadd(d[r], d[r], Vectorized<double>::loadu(p)).store(p);
+          double* p = pos + j + r * kD;
+          (Vectorized<double>::loadu(p) + d[r]).store(p);
         }
       }
     }
-    return;
   }
-  __at_align__ O values[kStep];
-  for (int m = 0; m < kM; ++m) x[m].store(values + m * Vectorized<O>::size());
-  for (int64_t j = 0; j < cnt; ++j) pos[j] += static_cast<double>(values[j]) * static_cast<double>(values[j]);
+  double out[2];
+  acc.finish(out);
+  *abs_total = out[0];
+}
+
+// The per-group sums of a Rows window (pos folded over K, in order) into sums[0 .. width/K), and
+// the window's total.
+inline double fold_positions(const double* pos, int64_t width, int64_t run, double* sums) {
+  double total = 0.0;
+  for (int64_t j = 0; j < width / run; ++j) {
+    double sum = 0.0;
+    for (int64_t k = 0; k < run; ++k) sum += pos[j * run + k];
+    sums[j] = sum;
+    total += sum;
+  }
+  return total;
 }
 
 // ----------------------------------------------------------------------------------------
@@ -490,6 +536,21 @@ C10_ALWAYS_INLINE Vectorized<O> soft_threshold(const Vectorized<O>& d, const Vec
   const Vectorized<O> zero(O(0));
   const Vectorized<O> r = at::vec::maximum(d.abs() - thr, zero);
   return Vectorized<O>::blendv(r, r.neg(), d < zero);
+}
+
+// g[j] += values[j] for any pair of dtypes, in the wider of the two, rounded once to G (for
+// float64 sums stored as fp16 / bf16: through float, i.e. twice).
+template <typename G, typename O>
+C10_NOINLINE void add_into_any(G* g, int64_t cnt, const O* values) {
+  using P = std::conditional_t<std::is_same_v<O, double> || std::is_same_v<G, double>, double, float>;
+  for (int64_t j = 0; j < cnt; ++j) {
+    const P sum = static_cast<P>(g[j]) + static_cast<P>(values[j]);
+    if constexpr (std::is_same_v<G, double> || std::is_same_v<G, float>) {
+      g[j] = static_cast<G>(sum);
+    } else {
+      g[j] = static_cast<G>(static_cast<float>(sum));
+    }
+  }
 }
 
 // g += grad for the cnt elements of one step, g of dtype G, grad in T's opmath: the sum is
@@ -527,18 +588,10 @@ C10_ALWAYS_INLINE void add_into(G* g, int64_t cnt, const Vectorized<typename Tra
         cur.store(g + lo, static_cast<int>(n));
       }
     }
-  } else {  // any other pair: through a buffer, in the wider dtype
-    using P = std::conditional_t<std::is_same_v<O, double> || std::is_same_v<G, double>, double, float>;
+  } else {  // any other pair (rare): through a buffer, out of line to keep the kernels small
     __at_align__ O values[kStep];
     for (int m = 0; m < kM; ++m) grad[m].store(values + m * Vectorized<O>::size());
-    for (int64_t j = 0; j < cnt; ++j) {
-      const P sum = static_cast<P>(g[j]) + static_cast<P>(values[j]);
-      if constexpr (std::is_same_v<G, double> || std::is_same_v<G, float>) {
-        g[j] = static_cast<G>(sum);
-      } else {
-        g[j] = static_cast<G>(static_cast<float>(sum));
-      }
-    }
+    add_into_any(g, cnt, values);
   }
 }
 
@@ -585,15 +638,7 @@ struct Task {
   int64_t item;        // the item (not Flat)
   int64_t begin, end;  // Flat: the chunk (begin); Runs: runs [begin, end); RunPart: run begin; Rows: rows
   int64_t lo, hi;      // RunPart: elements [lo, hi) of the run; Rows: positions [lo, hi) of each row
-  int64_t slot;        // its first slot (group partial)
-  int64_t slots() const {
-    switch (mode) {
-      case Mode::kRuns: return end - begin;
-      case Mode::kRunPart: return 1;
-      case Mode::kRows: return -1;  // needs K: see slot_count
-      default: return 0;
-    }
-  }
+  int64_t slot;        // its first slot (group partial): Runs one per run, RunPart one, Rows one per group
 };
 
 struct Schedule {
@@ -603,20 +648,7 @@ struct Schedule {
   int64_t nslots = 0;
 };
 
-inline int64_t slot_count(const Task& t, const Item& it) {
-  return t.mode == Mode::kRows ? (t.hi - t.lo) / it.K : t.slots();
-}
-
-// The group (index within its item) of slot j of task t.
-inline int64_t group_of_slot(const Task& t, const Item& it, int64_t j) {
-  switch (t.mode) {
-    case Mode::kRuns: return (t.begin + j) % it.G;
-    case Mode::kRunPart: return t.begin % it.G;
-    default: return t.lo / it.K + j;
-  }
-}
-
-Schedule make_schedule(std::vector<Item>& items) {
+inline Schedule make_schedule(std::vector<Item>& items) {
   Schedule s;
   for (size_t k = 0; k < items.size(); ++k) {
     if (items[k].numel > 0 && items[k].G == 0) {
@@ -650,7 +682,9 @@ Schedule make_schedule(std::vector<Item>& items) {
     } else {
       const int64_t row = it.G * it.K;
       const int64_t window = std::min(row, std::max<int64_t>(1, kRowMax / it.K) * it.K);
-      const int64_t per = std::max<int64_t>(1, kChunk / window);
+      // Larger tasks than elsewhere: a task's slots are one per group of its window, so its
+      // partial storage is numel / rows-per-task.
+      const int64_t per = std::max<int64_t>(1, kRowsTask / window);
       for (int64_t lo = 0; lo < row; lo += window) {
         const int64_t hi = std::min(row, lo + window);
         for (int64_t a = 0; a < it.A; a += per) {
@@ -676,24 +710,28 @@ void parallel_tasks(int64_t n, const Fn& fn) {
   }
 }
 
-// Per-thread scratch (positional accumulators and coefficients of Rows tasks), reused.
-template <typename V>
-V* scratch(int64_t n, int which) {
-  static thread_local std::vector<V> buffers[2];
-  auto& b = buffers[which];
-  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
-  return b.data();
-}
 
-// Adds the slots into per-group sums (group vector order), task by task: a fixed order.
-void add_slots(const Schedule& s, const std::vector<Item>& items, const std::vector<double>& slots,
-               std::vector<double>& group_sq, const std::vector<bool>* only_items = nullptr) {
+// Adds the slots into per-group sums (group vector order), task by task: a fixed order. (No
+// division per slot: a Rows task's slots are consecutive groups, a Runs task's wrap around G.)
+inline void add_slots(const Schedule& s, const std::vector<Item>& items, const std::vector<double>& slots,
+                      std::vector<double>& group_sq, const std::vector<bool>* only_items = nullptr) {
   for (const Task& t : s.tasks) {
     if (t.mode == Mode::kFlat) continue;
     if (only_items != nullptr && !(*only_items)[t.item]) continue;
     const Item& it = items[t.item];
-    const int64_t n = slot_count(t, it);
-    for (int64_t j = 0; j < n; ++j) group_sq[it.group_base + group_of_slot(t, it, j)] += slots[t.slot + j];
+    const double* from = slots.data() + t.slot;
+    double* to = group_sq.data() + it.group_base;
+    if (t.mode == Mode::kRows) {
+      const int64_t first = t.lo / it.K;
+      const int64_t n = (t.hi - t.lo) / it.K;
+      for (int64_t j = 0; j < n; ++j) to[first + j] += from[j];
+    } else {
+      int64_t g = t.begin % it.G;
+      for (int64_t r = t.begin; r < t.end; ++r) {
+        to[g] += from[r - t.begin];
+        if (++g == it.G) g = 0;
+      }
+    }
   }
 }
 
@@ -704,13 +742,12 @@ template <typename T, typename Loader, typename LoaderOf>
 C10_NOINLINE void sums_tasks(const Schedule& s, const std::vector<Item>& items, const LoaderOf& loader_of,
                              double* partials, double* slots, const std::vector<bool>* only_items = nullptr) {
   using O = typename Traits<T>::opmath;
-  constexpr int kM = Traits<T>::kM;
   auto none = [](int64_t, int64_t, const Vectorized<O>*) {};
   parallel_tasks(static_cast<int64_t>(s.tasks.size()), [&](int64_t ti) {
     const Task& t = s.tasks[ti];
+    if (only_items != nullptr && (t.mode == Mode::kFlat || !(*only_items)[t.item])) return;
     double* out = partials + 2 * ti;
     out[0] = out[1] = 0.0;
-    if (only_items != nullptr && (t.mode == Mode::kFlat || !(*only_items)[t.item])) return;
     if (t.mode == Mode::kFlat) {
       Acc<T> acc;
       for_each_segment(s.flat, t.begin, [&](int64_t entry, int64_t off, int64_t len) {
@@ -731,22 +768,11 @@ C10_NOINLINE void sums_tasks(const Schedule& s, const std::vector<Item>& items, 
       }
       return;
     }
-    const int64_t row = it.G * it.K;
     const int64_t width = t.hi - t.lo;
-    double* pos = scratch<double>(width, 0);
-    std::fill(pos, pos + width, 0.0);
-    Acc<T> acc;
-    for (int64_t a = t.begin; a < t.end; ++a) {
-      span<T, true>(ld, a * row + t.lo, width, acc, [&](int64_t i, int64_t cnt, const Vectorized<O>* x) {
-        add_squares<O, kM>(pos + i, x, cnt);
-      });
-    }
-    acc.finish(out);
-    for (int64_t j = 0; j < width / it.K; ++j) {
-      double sum = 0.0;
-      for (int64_t k = 0; k < it.K; ++k) sum += pos[j * it.K + k];
-      slots[t.slot + j] = sum;
-    }
+    double* pos = scratch<double>(width + Traits<T>::kStep, 0);
+    std::fill(pos, pos + width + Traits<T>::kStep, 0.0);
+    rows_sums<T>(ld, t.begin, t.end, it.G * it.K, t.lo, width, pos, &out[0]);
+    out[1] = fold_positions(pos, width, it.K, slots + t.slot);
   });
 }
 
@@ -758,15 +784,11 @@ C10_NOINLINE void sums_tasks(const Schedule& s, const std::vector<Item>& items, 
 // norm into that coefficient; for items with whole groups per task and no norms given, the norm
 // comes from a first visit of the run (or rows) in the same task.
 
-template <typename O>
-struct Positional {  // the coefficients of the positions of a Rows window
-  const O* values;
-};
-
 template <typename T, bool kCenter, typename Op>
 C10_NOINLINE void apply_tasks(const Schedule& s, const std::vector<Item>& items, const std::vector<const T*>& w,
                               const std::vector<const T*>& c, const Op& op, const double* group_coef,
-                              bool allow_in_task, double* partials, double* slots) {
+                              const std::vector<bool>& precomputed, bool allow_in_task, double* partials,
+                              double* slots) {
   using Tr = Traits<T>;
   using O = typename Tr::opmath;
   constexpr int kM = Tr::kM;
@@ -775,11 +797,8 @@ C10_NOINLINE void apply_tasks(const Schedule& s, const std::vector<Item>& items,
   static_assert(!Op::kReduce || Op::kNormOfD, "a reducing op must take the norms of d");
   constexpr int kVO = Vectorized<O>::size();
   auto diff_of = [&](int64_t item) { return Diff<T, kCenter>{w[item], kCenter ? c[item] : nullptr}; };
-  auto norm_loader_of = [&](int64_t item) { return op.norm_loader(diff_of(item)); };
   parallel_tasks(static_cast<int64_t>(s.tasks.size()), [&](int64_t ti) {
     const Task& t = s.tasks[ti];
-    double* out = kReduce ? partials + 2 * ti : nullptr;
-    if constexpr (kReduce) out[0] = out[1] = 0.0;
     if (t.mode == Mode::kFlat) {
       Acc<T> acc;
       const Vectorized<O> coef(op.flat_coef());
@@ -791,48 +810,40 @@ C10_NOINLINE void apply_tasks(const Schedule& s, const std::vector<Item>& items,
           op.template elem<true>(item, off + i, cnt, x, k);
         });
       });
-      if constexpr (kReduce) acc.finish(out);
+      if constexpr (kReduce) acc.finish(partials + 2 * ti);
       return;
     }
     const Item& it = items[t.item];
     const auto ld = diff_of(t.item);
+    const auto visit_loader = op.norm_loader(ld);
     const bool in_task = allow_in_task && it.whole_groups;
+    // A visit reads the task's elements first (then in cache for the update): for norms
+    // computed here, or for the sums of a task whose first pass did not compute them.
+    const bool visit = in_task || (kReduce && !precomputed[t.item]);
+    double* out = kReduce && visit ? partials + 2 * ti : nullptr;
+    if (out != nullptr) out[0] = out[1] = 0.0;
     if (t.mode == Mode::kRuns || t.mode == Mode::kRunPart) {
       for (int64_t r = t.begin; r < t.end; ++r) {
         const int64_t off = r * it.K + t.lo;
         const int64_t len = t.hi - t.lo;
-        const int64_t g = r % it.G;
-        double run[2] = {0.0, 0.0};
-        O coef_value;
-        if (in_task) {  // one visit: the norm first (the run is then in cache), then the update
-          double shrunk[2];
-          reduce_span<T>(norm_loader_of(t.item), off, len, shrunk);
-          coef_value = op.group_coef(std::sqrt(shrunk[1]));
-          if constexpr (kReduce) {  // the visit's sums are the sums of d (kReduce ops norm d)
-            run[0] = shrunk[0];
-            run[1] = shrunk[1];
+        O coef_value = in_task ? O(0) : static_cast<O>(group_coef[it.group_base + r % it.G]);
+        if (visit) {
+          double run[2];
+          reduce_span<T>(visit_loader, off, len, run);
+          if (in_task) coef_value = op.group_coef(std::sqrt(run[1]));
+          if (out != nullptr) {
+            out[0] += run[0];
+            out[1] += run[1];
+            slots[t.slot + (r - t.begin)] = run[1];
           }
-        } else {
-          coef_value = static_cast<O>(group_coef[it.group_base + g]);
         }
         const Vectorized<O> coef(coef_value);
-        Acc<T> acc;
-        auto elem = [&](int64_t i, int64_t cnt, const Vectorized<O>* x) {
+        Acc<T> unused;
+        span<T, false>(ld, off, len, unused, [&](int64_t i, int64_t cnt, const Vectorized<O>* x) {
           Vectorized<O> k[kM];
           for (int m = 0; m < kM; ++m) k[m] = coef;
           op.template elem<false>(t.item, off + i, cnt, x, k);
-        };
-        if (kReduce && !in_task) {
-          span<T, true>(ld, off, len, acc, elem);
-          acc.finish(run);
-        } else {
-          span<T, false>(ld, off, len, acc, elem);
-        }
-        if constexpr (kReduce) {
-          out[0] += run[0];
-          out[1] += run[1];
-          slots[t.slot + (r - t.begin)] = run[1];
-        }
+        });
       }
       return;
     }
@@ -842,57 +853,39 @@ C10_NOINLINE void apply_tasks(const Schedule& s, const std::vector<Item>& items,
     const int64_t ngroups = width / it.K;
     O* coefs = scratch<O>(width + Tr::kStep, 1);
     std::fill(coefs + width, coefs + width + Tr::kStep, O(0));
-    double* pos = scratch<double>(width, 0);
-    Acc<T> acc;
-    if (in_task) {  // the whole item is this task: its group norms first
-      std::fill(pos, pos + width, 0.0);
-      Acc<T> shrunk_acc;
-      const auto nl = norm_loader_of(t.item);
-      for (int64_t a = t.begin; a < t.end; ++a) {
-        span<T, true>(nl, a * row + t.lo, width, shrunk_acc, [&](int64_t i, int64_t cnt, const Vectorized<O>* x) {
-          add_squares<O, kM>(pos + i, x, cnt);
-        });
+    if (visit) {
+      double* pos = scratch<double>(width + Tr::kStep, 0);
+      std::fill(pos, pos + width + Tr::kStep, 0.0);
+      double abs_total = 0.0;
+      rows_sums<T>(visit_loader, t.begin, t.end, row, t.lo, width, pos, &abs_total);
+      double* group_sums = scratch<double>(ngroups, 2);
+      const double total = fold_positions(pos, width, it.K, group_sums);
+      if (out != nullptr) {
+        out[0] = abs_total;
+        out[1] = total;
+        std::copy(group_sums, group_sums + ngroups, slots + t.slot);
       }
-      for (int64_t j = 0; j < ngroups; ++j) {
-        double sum = 0.0;
-        for (int64_t k = 0; k < it.K; ++k) sum += pos[j * it.K + k];
-        const O value = op.group_coef(std::sqrt(sum));
-        for (int64_t k = 0; k < it.K; ++k) coefs[j * it.K + k] = value;
-        if constexpr (kReduce) slots[t.slot + j] = sum;
+      if (in_task) {
+        for (int64_t j = 0; j < ngroups; ++j) {
+          const O value = op.group_coef(std::sqrt(group_sums[j]));
+          std::fill(coefs + j * it.K, coefs + (j + 1) * it.K, value);
+        }
       }
-      if constexpr (kReduce) shrunk_acc.finish(out);
-    } else {
+    }
+    if (!in_task) {
       for (int64_t j = 0; j < ngroups; ++j) {
         const O value = static_cast<O>(group_coef[it.group_base + t.lo / it.K + j]);
-        for (int64_t k = 0; k < it.K; ++k) coefs[j * it.K + k] = value;
+        std::fill(coefs + j * it.K, coefs + (j + 1) * it.K, value);
       }
-      if constexpr (kReduce) std::fill(pos, pos + width, 0.0);
     }
     for (int64_t a = t.begin; a < t.end; ++a) {
       const int64_t off = a * row + t.lo;
-      auto elem = [&](int64_t i, int64_t cnt, const Vectorized<O>* x) {
+      Acc<T> unused;
+      span<T, false>(ld, off, width, unused, [&](int64_t i, int64_t cnt, const Vectorized<O>* x) {
         Vectorized<O> k[kM];
         for (int m = 0; m < kM; ++m) k[m] = Vectorized<O>::loadu(coefs + i + m * kVO);
         op.template elem<false>(t.item, off + i, cnt, x, k);
-        if constexpr (kReduce) {
-          if (!in_task) add_squares<O, kM>(pos + i, x, cnt);
-        }
-      };
-      if (kReduce && !in_task) {
-        span<T, true>(ld, off, width, acc, elem);
-      } else {
-        span<T, false>(ld, off, width, acc, elem);
-      }
-    }
-    if constexpr (kReduce) {
-      if (!in_task) {
-        acc.finish(out);
-        for (int64_t j = 0; j < ngroups; ++j) {
-          double sum = 0.0;
-          for (int64_t k = 0; k < it.K; ++k) sum += pos[j * it.K + k];
-          slots[t.slot + j] = sum;
-        }
-      }
+      });
     }
   });
 }
@@ -924,8 +917,21 @@ struct GradsOp {
   }
 };
 
+// The gradient dtypes add_grad_ accepts; the kernels are instantiated per weight dtype only and
+// branch on this per step (a loop-invariant, predictable branch).
+enum class GradKind : int8_t { kFloat, kDouble, kHalf, kBFloat16 };
+
+inline GradKind grad_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return GradKind::kFloat;
+    case at::kDouble: return GradKind::kDouble;
+    case at::kHalf: return GradKind::kHalf;
+    default: return GradKind::kBFloat16;
+  }
+}
+
 // add_grad_: g += c1·sign(d) + coef·d, coef = 2·c2 + c3/‖d_g‖ (0 for a zero group).
-template <typename T, typename G>
+template <typename T>
 struct AddGradOp {
   using O = typename Traits<T>::opmath;
   static constexpr bool kReduce = true;
@@ -933,7 +939,8 @@ struct AddGradOp {
   Vectorized<O> c1;
   O two_c2;
   double c3;
-  std::vector<G*> grad;
+  GradKind kind;
+  std::vector<void*> grad;
   O flat_coef() const { return two_c2; }
   O group_coef(double norm) const {
     return static_cast<O>(static_cast<double>(two_c2) + (norm > 0.0 ? c3 / norm : 0.0));
@@ -946,7 +953,13 @@ struct AddGradOp {
     constexpr int kM = Traits<T>::kM;
     Vectorized<O> g[kM];
     for (int m = 0; m < kM; ++m) g[m] = gradient(x[m], c1, coef[m]);
-    add_into<T, G>(grad[item] + at, cnt, g);
+    void* target = grad[item];
+    switch (kind) {
+      case GradKind::kFloat: add_into<T, float>(static_cast<float*>(target) + at, cnt, g); break;
+      case GradKind::kDouble: add_into<T, double>(static_cast<double*>(target) + at, cnt, g); break;
+      case GradKind::kHalf: add_into<T, at::Half>(static_cast<at::Half*>(target) + at, cnt, g); break;
+      case GradKind::kBFloat16: add_into<T, at::BFloat16>(static_cast<at::BFloat16*>(target) + at, cnt, g); break;
+    }
   }
 };
 
@@ -1031,7 +1044,7 @@ inline at::ScalarType acc_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-at::ScalarType check_group(at::TensorList params, at::TensorList centers, const char* op) {
+inline at::ScalarType check_group(at::TensorList params, at::TensorList centers, const char* op) {
   TORCH_CHECK(!params.empty(), "fastreg_cpu::", op, ": params must not be empty");
   const at::ScalarType dtype = params[0].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -1057,7 +1070,7 @@ at::ScalarType check_group(at::TensorList params, at::TensorList centers, const 
 }
 
 // The values of a (n,) coefficient tensor of the acc dtype, as doubles.
-std::vector<double> read_coeffs(const at::Tensor& coeffs, at::ScalarType dtype, int64_t n) {
+inline std::vector<double> read_coeffs(const at::Tensor& coeffs, at::ScalarType dtype, int64_t n) {
   TORCH_CHECK(coeffs.device().is_cpu() && coeffs.dim() == 1 && coeffs.size(0) == n,
               "fastreg_cpu: coeffs must be a (", n, ",) CPU tensor, got shape ", coeffs.sizes(), " on ",
               coeffs.device());
@@ -1068,7 +1081,7 @@ std::vector<double> read_coeffs(const at::Tensor& coeffs, at::ScalarType dtype, 
 }
 
 // A group vector argument (group_scale / group_norms) as doubles, or nullopt.
-std::optional<std::vector<double>> read_group_vector(const std::optional<at::Tensor>& v, int64_t ngroups,
+inline std::optional<std::vector<double>> read_group_vector(const std::optional<at::Tensor>& v, int64_t ngroups,
                                                      const char* name) {
   if (!v.has_value()) return std::nullopt;
   TORCH_CHECK(v->device().is_cpu() && v->dim() == 1 && v->size(0) == ngroups, "fastreg_cpu: ", name,
@@ -1091,7 +1104,7 @@ struct Prepared {
 
 // Fills items / w / c for params (with centers) and their group geometry; `read[k]` is the
 // tensor actually read as params[k] (dense).
-void add_items(Prepared& p, at::TensorList params, at::TensorList centers, int64_t group_dim,
+inline void add_items(Prepared& p, at::TensorList params, at::TensorList centers, int64_t group_dim,
                std::vector<at::Tensor>& read) {
   for (size_t k = 0; k < params.size(); ++k) {
     const at::Tensor& wv = read[k];
@@ -1128,7 +1141,7 @@ void add_items(Prepared& p, at::TensorList params, at::TensorList centers, int64
 }
 
 // The dense tensor read as w: the param itself, or a copy laid out like empty_like(param).
-at::Tensor readable(const at::Tensor& t, Prepared& p) {
+inline at::Tensor readable(const at::Tensor& t, Prepared& p) {
   if (direct(t)) return t;
   at::Tensor tmp = at::empty_like(t);
   tmp.copy_(t);
@@ -1151,7 +1164,7 @@ std::vector<const T*> typed(const std::vector<const void*>& v) {
 }
 
 // (Σ|s|, Σs², Σ_g‖s_g‖, group_sq) from task partials and slots.
-std::tuple<at::Tensor, at::Tensor> finish_sums(const Prepared& p, const std::vector<double>& partials,
+inline std::tuple<at::Tensor, at::Tensor> finish_sums(const Prepared& p, const std::vector<double>& partials,
                                                const std::vector<double>& slots, at::ScalarType dtype) {
   double a = 0.0, s = 0.0;
   for (size_t t = 0; t < p.schedule.tasks.size(); ++t) {  // fixed order
@@ -1187,16 +1200,16 @@ auto diff_loaders(const std::vector<const T*>& w, const std::vector<const T*>& c
   return [&w, &c](int64_t item) { return Diff<T, kCenter>{w[item], kCenter ? c[item] : nullptr}; };
 }
 
-// The sums pass over (a subset of) the schedule: shrunk values when thr > 0.
-template <typename T, bool kCenter>
+// The sums pass over (a subset of) the schedule: of d, or of the shrunk values (kShrink).
+template <typename T, bool kCenter, bool kShrink>
 void run_sums(const Prepared& p, double thr, std::vector<double>& partials, std::vector<double>& slots,
               const std::vector<bool>* only_items = nullptr) {
   using O = typename Traits<T>::opmath;
   const auto w = typed<T>(p.w);
   const auto c = typed<T>(p.c);
-  partials.assign(2 * p.schedule.tasks.size(), 0.0);
-  slots.assign(p.schedule.nslots, 0.0);
-  if (thr > 0.0) {
+  partials.resize(2 * p.schedule.tasks.size(), 0.0);
+  slots.resize(p.schedule.nslots, 0.0);
+  if constexpr (kShrink) {
     const Vectorized<O> t(static_cast<O>(thr));
     auto loader_of = [&](int64_t item) {
       return Shrunk<T, kCenter>{Diff<T, kCenter>{w[item], kCenter ? c[item] : nullptr}, t};
@@ -1208,239 +1221,56 @@ void run_sums(const Prepared& p, double thr, std::vector<double>& partials, std:
   }
 }
 
-// Norms of the groups that span tasks, from a first sums pass over their items only (the
-// others are computed in-task); `per_group(norm)` maps each to the coefficient the update needs.
-template <typename T, bool kCenter, typename PerGroup>
-std::vector<double> spanning_group_coefs(const Prepared& p, double thr, const PerGroup& per_group,
-                                         const std::optional<std::vector<double>>& given_norms) {
-  std::vector<double> coefs(p.ngroups, 0.0);
+// The per-group coefficients of an in-place update (add_grad_, prox_), before it runs.
+//   group_coef[g]  the coefficient of d for group g (from `per_group(norm)`), for every group
+//                  whose norm is given or spans tasks; in-task groups are computed by the update.
+//   precomputed[k] item k's sums already came from this first pass (partials and slots written).
+// Without given norms, the items whose groups span tasks get a first sums pass (kShrink: of the
+// shrunk values, for prox_) over their tasks only, into `partials` / `slots`.
+struct GroupCoefs {
+  std::vector<double> group_coef;
+  std::vector<bool> precomputed;
+};
+
+template <typename T, bool kCenter, bool kShrink, typename PerGroup>
+GroupCoefs group_coefs(const Prepared& p, double thr, const PerGroup& per_group,
+                       const std::optional<std::vector<double>>& given_norms, std::vector<double>& partials,
+                       std::vector<double>& slots) {
+  GroupCoefs out{std::vector<double>(p.ngroups, 0.0), std::vector<bool>(p.items.size(), false)};
   if (given_norms.has_value()) {
-    for (int64_t g = 0; g < p.ngroups; ++g) coefs[g] = per_group((*given_norms)[g]);
-    return coefs;
+    for (int64_t g = 0; g < p.ngroups; ++g) out.group_coef[g] = per_group((*given_norms)[g]);
+    return out;
   }
-  std::vector<bool> spanning(p.items.size(), false);
   bool any = false;
   for (size_t k = 0; k < p.items.size(); ++k) {
-    spanning[k] = p.items[k].G > 0 && !p.items[k].whole_groups;
-    any = any || spanning[k];
+    out.precomputed[k] = p.items[k].G > 0 && !p.items[k].whole_groups;
+    any = any || out.precomputed[k];
   }
-  if (any) {
-    std::vector<double> partials, slots, group_sq(p.ngroups, 0.0);
-    run_sums<T, kCenter>(p, thr, partials, slots, &spanning);
-    add_slots(p.schedule, p.items, slots, group_sq, &spanning);
-    for (size_t k = 0; k < p.items.size(); ++k) {
-      const Item& it = p.items[k];
-      if (!spanning[k]) continue;
-      for (int64_t g = 0; g < it.G; ++g) coefs[it.group_base + g] = per_group(std::sqrt(group_sq[it.group_base + g]));
+  if (!any) return out;
+  run_sums<T, kCenter, kShrink>(p, thr, partials, slots, &out.precomputed);
+  std::vector<double> group_sq(p.ngroups, 0.0);
+  add_slots(p.schedule, p.items, slots, group_sq, &out.precomputed);
+  for (size_t k = 0; k < p.items.size(); ++k) {
+    const Item& it = p.items[k];
+    if (!out.precomputed[k]) continue;
+    for (int64_t g = 0; g < it.G; ++g) {
+      out.group_coef[it.group_base + g] = per_group(std::sqrt(group_sq[it.group_base + g]));
     }
   }
-  return coefs;
+  return out;
 }
 
-// ----------------------------------------------------------------------------------------
-// Ops.
+}  // namespace detail
 
+// The ops (one translation unit each, compiled in parallel; registered in library.cpp).
 std::tuple<at::Tensor, at::Tensor> sums(at::TensorList params, at::TensorList centers, int64_t group_dim,
-                                        double threshold) {
-  const at::ScalarType dtype = check_group(params, centers, "sums");
-  TORCH_CHECK(threshold >= 0.0, "fastreg_cpu::sums: threshold must be >= 0, got ", threshold);
-  Prepared p;
-  std::vector<at::Tensor> read;
-  read.reserve(params.size());
-  for (const auto& t : params) read.push_back(t.numel() ? readable(t, p) : t);
-  add_items(p, params, centers, group_dim, read);
-  p.schedule = make_schedule(p.items);
-  std::vector<double> partials, slots;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::sums", [&] {
-    if (centers.empty()) {
-      run_sums<scalar_t, false>(p, threshold, partials, slots);
-    } else {
-      run_sums<scalar_t, true>(p, threshold, partials, slots);
-    }
-  });
-  return finish_sums(p, partials, slots, dtype);
-}
-
+                                        double threshold);
 std::vector<at::Tensor> grads(at::TensorList params, at::TensorList centers, int64_t group_dim,
-                              const at::Tensor& coeffs, const std::optional<at::Tensor>& group_scale) {
-  const at::ScalarType dtype = check_group(params, centers, "grads");
-  Prepared p;
-  std::vector<at::Tensor> outs;
-  std::vector<at::Tensor> read;
-  outs.reserve(params.size());
-  read.reserve(params.size());
-  for (const auto& t : params) {
-    at::Tensor out = fresh_like(t);  // the layout of empty_like(t), as the fake impl promises
-    outs.push_back(out);
-    if (!t.numel()) {
-      read.push_back(t);
-      p.out.push_back(nullptr);
-      continue;
-    }
-    if (direct(t) && same_layout(t, out)) {
-      read.push_back(t);
-    } else {
-      read.push_back(copy_like(t, out));  // empty_like(t) layout == out's layout
-      p.keep.push_back(read.back());
-    }
-    p.out.push_back(out.data_ptr());
-  }
-  add_items(p, params, centers, group_dim, read);
-  p.schedule = make_schedule(p.items);
-  const auto k = read_coeffs(coeffs, dtype, 2);
-  const auto scale = read_group_vector(group_scale, p.ngroups, "group_scale");
-  std::vector<double> group_coef(p.ngroups, 2.0 * k[1]);
-  if (scale.has_value()) {
-    for (int64_t g = 0; g < p.ngroups; ++g) group_coef[g] += (*scale)[g];
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::grads", [&] {
-    using O = typename Traits<scalar_t>::opmath;
-    GradsOp<scalar_t> op{Vectorized<O>(static_cast<O>(k[0])), static_cast<O>(2.0 * k[1]), typed<scalar_t>(p.out)};
-    const auto w = typed<scalar_t>(p.w);
-    const auto c = typed<scalar_t>(p.c);
-    if (centers.empty()) {
-      apply_tasks<scalar_t, false>(p.schedule, p.items, w, c, op, group_coef.data(), false, nullptr, nullptr);
-    } else {
-      apply_tasks<scalar_t, true>(p.schedule, p.items, w, c, op, group_coef.data(), false, nullptr, nullptr);
-    }
-  });
-  return outs;
-}
-
+                              const at::Tensor& coeffs, const std::optional<at::Tensor>& group_scale);
 std::tuple<at::Tensor, at::Tensor> add_grad_(at::TensorList params, at::TensorList grads_, at::TensorList centers,
                                              int64_t group_dim, const at::Tensor& coeffs,
-                                             const std::optional<at::Tensor>& group_norms) {
-  const at::ScalarType dtype = check_group(params, centers, "add_grad_");
-  TORCH_CHECK(grads_.size() == params.size(), "fastreg_cpu::add_grad_: ", params.size(), " params but ",
-              grads_.size(), " grads");
-  const at::ScalarType gdtype = grads_[0].scalar_type();
-  Prepared p;
-  std::vector<at::Tensor> read;
-  read.reserve(params.size());
-  for (size_t k = 0; k < params.size(); ++k) {
-    const at::Tensor& t = params[k];
-    const at::Tensor& g = grads_[k];
-    TORCH_CHECK(g.device().is_cpu() && g.layout() == at::kStrided, "fastreg_cpu::add_grad_: grads[", k,
-                "] must be a strided CPU tensor, got ", g.layout(), " on ", g.device());
-    TORCH_CHECK(g.scalar_type() == gdtype, "fastreg_cpu::add_grad_: grads[", k, "] is ", g.scalar_type(),
-                ", grads[0] is ", gdtype, " (one gradient dtype per call)");
-    TORCH_CHECK(g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble || g.scalar_type() == at::kHalf ||
-                    g.scalar_type() == at::kBFloat16,
-                "fastreg_cpu::add_grad_: grads[", k, "] has unsupported dtype ", g.scalar_type());
-    TORCH_CHECK(g.sizes() == t.sizes(), "fastreg_cpu::add_grad_: grads[", k, "] has shape ", g.sizes(),
-                ", params[", k, "] has ", t.sizes());
-    if (!t.numel()) {
-      read.push_back(t);
-      p.out.push_back(nullptr);
-      continue;
-    }
-    read.push_back(readable(t, p));
-    if (direct(g) && same_layout(g, read.back())) {
-      p.out.push_back(g.data_ptr());
-    } else {
-      at::Tensor tmp = copy_like(g, read.back());  // dense, same strides as what is read as w
-      p.out.push_back(tmp.data_ptr());
-      p.copy_back.emplace_back(g, tmp);
-    }
-  }
-  add_items(p, params, centers, group_dim, read);
-  p.schedule = make_schedule(p.items);
-  const auto k = read_coeffs(coeffs, dtype, 3);
-  const auto norms = read_group_vector(group_norms, p.ngroups, "group_norms");
-  std::vector<double> partials(2 * p.schedule.tasks.size(), 0.0), slots(p.schedule.nslots, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::add_grad_", [&] {
-    using T = scalar_t;
-    using O = typename Traits<T>::opmath;
-    auto run = [&](auto grad_tag, auto center_tag) {
-      using G = decltype(grad_tag);
-      constexpr bool kCenter = decltype(center_tag)::value;
-      AddGradOp<T, G> op{Vectorized<O>(static_cast<O>(k[0])), static_cast<O>(2.0 * k[1]), k[2], {}};
-      for (void* ptr : p.out) op.grad.push_back(static_cast<G*>(ptr));
-      const auto coefs = spanning_group_coefs<T, kCenter>(
-          p, 0.0, [&](double n) { return static_cast<double>(op.group_coef(n)); }, norms);
-      apply_tasks<T, kCenter>(p.schedule, p.items, typed<T>(p.w), typed<T>(p.c), op, coefs.data(),
-                              !norms.has_value(), partials.data(), slots.data());
-    };
-    auto with_center = [&](auto grad_tag) {
-      if (centers.empty()) {
-        run(grad_tag, std::false_type{});
-      } else {
-        run(grad_tag, std::true_type{});
-      }
-    };
-    switch (gdtype) {
-      case at::kFloat: with_center(float{}); break;
-      case at::kDouble: with_center(double{}); break;
-      case at::kHalf: with_center(at::Half{}); break;
-      default: with_center(at::BFloat16{}); break;
-    }
-  });
-  for (auto& gt : p.copy_back) gt.first.copy_(gt.second);  // explicit write into the real grad
-  return finish_sums(p, partials, slots, dtype);
-}
-
+                                             const std::optional<at::Tensor>& group_norms);
 void prox_(at::TensorList params, at::TensorList centers, int64_t group_dim, const at::Tensor& coeffs,
-           const std::optional<at::Tensor>& group_norms) {
-  const at::ScalarType dtype = check_group(params, centers, "prox_");
-  Prepared p;
-  std::vector<at::Tensor> read;
-  read.reserve(params.size());
-  for (const auto& t : params) {
-    if (!t.numel()) {
-      read.push_back(t);
-      p.out.push_back(nullptr);
-    } else if (direct(t)) {
-      read.push_back(t);
-      p.out.push_back(t.data_ptr());
-    } else {
-      at::Tensor tmp = at::empty_like(t);
-      tmp.copy_(t);
-      read.push_back(tmp);
-      p.out.push_back(tmp.data_ptr());
-      p.copy_back.emplace_back(t, tmp);
-    }
-  }
-  add_items(p, params, centers, group_dim, read);
-  p.schedule = make_schedule(p.items);
-  const auto k = read_coeffs(coeffs, dtype, 3);
-  const auto norms = read_group_vector(group_norms, p.ngroups, "group_norms");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::prox_", [&] {
-    using T = scalar_t;
-    using O = typename Traits<T>::opmath;
-    auto run = [&](auto center_tag) {
-      constexpr bool kCenter = decltype(center_tag)::value;
-      ProxOp<T, kCenter> op{Vectorized<O>(static_cast<O>(k[0])), Vectorized<O>(static_cast<O>(k[1])), k[2], k[1],
-                            typed<T>(p.out), typed<T>(p.c)};
-      const auto coefs = spanning_group_coefs<T, kCenter>(
-          p, k[0], [&](double n) { return static_cast<double>(op.group_coef(n)); }, norms);
-      apply_tasks<T, kCenter>(p.schedule, p.items, typed<T>(p.w), typed<T>(p.c), op, coefs.data(),
-                              !norms.has_value(), nullptr, nullptr);
-    };
-    if (centers.empty()) {
-      run(std::false_type{});
-    } else {
-      run(std::true_type{});
-    }
-  });
-  for (auto& pt : p.copy_back) pt.first.copy_(pt.second);  // explicit write into the real param
-}
-
-}  // namespace
-
-TORCH_LIBRARY(fastreg_cpu, m) {
-  m.set_python_module("fastreg.backends.cpu");  // where the fake (meta) impls live
-  m.def("sums(Tensor[] params, Tensor[] centers, int group_dim, float threshold) -> (Tensor, Tensor)");
-  m.def("grads(Tensor[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_scale) -> Tensor[]");
-  m.def("add_grad_(Tensor[] params, Tensor(a!)[] grads, Tensor[] centers, int group_dim, Tensor coeffs, "
-        "Tensor? group_norms) -> (Tensor, Tensor)");
-  m.def("prox_(Tensor(a!)[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_norms) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(fastreg_cpu, CPU, m) {
-  m.impl("sums", &sums);
-  m.impl("grads", &grads);
-  m.impl("add_grad_", &add_grad_);
-  m.impl("prox_", &prox_);
-}
+           const std::optional<at::Tensor>& group_norms);
 
 }  // namespace fastreg_cpu

@@ -1,0 +1,73 @@
+// fastreg_cpu::add_grad_: g += the penalty's gradient, in place, and the sums of the same pass
+// (see fastreg_cpu.h).
+
+#include "fastreg_cpu.h"
+
+namespace fastreg_cpu {
+
+using namespace detail;
+
+std::tuple<at::Tensor, at::Tensor> add_grad_(at::TensorList params, at::TensorList grads_, at::TensorList centers,
+                                             int64_t group_dim, const at::Tensor& coeffs,
+                                             const std::optional<at::Tensor>& group_norms) {
+  const at::ScalarType dtype = check_group(params, centers, "add_grad_");
+  TORCH_CHECK(grads_.size() == params.size(), "fastreg_cpu::add_grad_: ", params.size(), " params but ",
+              grads_.size(), " grads");
+  const at::ScalarType gdtype = grads_[0].scalar_type();
+  Prepared p;
+  std::vector<at::Tensor> read;
+  read.reserve(params.size());
+  for (size_t k = 0; k < params.size(); ++k) {
+    const at::Tensor& t = params[k];
+    const at::Tensor& g = grads_[k];
+    TORCH_CHECK(g.device().is_cpu() && g.layout() == at::kStrided, "fastreg_cpu::add_grad_: grads[", k,
+                "] must be a strided CPU tensor, got ", g.layout(), " on ", g.device());
+    TORCH_CHECK(g.scalar_type() == gdtype, "fastreg_cpu::add_grad_: grads[", k, "] is ", g.scalar_type(),
+                ", grads[0] is ", gdtype, " (one gradient dtype per call)");
+    TORCH_CHECK(g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble || g.scalar_type() == at::kHalf ||
+                    g.scalar_type() == at::kBFloat16,
+                "fastreg_cpu::add_grad_: grads[", k, "] has unsupported dtype ", g.scalar_type());
+    TORCH_CHECK(g.sizes() == t.sizes(), "fastreg_cpu::add_grad_: grads[", k, "] has shape ", g.sizes(),
+                ", params[", k, "] has ", t.sizes());
+    if (!t.numel()) {
+      read.push_back(t);
+      p.out.push_back(nullptr);
+      continue;
+    }
+    read.push_back(readable(t, p));
+    if (direct(g) && same_layout(g, read.back())) {
+      p.out.push_back(g.data_ptr());
+    } else {
+      at::Tensor tmp = copy_like(g, read.back());  // dense, same strides as what is read as w
+      p.out.push_back(tmp.data_ptr());
+      p.copy_back.emplace_back(g, tmp);
+    }
+  }
+  add_items(p, params, centers, group_dim, read);
+  p.schedule = make_schedule(p.items);
+  const auto k = read_coeffs(coeffs, dtype, 3);
+  const auto norms = read_group_vector(group_norms, p.ngroups, "group_norms");
+  std::vector<double> partials(2 * p.schedule.tasks.size(), 0.0), slots(p.schedule.nslots, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::add_grad_", [&] {
+    using T = scalar_t;
+    using O = typename Traits<T>::opmath;
+    auto run = [&](auto center_tag) {
+      constexpr bool kCenter = decltype(center_tag)::value;
+      AddGradOp<T> op{Vectorized<O>(static_cast<O>(k[0])), static_cast<O>(2.0 * k[1]), k[2], grad_kind(gdtype),
+                      p.out};
+      const auto coefs = group_coefs<T, kCenter, false>(
+          p, 0.0, [&](double n) { return static_cast<double>(op.group_coef(n)); }, norms, partials, slots);
+      apply_tasks<T, kCenter>(p.schedule, p.items, typed<T>(p.w), typed<T>(p.c), op, coefs.group_coef.data(),
+                              coefs.precomputed, !norms.has_value(), partials.data(), slots.data());
+    };
+    if (centers.empty()) {
+      run(std::false_type{});
+    } else {
+      run(std::true_type{});
+    }
+  });
+  for (auto& gt : p.copy_back) gt.first.copy_(gt.second);  // explicit write into the real grad
+  return finish_sums(p, partials, slots, dtype);
+}
+
+}  // namespace fastreg_cpu

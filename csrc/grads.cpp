@@ -1,0 +1,56 @@
+// fastreg_cpu::grads: fresh gradients c1·sign(d) + (2·c2 + scale_g)·d (see fastreg_cpu.h).
+
+#include "fastreg_cpu.h"
+
+namespace fastreg_cpu {
+
+using namespace detail;
+
+std::vector<at::Tensor> grads(at::TensorList params, at::TensorList centers, int64_t group_dim,
+                              const at::Tensor& coeffs, const std::optional<at::Tensor>& group_scale) {
+  const at::ScalarType dtype = check_group(params, centers, "grads");
+  Prepared p;
+  std::vector<at::Tensor> outs;
+  std::vector<at::Tensor> read;
+  outs.reserve(params.size());
+  read.reserve(params.size());
+  for (const auto& t : params) {
+    at::Tensor out = fresh_like(t);  // the layout of empty_like(t), as the fake impl promises
+    outs.push_back(out);
+    if (!t.numel()) {
+      read.push_back(t);
+      p.out.push_back(nullptr);
+      continue;
+    }
+    if (direct(t) && same_layout(t, out)) {
+      read.push_back(t);
+    } else {
+      read.push_back(copy_like(t, out));  // empty_like(t) layout == out's layout
+      p.keep.push_back(read.back());
+    }
+    p.out.push_back(out.data_ptr());
+  }
+  add_items(p, params, centers, group_dim, read);
+  p.schedule = make_schedule(p.items);
+  const auto k = read_coeffs(coeffs, dtype, 2);
+  const auto scale = read_group_vector(group_scale, p.ngroups, "group_scale");
+  std::vector<double> group_coef(p.ngroups, 2.0 * k[1]);
+  if (scale.has_value()) {
+    for (int64_t g = 0; g < p.ngroups; ++g) group_coef[g] += (*scale)[g];
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::grads", [&] {
+    using O = typename Traits<scalar_t>::opmath;
+    GradsOp<scalar_t> op{Vectorized<O>(static_cast<O>(k[0])), static_cast<O>(2.0 * k[1]), typed<scalar_t>(p.out)};
+    const auto w = typed<scalar_t>(p.w);
+    const std::vector<bool> none(p.items.size(), false);
+    const auto c = typed<scalar_t>(p.c);
+    if (centers.empty()) {
+      apply_tasks<scalar_t, false>(p.schedule, p.items, w, c, op, group_coef.data(), none, false, nullptr, nullptr);
+    } else {
+      apply_tasks<scalar_t, true>(p.schedule, p.items, w, c, op, group_coef.data(), none, false, nullptr, nullptr);
+    }
+  });
+  return outs;
+}
+
+}  // namespace fastreg_cpu
