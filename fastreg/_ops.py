@@ -86,7 +86,8 @@ def _unpack(ctx):
 def _sums_backward(ctx, grad_sums, grad_group_sq):
     params, centers, group_sq, group_dim, backend = _unpack(ctx)
     coeffs, scale = _backward_coeffs(grad_sums, group_sq, grad_group_sq)
-    return sums_backward(params, centers, group_dim, coeffs, scale, backend), None, None, None
+    # A list input takes a list of gradients: none for the centers (constants).
+    return sums_backward(params, centers, group_dim, coeffs, scale, backend), [None] * len(centers), None, None
 
 
 sums.register_autograd(_sums_backward, setup_context=_sums_setup_context)
@@ -122,7 +123,7 @@ def _sums_backward_backward(ctx, grad_outputs):
             start += n
         grad_scale = torch.cat(per_group) if per_group else scale.new_zeros(0)
     grad_coeffs = torch.stack([sign_dot, 2 * value_dot]).to(coeffs.dtype)
-    return grad_params, None, None, grad_coeffs, grad_scale, None
+    return grad_params, [None] * len(centers), None, grad_coeffs, grad_scale, None
 
 
 sums_backward.register_autograd(_sums_backward_backward, setup_context=_sums_backward_setup_context)
