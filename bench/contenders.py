@@ -139,6 +139,28 @@ def _prepare_flat_sum(params, penalty, clock):
     return Prepared({FWD: flat.sum}, value_mode=None, keep_alive=[flat])
 
 
+def apex_available():
+    """apex's fused CUDA kernels (``amp_C``) are importable and a GPU is present."""
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("amp_C") is not None
+
+
+def _prepare_apex(params, penalty, clock):
+    """apex's ``multi_tensor_l2norm`` (the kernel behind its clip_grad / LAMB): forward only."""
+    import amp_C
+    from apex.multi_tensor_apply import multi_tensor_applier
+
+    overflow = torch.zeros(1, dtype=torch.int, device=params[0].device)
+    tensors = [p for p in params if p.numel()]
+
+    def value():
+        norm, _ = multi_tensor_applier(amp_C.multi_tensor_l2norm, overflow, [tensors], False)
+        return LAMBDA * norm.double().square().reshape(())
+
+    return Prepared({FWD: value})
+
+
 def _fastreg_autograd(backend):
     def prepare(params, penalty, clock):
         reg = fastreg.Penalty(params, **{penalty: LAMBDA}, backend=backend)
@@ -169,6 +191,8 @@ def all_contenders(backends):
                   _prepare_compiled, needs_flag="--compile"),
         Contender("flat-sum", "torch.sum, 1 flat tensor", PENALTIES, None, _prepare_flat_sum),
     ]
+    if apex_available():
+        contenders.append(Contender("apex-l2norm", "apex multi_tensor_l2norm", ("l2",), None, _prepare_apex))
     for backend in backends:
         contenders += [
             Contender(f"fastreg-{backend}", f"fastreg[{backend}] autograd", PENALTIES,

@@ -165,14 +165,20 @@ def markdown(rows, meta, cases, penalties):
     ]
     lines += [f"| {c.title} | {c.num_tensors:,} | {c.num_elements:,} |" for c in cases]
     titles = {c.name: c.title for c in cases}
+    # On a GPU the host's own time per call (launching, not waiting) is worth its column: it
+    # bounds the step rate of small models. On a CPU it is the time itself.
+    host = meta["device"].startswith("cuda")
+    if host:
+        lines.insert(lines.index("| case | tensors | params |") - 1,
+                     "- host µs: the host's time inside one call (Python and launches), without waiting for the GPU")
     for penalty in penalties:
         lines += [
             "",
             f"## {penalty.upper()}",
             "",
             "| case | contender | fwd ms | fwd GB/s | fwd x seed | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd x seed "
-            "| rel err | grad err | notes |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            + ("| host µs fwd / fwd+bwd " if host else "") + "| rel err | grad err | notes |",
+            "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if host else "") + "---:|---:|---|",
         ]
         for (case, _), by_mode in _grouped(rows, penalty).items():
             any_row = next(iter(by_mode.values()))
@@ -187,6 +193,9 @@ def markdown(rows, meta, cases, penalties):
                 if r["skipped"]:
                     notes.append(f"skipped: {r['skipped']}")
             grad_err = by_mode[FWD_BWD]["grad_err"] if FWD_BWD in by_mode else None
+            if host:
+                cells.append(" / ".join(f"{by_mode[m]['host_ms'] * 1e3:.0f}" if by_mode.get(m) and
+                                        by_mode[m].get("host_ms") else "-" for m in MODES))
             cells += [_err(any_row["rel_err"]), _abs_err(grad_err), "; ".join(dict.fromkeys(notes))]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

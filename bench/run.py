@@ -55,7 +55,8 @@ def parse_args(argv=None):
                         help="skip checking each contender's gradient (one extra fwd+bwd per contender)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameter values (default 0)")
     parser.add_argument("--out", type=Path,
-                        help="results folder (default: bench/results/<device>-<dtype>[-quick]-<YYYY-MM-DD>)")
+                        help="results folder (default: bench/results/<device>-<dtype>-<YYYY-MM-DD> for a full run; "
+                             "bench/results/local/... (git-ignored) for --quick and partial runs)")
     parser.add_argument("--list", action="store_true", help="list the cases and contenders, and exit")
     return parser.parse_args(argv)
 
@@ -92,9 +93,13 @@ def resolve_device(name):
 
 
 def default_out_dir(device, args):
+    """Full runs write results to commit (bench/results/<device>-<dtype>-<date>); quick runs and
+    partial runs (--cases / --contenders / --penalty) write under the git-ignored
+    bench/results/local/, so a preview never overwrites committed results or dirties the tree."""
     date = datetime.date.today().isoformat()
-    quick = "-quick" if args.quick else ""
-    return RESULTS_DIR / f"{report.device_slug(device)}-{args.dtype}{quick}-{date}"
+    partial = args.quick or args.cases or args.contenders or args.penalty
+    name = f"{report.device_slug(device)}-{args.dtype}{'-quick' if args.quick else ''}-{date}"
+    return (RESULTS_DIR / "local" / name) if partial else (RESULTS_DIR / name)
 
 
 @dataclasses.dataclass
@@ -119,7 +124,7 @@ def _row(case, penalty, contender, mode, params):
         "numel": numel, "itemsize": itemsize, "passes": passes, "bytes": passes * numel * itemsize,
         "median_ms": None, "times_ms": [], "warmup_calls": 0,
         "value": None, "reference_value": None, "rel_err": None, "grad_err": None,
-        "setup_s": None, "skipped": None,
+        "setup_s": None, "skipped": None, "host_ms": None,
     }
 
 
@@ -182,7 +187,8 @@ def run_contender(case, penalty, contender, params, reference, session):
             row["grad_err"] = grad_err
         try:
             timing = measure(prepared.calls[mode], session.clock, session.budget, prior_calls[mode])
-            row.update(median_ms=timing.median_ms, times_ms=timing.times_ms, warmup_calls=timing.warmup_calls)
+            row.update(median_ms=timing.median_ms, times_ms=timing.times_ms, warmup_calls=timing.warmup_calls,
+                       host_ms=timing.median_host_ms)
         except Exception as exc:
             row["skipped"] = _failure(exc)
         progress.update()

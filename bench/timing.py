@@ -28,14 +28,19 @@ class DeviceClock:
             torch.cuda.synchronize(self.device)
 
     def time_ms(self, fn):
+        """Device time of one call (on a CPU: wall time). ``last_host_ms``: the host's own time
+        in the call (on a GPU: launching, without waiting for the kernels)."""
         if not self.is_cuda:
             start = time.perf_counter()
             fn()
-            return (time.perf_counter() - start) * 1e3
+            self.last_host_ms = (time.perf_counter() - start) * 1e3
+            return self.last_host_ms
         self._flush_buffer.zero_()
         torch.cuda.synchronize(self.device)
         self._start.record()
+        host_start = time.perf_counter()
         fn()
+        self.last_host_ms = (time.perf_counter() - host_start) * 1e3
         self._end.record()
         self._end.synchronize()
         return self._start.elapsed_time(self._end)
@@ -64,10 +69,15 @@ QUICK_BUDGET = Budget(warmup_calls=1, warmup_s=0.0, min_repeats=3, min_s=0.05, m
 class Timing:
     times_ms: list  # every timed call, in order
     warmup_calls: int
+    host_ms: list = None  # the host's time in each timed call (see DeviceClock.time_ms)
 
     @property
     def median_ms(self):
         return statistics.median(self.times_ms)
+
+    @property
+    def median_host_ms(self):
+        return statistics.median(self.host_ms) if self.host_ms else None
 
 
 def measure(fn, clock, budget, prior_calls=0):
@@ -82,7 +92,7 @@ def measure(fn, clock, budget, prior_calls=0):
         while warmup_calls < budget.warmup_calls or warmup_ms < budget.warmup_s * 1e3:
             warmup_ms += clock.time_ms(fn)
             warmup_calls += 1
-        times_ms = []
+        times_ms, host_ms = [], []
         total_ms = 0.0
         while len(times_ms) < budget.max_repeats:
             enough = len(times_ms) >= budget.min_repeats and total_ms >= budget.min_s * 1e3
@@ -90,8 +100,9 @@ def measure(fn, clock, budget, prior_calls=0):
             if enough or too_long:
                 break
             times_ms.append(clock.time_ms(fn))
+            host_ms.append(clock.last_host_ms)
             total_ms += times_ms[-1]
     finally:
         if was_enabled:
             gc.enable()
-    return Timing(times_ms, warmup_calls)
+    return Timing(times_ms, warmup_calls, host_ms)

@@ -56,6 +56,7 @@ from fastreg import sparsity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "examples" / "results"
+QUICK_OUT = DEFAULT_OUT / "quick"  # git-ignored: a --quick run never overwrites the committed results
 
 
 def shown(path):
@@ -119,11 +120,14 @@ def parse_args(argv=None):
     p.add_argument("--tolerance", type=float, default=None,
                    help="max |Δw| allowed between runs that must match (default: 1e-4 for "
                         "float32, 1e-10 for float64)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {shown(DEFAULT_OUT)})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default: {shown(DEFAULT_OUT)}; with --quick {shown(QUICK_OUT)}, git-ignored)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = 3 if args.quick else 40
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     if args.tolerance is None:
         args.tolerance = 1e-4 if args.dtype == "float32" else 1e-10
     return args

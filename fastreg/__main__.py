@@ -1,14 +1,15 @@
-"""``python -m fastreg info`` / ``python -m fastreg build``: inspect and pre-build the backends.
+"""Inspect and pre-build fastreg's backends: ``python -m fastreg info`` / ``python -m fastreg build``.
 
-``info``  reports every backend: available or not and why; for backends that build code
-          (the ``cpu`` C++ extension) also where the build lives, the compiler and the flags.
-          It triggers the JIT build of the C++ extension if it is not cached yet (use
-          ``--no-build`` to only report).
-``build`` builds ahead of time what can be built (the C++ extension), e.g. in a Docker image
-          or before a job array shares one ``TORCH_EXTENSIONS_DIR``. Exit status 1 on failure.
+info   reports every backend: available or not and why; for backends that build code (the
+       cpu C++ extension) also where the build lives, the compiler and the flags; and the
+       FASTREG_BACKEND setting. It builds the C++ extension if it is not cached yet (and says
+       so); --no-build only reports.
+build  builds ahead of time what can be built (the C++ extension), e.g. in a Docker image or
+       before a job array shares one TORCH_EXTENSIONS_DIR. Exit status 1 on failure.
 """
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -79,6 +80,16 @@ def cmd_info(args):
             _show_build(module.build_info())
     print("\nbackend='auto' picks, per device type: "
           + "; ".join(f"{dev}: {' > '.join(order)}" for dev, order in _dispatch.AUTO_ORDER.items()))
+    setting = _dispatch.environment_backend()
+    if not setting:
+        print(f"{_dispatch.ENVIRONMENT_VARIABLE}: not set (backend='auto' as above)")
+    else:
+        try:
+            _dispatch.check_backend_name(setting, source=f"the environment variable {_dispatch.ENVIRONMENT_VARIABLE}")
+            print(f"{_dispatch.ENVIRONMENT_VARIABLE}={setting}: backend='auto' means {setting!r} on every device")
+        except ValueError as exc:
+            print(f"{_dispatch.ENVIRONMENT_VARIABLE}={setting!r}: invalid: {exc}")
+            return 1
     return 0
 
 
@@ -90,7 +101,10 @@ def cmd_build(args):
         module = _backend_module(name)
         if module is None or not hasattr(module, "build"):
             continue
-        print(f"{name}: building...", flush=True)
+        module.ANNOUNCE_BUILDS = False  # this command says it itself
+        cached = module.build_info().get("cached") and not args.force
+        print(f"{name}: already built, loading..." if cached else
+              f"{name}: building (about a minute on 2 cores)...", flush=True)
         start = time.perf_counter()
         try:
             info = module.build(force=args.force)
@@ -104,8 +118,16 @@ def cmd_build(args):
     return status
 
 
+def program_name(argv0=None):
+    """``fastreg`` when run as the console script, else ``python -m fastreg``."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    return "fastreg" if os.path.basename(argv0) == "fastreg" else "python -m fastreg"
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastreg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=program_name(), description=__doc__.splitlines()[0],
+                                     epilog="\n".join(__doc__.splitlines()[2:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="report every backend: available or not, why, build details")
     info.add_argument("--no-build", action="store_true",

@@ -157,5 +157,5 @@ class _EagerSums(torch.autograd.Function):
             grads = sums_backward(params, centers, group_dim, coeffs, scale, backend)
         else:
             grads = _dispatch.backend_for(backend, params[0].device).grads(params, centers or None, group_dim,
-                                                                            coeffs, scale)
+                                                                            coeffs, scale, may_share_storage=True)
         return (None, None, None, *grads, *([None] * len(centers)))

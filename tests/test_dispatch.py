@@ -41,12 +41,12 @@ def test_fastreg_backend_environment_variable_sets_the_default(monkeypatch):
     assert _dispatch.backend_for("auto", torch.device("cpu")).NAME == "torch"
     assert "-> torch (cpu" in fastreg.Penalty([torch.randn(2)]).explain()
     monkeypatch.setenv("FASTREG_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+    with pytest.raises(ValueError, match="unknown backend 'nonsense' \\(from the environment variable FASTREG_BACKEND\\)"):
         fastreg.penalty([torch.randn(2)], l2=1.0)
     assert fastreg.penalty([torch.ones(2)], l2=1.0, backend="torch").item() == pytest.approx(2.0, rel=1e-6)
 
 
-def test_auto_falls_back_with_one_warning_when_the_preferred_backend_is_missing():
+def test_auto_falls_back_with_one_warning_at_the_users_line(tmp_path):
     # In a fresh process, break the preferred CPU backend and watch auto fall back once.
     code = """
 import warnings, torch, fastreg
@@ -58,12 +58,15 @@ with warnings.catch_warnings(record=True) as caught:
     for _ in range(3):
         value = fastreg.penalty([torch.ones(4)], l2=1.0)
 assert value.item() == 4.0
-messages = [str(w.message) for w in caught if "missing_backend" in str(w.message)]
-assert len(messages) == 1, messages
-assert "falling back to the 'torch' backend" in messages[0]
+messages = [w for w in caught if "missing_backend" in str(w.message)]
+assert len(messages) == 1, [str(m.message) for m in messages]
+assert "falling back to the 'torch' backend" in str(messages[0].message)
+assert messages[0].filename == __file__, messages[0].filename  # the user's line, not fastreg's
 print("ok")
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    script = tmp_path / "user_script.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 

@@ -85,6 +85,10 @@ _ISA_FLAGS_MSVC = {
     "generic": ["/DCPU_CAPABILITY=DEFAULT"],
 }
 
+# A first build takes about a minute on 2 cores: say so on stderr (once; not a warning).
+# ``python -m fastreg build`` prints its own messages and turns this off.
+ANNOUNCE_BUILDS = True
+
 _lock = threading.Lock()
 _state = {"tried": False, "reason": None, "library": None, "seconds": None, "built": False}
 _ops = None  # namespace of OpOverloads once loaded
@@ -117,7 +121,8 @@ def sums(params, centers, group_dim, threshold=0.0):
     return _kernels().sums(_as_list(params), _as_list(centers), group_dim, float(threshold))
 
 
-def grads(params, centers, group_dim, coeffs, group_scale):
+def grads(params, centers, group_dim, coeffs, group_scale, may_share_storage=False):
+    # Fresh tensors from the C++ allocator either way (cheap: no dispatcher round trip).
     return _kernels().grads(_as_list(params), _as_list(centers), group_dim, coeffs, group_scale)
 
 
@@ -393,6 +398,9 @@ def _build(config):
 
         verbose = os.environ.get("FASTREG_CPU_VERBOSE", "") not in ("", "0")
         log.info("fastreg: building %s in %s (first use)", config["name"], build_dir)
+        if ANNOUNCE_BUILDS:  # a minute of silence on first use would look like a hang
+            print(f"fastreg: building the C++ CPU kernels (first use on this machine; cached in {build_dir}, "
+                  "so later runs load them in milliseconds)...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
             cpp_extension.load(
@@ -417,6 +425,8 @@ def _build(config):
                 + (f" (full log: {log_path})" if log_path else "")
             ) from exc
         seconds = time.perf_counter() - start
+        if ANNOUNCE_BUILDS:
+            print(f"fastreg: built the C++ CPU kernels in {seconds:.1f} s", file=sys.stderr, flush=True)
         record = {
             "name": config["name"], "isa": config["isa"], "flags": config["flags"],
             "ldflags": config["ldflags"],

@@ -1,80 +1,93 @@
-"""The Triton backend: multi-tensor CUDA kernels, one launch for all tensors of a group.
+"""The Triton backend: multi-tensor CUDA kernels for every fastreg term, a few launches per call.
 
-Design (see DESIGN.md §3), shared by the four kernels:
+Design (see DESIGN.md §3 and fastreg/backends/__init__.py for the contract):
 
-* **Work split.** Every non-empty tensor is cut into chunks of ``CHUNK`` elements; one
-  program (CUDA block) handles one chunk, looping over it in ``BLOCK``-element tiles.
-  All tiles but the last of a tensor are loaded without a mask, so they vectorise.
-* **Device table.** Kernels receive no per-tensor arguments. One int64 device tensor holds
+* **Programs.** Every tensor of a call is cut into programs (CUDA blocks) of about ``chunk``
+  elements, in one of three modes, chosen per tensor:
 
-      [ data pointers of operand 0 (T) | ... of operand k (T) | numels (T) | block map (2B) ]
+  ``FLAT``  a tensor without a group term: a contiguous chunk, walked in ``BLOCK`` tiles,
+            all but the last unmasked (vectorised loads).
+  ``RUNS``  a tensor whose groups are runs of ``K >= MIN_RUN`` contiguous elements
+            (``group_dim=0`` on a contiguous weight): a ``[BLOCK // RUN_TILE, RUN_TILE]``
+            tile of whole runs (rows) walked along ``K``; one partial per run.
+  ``ROWS``  a tensor whose runs are short (``group_dim=1`` on a Linear weight: ``K = 1``): a
+            ``BLOCK``-wide window of positions of its ``(A, G*K)`` memory view, walked down
+            ``chunk // BLOCK`` rows; one float64 partial per position.
 
-  where the block map gives, for program ``b``, ``(tensor index, chunk index)``. A kernel
-  loads its tensor's pointer and casts it to the group's dtype (``.to(tl.pointer_type(..))``,
-  the pattern of Triton's grouped-GEMM tutorial). Grids are ``(B,)``; there is no limit on
-  the number of tensors per launch.
-* **64-bit offsets.** ``tl.program_id(0)`` is cast to int64 first; tensor indices, chunk
-  indices, numels and pointers are int64 table entries, so chunk starts, tile offsets,
-  masks and partial-slot indices are all int64: tensors above 2**31 elements are fine.
-* **Table cache.** Building a table is a host loop plus one host-to-device copy, so tables
-  are cached (small LRU) keyed by device, dtype, ``CHUNK`` and the tensors' data pointers
-  and sizes; a training step with parameters that do not move rebuilds nothing. A miss
-  copies from pinned memory with ``non_blocking=True``: no host synchronisation even then.
-  The tables hold only pointers and sizes, i.e. exactly what the key holds, so a hit is
-  always valid, even if the memory now belongs to another tensor of the same size.
-  ``grads`` must write fresh tensors (custom ops may not return aliasing outputs, so no flat
-  buffer): their pointers go in a second, small table (``T`` pointers; the block map comes
-  from the cached parameter table), cached the same way, which hits whenever the caching
-  allocator hands out the same addresses again, as it does step after step.
-* **Deterministic sums, no atomics.** Stage 1 writes one ``[Σ|w|, Σw²]`` partial pair per
-  program into its own slot (accumulated in fp32, fp64 for fp64 tensors: per lane over the
-  tiles, then a tree over the lanes); stage 2 is a one-program kernel that adds the slots in
-  a fixed order in fp64. Same inputs, same bits, every call; two launches per group.
-* **Coefficients** are loaded inside the kernels from the ``(2,)`` device tensor: no
-  ``.item()``, nothing read back on the host, so steps can be CUDA-graph captured (after a
-  warm-up call has filled the table cache).
+  A program's tensor, its range and its partials' slot come from a per-program row of an
+  int64 device table; the tensor's pointers (one table per operand, cast to the dtype with
+  ``tl.pointer_type``: the pattern of Triton's grouped-GEMM tutorial) and geometry from
+  per-tensor rows. There is no limit on tensors per launch; one launch per (mode, alignment)
+  present in the call.
+* **Chunk per launch.** ``chunk`` is the smallest power of two (between ``BLOCK`` and
+  ``MAX_CHUNK``) that cuts the call into at most ``TARGET_PROGRAMS`` programs: a 2M-parameter
+  model gets 512 programs of 4096 elements instead of 32 of 65536, so a 132-SM GPU is full. It
+  is a function of the tensor sizes only, so the results stay bitwise deterministic.
+* **Alignment per tensor.** A tensor whose operands all start on 16 bytes (and, with groups,
+  whose rows keep that alignment) goes into the ``ALIGNED`` launch, with
+  ``tl.multiple_of`` hints: 128-bit loads. One odd tensor no longer turns them off for all.
+* **64-bit offsets.** ``tl.program_id(0)`` is widened to int64 first; table entries are int64,
+  so offsets and masks are int64: tensors above 2**31 elements are fine.
+* **Deterministic sums, no atomics.** Stage 1 writes one ``[Σ|s|, Σs²]`` pair per program and
+  the group partials into their own slots; ``_group_sq_kernel`` adds each group's slots in a
+  fixed order in float64, and ``_finish_kernel`` adds the pairs and ``Σ_g sqrt(group_sq)``.
+* **Coefficients** are loaded inside the kernels from device tensors, and the per-group
+  coefficients are formed on the device (``group_coef``): no ``.item()``, no host sync, so a
+  step can be CUDA-graph captured (after a warm-up call has filled the plan cache).
+* **Floating-point fusion** is set explicitly on every launch: ``enable_fp_fusion=True``
+  (``a * b + c`` is one FMA, rounded once, as in the C++ kernels), so a change of Triton's
+  default (off from Triton 3.10) changes no result.
+* **Call plans and their cache.** Building a call's tables is a host loop plus one
+  host-to-device copy, so plans are cached (LRU) keyed by the operands' pointers, shapes and
+  strides, the group dim, the tuning constants and the current stream. Keying by stream
+  orders a plan's upload before every use (same stream), so a cached table is never read on
+  another stream before its copy has landed. A plan built while a CUDA graph is captured
+  goes into a separate list kept alive with the graph, never into the shared cache: its
+  upload only happens when the graph replays, so an eager call must not find it.
 * **Layouts.** Kernels walk memory linearly. A tensor that is dense (contiguous in some
-  dimension order, e.g. ``w.t()`` or channels_last) is used as is, paired with operands of
-  the same memory order; anything else is read through a contiguous copy, and in-place
-  results computed on a contiguous temporary are copied back explicitly.
+  dimension order, e.g. ``w.t()`` or channels_last) is used as is, its groups located from its
+  strides; centers and gradients in another order, and non-dense tensors, are read through a
+  copy in the parameter's order, and in-place results on a copy are copied back explicitly.
+* **Fresh gradients** (``grads``) are, when the caller allows it (the eager autograd path;
+  a custom op may not return aliasing outputs), views of one flat buffer: one allocation
+  instead of one ``empty_like`` per tensor (the host cost of a call with many tensors).
 
-Tuning constants are module-level (``CHUNK``, ``BLOCK``, ``BLOCK_FP64``, ``NUM_WARPS``,
-``FINISH_BLOCK``), read at every call, so tests can shrink them and benchmarks can sweep
-them. Defaults follow apex's ``multi_tensor_apply`` (65536-element chunks, one block each):
-
-* ``CHUNK = 65536`` keeps per-program bookkeeping (four int64 table loads) negligible and
-  the partial buffer tiny (one pair per 64K elements), while a 25M-parameter model still
-  spreads over ~400 programs and a 124M one over ~1900 (H100: 132 SMs).
-* ``BLOCK = 2048`` with ``NUM_WARPS = 8`` (256 threads): 8 elements per thread per tile,
-  i.e. two 128-bit loads per thread and operand for fp32, one for fp16/bf16 (apex moves 4
-  elements per thread with 512 threads), 32 tiles per chunk. Checked by compiling for
-  sm_90 without a GPU (ptxas): 40-64 registers, no spills, ``ld.global.v4`` in the main
-  loop when every pointer is 16-byte aligned (``ALIGNED``); 4096 needed up to 136
-  registers (spills for bf16 ``add_grad_``), i.e. half the resident blocks. fp64 uses
-  ``BLOCK_FP64 = 1024`` (4 elements, two 128-bit loads per thread, <= 64 registers).
-  Not measured on a GPU: sweep ``BLOCK``/``NUM_WARPS`` on the H100 before trusting them.
-* No autotuning: the in-place kernels would need ``reset_to_zero``/``restore_value``
-  (DESIGN §4), and the choice is bandwidth-bound and shape-independent.
+Tuning constants are module-level and read at every call, so tests can shrink them and the
+GPU check can sweep them (``BLOCK``, ``BLOCK_FP64``, ``NUM_WARPS``, ``MAX_CHUNK``,
+``TARGET_PROGRAMS``, ``RUN_TILE``). Not measured on a GPU yet: ``python -m bench.gpu_check``
+sweeps them on the first GPU it runs on.
 """
 
 import contextlib
+import math
 import os
 from collections import OrderedDict
 
 import torch
 
+from fastreg.backends._geometry import acc_dtype, group_sizes, has_groups, memory_geometry
+
 NAME = "triton"
 
-# Tuning knobs (read at call time; see the module docstring for the rationale).
-CHUNK = 65536  # elements per program; a multiple of BLOCK and BLOCK_FP64
+# Tuning knobs (read at call time; see the module docstring).
 BLOCK = 2048  # elements per tile for 2- and 4-byte dtypes (a power of two)
-BLOCK_FP64 = 1024  # elements per tile for float64 (a power of two)
+BLOCK_FP64 = 1024  # elements per tile for float64
 NUM_WARPS = 8
+MAX_CHUNK = 65536  # largest program (elements); a multiple of every tile
+TARGET_PROGRAMS = 1024  # the chunk is the smallest power of two giving at most this many programs
+RUN_TILE = 256  # RUNS mode: tile width along a run (BLOCK // RUN_TILE runs per tile)
+RUN_LONG = 8  # runs of at least RUN_LONG * BLOCK elements (few, long groups) use a [1, BLOCK] tile
+MIN_RUN = 64  # runs at least this long use RUNS mode, shorter ones ROWS
 FINISH_BLOCK = 1024  # stage-2 tile (partial pairs per iteration)
 FINISH_WARPS = 4
-CACHE_SIZE = 32  # parameter tables kept (LRU)
-OUT_CACHE_SIZE = 32  # output-pointer tables of grads() kept (LRU)
-ALIGN_BYTES = 16  # pointers aligned to this get the vectorisation hint
+GROUP_BLOCK = 256  # groups per _group_sq_kernel program
+CACHE_SIZE = 32  # call plans kept (LRU)
+ALIGN_BYTES = 16
+ENABLE_FP_FUSION = True
+
+FLAT, RUNS, ROWS = 0, 1, 2
+SUMS, GRADS, ADD_GRAD, PROX = "sums", "grads", "add_grad", "prox"
+TENSOR_FIELDS = 5  # per tensor: (numel, G, K, L = G*K, group base); per program (tensor, x0, x1, y0, slot)
 
 
 def _interpreting():
@@ -119,182 +132,276 @@ if triton is not None:
         return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
 
     @triton.jit
-    def _chunk_of_program(block_map, numels, CHUNK: tl.constexpr):
-        """(program id, tensor index, first element, element count) of this program's chunk.
-
-        All int64: the program id is widened before any offset arithmetic.
-        """
+    def _program(meta, MODE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
+        """This program's (id, tensor, x0, x1, y0, slot); all int64. The element offsets among
+        them (FLAT x0, RUNS x1 and y0, ROWS y0) are multiples of a tile, so for an aligned
+        tensor they are hinted multiples of VEC: Triton can then prove 16-byte accesses."""
         pid = tl.program_id(0).to(tl.int64)
-        t = tl.load(block_map + 2 * pid)
-        start = tl.load(block_map + 2 * pid + 1) * CHUNK
-        return pid, t, start, tl.minimum(tl.load(numels + t) - start, CHUNK)
+        row = meta + 5 * pid
+        x0, x1, y0 = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+        if ALIGNED:
+            if MODE == 0:
+                x0 = tl.multiple_of(x0, VEC)
+            elif MODE == 1:
+                x1 = tl.multiple_of(x1, VEC)
+                y0 = tl.multiple_of(y0, VEC)
+            else:
+                y0 = tl.multiple_of(y0, VEC)
+        return pid, tl.load(row), x0, x1, y0, tl.load(row + 4)
 
     @triton.jit
-    def _operand(ptrs, t, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-        """Tensor ``t``'s data pointer from the table, cast to DTYPE, at the chunk's start."""
+    def _geometry(info, t):
+        """Tensor ``t``'s (numel, G, K, L, group base)."""
+        row = info + 5 * t
+        return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+
+    @triton.jit
+    def _operand(ptrs, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+        """Tensor ``t``'s data pointer from the table, cast to DTYPE."""
         ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
         if ALIGNED:
             ptr = tl.multiple_of(ptr, 16)
-        return ptr + start
+        return ptr
 
     @triton.jit
-    def _gradient_coeffs(coeffs, ACC: tl.constexpr):
-        """(l1, 2·l2) from the (2,) coefficient tensor: loaded on the device, never on the host."""
-        return tl.load(coeffs).to(ACC), 2 * tl.load(coeffs + 1).to(ACC)
+    def _row_start(a, L, ALIGNED: tl.constexpr, VEC: tl.constexpr):
+        start = a * L
+        if ALIGNED:
+            start = tl.multiple_of(start, VEC)
+        return start
 
     @triton.jit
-    def _gradient(x, c1, c2):
-        """The penalty's gradient l1·sign(w) + 2·l2·w, with c2 = 2·l2 (in x's acc dtype)."""
-        return c1 * _sign(x) + c2 * x
+    def _load_d(w, c, offs, mask, ACC: tl.constexpr, HAS_CENTER: tl.constexpr, MASKED: tl.constexpr):
+        """d = w - c at ``offs`` in the acc dtype (0 where masked)."""
+        if MASKED:
+            x = tl.load(w + offs, mask=mask, other=0.0).to(ACC)
+            if HAS_CENTER:
+                x -= tl.load(c + offs, mask=mask, other=0.0).to(ACC)
+        else:
+            x = tl.load(w + offs).to(ACC)
+            if HAS_CENTER:
+                x -= tl.load(c + offs).to(ACC)
+        return x
+
+    @triton.jit
+    def _magnitude(x, threshold, SHRINK: tl.constexpr):
+        """|s|: |d|, or max(|d| - threshold, 0) (NaN propagates)."""
+        if SHRINK:
+            return tl.maximum(tl.abs(x) - threshold, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        return tl.abs(x)
 
     @triton.jit
     def _sums_kernel(
-        w_ptrs,  # int64[T]: data pointers
-        numels,  # int64[T]
-        block_map,  # int64[2B]: (tensor, chunk) per program
-        partials,  # acc[2B]: (Σ|w|, Σw²) per program
-        DTYPE: tl.constexpr,
-        ACC: tl.constexpr,
-        ALIGNED: tl.constexpr,
-        CHUNK: tl.constexpr,
-        BLOCK: tl.constexpr,
+        w_ptrs, c_ptrs,  # int64[T]: data pointers (c_ptrs = w_ptrs without centers)
+        info,  # int64[5T]: per-tensor geometry
+        meta,  # int64[5P]: per-program (tensor, x0, x1, y0, slot)
+        partials,  # acc[2P]: (Σ|s|, Σs²) per program
+        slots,  # acc[...]: group partials
+        threshold,  # acc[1]
+        chunk,  # elements per FLAT program (a runtime value: one compiled kernel for every chunk)
+        DTYPE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr, HAS_CENTER: tl.constexpr,
+        SHRINK: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, RUN_TILE: tl.constexpr,
+        VEC: tl.constexpr,
     ):
-        pid, t, start, count = _chunk_of_program(block_map, numels, CHUNK)
-        w = _operand(w_ptrs, t, start, DTYPE, ALIGNED)
-        lanes = tl.arange(0, BLOCK)
-        acc_abs = tl.zeros([BLOCK], dtype=ACC)
-        acc_sq = tl.zeros([BLOCK], dtype=ACC)
-        full = count - count % BLOCK
-        for i in range(0, full, BLOCK):
-            x = tl.load(w + i + lanes).to(ACC)
-            acc_abs += tl.abs(x)
-            acc_sq += x * x
-        if full < count:
-            offs = full + lanes
-            x = tl.load(w + offs, mask=offs < count, other=0.0).to(ACC)
-            acc_abs += tl.abs(x)
-            acc_sq += x * x
-        tl.store(partials + 2 * pid, tl.sum(acc_abs, axis=0))
-        tl.store(partials + 2 * pid + 1, tl.sum(acc_sq, axis=0))
+        pid, t, x0, x1, y0, slot = _program(meta, MODE, ALIGNED, VEC)
+        numel, G, K, L, group_base = _geometry(info, t)
+        w = _operand(w_ptrs, t, DTYPE, ALIGNED)
+        c = _operand(c_ptrs, t, DTYPE, ALIGNED)
+        thr = tl.load(threshold).to(ACC)
+        if MODE == 0:  # FLAT: elements [x0, x0 + chunk) of the tensor
+            lanes = tl.arange(0, BLOCK)
+            count = tl.minimum(numel - x0, chunk)
+            acc_abs = tl.zeros([BLOCK], dtype=ACC)
+            acc_sq = tl.zeros([BLOCK], dtype=ACC)
+            full = count - count % BLOCK
+            for i in range(0, full, BLOCK):
+                s = _magnitude(_load_d(w, c, x0 + i + lanes, None, ACC, HAS_CENTER, False), thr, SHRINK)
+                acc_abs += s
+                acc_sq += s * s
+            if full < count:
+                offs = full + lanes
+                s = _magnitude(_load_d(w, c, x0 + offs, offs < count, ACC, HAS_CENTER, True), thr, SHRINK)
+                acc_abs += s
+                acc_sq += s * s
+            tl.store(partials + 2 * pid, tl.sum(acc_abs, axis=0))
+            tl.store(partials + 2 * pid + 1, tl.sum(acc_sq, axis=0))
+        elif MODE == 1:  # RUNS: runs [x0, x0 + BG) (a run: K elements), along k in [x1, y0)
+            BG: tl.constexpr = BLOCK // RUN_TILE
+            runs = x0 + tl.arange(0, BG).to(tl.int64)
+            run_ok = runs < numel // K
+            cols = tl.arange(0, RUN_TILE)
+            acc_abs = tl.zeros([BG, RUN_TILE], dtype=ACC)
+            acc_sq = tl.zeros([BG, RUN_TILE], dtype=ACC)
+            for k in range(x1, y0, RUN_TILE):
+                kk = k + cols
+                mask = run_ok[:, None] & (kk < y0)[None, :]
+                offs = _row_start(runs, K, ALIGNED, VEC)[:, None] + kk[None, :]
+                s = _magnitude(_load_d(w, c, offs, mask, ACC, HAS_CENTER, True), thr, SHRINK)
+                acc_abs += s
+                acc_sq += s * s
+            tl.store(partials + 2 * pid, tl.sum(tl.sum(acc_abs, axis=1), axis=0))
+            per_run = tl.sum(acc_sq, axis=1)
+            tl.store(partials + 2 * pid + 1, tl.sum(per_run, axis=0))
+            tl.store(slots + slot + tl.arange(0, BG), per_run, mask=run_ok)
+        else:  # ROWS: positions [y0, y0 + BLOCK) of rows [x0, x1)
+            if ALIGNED:
+                L = tl.multiple_of(L, VEC)  # so that the mask is constant over each vector
+            cols = y0 + tl.arange(0, BLOCK).to(tl.int64)
+            col_ok = cols < L
+            acc_abs = tl.zeros([BLOCK], dtype=ACC)
+            acc_sq = tl.zeros([BLOCK], dtype=tl.float64)  # one column's squares over many rows
+            for a in range(x0, x1):
+                offs = _row_start(a, L, ALIGNED, VEC) + cols
+                s = _magnitude(_load_d(w, c, offs, col_ok, ACC, HAS_CENTER, True), thr, SHRINK)
+                acc_abs += s
+                acc_sq += (s * s).to(tl.float64)
+            tl.store(partials + 2 * pid, tl.sum(acc_abs, axis=0))
+            tl.store(partials + 2 * pid + 1, tl.sum(acc_sq, axis=0).to(ACC))
+            tl.store(slots + slot + tl.arange(0, BLOCK), acc_sq.to(ACC), mask=col_ok)
 
     @triton.jit
-    def _finish_kernel(partials, out, nblocks, BLOCK: tl.constexpr):
-        """Stage 2: one program adds the partial pairs in a fixed order, in fp64."""
+    def _group_sq_kernel(slots, ginfo, gmap, group_sq, GROUP_BLOCK: tl.constexpr):
+        """group_sq[g] = Σ_i Σ_j slots[base + i·S1 + g·S2 + j], in a fixed order, in float64."""
+        pid = tl.program_id(0).to(tl.int64)
+        t = tl.load(gmap + 2 * pid)
+        first = tl.load(gmap + 2 * pid + 1) * GROUP_BLOCK
+        row = ginfo + 7 * t
+        base, n1, s1, s2, n2 = tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+        groups, out = tl.load(row + 5), tl.load(row + 6)
+        g = first + tl.arange(0, GROUP_BLOCK).to(tl.int64)
+        ok = g < groups
+        acc = tl.zeros([GROUP_BLOCK], dtype=tl.float64)
+        for i in range(0, n1):
+            for j in range(0, n2):
+                acc += tl.load(slots + base + i * s1 + g * s2 + j, mask=ok, other=0.0).to(tl.float64)
+        tl.store(group_sq + out + g, acc.to(group_sq.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _finish_kernel(partials, nparts, group_sq, ngroups, out, BLOCK: tl.constexpr):
+        """out = [Σ|s|, Σs², Σ_g sqrt(group_sq)]: one program, fixed order, float64."""
         lanes = tl.arange(0, BLOCK).to(tl.int64)
         acc_abs = tl.zeros([BLOCK], dtype=tl.float64)
         acc_sq = tl.zeros([BLOCK], dtype=tl.float64)
-        for i in range(0, nblocks, BLOCK):
+        acc_norm = tl.zeros([BLOCK], dtype=tl.float64)
+        for i in range(0, nparts, BLOCK):
             offs = i + lanes
-            mask = offs < nblocks
+            mask = offs < nparts
             acc_abs += tl.load(partials + 2 * offs, mask=mask, other=0.0).to(tl.float64)
             acc_sq += tl.load(partials + 2 * offs + 1, mask=mask, other=0.0).to(tl.float64)
+        for i in range(0, ngroups, BLOCK):
+            offs = i + lanes
+            acc_norm += tl.sqrt(tl.load(group_sq + offs, mask=offs < ngroups, other=0.0).to(tl.float64))
         tl.store(out, tl.sum(acc_abs, axis=0).to(out.dtype.element_ty))
         tl.store(out + 1, tl.sum(acc_sq, axis=0).to(out.dtype.element_ty))
+        tl.store(out + 2, tl.sum(acc_norm, axis=0).to(out.dtype.element_ty))
 
     @triton.jit
-    def _grads_kernel(
-        w_ptrs,  # int64[T]
-        out_ptrs,  # int64[T]
-        numels,
-        block_map,
-        coeffs,  # acc[2]: (c1, c2)
-        DTYPE: tl.constexpr,
-        ACC: tl.constexpr,
-        ALIGNED: tl.constexpr,
-        CHUNK: tl.constexpr,
-        BLOCK: tl.constexpr,
+    def _apply(x, coef, c1, den, c_val, old, OP: tl.constexpr, F64: tl.constexpr, FLAT: tl.constexpr,
+               PROMOTE: tl.constexpr):
+        """The element-wise result of op OP for d = x (see ``_elementwise_kernel``)."""
+        if OP == 2:  # prox: c + shrunk / den (FLAT) or c + shrunk * factor (groups)
+            shrunk = _sign(x) * tl.maximum(tl.abs(x) - c1, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            if FLAT:
+                if F64:
+                    r = shrunk / den
+                else:
+                    r = tl.math.div_rn(shrunk, den)  # fp32 '/' is approximate on NVIDIA GPUs
+            else:
+                r = shrunk * coef
+            return r + c_val
+        gradient = c1 * _sign(x) + coef * x  # one FMA with fusion on: rounded once
+        if OP == 1:  # add_grad: old + gradient in the wider dtype
+            return old.to(PROMOTE) + gradient.to(PROMOTE)
+        return gradient
+
+    @triton.jit
+    def _store_as(value, DTYPE: tl.constexpr):
+        """``value`` in DTYPE; float64 reaches 16-bit floats through float32 (the interpreter
+        has no float64 -> bfloat16 conversion; the double rounding is that of the C++ kernels)."""
+        if value.dtype == tl.float64 and DTYPE.primitive_bitwidth == 16:
+            return value.to(tl.float32).to(DTYPE)
+        return value.to(DTYPE)
+
+    @triton.jit
+    def _elementwise_kernel(
+        w_ptrs, c_ptrs, out_ptrs,  # int64[T]
+        info, meta,
+        coeffs,  # acc[3]: grads/add_grad (c1, c2, -); prox (threshold, denominator, -)
+        group_coef,  # acc[groups]: the coefficient of d (grads/add_grad) or the factor (prox) per group
+        partials,  # acc[2P]: add_grad's (Σ|d|, Σd²) per FLAT program
+        chunk,  # elements per FLAT program
+        DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, ACC: tl.constexpr, PROMOTE: tl.constexpr,
+        OP: tl.constexpr,  # 0 grads (out = gradient), 1 add_grad (out += gradient), 2 prox (out = w)
+        MODE: tl.constexpr, HAS_CENTER: tl.constexpr, ALIGNED: tl.constexpr, REDUCE: tl.constexpr,
+        BLOCK: tl.constexpr, RUN_TILE: tl.constexpr, VEC: tl.constexpr, F64: tl.constexpr,
     ):
-        pid, t, start, count = _chunk_of_program(block_map, numels, CHUNK)
-        w = _operand(w_ptrs, t, start, DTYPE, ALIGNED)
-        g = _operand(out_ptrs, t, start, DTYPE, ALIGNED)
-        c1, c2 = _gradient_coeffs(coeffs, ACC)
-        lanes = tl.arange(0, BLOCK)
-        full = count - count % BLOCK
-        for i in range(0, full, BLOCK):
-            x = tl.load(w + i + lanes).to(ACC)
-            tl.store(g + i + lanes, _gradient(x, c1, c2).to(DTYPE))
-        if full < count:
-            offs = full + lanes
-            mask = offs < count
-            x = tl.load(w + offs, mask=mask, other=0.0).to(ACC)
-            tl.store(g + offs, _gradient(x, c1, c2).to(DTYPE), mask=mask)
-
-    @triton.jit
-    def _add_grad_kernel(
-        w_ptrs,  # int64[T]
-        g_ptrs,  # int64[T]
-        numels,
-        block_map,
-        coeffs,  # acc[2]: (c1, c2)
-        partials,  # acc[2B]
-        DTYPE: tl.constexpr,
-        ACC: tl.constexpr,
-        ALIGNED: tl.constexpr,
-        CHUNK: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        pid, t, start, count = _chunk_of_program(block_map, numels, CHUNK)
-        w = _operand(w_ptrs, t, start, DTYPE, ALIGNED)
-        g = _operand(g_ptrs, t, start, DTYPE, ALIGNED)
-        c1, c2 = _gradient_coeffs(coeffs, ACC)
-        lanes = tl.arange(0, BLOCK)
-        acc_abs = tl.zeros([BLOCK], dtype=ACC)
-        acc_sq = tl.zeros([BLOCK], dtype=ACC)
-        full = count - count % BLOCK
-        for i in range(0, full, BLOCK):
-            x = tl.load(w + i + lanes).to(ACC)
-            old = tl.load(g + i + lanes).to(ACC)
-            tl.store(g + i + lanes, (old + _gradient(x, c1, c2)).to(DTYPE))
-            acc_abs += tl.abs(x)
-            acc_sq += x * x
-        if full < count:
-            offs = full + lanes
-            mask = offs < count
-            x = tl.load(w + offs, mask=mask, other=0.0).to(ACC)
-            old = tl.load(g + offs, mask=mask, other=0.0).to(ACC)
-            tl.store(g + offs, (old + _gradient(x, c1, c2)).to(DTYPE), mask=mask)
-            acc_abs += tl.abs(x)
-            acc_sq += x * x
-        tl.store(partials + 2 * pid, tl.sum(acc_abs, axis=0))
-        tl.store(partials + 2 * pid + 1, tl.sum(acc_sq, axis=0))
-
-    @triton.jit
-    def _shrink(x, threshold, denominator, F64: tl.constexpr):
-        # NaN stays NaN (as with torch.clamp_min): a diverged weight is not silently zeroed.
-        shrunk = _sign(x) * tl.maximum(tl.abs(x) - threshold, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        if F64:
-            return shrunk / denominator
-        else:
-            # fp32 '/' lowers to an approximate division on NVIDIA GPUs; div_rn is IEEE.
-            return tl.math.div_rn(shrunk, denominator)
-
-    @triton.jit
-    def _prox_kernel(
-        w_ptrs,  # int64[T]
-        numels,
-        block_map,
-        coeffs,  # acc[2]: (threshold, denominator)
-        DTYPE: tl.constexpr,
-        ACC: tl.constexpr,
-        ALIGNED: tl.constexpr,
-        CHUNK: tl.constexpr,
-        BLOCK: tl.constexpr,
-        F64: tl.constexpr,  # ACC is float64
-    ):
-        pid, t, start, count = _chunk_of_program(block_map, numels, CHUNK)
-        w = _operand(w_ptrs, t, start, DTYPE, ALIGNED)
-        threshold = tl.load(coeffs).to(ACC)
-        denominator = tl.load(coeffs + 1).to(ACC)
-        lanes = tl.arange(0, BLOCK)
-        full = count - count % BLOCK
-        for i in range(0, full, BLOCK):
-            x = tl.load(w + i + lanes).to(ACC)
-            tl.store(w + i + lanes, _shrink(x, threshold, denominator, F64).to(DTYPE))
-        if full < count:
-            offs = full + lanes
-            mask = offs < count
-            x = tl.load(w + offs, mask=mask, other=0.0).to(ACC)
-            tl.store(w + offs, _shrink(x, threshold, denominator, F64).to(DTYPE), mask=mask)
+        pid, t, x0, x1, y0, slot = _program(meta, MODE, ALIGNED, VEC)
+        numel, G, K, L, group_base = _geometry(info, t)
+        w = _operand(w_ptrs, t, DTYPE, ALIGNED)
+        c = _operand(c_ptrs, t, DTYPE, ALIGNED)
+        out = _operand(out_ptrs, t, OUT_DTYPE, ALIGNED)
+        c1 = tl.load(coeffs).to(ACC)
+        second = tl.load(coeffs + 1).to(ACC)
+        flat_coef = 2 * second  # grads / add_grad: 2·c2 (prox uses `second` as the denominator)
+        if MODE == 0:  # FLAT
+            lanes = tl.arange(0, BLOCK)
+            count = tl.minimum(numel - x0, chunk)
+            acc_abs = tl.zeros([BLOCK], dtype=ACC)
+            acc_sq = tl.zeros([BLOCK], dtype=ACC)
+            full = count - count % BLOCK
+            for i in range(0, full, BLOCK):
+                offs = x0 + i + lanes
+                x = _load_d(w, c, offs, None, ACC, HAS_CENTER, False)
+                c_val = tl.load(c + offs).to(ACC) if (HAS_CENTER and OP == 2) else 0.0
+                old = tl.load(out + offs) if OP == 1 else 0.0
+                tl.store(out + offs, _store_as(_apply(x, flat_coef, c1, second, c_val, old, OP, F64, True,
+                                            PROMOTE), OUT_DTYPE))
+                if REDUCE:
+                    acc_abs += tl.abs(x)
+                    acc_sq += x * x
+            if full < count:
+                rel = full + lanes
+                mask = rel < count
+                offs = x0 + rel
+                x = _load_d(w, c, offs, mask, ACC, HAS_CENTER, True)
+                c_val = tl.load(c + offs, mask=mask, other=0.0).to(ACC) if (HAS_CENTER and OP == 2) else 0.0
+                old = tl.load(out + offs, mask=mask, other=0.0) if OP == 1 else 0.0
+                tl.store(out + offs, _store_as(_apply(x, flat_coef, c1, second, c_val, old, OP, F64, True,
+                                            PROMOTE), OUT_DTYPE), mask=mask)
+                if REDUCE:
+                    acc_abs += tl.abs(x)
+                    acc_sq += x * x
+            if REDUCE:
+                tl.store(partials + 2 * pid, tl.sum(acc_abs, axis=0))
+                tl.store(partials + 2 * pid + 1, tl.sum(acc_sq, axis=0))
+        elif MODE == 1:  # RUNS: one coefficient per run (its group's)
+            BG: tl.constexpr = BLOCK // RUN_TILE
+            runs = x0 + tl.arange(0, BG).to(tl.int64)
+            run_ok = runs < numel // K
+            coef = tl.load(group_coef + group_base + runs % G, mask=run_ok, other=0.0).to(ACC)[:, None]
+            cols = tl.arange(0, RUN_TILE)
+            for k in range(x1, y0, RUN_TILE):
+                kk = k + cols
+                mask = run_ok[:, None] & (kk < y0)[None, :]
+                offs = _row_start(runs, K, ALIGNED, VEC)[:, None] + kk[None, :]
+                x = _load_d(w, c, offs, mask, ACC, HAS_CENTER, True)
+                c_val = tl.load(c + offs, mask=mask, other=0.0).to(ACC) if (HAS_CENTER and OP == 2) else 0.0
+                old = tl.load(out + offs, mask=mask, other=0.0) if OP == 1 else 0.0
+                tl.store(out + offs, _store_as(_apply(x, coef, c1, second, c_val, old, OP, F64, False,
+                                            PROMOTE), OUT_DTYPE), mask=mask)
+        else:  # ROWS: one coefficient per position (its group's), loaded once
+            if ALIGNED:
+                L = tl.multiple_of(L, VEC)  # so that the mask is constant over each vector
+            cols = y0 + tl.arange(0, BLOCK).to(tl.int64)
+            col_ok = cols < L
+            coef = tl.load(group_coef + group_base + cols // K, mask=col_ok, other=0.0).to(ACC)
+            for a in range(x0, x1):
+                offs = _row_start(a, L, ALIGNED, VEC) + cols
+                x = _load_d(w, c, offs, col_ok, ACC, HAS_CENTER, True)
+                c_val = tl.load(c + offs, mask=col_ok, other=0.0).to(ACC) if (HAS_CENTER and OP == 2) else 0.0
+                old = tl.load(out + offs, mask=col_ok, other=0.0) if OP == 1 else 0.0
+                tl.store(out + offs, _store_as(_apply(x, coef, c1, second, c_val, old, OP, F64, False,
+                                            PROMOTE), OUT_DTYPE), mask=col_ok)
 
     _TL_DTYPES = {
         torch.float32: tl.float32,
@@ -305,43 +412,51 @@ if triton is not None:
 
 
 # --------------------------------------------------------------------------------------
-# Device tables and their cache
+# Plans: the device tables of a (params, centers) set, and their cache
 # --------------------------------------------------------------------------------------
 
-class _Table:
-    """One int64 device tensor: [pointers of each operand | numels | block map]."""
+class _Launch:
+    """One kernel launch: a mode, a tile width, an alignment, its programs' table rows."""
 
-    __slots__ = ("data", "host", "operands", "numels", "block_map", "nblocks", "aligned",
-                 "stream", "pinned_by_graph")
+    __slots__ = ("mode", "run_tile", "aligned", "meta", "programs", "partial_base")
 
-    def __init__(self, data, host, ntensors, noperands, nblocks, aligned):
-        self.data = data
-        self.stream = torch.cuda.current_stream(data.device).cuda_stream if data.is_cuda else None
-        self.pinned_by_graph = False
-        self.host = host  # keeps a pinned staging buffer alive as long as the table
-        self.operands = [data[k * ntensors:(k + 1) * ntensors] for k in range(noperands)]
-        self.numels = data[noperands * ntensors:(noperands + 1) * ntensors]
-        self.block_map = data[(noperands + 1) * ntensors:]
-        self.nblocks = nblocks
-        self.aligned = aligned
+    def __init__(self, mode, run_tile, aligned, meta, programs, partial_base):
+        self.mode, self.run_tile, self.aligned = mode, run_tile, aligned
+        self.meta, self.programs, self.partial_base = meta, programs, partial_base
 
 
-_tables = OrderedDict()  # parameter tables: key -> _Table
-_out_tables = OrderedDict()  # grads() output pointers: key -> _Table
-_graph_tables = []  # tables created during CUDA-graph capture: never released
-_stats = {"builds": 0, "hits": 0, "out_builds": 0, "out_hits": 0}
+class _Plan:
+    """Everything the kernels need about a set of tensors: one int64 device tensor holding the
+    pointer tables of w and c, the per-tensor geometry, the per-program rows of every launch
+    and the group-reduction rows; plus the launches and buffer sizes."""
+
+    __slots__ = ("data", "host", "w_ptrs", "c_ptrs", "info", "launches", "ginfo", "gmap", "group_programs",
+                 "programs", "nslots", "ngroups", "chunk", "grouped", "has_center", "dtype", "device",
+                 "direct", "reads", "copies", "index")
+
+
+_plans = OrderedDict()  # key -> _Plan
+_targets = OrderedDict()  # key -> (device table of target pointers, pinned staging buffer)
+_graph_plans = []  # plans and tables built during CUDA-graph capture: kept with the graph, never shared
+_stats = {"builds": 0, "hits": 0, "target_builds": 0, "target_hits": 0}
 
 
 def cache_info():
-    """Counters of table builds and cache hits (for tests and benchmarks)."""
-    return dict(_stats, size=len(_tables), out_size=len(_out_tables))
+    """Counters of plan builds and cache hits (for tests and benchmarks)."""
+    return dict(_stats, size=len(_plans), target_size=len(_targets), graph_plans=len(_graph_plans))
 
 
 def cache_clear():
-    _tables.clear()
-    _out_tables.clear()
+    _plans.clear()
+    _targets.clear()
     for k in _stats:
         _stats[k] = 0
+
+
+def _stream_key(device):
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def _upload(values, device):
@@ -349,81 +464,48 @@ def _upload(values, device):
     if device.type != "cuda":
         return values, values
     # A pageable host-to-device copy synchronises the stream; a pinned non_blocking one does
-    # not. The caching host allocator keeps the pinned block until the copy has completed,
-    # and the table keeps a reference to it anyway (needed if the copy is graph-captured).
+    # not. The owner keeps the pinned staging buffer alive (a graph-captured copy replays it).
     host = values.pin_memory()
     return host.to(device, non_blocking=True), host
 
 
-def _lookup(cache, limit, key, build, hit_stat, build_stat):
-    table = cache.get(key)
-    if table is not None:
+def _capturing(device):
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _cached(cache, limit, key, build, device, hit, miss):
+    """``cache[key]``, built on a miss; during CUDA-graph capture a miss is kept aside."""
+    value = cache.get(key)
+    if value is not None:
         cache.move_to_end(key)
-        _stats[hit_stat] += 1
-        return table
-    table = build()
-    _stats[build_stat] += 1
-    cache[key] = table
+        _stats[hit] += 1
+        return value
+    value = build()
+    _stats[miss] += 1
+    if _capturing(device):  # its upload only happens when the graph replays: never share it
+        _graph_plans.append(value)
+        return value
+    cache[key] = value
     while len(cache) > limit:
         cache.popitem(last=False)
-    return table
+    return value
 
 
-def _param_table(operands, numels, dtype, device, chunk):
-    """The table for ``operands`` (lists of data pointers, one per operand) and ``numels``."""
-    key = (device, dtype, chunk, numels, *operands)
-
-    def build():
-        ntensors = len(numels)
-        sizes = torch.tensor(numels, dtype=torch.int64)
-        blocks = (sizes + (chunk - 1)) // chunk
-        nblocks = int(blocks.sum())
-        tensor_of_block = torch.repeat_interleave(torch.arange(ntensors, dtype=torch.int64), blocks)
-        first_block = torch.cumsum(blocks, 0) - blocks
-        chunk_of_block = torch.arange(nblocks, dtype=torch.int64) - first_block[tensor_of_block]
-        block_map = torch.stack([tensor_of_block, chunk_of_block], dim=1).reshape(-1)
-        pointers = torch.tensor([p for op in operands for p in op], dtype=torch.int64)
-        data, host = _upload(torch.cat([pointers, sizes, block_map]), device)
-        aligned = all(p % ALIGN_BYTES == 0 for op in operands for p in op)
-        return _Table(data, host, ntensors, len(operands), nblocks, aligned)
-
-    return _lookup(_tables, CACHE_SIZE, key, build, "hits", "builds")
+def _chunk(total, block):
+    """The program size for a call of ``total`` elements: see the module docstring."""
+    want = max(1, -(-total // TARGET_PROGRAMS))
+    chunk = 1 << (want - 1).bit_length()
+    return max(block, min(MAX_CHUNK, chunk))
 
 
-def _out_table(pointers, device):
-    key = (device, pointers)
-
-    def build():
-        data, host = _upload(torch.tensor(pointers, dtype=torch.int64), device)
-        aligned = all(p % ALIGN_BYTES == 0 for p in pointers)
-        return _Table(data, host, len(pointers), 1, 0, aligned)
-
-    return _lookup(_out_tables, OUT_CACHE_SIZE, key, build, "out_hits", "out_builds")
+def _vector(dtype):
+    """Elements per 16 bytes."""
+    return ALIGN_BYTES // torch.empty((), dtype=dtype).element_size()
 
 
-def _use(table, device):
-    """Keep ``table`` valid for the work about to be queued on the current stream.
+def _block(dtype):
+    return BLOCK_FP64 if dtype == torch.float64 else BLOCK
 
-    A CUDA graph bakes the table's address (and, for a table built during capture, the copy
-    from its pinned staging buffer) into its replays: a table used while capturing is never
-    released. A table used on a stream other than the one it was allocated on is recorded
-    on that stream, so an LRU eviction cannot hand its memory out while a kernel reads it.
-    """
-    if device.type != "cuda":
-        return
-    if torch.cuda.is_current_stream_capturing():
-        if not table.pinned_by_graph:
-            table.pinned_by_graph = True
-            _graph_tables.append(table)
-        return
-    stream = torch.cuda.current_stream(device)
-    if stream.cuda_stream != table.stream:
-        table.data.record_stream(stream)
-
-
-# --------------------------------------------------------------------------------------
-# Layouts
-# --------------------------------------------------------------------------------------
 
 def _is_dense(t):
     """True when ``t``'s elements fill ``t.numel()`` consecutive slots from ``t.data_ptr()``."""
@@ -438,9 +520,140 @@ def _same_order(a, b):
     return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
 
 
-def _readable(t):
-    """``t`` itself if its memory can be walked linearly, else a contiguous copy."""
-    return t if _is_dense(t) else t.contiguous()
+def _signature(tensors):
+    """What a plan depends on, per tensor: data pointer, shape, strides (cheap to compute)."""
+    return tuple((t.data_ptr(), t.shape, t.stride()) for t in tensors)
+
+
+def _plan(params, centers, group_dim, misaligned=()):
+    """The plan for ``params`` (and ``centers``), from the cache when every tensor is where it
+    was; ``misaligned``: indices whose write target is not 16-byte aligned."""
+    device, dtype = params[0].device, params[0].dtype
+    key = (device, dtype, _stream_key(device), group_dim, misaligned, BLOCK, BLOCK_FP64, MAX_CHUNK,
+           TARGET_PROGRAMS, RUN_TILE, MIN_RUN, RUN_LONG, GROUP_BLOCK, _signature(params),
+           None if centers is None else _signature(centers))
+    plan = _plans.get(key)
+    if plan is not None:
+        _plans.move_to_end(key)
+        _stats["hits"] += 1
+        return plan
+    plan = _build_plan(params, centers, group_dim, misaligned)
+    _stats["builds"] += 1
+    if _capturing(device):
+        _graph_plans.append(plan)
+    elif plan.direct:  # a plan reading copies is valid for this call only
+        _plans[key] = plan
+        while len(_plans) > CACHE_SIZE:
+            _plans.popitem(last=False)
+    return plan
+
+
+def _build_plan(params, centers, group_dim, misaligned):
+    dtype, device = params[0].dtype, params[0].device
+    block = _block(dtype)
+    sizes = group_sizes(params, group_dim)
+    records, base, direct = [], 0, True
+    for i, p in enumerate(params):
+        group_base, base = base, base + sizes[i]
+        if not p.numel():
+            continue
+        w = p if _is_dense(p) else p.contiguous()
+        c = None
+        if centers is not None:
+            c = centers[i]
+            if not (_is_dense(c) and _same_order(c, w)):
+                c = torch.empty_like(w).copy_(c)  # in w's memory order
+                direct = False
+        direct = direct and w is p
+        grouped = has_groups(p, group_dim)
+        A, G, K = memory_geometry(w, group_dim) if grouped else (1, 1, p.numel())
+        mode = FLAT if not grouped else (RUNS if K >= MIN_RUN or G == 1 else ROWS)
+        run_tile = block if K >= RUN_LONG * block else min(RUN_TILE, block)
+        operands = (w,) if c is None else (w, c)
+        aligned = i not in misaligned and _aligned(operands, mode, (A, G, K))
+        records.append((i, p, w, c, mode, run_tile, (A, G, K), group_base, aligned))
+
+    total = sum(r[1].numel() for r in records)
+    chunk = _chunk(total, block)
+    tensors, by_launch, ginfo, gmap, nslots = [], {}, [], [], 0
+    for t, (_, p, _, _, mode, run_tile, (A, G, K), group_base, aligned) in enumerate(records):
+        numel, L = p.numel(), G * K
+        tensors += [numel, G, K, L, group_base]
+        rows = by_launch.setdefault((mode, run_tile if mode == RUNS else 0, aligned), [])
+        if mode == FLAT:
+            rows += [(t, start, 0, 0, 0) for start in range(0, numel, chunk)]
+            continue
+        slot_base = nslots
+        if mode == RUNS:
+            runs, per_tile = A * G, block // run_tile
+            k_chunk = min(-(-K // run_tile) * run_tile, chunk)
+            k_pieces = -(-K // k_chunk)
+            for piece in range(k_pieces):
+                k0 = piece * k_chunk
+                rows += [(t, r0, k0, min(K, k0 + k_chunk), slot_base + piece * runs + r0)
+                         for r0 in range(0, runs, per_tile)]
+            nslots += k_pieces * runs
+            ginfo.append((slot_base, k_pieces * A, G, 1, 1, G, group_base))
+        else:
+            per = max(1, chunk // block)
+            row_blocks = -(-A // per)
+            rows += [(t, rb * per, min(A, (rb + 1) * per), p0, slot_base + rb * L + p0)
+                     for rb in range(row_blocks) for p0 in range(0, L, block)]
+            nslots += row_blocks * L
+            ginfo.append((slot_base, row_blocks, L, K, K, G, group_base))
+        gmap += [(len(ginfo) - 1, b) for b in range(-(-G // GROUP_BLOCK))]
+
+    ntensors = len(records)
+    w_ptrs = [r[2].data_ptr() for r in records]
+    c_ptrs = [(r[3] if r[3] is not None else r[2]).data_ptr() for r in records]
+    values = w_ptrs + c_ptrs + tensors
+    launches, partial_base = [], 0
+    for (mode, run_tile, aligned), rows in sorted(by_launch.items()):
+        start = len(values)
+        values += [v for row in rows for v in row]
+        launches.append(_Launch(mode, run_tile, aligned, (start, len(values)), len(rows), partial_base))
+        partial_base += len(rows)
+    ginfo_start = len(values)
+    values += [v for row in ginfo for v in row]
+    gmap_start = len(values)
+    values += [v for row in gmap for v in row]
+
+    plan = _Plan()
+    plan.data, plan.host = _upload(torch.tensor(values, dtype=torch.int64), device)
+    plan.w_ptrs = plan.data[:ntensors]
+    plan.c_ptrs = plan.data[ntensors:2 * ntensors]
+    plan.info = plan.data[2 * ntensors:2 * ntensors + TENSOR_FIELDS * ntensors]
+    for launch in launches:
+        launch.meta = plan.data[launch.meta[0]:launch.meta[1]]
+    plan.launches = launches
+    plan.ginfo = plan.data[ginfo_start:gmap_start]
+    plan.gmap = plan.data[gmap_start:]
+    plan.group_programs = len(gmap)
+    plan.programs, plan.nslots, plan.chunk = partial_base, nslots, chunk
+    plan.grouped = group_dim >= 0 and any(sizes)
+    plan.ngroups = base if plan.grouped else 0
+    plan.has_center = centers is not None
+    plan.dtype, plan.device, plan.direct = dtype, device, direct
+    plan.index = [r[0] for r in records]  # record -> param index
+    plan.reads = [r[2] for r in records]  # what is read as w (the param, or a contiguous copy)
+    plan.copies = [(params[r[0]], r[2]) for r in records if r[2] is not params[r[0]]]
+    return plan
+
+
+def _aligned(operands, mode, geometry):
+    if not all(o.data_ptr() % ALIGN_BYTES == 0 for o in operands):
+        return False
+    if mode == FLAT:
+        return True
+    stride = geometry[2] if mode == RUNS else geometry[1] * geometry[2]
+    return all(stride % _vector(o.dtype) == 0 for o in operands)
+
+
+def _target_table(pointers, device):
+    """An int64 device table of the write targets' pointers (outputs, gradients), cached."""
+    key = (device, _stream_key(device), pointers)
+    return _cached(_targets, CACHE_SIZE, key, lambda: _upload(torch.tensor(pointers, dtype=torch.int64), device),
+                   device, "target_hits", "target_builds")[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -463,135 +676,201 @@ def _on(device):
     return contextlib.nullcontext()
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _constants(plan, launch):
+    return dict(DTYPE=_TL_DTYPES[plan.dtype], ACC=_TL_DTYPES[acc_dtype(plan.dtype)], MODE=launch.mode,
+                BLOCK=_block(plan.dtype), RUN_TILE=launch.run_tile or _block(plan.dtype),
+                VEC=_vector(plan.dtype), ALIGNED=launch.aligned, HAS_CENTER=plan.has_center,
+                num_warps=NUM_WARPS, enable_fp_fusion=ENABLE_FP_FUSION)
 
 
-def _config(dtype):
-    block = BLOCK_FP64 if dtype == torch.float64 else BLOCK
-    block = min(block, CHUNK)
-    if CHUNK % block or block & (block - 1):
-        raise ValueError(f"fastreg triton backend: CHUNK={CHUNK} must be a multiple of a "
-                         f"power-of-two BLOCK={block}")
-    return dict(DTYPE=_TL_DTYPES[dtype], ACC=_TL_DTYPES[_acc_dtype(dtype)], CHUNK=CHUNK,
-                BLOCK=block, num_warps=NUM_WARPS)
+def _acc_zeros(plan, n):
+    return torch.zeros(max(n, 1), dtype=acc_dtype(plan.dtype), device=plan.device)
 
 
-def _finish(partials, nblocks, acc, device):
-    out = torch.empty(2, dtype=acc, device=device)
-    _finish_kernel[(1,)](partials, out, nblocks, BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS)
-    return out
+def _stage1(plan, threshold, shrink, partials, launches):
+    """Stage 1 of the sums over ``launches``: partials (in place) and the slots."""
+    slots = torch.empty(max(plan.nslots, 1), dtype=acc_dtype(plan.dtype), device=plan.device)
+    for launch in launches:
+        _sums_kernel[(launch.programs,)](plan.w_ptrs, plan.c_ptrs, plan.info, launch.meta,
+                                         partials[2 * launch.partial_base:], slots, threshold, plan.chunk,
+                                         SHRINK=shrink, **_constants(plan, launch))
+    return slots
 
 
-def _sums(params, device):
-    dtype = params[0].dtype
-    acc = _acc_dtype(dtype)
-    views = [_readable(p) for p in params if p.numel()]
-    if not views:
-        return torch.zeros(2, dtype=acc, device=device)
-    table = _param_table((tuple(v.data_ptr() for v in views),),
-                         tuple(v.numel() for v in views), dtype, device, CHUNK)
-    _use(table, device)
-    partials = torch.empty(2 * table.nblocks, dtype=acc, device=device)
-    _sums_kernel[(table.nblocks,)](table.operands[0], table.numels, table.block_map, partials,
-                                   ALIGNED=table.aligned, **_config(dtype))
-    return _finish(partials, table.nblocks, acc, device)
+def _group_sq(plan, slots):
+    group_sq = _acc_zeros(plan, plan.ngroups)
+    if plan.group_programs:
+        _group_sq_kernel[(plan.group_programs,)](slots, plan.ginfo, plan.gmap, group_sq, GROUP_BLOCK=GROUP_BLOCK,
+                                                 num_warps=FINISH_WARPS, enable_fp_fusion=ENABLE_FP_FUSION)
+    return group_sq
 
 
-def _coeffs(coeffs, dtype, device):
-    return coeffs.to(device=device, dtype=_acc_dtype(dtype)).contiguous()
+def _finish(plan, partials, group_sq):
+    out = torch.empty(3, dtype=acc_dtype(plan.dtype), device=plan.device)
+    _finish_kernel[(1,)](partials, plan.programs, group_sq, plan.ngroups, out, BLOCK=FINISH_BLOCK,
+                         num_warps=FINISH_WARPS, enable_fp_fusion=ENABLE_FP_FUSION)
+    return out, group_sq[:plan.ngroups]
 
 
-def _grads(params, coeffs, device):
-    dtype = params[0].dtype
-    coeffs = _coeffs(coeffs, dtype, device)
-    results = [torch.empty_like(p) for p in params]
-    sources, targets, copy_back = [], [], []
-    for p, out in zip(params, results):
-        if not p.numel():
-            continue
-        src = _readable(p)
-        dst = out
-        if not _same_order(src, out):  # empty_like(p) may not share a non-dense p's order
-            dst = torch.empty_like(src)
-            copy_back.append((out, dst))
-        sources.append(src)
-        targets.append(dst)
-    if not sources:
-        return results
-    table = _param_table((tuple(s.data_ptr() for s in sources),),
-                         tuple(s.numel() for s in sources), dtype, device, CHUNK)
-    outs = _out_table(tuple(d.data_ptr() for d in targets), device)
-    _use(table, device)
-    _use(outs, device)
-    _grads_kernel[(table.nblocks,)](table.operands[0], outs.operands[0], table.numels,
-                                    table.block_map, coeffs,
-                                    ALIGNED=table.aligned and outs.aligned, **_config(dtype))
-    for out, dst in copy_back:
-        out.copy_(dst)
-    return results
+def _empty_result(params, group_dim):
+    acc = acc_dtype(params[0].dtype)
+    n = sum(group_sizes(params, group_dim))
+    return torch.zeros(3, dtype=acc, device=params[0].device), torch.zeros(n, dtype=acc, device=params[0].device)
 
 
-def _add_grad(params, grads_, coeffs, device):
-    dtype = params[0].dtype
-    acc = _acc_dtype(dtype)
-    coeffs = _coeffs(coeffs, dtype, device)
-    ws, gs, copy_back = [], [], []
-    for p, g in zip(params, grads_):
-        if not p.numel():
-            continue
-        if _is_dense(g):
-            # Update g in place; read w in g's memory order (a copy only if orders differ).
-            if _is_dense(p) and _same_order(p, g):
-                w = p
-            else:
-                w = torch.empty_like(g)
-                w.copy_(p)
-            work = g
-        else:
-            # g cannot be walked linearly: update a contiguous copy, then write it back.
-            w = p.contiguous()
-            work = g.contiguous()
-            copy_back.append((g, work))
-        ws.append(w)
-        gs.append(work)
-    if not ws:
-        return torch.zeros(2, dtype=acc, device=device)
-    table = _param_table((tuple(w.data_ptr() for w in ws), tuple(g.data_ptr() for g in gs)),
-                         tuple(w.numel() for w in ws), dtype, device, CHUNK)
-    _use(table, device)
-    partials = torch.empty(2 * table.nblocks, dtype=acc, device=device)
-    _add_grad_kernel[(table.nblocks,)](table.operands[0], table.operands[1], table.numels,
-                                       table.block_map, coeffs, partials,
-                                       ALIGNED=table.aligned, **_config(dtype))
-    for g, work in copy_back:
-        g.copy_(work)
-    return _finish(partials, table.nblocks, acc, device)
+def _grouped_launches(plan):
+    return [launch for launch in plan.launches if launch.mode != FLAT]
 
 
-def _prox(params, coeffs, device):
-    dtype = params[0].dtype
-    coeffs = _coeffs(coeffs, dtype, device)
-    works, copy_back = [], []
+def _sums(params, centers, group_dim, threshold):
+    if not any(p.numel() for p in params):
+        return _empty_result(params, group_dim)
+    plan = _plan(params, centers, group_dim)
+    shrink = isinstance(threshold, torch.Tensor) or threshold != 0
+    if not isinstance(threshold, torch.Tensor):
+        threshold = torch.full((1,), float(threshold), dtype=acc_dtype(plan.dtype), device=plan.device)
+    partials = _acc_zeros(plan, 2 * plan.programs)
+    slots = _stage1(plan, threshold.reshape(1).to(acc_dtype(plan.dtype)), shrink, partials, plan.launches)
+    return _finish(plan, partials, _group_sq(plan, slots))
+
+
+def _coeffs(coeffs, plan):
+    coeffs = coeffs.to(device=plan.device, dtype=acc_dtype(plan.dtype)).reshape(-1)
+    if coeffs.numel() < 3:
+        coeffs = torch.cat([coeffs, coeffs.new_zeros(3 - coeffs.numel())])
+    return coeffs.contiguous()
+
+
+def _norms(plan, threshold, shrink, given, partials):
+    """The groups' norms (of d, or of the shrunk values), from a stage-1 pass over the tensors
+    with groups (its sums land in ``partials``); ``given`` norms replace the computed ones."""
+    group_sq = _group_sq(plan, _stage1(plan, threshold, shrink, partials, _grouped_launches(plan)))
+    if given is not None:
+        return given.to(device=plan.device, dtype=acc_dtype(plan.dtype))[:plan.ngroups], group_sq
+    return group_sq[:plan.ngroups].sqrt(), group_sq
+
+
+def _elementwise(plan, op, targets, coeffs, group_coef, out_dtype, partials):
+    acc = acc_dtype(plan.dtype)
+    promote = torch.float64 if torch.float64 in (acc, out_dtype) else torch.float32
+    for launch in plan.launches:
+        reduce = op == 1 and launch.mode == FLAT
+        _elementwise_kernel[(launch.programs,)](
+            plan.w_ptrs, plan.c_ptrs, targets, plan.info, launch.meta, coeffs, group_coef,
+            partials[2 * launch.partial_base:] if reduce else partials, plan.chunk,
+            OUT_DTYPE=_TL_DTYPES[out_dtype], PROMOTE=_TL_DTYPES[promote], OP=op, REDUCE=reduce,
+            F64=acc == torch.float64, **_constants(plan, launch))
+
+
+def _fresh_outputs(params):
+    """Uninitialised tensors laid out like ``torch.empty_like(p)``: for dense parameters, views
+    of one flat buffer (one allocation instead of one per tensor), each starting on 16 bytes;
+    ``empty_like`` for the others."""
+    vec = _vector(params[0].dtype)
+    pieces, chosen = [], []  # chosen: (param, index of its piece)
     for p in params:
-        if not p.numel():
-            continue
-        if _is_dense(p):
-            works.append(p)
-        else:
-            work = p.contiguous()
-            works.append(work)
-            copy_back.append((p, work))
-    if not works:
+        if p.numel() and (p.is_contiguous() or _is_dense(p)):
+            chosen.append((p, len(pieces)))
+            pieces.append(p)
+            pad = -p.numel() % vec
+            if pad:
+                pieces.append(_padding(pad))
+    outputs = {}
+    if chosen:
+        flat = torch.empty(sum(t.numel() for t in pieces), dtype=params[0].dtype, device=params[0].device)
+        views = torch._C._nn.unflatten_dense_tensors(flat, pieces)  # one C++ loop of contiguous views
+        for p, index in chosen:
+            view = views[index]
+            if view.stride() != p.stride():  # transposed, channels-last, size-1 dims: p's own strides
+                view = flat.as_strided(p.shape, p.stride(), view.storage_offset())
+            outputs[id(p)] = view
+    return [outputs[id(p)] if id(p) in outputs else torch.empty_like(p) for p in params]
+
+
+_paddings = {}
+
+
+def _padding(n):
+    """A placeholder tensor of ``n < 8`` elements (only its size matters)."""
+    if n not in _paddings:
+        _paddings[n] = torch.empty(n, device="meta")
+    return _paddings[n]
+
+
+def _targets_of(plan, wanted):
+    """(device table of the write targets, copy-backs): ``wanted[k]`` for param k, used as is
+    when it walks memory in the order its param is read, else through a copy in that order."""
+    pointers, copy_back = [], []
+    for k, read in zip(plan.index, plan.reads):
+        target = wanted[k]
+        both_contiguous = target.is_contiguous() and read.is_contiguous()  # the common, cheap case
+        if not (both_contiguous or (_is_dense(target) and _same_order(target, read))):
+            work = torch.empty_like(read, dtype=target.dtype)
+            work.copy_(target)
+            copy_back.append((target, work))
+            target = work
+        pointers.append(target.data_ptr())
+    return _target_table(tuple(pointers), plan.device), copy_back
+
+
+def _misaligned(targets):
+    return tuple(i for i, t in enumerate(targets) if t.numel() and t.data_ptr() % ALIGN_BYTES)
+
+
+def _grads(params, centers, group_dim, coeffs, group_scale, may_share_storage):
+    outputs = _fresh_outputs(params) if may_share_storage else [torch.empty_like(p) for p in params]
+    if not any(p.numel() for p in params):
+        return outputs
+    plan = _plan(params, centers, group_dim, _misaligned(outputs))
+    coeffs = _coeffs(coeffs, plan)
+    group_coef = _acc_zeros(plan, 1)
+    if plan.grouped:  # the coefficient of d per group: 2·c2 + scale_g
+        scale = 0 if group_scale is None else group_scale.to(device=plan.device, dtype=coeffs.dtype)
+        group_coef = (2 * coeffs[1] + scale).expand(plan.ngroups).contiguous()
+    targets, copy_back = _targets_of(plan, outputs)
+    _elementwise(plan, 0, targets, coeffs, group_coef, plan.dtype, group_coef)
+    for target, work in copy_back:
+        target.copy_(work)
+    return outputs
+
+
+def _add_grad(params, grads_, centers, group_dim, coeffs, group_norms):
+    if not any(p.numel() for p in params):
+        return _empty_result(params, group_dim)
+    plan = _plan(params, centers, group_dim, _misaligned(grads_))
+    coeffs = _coeffs(coeffs, plan)
+    partials = _acc_zeros(plan, 2 * plan.programs)
+    group_sq = _acc_zeros(plan, plan.ngroups)
+    group_coef = _acc_zeros(plan, 1)
+    if plan.grouped:  # norms first (a pass over the tensors with groups), then the update
+        zero = torch.zeros(1, dtype=coeffs.dtype, device=plan.device)
+        norms, group_sq = _norms(plan, zero, False, group_norms, partials)
+        positive = norms > 0
+        group_coef = (2 * coeffs[1] + torch.where(positive, coeffs[2] / torch.where(positive, norms, 1), 0))
+        group_coef = group_coef.to(coeffs.dtype).contiguous()
+    targets, copy_back = _targets_of(plan, grads_)
+    _elementwise(plan, 1, targets, coeffs, group_coef, grads_[0].dtype, partials)
+    for target, work in copy_back:
+        target.copy_(work)
+    return _finish(plan, partials, group_sq)
+
+
+def _prox(params, centers, group_dim, coeffs, group_norms):
+    if not any(p.numel() for p in params):
         return None
-    table = _param_table((tuple(w.data_ptr() for w in works),),
-                         tuple(w.numel() for w in works), dtype, device, CHUNK)
-    _use(table, device)
-    _prox_kernel[(table.nblocks,)](table.operands[0], table.numels, table.block_map, coeffs,
-                                   ALIGNED=table.aligned, F64=dtype == torch.float64,
-                                   **_config(dtype))
-    for p, work in copy_back:
-        p.copy_(work)
+    plan = _plan(params, centers, group_dim)
+    coeffs = _coeffs(coeffs, plan)
+    group_coef = _acc_zeros(plan, 1)
+    if plan.grouped:  # the factor max(0, 1 - group_threshold / ‖s_g‖) / denominator per group
+        partials = _acc_zeros(plan, 2 * plan.programs)
+        norms, _ = _norms(plan, coeffs[:1], True, group_norms, partials)
+        positive = norms > 0
+        factor = torch.clamp(1 - coeffs[2] / torch.where(positive, norms, 1), min=0) / coeffs[1]
+        group_coef = torch.where(positive, factor, 0).to(coeffs.dtype).contiguous()
+    # In place: the target of each param is what its w is read from (the param, or a copy).
+    _elementwise(plan, 2, plan.w_ptrs, coeffs, group_coef, plan.dtype, group_coef)
+    for param, read in plan.copies:
+        param.copy_(read)
     return None
 
 
@@ -599,25 +878,71 @@ def _prox(params, coeffs, device):
 # The contract (fastreg/backends/__init__.py)
 # --------------------------------------------------------------------------------------
 
-def sums(params):
+def sums(params, centers, group_dim, threshold=0.0):
     device = _device_of(params)
     with _on(device):
-        return _sums(params, device)
+        return _sums(params, centers, group_dim, threshold)
 
 
-def grads(params, coeffs):
+def grads(params, centers, group_dim, coeffs, group_scale, may_share_storage=False):
     device = _device_of(params)
     with _on(device):
-        return _grads(params, coeffs, device)
+        return _grads(params, centers, group_dim, coeffs, group_scale, may_share_storage)
 
 
-def add_grad_(params, grads_, coeffs):
+def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms):
     device = _device_of(params)
     with _on(device):
-        return _add_grad(params, grads_, coeffs, device)
+        return _add_grad(params, grads_, centers, group_dim, coeffs, group_norms)
 
 
-def prox_(params, coeffs):
+def prox_(params, centers, group_dim, coeffs, group_norms):
     device = _device_of(params)
     with _on(device):
-        _prox(params, coeffs, device)
+        _prox(params, centers, group_dim, coeffs, group_norms)
+
+
+def launch_configs():
+    """Every specialization ``sums`` / ``grads`` / ``add_grad_`` / ``prox_`` can launch with the
+    module's tuning constants, as ``(name, kernel, signature, constexprs, options)`` for an
+    ahead-of-time compile (``triton.compile(ASTSource(kernel, signature, constexprs), ...)``):
+    each dtype, mode and tile, aligned and unaligned, with and without centers and
+    thresholds, every gradient dtype. Used by tests/backends/test_triton_compile.py."""
+    if triton is None:
+        return []
+    configs = []
+    options = dict(num_warps=NUM_WARPS, enable_fp_fusion=ENABLE_FP_FUSION)
+    for dtype in _TL_DTYPES:
+        acc = acc_dtype(dtype)
+        block = _block(dtype)
+        acc_ptr = "*fp64" if acc == torch.float64 else "*fp32"
+        tables = {"w_ptrs": "*i64", "c_ptrs": "*i64", "info": "*i64", "meta": "*i64"}
+        for mode, run_tile in ((FLAT, block), (RUNS, min(RUN_TILE, block)), (RUNS, block), (ROWS, block)):
+            for aligned in (True, False):
+                common = dict(DTYPE=_TL_DTYPES[dtype], ACC=_TL_DTYPES[acc], MODE=mode, ALIGNED=aligned, BLOCK=block,
+                              RUN_TILE=run_tile, VEC=_vector(dtype))
+                tag = f"{str(dtype)[6:]}-{['flat', 'runs', 'rows'][mode]}{run_tile if mode == RUNS else ''}-" \
+                      f"{'aligned' if aligned else 'unaligned'}"
+                for center in (False, True):
+                    for shrink in (False, True):
+                        signature = dict(tables, partials=acc_ptr, slots=acc_ptr, threshold=acc_ptr, chunk="i64")
+                        constexprs = dict(common, HAS_CENTER=center, SHRINK=shrink)
+                        configs.append((f"sums-{tag}{'-centered' if center else ''}{'-shrunk' if shrink else ''}",
+                                        _sums_kernel, signature, constexprs, options))
+                ops = [(0, dtype, "grads"), (2, dtype, "prox")] + [(1, g, f"add_grad-{str(g)[6:]}") for g in _TL_DTYPES]
+                for (op, out_dtype, name), center in ((o, c) for o in ops for c in (False, True)):
+                    promote = torch.float64 if torch.float64 in (acc, out_dtype) else torch.float32
+                    signature = dict(tables, out_ptrs="*i64", coeffs=acc_ptr, group_coef=acc_ptr, partials=acc_ptr,
+                                     chunk="i64")
+                    constexprs = dict(common, OUT_DTYPE=_TL_DTYPES[out_dtype], PROMOTE=_TL_DTYPES[promote], OP=op,
+                                      HAS_CENTER=center, REDUCE=op == 1 and mode == FLAT, F64=acc == torch.float64)
+                    configs.append((f"{name}-{tag}{'-centered' if center else ''}", _elementwise_kernel, signature,
+                                    constexprs, options))
+    for acc_ptr in ("*fp32", "*fp64"):
+        configs.append((f"group_sq-{acc_ptr[1:]}", _group_sq_kernel,
+                        dict(slots=acc_ptr, ginfo="*i64", gmap="*i64", group_sq=acc_ptr),
+                        dict(GROUP_BLOCK=GROUP_BLOCK), dict(num_warps=FINISH_WARPS, enable_fp_fusion=ENABLE_FP_FUSION)))
+        configs.append((f"finish-{acc_ptr[1:]}", _finish_kernel,
+                        dict(partials=acc_ptr, nparts="i64", group_sq=acc_ptr, ngroups="i64", out=acc_ptr),
+                        dict(BLOCK=FINISH_BLOCK), dict(num_warps=FINISH_WARPS, enable_fp_fusion=ENABLE_FP_FUSION)))
+    return configs

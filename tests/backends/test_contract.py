@@ -14,6 +14,14 @@ from fastreg.backends._geometry import NO_GROUPS, group_sizes
 
 L1, L2, GROUP = 0.3, 0.7, 0.45
 
+# Sizes that put groups in every kind of task of the fused backends; the Triton interpreter
+# suite (tests/triton_interpret) runs this file with smaller ones (its tiles are shrunk too).
+LONG = 70000  # longer than a 65536-element chunk
+MANY = 4000  # tensors in one call
+WIDE = 300  # a row wider than a tile
+TALL = 70000  # rows of a strided-group tensor
+VOCAB, COLUMN = 50257, 4096  # GPT-2's vocabulary (a long row) and a long column
+
 SIZE_CASES = {
     "empty": [0],
     "one": [1],
@@ -21,19 +29,20 @@ SIZE_CASES = {
     "65537": [65537],
     "chunk-edges-with-empties": [0, 65536, 0, 1, 65535, 0, 65537, 3],
     "555-and-7777x77": [555, 7777 * 77],
-    "4000-tensors": None,  # built below: 4000 small tensors, some empty
+    "4000-tensors": None,  # built below: MANY small tensors, some empty
 }
 
 # Shapes whose groups land in every kind of task: short and long contiguous runs, runs longer
 # than a chunk, strided groups (K = 1, K = 9), rows wider than one window, one group, empty.
-GROUP_SHAPES = [(256, 64), (3, 70000), (70000, 3), (5, 4, 3, 3), (64, 300), (2, 20000), (1, 50), (0, 5),
-                (4, 0), (7,), (33, 65), (16, 1), (1,)]
+def group_shapes():
+    return [(256, 64), (3, LONG), (TALL, 3), (5, 4, 3, 3), (64, WIDE), (2, LONG // 3), (1, 50), (0, 5),
+            (4, 0), (7,), (33, 65), (16, 1), (1,)]
 
 
 def _sizes(case):
     if case == "4000-tensors":
         generator = torch.Generator().manual_seed(1)
-        return torch.randint(0, 40, (4000,), generator=generator).tolist()
+        return torch.randint(0, 40, (MANY,), generator=generator).tolist()
     return SIZE_CASES[case]
 
 
@@ -56,7 +65,7 @@ def _layouts(dtype, seed=7):
         randn(40, 30).t(),                                             # dense, transposed
         randn(6, 5, 3, 3).to(memory_format=torch.channels_last),       # dense, channels-last
         randn(50, 40)[:, ::3],                                         # not dense
-        randn(3, 70000)[:, 1:],                                        # large, row-strided
+        randn(3, LONG)[:, 1:],                                         # large, row-strided
         randn(9, 8, 7).permute(2, 0, 1),                               # dense, 3-D permuted
         randn(5, 12)[1:4],                                             # contiguous, offset
     ]
@@ -109,7 +118,7 @@ def test_sums(backend, case, dtype):
 @pytest.mark.parametrize("group_dim", [0, 1])
 @pytest.mark.parametrize("centered", [False, True], ids=["plain", "centered"])
 def test_sums_with_groups(backend, group_dim, centered, dtype):
-    params = ref.make_tensors(GROUP_SHAPES, dtype) + _layouts(dtype)
+    params = ref.make_tensors(group_shapes(), dtype) + _layouts(dtype)
     centers = _centered(params) if centered else None
     _assert_sums(_backend(backend).sums(params, centers, group_dim), params, dtype, centers, group_dim)
 
@@ -117,7 +126,7 @@ def test_sums_with_groups(backend, group_dim, centered, dtype):
 @pytest.mark.parametrize("dtype", ref.DTYPES, ids=str)
 @pytest.mark.parametrize("group_dim", [NO_GROUPS, 0, 1])
 def test_sums_of_shrunk_values(backend, group_dim, dtype):
-    params = ref.make_tensors(GROUP_SHAPES[:6], dtype)
+    params = ref.make_tensors(group_shapes()[:6], dtype)
     centers = _centered(params)
     result = _backend(backend).sums(params, centers, group_dim, threshold=0.4)
     _assert_sums(result, params, dtype, centers, group_dim, threshold=0.4)
@@ -125,7 +134,7 @@ def test_sums_of_shrunk_values(backend, group_dim, dtype):
 
 def test_group_norms_of_long_rows_and_columns_are_exact_to_1e_6(backend):
     # A 50,257-element row (GPT-2's vocabulary) and 4,096-long columns, in fp32.
-    params = ref.make_tensors([(3, 50257), (4096, 5)], torch.float32)
+    params = ref.make_tensors([(3, VOCAB), (COLUMN, 5)], torch.float32)
     for group_dim in (0, 1):
         _, group_sq = _backend(backend).sums(params, None, group_dim)
         expected = ref.group_sq(params, group_dim)
@@ -148,7 +157,7 @@ def test_grads(backend, case, dtype):
 @pytest.mark.parametrize("group_dim", [0, 1])
 @pytest.mark.parametrize("centered", [False, True], ids=["plain", "centered"])
 def test_grads_with_groups_and_centers(backend, group_dim, centered, dtype):
-    params = ref.make_tensors(GROUP_SHAPES, dtype) + _layouts(dtype)
+    params = ref.make_tensors(group_shapes(), dtype) + _layouts(dtype)
     centers = _centered(params) if centered else None
     n = sum(group_sizes(params, group_dim))
     scale = torch.rand(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(
@@ -201,8 +210,8 @@ def test_add_grad_(backend, case, dtype):
 @pytest.mark.parametrize("dtype", ref.DTYPES, ids=str)
 def test_add_grad_with_a_gradient_of_another_dtype(backend, dtype, grad_dtype):
     # Read w in its dtype and g in its own; e.g. bf16 weights with fp32 gradients.
-    params = ref.make_tensors([70001, (33, 65), 0, 5], dtype, seed=0)
-    grads = ref.make_tensors([70001, (33, 65), 0, 5], grad_dtype, seed=1)
+    params = ref.make_tensors([LONG + 1, (33, 65), 0, 5], dtype, seed=0)
+    grads = ref.make_tensors([LONG + 1, (33, 65), 0, 5], grad_dtype, seed=1)
     grads[1] = grads[1].t().contiguous().t()  # and another layout than its parameter
     before = [g.to(torch.float64, copy=True) for g in grads]
     result = _backend(backend).add_grad_(params, grads, None, 0, _coeffs(dtype, L1, L2, GROUP), None)
@@ -214,7 +223,7 @@ def test_add_grad_with_a_gradient_of_another_dtype(backend, dtype, grad_dtype):
 @pytest.mark.parametrize("group_dim", [0, 1])
 @pytest.mark.parametrize("centered", [False, True], ids=["plain", "centered"])
 def test_add_grad_with_groups_and_centers(backend, group_dim, centered, dtype):
-    params = ref.make_tensors(GROUP_SHAPES, dtype) + _layouts(dtype)
+    params = ref.make_tensors(group_shapes(), dtype) + _layouts(dtype)
     centers = _centered(params) if centered else None
     grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64).to(dtype)
              for i, p in enumerate(params)]
@@ -226,8 +235,8 @@ def test_add_grad_with_groups_and_centers(backend, group_dim, centered, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_add_grad_with_given_group_norms(backend, dtype):
     # Sharded parameters pass their global norms: the update must use them, not its own.
-    params = ref.make_tensors([(20, 30), (64, 300), 7], dtype)
-    norms = torch.rand(30 + 300, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.5
+    params = ref.make_tensors([(20, 30), (64, WIDE), 7], dtype)
+    norms = torch.rand(30 + WIDE, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.5
     grads = [torch.zeros_like(p) for p in params]
     _backend(backend).add_grad_(params, grads, None, 1, _coeffs(dtype, 0.0, 0.0, GROUP),
                                 norms.to(_dispatch.acc_dtype(dtype)))
@@ -259,7 +268,7 @@ def test_prox_(backend, case, dtype):
 @pytest.mark.parametrize("centered", [False, True], ids=["plain", "centered"])
 def test_prox_with_groups_and_centers(backend, group_dim, centered, dtype):
     lr, l1, l2 = 0.5, 0.2, 0.3
-    params = ref.make_tensors(GROUP_SHAPES, dtype) + _layouts(dtype)
+    params = ref.make_tensors(group_shapes(), dtype) + _layouts(dtype)
     centers = _centered(params) if centered else None
     originals = [p.clone() for p in params]
     # A group threshold that zeroes some groups of every tensor and keeps others.
@@ -298,7 +307,7 @@ def _non_contiguous(dtype):
     return [
         base.to(dtype).t(),                       # dense, transposed
         torch.randn(50, 40, dtype=torch.float64).to(dtype)[:, ::3],  # strided slice
-        torch.randn(3, 70000, dtype=torch.float64).to(dtype)[:, 1:],  # large, row-strided
+        torch.randn(3, LONG, dtype=torch.float64).to(dtype)[:, 1:],  # large, row-strided
         torch.randn(5, dtype=torch.float64).to(dtype).expand(4, 5)[1:].contiguous().t(),
     ]
 
@@ -328,7 +337,7 @@ def test_non_contiguous(backend, dtype):
 
 @pytest.mark.parametrize("dtype", ref.DTYPES, ids=str)
 def test_sums_are_deterministic(backend, dtype):
-    params = ref.make_tensors([1000] * 50 + [300_001, (300, 700), (700, 300)], dtype)
+    params = ref.make_tensors([1000] * 50 + [LONG * 4 + 1, (WIDE, TALL // 100), (TALL // 100, WIDE)], dtype)
     for group_dim in (NO_GROUPS, 0, 1):
         first = _backend(backend).sums(params, None, group_dim)
         for _ in range(3):
@@ -337,7 +346,7 @@ def test_sums_are_deterministic(backend, dtype):
 
 
 def test_results_do_not_depend_on_the_thread_count(backend):
-    params = ref.make_tensors([(2000, 300), (300, 2000), 500_001, (64, 3, 3, 3)], torch.float32)
+    params = ref.make_tensors([(TALL // 35, WIDE), (WIDE, TALL // 35), LONG * 7 + 1, (64, 3, 3, 3)], torch.float32)
     centers = _centered(params)
     grads_of = lambda: [torch.ones_like(p) for p in params]  # noqa: E731
     impl = _backend(backend)

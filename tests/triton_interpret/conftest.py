@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 _HERE = Path(__file__).resolve().parent
 _USAGE = "run `TRITON_INTERPRET=1 python -m pytest tests/triton_interpret` in its own process"
@@ -42,3 +43,39 @@ def pytest_configure(config):
     backend = sys.modules.get("fastreg.backends.triton")
     if backend is not None and not backend._INTERPRET:
         raise pytest.UsageError(f"fastreg.backends.triton was imported without the interpreter: {_USAGE}")
+
+
+@pytest.fixture
+def backend():
+    """Here every contract and API test runs on the Triton backend only (CPU tensors)."""
+    return "triton"
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    """Tiles and chunks small enough that test-sized tensors cross every boundary, and a
+    program count target that makes the chunk vary with the call's size."""
+    from fastreg import _dispatch
+
+    module = _dispatch.backend("triton")
+    for name, value in (("BLOCK", 256), ("BLOCK_FP64", 128), ("MAX_CHUNK", 1024), ("TARGET_PROGRAMS", 64),
+                        ("RUN_TILE", 32), ("MIN_RUN", 16), ("GROUP_BLOCK", 16), ("FINISH_BLOCK", 16)):
+        monkeypatch.setattr(module, name, value)
+    module.cache_clear()
+    yield
+    module.cache_clear()
+    torch.set_num_threads(torch.get_num_threads())
+
+
+# fp16 takes the code paths of bf16 (a 16-bit dtype, fp32 accumulation) with another constexpr;
+# under the interpreter, the group and center contract tests run for fp32, bf16 and fp64 only.
+SLOW_UNDER_INTERPRETER = ("test_sums_with_groups", "test_sums_of_shrunk_values", "test_grads_with_groups_and_centers",
+                          "test_add_grad_with_groups_and_centers", "test_prox_with_groups_and_centers")
+
+
+def pytest_collection_modifyitems(config, items):
+    deselected = [item for item in items if getattr(item, "originalname", None) in SLOW_UNDER_INTERPRETER
+                  and "torch.float16" in item.name]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item not in deselected]

@@ -21,7 +21,7 @@ from fastreg import _dispatch
 
 B = _dispatch.backend("triton")
 
-CHUNK = 1024
+CHUNK = 1024  # MAX_CHUNK in these tests (conftest.py shrinks every tile)
 BLOCK = 256
 BLOCK_FP64 = 128
 FINISH_BLOCK = 16  # stage 2 then loops once per 16 programs
@@ -33,17 +33,6 @@ DTYPE_IDS = ["fp32", "fp16", "bf16", "fp64"]
 # tensor spanning several chunks, and DESIGN.md's 555.
 SIZES = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 0, CHUNK - 1, CHUNK, CHUNK + 1,
          3 * CHUNK + BLOCK + 1, 555, 0]
-
-
-@pytest.fixture(autouse=True)
-def small_kernels(monkeypatch):
-    monkeypatch.setattr(B, "CHUNK", CHUNK)
-    monkeypatch.setattr(B, "BLOCK", BLOCK)
-    monkeypatch.setattr(B, "BLOCK_FP64", BLOCK_FP64)
-    monkeypatch.setattr(B, "FINISH_BLOCK", FINISH_BLOCK)
-    B.cache_clear()
-    yield
-    B.cache_clear()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -99,10 +88,12 @@ def ref_prox(w, threshold, denominator):
 
 
 def assert_sums(got, params, dtype):
+    """``got``: a backend's (sums, group_sq) without groups, or its sums."""
+    sums = got[0] if isinstance(got, tuple) else got
     acc = acc_of(dtype)
-    assert got.shape == (2,) and got.dtype == acc
+    assert sums.shape == (3,) and sums.dtype == acc
     rtol = 1e-13 if acc == torch.float64 else 2e-6
-    torch.testing.assert_close(got.double(), ref_sums(params), rtol=rtol, atol=1e-300)
+    torch.testing.assert_close(sums[:2].double(), ref_sums(params), rtol=rtol, atol=1e-300)
 
 
 def assert_within(got, ref, scale, ulps, dtype):
@@ -117,20 +108,41 @@ def assert_within(got, ref, scale, ulps, dtype):
     )
 
 
-def coeffs(dtype, first, second):
-    return torch.tensor([first, second], dtype=acc_of(dtype))
+def coeffs(dtype, first, second, third=0.0):
+    return torch.tensor([first, second, third], dtype=acc_of(dtype))
+
+
+# The L1/L2 contract calls, without centers or groups.
+def sums(params):
+    return B.sums(params, None, -1)
+
+
+def grads(params, c):
+    return B.grads(params, None, -1, c[:2], None)
+
+
+def add_grad_(params, targets, c):
+    return B.add_grad_(params, targets, None, -1, c, None)
+
+
+def prox_(params, c):
+    B.prox_(params, None, -1, c, None)
 
 
 class CountLaunches:
-    """Wraps a kernel: counts ``kernel[grid](...)`` launches."""
+    """Wraps a kernel: counts ``kernel[grid](...)`` launches and keeps their keyword arguments."""
 
     def __init__(self, kernel):
         self.kernel = kernel
         self.launches = 0
+        self.kwargs = []
 
     def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
+        def launch(*args, **kwargs):
+            self.launches += 1
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 # --------------------------------------------------------------------------- contract
@@ -146,9 +158,9 @@ def test_available_under_the_interpreter():
 
 def test_other_devices_refused():
     meta = [torch.empty(4, device="meta")]
-    for call in (lambda: B.sums(meta), lambda: B.grads(meta, torch.ones(2, device="meta")),
-                 lambda: B.add_grad_(meta, meta, torch.ones(2, device="meta")),
-                 lambda: B.prox_(meta, torch.ones(2, device="meta"))):
+    c = torch.ones(3, device="meta")
+    for call in (lambda: B.sums(meta, None, -1), lambda: B.grads(meta, None, -1, c, None),
+                 lambda: B.add_grad_(meta, meta, None, -1, c, None), lambda: B.prox_(meta, None, -1, c, None)):
         with pytest.raises(RuntimeError, match="triton backend runs on cpu tensors"):
             call()
 
@@ -183,38 +195,38 @@ def test_importable_without_triton_or_interpreter():
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sums_values(dtype):
     params = make_params(dtype)
-    assert_sums(B.sums(params), params, dtype)
+    assert_sums(sums(params), params, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sums_noncontiguous(dtype):
     params = noncontiguous_params(dtype)
-    assert_sums(B.sums(params), params, dtype)
+    assert_sums(sums(params), params, dtype)
 
 
 def test_sums_all_empty():
     for dtype in DTYPES:
-        got = B.sums([torch.empty(0, dtype=dtype), torch.empty(3, 0, dtype=dtype)])
-        assert got.dtype == acc_of(dtype) and torch.equal(got, torch.zeros(2, dtype=acc_of(dtype)))
+        got, group_sq = B.sums([torch.empty(0, dtype=dtype), torch.empty(3, 0, dtype=dtype)], None, 1)
+        assert got.dtype == acc_of(dtype) and torch.equal(got, torch.zeros(3, dtype=acc_of(dtype)))
+        assert torch.equal(group_sq, torch.zeros(0, dtype=acc_of(dtype)))  # 3x0 along dim 1: no groups
 
 
 def test_sums_deterministic():
     params = make_params(torch.float32, seed=7) + noncontiguous_params(torch.float32)
-    first = B.sums(params)
+    first = sums(params)[0]
     for _ in range(3):
-        assert torch.equal(B.sums(params), first)
-    grads = [torch.zeros_like(p) for p in params]
-    again = B.add_grad_(params, grads, coeffs(torch.float32, 0.1, 0.2))
+        assert torch.equal(sums(params)[0], first)
+    again = add_grad_(params, [torch.zeros_like(p) for p in params], coeffs(torch.float32, 0.1, 0.2))[0]
     torch.testing.assert_close(again, first, rtol=1e-6, atol=0)
-    assert torch.equal(B.add_grad_(params, [torch.zeros_like(p) for p in params],
-                                   coeffs(torch.float32, 0.1, 0.2)), again)
+    assert torch.equal(add_grad_(params, [torch.zeros_like(p) for p in params],
+                                 coeffs(torch.float32, 0.1, 0.2))[0], again)
 
 
 def test_sums_fp32_accuracy():
     # 64 chunks of shifted N(0.5, 1) data: partials and stage 2 must keep ~1e-7.
     x = randn((64 * CHUNK + 3,), torch.float32, 11, scale=1.0) + 0.5
     ref = ref_sums([x])
-    got = B.sums([x]).double()
+    got = sums([x])[0][:2].double()
     assert ((got - ref).abs() / ref).max() < 5e-7
 
 
@@ -223,12 +235,12 @@ def test_many_tensors():
     sizes = torch.randint(0, 1200, (300,), generator=gen).tolist()
     sizes = [0 if i % 5 == 0 else n for i, n in enumerate(sizes)]  # empties mixed in
     params = [randn((n,), torch.float32, 1000 + i) for i, n in enumerate(sizes)]
-    assert_sums(B.sums(params), params, torch.float32)
+    assert_sums(sums(params), params, torch.float32)
     c = coeffs(torch.float32, 0.25, 0.125)
-    for p, g in zip(params, B.grads(params, c)):
+    for p, g in zip(params, grads(params, c)):
         assert_within(g, ref_grad(p, 0.25, 0.125), ref_grad(p, 0.25, 0.125).abs(), 2, torch.float32)
     w = [p.clone() for p in params]
-    B.prox_(w, coeffs(torch.float32, 1.0, 2.0))
+    prox_(w, coeffs(torch.float32, 1.0, 2.0))
     for p, q in zip(params, w):
         ref = ref_prox(p, 1.0, 2.0)
         assert_within(q, ref, (p.double().abs() + 1.0) / 2.0, 2, torch.float32)
@@ -240,8 +252,8 @@ def test_many_tensors():
 def test_grads_values_and_layout(dtype):
     params = make_params(dtype) + noncontiguous_params(dtype)
     c = coeffs(dtype, 0.3, 0.05)
-    c1, c2 = c.double().tolist()
-    out = B.grads(params, c)
+    c1, c2 = c[:2].double().tolist()
+    out = grads(params, c)
     assert len(out) == len(params)
     for p, g in zip(params, out):
         like = torch.empty_like(p)
@@ -252,8 +264,20 @@ def test_grads_values_and_layout(dtype):
         assert torch.equal(g[p == 0], torch.zeros_like(g[p == 0]))  # sign(0) = 0
 
 
+def test_grads_may_be_views_of_one_buffer_each_16_byte_aligned():
+    # One allocation for all contiguous outputs (host cost), every view on 16 bytes (vector loads).
+    params = [randn((n,), torch.float32, i) for i, n in enumerate([5, 7, 1, 300, 0, 33])]
+    params.append(randn((6, 4), torch.float32, 9).t())  # dense, transposed: a view with its strides
+    out = B.grads(params, None, -1, coeffs(torch.float32, 0.1, 0.2)[:2], None, may_share_storage=True)
+    storages = {g.untyped_storage().data_ptr() for g, p in zip(out, params) if p.numel()}
+    assert len(storages) == 1
+    assert all(g.data_ptr() % 16 == 0 for g in out if g.numel())
+    for p, g in zip(params, out):
+        assert g.shape == p.shape and g.stride() == torch.empty_like(p).stride()
+
+
 def test_grads_all_empty():
-    out = B.grads([torch.empty(0), torch.empty(2, 0)], coeffs(torch.float32, 1.0, 1.0))
+    out = grads([torch.empty(0), torch.empty(2, 0)], coeffs(torch.float32, 1.0, 1.0))
     assert [tuple(g.shape) for g in out] == [(0,), (2, 0)]
 
 
@@ -263,12 +287,12 @@ def test_grads_all_empty():
 def test_add_grad_values(dtype):
     params = make_params(dtype, seed=20)
     old = [randn(p.shape, dtype, 500 + i, scale=0.5) for i, p in enumerate(params)]
-    grads = [g.clone() for g in old]
+    targets = [g.clone() for g in old]
     c = coeffs(dtype, 0.2, 0.4)
-    c1, c2 = c.double().tolist()
-    got = B.add_grad_(params, grads, c)
+    c1, c2 = c[:2].double().tolist()
+    got = add_grad_(params, targets, c)
     assert_sums(got, params, dtype)
-    for p, g0, g in zip(params, old, grads):
+    for p, g0, g in zip(params, old, targets):
         step = ref_grad(p, c1, c2)
         assert_within(g, g0.double() + step, g0.double().abs() + step.abs(), 2, dtype)
 
@@ -291,24 +315,32 @@ def test_add_grad_layouts(dtype):
         (randn((0, 5), dtype, 13), torch.empty((0, 5), dtype=dtype)),
     ]
     params = [w for w, _ in pairs]
-    grads = [g for _, g in pairs]
-    old = [g.clone() for g in grads]
+    targets = [g for _, g in pairs]
+    old = [g.clone() for g in targets]
     c = coeffs(dtype, 0.5, 0.25)
-    got = B.add_grad_(params, grads, c)
+    got = add_grad_(params, targets, c)
     assert_sums(got, params, dtype)
-    for w, g0, g in zip(params, old, grads):
+    for w, g0, g in zip(params, old, targets):
         step = ref_grad(w, 0.5, 0.25)
         assert_within(g, g0.double() + step, g0.double().abs() + step.abs(), 2, dtype)
     untouched = torch.ones_like(base_g, dtype=torch.bool)
     untouched[::3, 30:] = False
     assert torch.equal(base_g[untouched], base_g_before[untouched])
-    assert torch.equal(base_g[::3, 30:], grads[4])
+    assert torch.equal(base_g[::3, 30:], targets[4])
 
 
 def test_add_grad_all_empty():
-    grads = [torch.empty(0)]
-    got = B.add_grad_([torch.empty(0)], grads, coeffs(torch.float32, 1.0, 1.0))
-    assert torch.equal(got, torch.zeros(2))
+    got, _ = add_grad_([torch.empty(0)], [torch.empty(0)], coeffs(torch.float32, 1.0, 1.0))
+    assert torch.equal(got, torch.zeros(3))
+
+
+def test_add_grad_fp64_gradient_of_an_fp32_weight_is_not_read_as_fp32():
+    # The regression of the issue: an fp64 .grad of an fp32 parameter was read as fp32.
+    w = torch.randn(10)
+    g = torch.zeros(10, dtype=torch.float64)
+    B.add_grad_([w], [g], None, -1, coeffs(torch.float32, 0.0, 1.0), None)
+    assert g.dtype == torch.float64
+    torch.testing.assert_close(g, 2 * w.double(), rtol=1e-7, atol=0)
 
 
 # ------------------------------------------------------------------------------ prox_
@@ -319,8 +351,8 @@ def test_prox_values_and_exact_zeros(dtype):
     params[3][:4] = torch.tensor([0.5, -0.5, 0.25, -0.75], dtype=dtype)  # at the threshold
     before = [p.clone() for p in params]
     c = coeffs(dtype, 0.5, 1.25)
-    threshold, denominator = c.double().tolist()
-    B.prox_(params, c)
+    threshold, denominator = c[:2].double().tolist()
+    prox_(params, c)
     for x, w in zip(before, params):
         ref = ref_prox(x, threshold, denominator)
         assert_within(w, ref, (x.double().abs() + threshold) / denominator, 2, dtype)
@@ -332,9 +364,9 @@ def test_prox_values_and_exact_zeros(dtype):
 def test_nan_propagates():
     nan = float("nan")
     w = torch.tensor([nan, 1.0, -nan, 0.1, 0.0])
-    assert torch.isnan(B.sums([w])).all()
-    assert torch.isnan(B.grads([w], coeffs(torch.float32, 0.5, 0.5))[0][[0, 2]]).all()
-    B.prox_([w], coeffs(torch.float32, 0.5, 2.0))
+    assert torch.isnan(sums([w])[0][:2]).all()
+    assert torch.isnan(grads([w], coeffs(torch.float32, 0.5, 0.5))[0][[0, 2]]).all()
+    prox_([w], coeffs(torch.float32, 0.5, 2.0))
     assert torch.isnan(w[[0, 2]]).all() and torch.equal(w[[1, 3, 4]], torch.tensor([0.25, 0.0, 0.0]))
 
 
@@ -342,7 +374,7 @@ def test_prox_noncontiguous_writes_back():
     base = randn((40, 90), torch.float32, 9)
     before = base.clone()
     view = base[:, ::3]
-    B.prox_([view, base[:1, :0]], coeffs(torch.float32, 1.0, 2.0))
+    prox_([view, base[:1, :0]], coeffs(torch.float32, 1.0, 2.0))
     ref = ref_prox(before[:, ::3], 1.0, 2.0)
     assert_within(base[:, ::3], ref, (before[:, ::3].double().abs() + 1.0) / 2.0, 2, torch.float32)
     mask = torch.ones_like(base, dtype=torch.bool)
@@ -357,16 +389,16 @@ def test_penalty_autograd(dtype):
     params = [p.requires_grad_() for p in make_params(dtype, seed=60)]
     params.append(randn((50, 40), dtype, 61).t().requires_grad_())  # a transposed leaf
     value = fastreg.penalty(params, l1=0.3, l2=0.05, backend="triton")
-    sums = ref_sums(params)
-    expected = 0.3 * sums[0] + 0.05 * sums[1]
+    ref = ref_sums(params)
+    expected = 0.3 * ref[0] + 0.05 * ref[1]
     assert value.dtype == acc_of(dtype) and value.ndim == 0
     rtol = 1e-12 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(value.double(), expected, rtol=rtol, atol=0)
     value.backward()
     for p in params:
-        ref = ref_grad(p, 0.3, 0.05)
+        step = ref_grad(p, 0.3, 0.05)
         assert p.grad.stride() == torch.empty_like(p).stride()
-        assert_within(p.grad, ref, ref.abs(), 4, dtype)
+        assert_within(p.grad, step, step.abs(), 4, dtype)
 
 
 def test_penalty_mixed_dtypes_and_requested_backend():
@@ -381,8 +413,8 @@ def test_penalty_mixed_dtypes_and_requested_backend():
     torch.testing.assert_close(value.double(), expected, rtol=2e-6, atol=0)
     value.backward()
     for p in params:
-        ref = ref_grad(p, 0.1, 0.2)
-        assert_within(p.grad, ref, ref.abs(), 4, p.dtype)
+        step = ref_grad(p, 0.1, 0.2)
+        assert_within(p.grad, step, step.abs(), 4, p.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -393,8 +425,8 @@ def test_penalty_add_to_grad_none_and_existing(dtype):
     old = params[1].grad.clone()
     reg = fastreg.Penalty(params, l1=0.25, l2=0.5, backend="triton")
     value = reg.add_to_grad_()
-    sums = ref_sums(params)
-    torch.testing.assert_close(value.double(), 0.25 * sums[0] + 0.5 * sums[1], rtol=2e-6, atol=0)
+    ref = ref_sums(params)
+    torch.testing.assert_close(value.double(), 0.25 * ref[0] + 0.5 * ref[1], rtol=2e-6, atol=0)
     for i, p in enumerate(params):
         step = ref_grad(p, 0.25, 0.5)
         before = old.double() if i == 1 else torch.zeros_like(step)
@@ -416,74 +448,163 @@ def test_penalty_prox():
 def test_opcheck():
     params = [randn((CHUNK + 1,), torch.float32, 95).requires_grad_(),
               randn((7, 3), torch.float32, 96).requires_grad_()]
-    torch.library.opcheck(torch.ops.fastreg.sums.default, (params, "triton"))
+    centers = [torch.zeros_like(p) for p in params]
+    for args in ((params, [], -1, "triton"), (params, centers, 1, "triton")):
+        torch.library.opcheck(torch.ops.fastreg.sums.default, args)
 
 
-# ------------------------------------------------------------------ launches and cache
+# ------------------------------------------------------------------ launches and plans
 
-def test_launches_per_call(monkeypatch):
+def _count_launches(monkeypatch):
     counters = {name: CountLaunches(getattr(B, name)) for name in
-                ("_sums_kernel", "_finish_kernel", "_grads_kernel", "_add_grad_kernel", "_prox_kernel")}
+                ("_sums_kernel", "_group_sq_kernel", "_finish_kernel", "_elementwise_kernel")}
     for name, counter in counters.items():
         monkeypatch.setattr(B, name, counter)
 
     def launches():
-        total = sum(c.launches for c in counters.values())
+        counts = {name: c.launches for name, c in counters.items()}
         for c in counters.values():
             c.launches = 0
-        return total
+        return counts
 
+    return counters, launches
+
+
+def test_launches_per_call(monkeypatch):
+    counters, launches = _count_launches(monkeypatch)
     params = make_params(torch.float32, sizes=[5, 0, CHUNK * 2 + 1, 300] * 10)
     c = coeffs(torch.float32, 0.5, 0.5)
-    B.sums(params)
-    assert launches() == 2  # stage 1 + stage 2, for all 40 tensors
-    B.grads(params, c)
-    assert launches() == 1
-    B.add_grad_(params, [torch.zeros_like(p) for p in params], c)
-    assert launches() == 2
-    B.prox_(params, c)
-    assert launches() == 1
+    sums(params)
+    assert launches() == {"_sums_kernel": 1, "_group_sq_kernel": 0, "_finish_kernel": 1, "_elementwise_kernel": 0}
+    grads(params, c)
+    assert sum(launches().values()) == 1
+    add_grad_(params, [torch.zeros_like(p) for p in params], c)
+    assert launches() == {"_sums_kernel": 0, "_group_sq_kernel": 0, "_finish_kernel": 1, "_elementwise_kernel": 1}
+    prox_(params, c)
+    assert sum(launches().values()) == 1
+    # Groups: one stage-1 launch per mode present (runs, rows), one group reduction, one finish.
+    grouped = [randn((40, 300), torch.float32, 1), randn((20, 3), torch.float32, 2), randn((7,), torch.float32, 3)]
+    B.sums(grouped, None, 0)
+    assert launches() == {"_sums_kernel": 3, "_group_sq_kernel": 1, "_finish_kernel": 1, "_elementwise_kernel": 0}
+    B.add_grad_(grouped, [torch.zeros_like(p) for p in grouped], None, 0, c, None)
+    counts = launches()
+    assert counts["_sums_kernel"] == 2 and counts["_elementwise_kernel"] == 3  # norms first, then the update
 
 
-def test_table_cache_reused():
+def test_alignment_is_per_tensor(monkeypatch):
+    # One tensor at an odd offset no longer turns off the aligned (vectorised) launch for the others.
+    counters, launches = _count_launches(monkeypatch)
+    aligned = [randn((1000,), torch.float32, i) for i in range(5)]
+    odd = randn((1001,), torch.float32, 9)[1:]  # data pointer 4 bytes past 16-byte alignment
+    assert odd.data_ptr() % 16 and all(p.data_ptr() % 16 == 0 for p in aligned)
+    assert_sums(sums(aligned + [odd]), aligned + [odd], torch.float32)
+    flags = [kw["ALIGNED"] for kw in counters["_sums_kernel"].kwargs]
+    assert sorted(flags) == [False, True]
+    plan = B._plan(aligned + [odd], None, -1)
+    by_flag = {launch.aligned: launch.programs for launch in plan.launches}
+    assert by_flag[False] == -(-odd.numel() // plan.chunk)
+    assert by_flag[True] == sum(-(-p.numel() // plan.chunk) for p in aligned)
+
+
+def test_fp_fusion_is_set_explicitly_on_every_launch(monkeypatch):
+    counters, _ = _count_launches(monkeypatch)
+    params = [randn((40, 30), torch.float32, 1)]
+    c = coeffs(torch.float32, 0.1, 0.2, 0.3)
+    B.sums(params, None, 1)
+    B.add_grad_(params, [torch.zeros_like(p) for p in params], None, 1, c, None)
+    B.prox_(params, None, 1, c, None)
+    grads(params, c)
+    kwargs = [kw for counter in counters.values() for kw in counter.kwargs]
+    assert kwargs and all(kw.get("enable_fp_fusion") is True for kw in kwargs)
+
+
+def test_chunk_fills_the_device_and_depends_on_sizes_only(monkeypatch):
+    monkeypatch.setattr(B, "MAX_CHUNK", 65536)
+    monkeypatch.setattr(B, "TARGET_PROGRAMS", 1024)
+    assert B._chunk(2_000_000, 2048) == 2048  # 2M parameters: ~1000 programs, not 32
+    assert B._chunk(124_000_000, 2048) == 65536  # GPT-2: the largest chunk, ~1900 programs
+    assert B._chunk(10, 2048) == 2048
+    assert all(B._chunk(n, 2048) >= 2048 and B._chunk(n, 2048) & (B._chunk(n, 2048) - 1) == 0
+               for n in (1, 3000, 5_000_000, 10**9))
+
+
+def test_plan_cache_reused_and_keyed():
     params = make_params(torch.float32, seed=5)
-    B.sums(params)
+    sums(params)
     assert B.cache_info()["builds"] == 1
-    first = B.sums(params)
+    first = sums(params)[0]
     info = B.cache_info()
     assert info["builds"] == 1 and info["hits"] == 1
-    B.prox_(params, coeffs(torch.float32, 0.0, 1.0))  # same tensors: same table
+    prox_(params, coeffs(torch.float32, 0.0, 1.0))  # same tensors: same plan (threshold 0, denominator 1: no-op)
     assert B.cache_info()["builds"] == 1
-    assert torch.equal(B.sums(params), first)  # prox_ with threshold 0, denominator 1: no-op
-
-    grads = [torch.zeros_like(p) for p in params]
+    assert torch.equal(sums(params)[0], first)
+    targets = [torch.zeros_like(p) for p in params]
     c = coeffs(torch.float32, 0.5, 0.5)
-    B.add_grad_(params, grads, c)
-    B.add_grad_(params, grads, c)
-    assert B.cache_info()["builds"] == 2  # one (w, g) table, built once
+    add_grad_(params, targets, c)
+    add_grad_(params, targets, c)
+    info = B.cache_info()
+    assert info["builds"] == 1 and info["target_builds"] == 1 and info["target_hits"] == 1
 
-    B.grads(params, c)  # the parameter table again; outputs use the small pointer table
-    assert B.cache_info()["builds"] == 2
-
-
-def test_table_cache_keys(monkeypatch):
-    params = make_params(torch.float32, seed=6)
-    ref = B.sums(params)
     moved = [p.clone() for p in params]  # new pointers, same sizes
-    assert torch.equal(B.sums(moved), ref)
+    assert torch.equal(sums(moved)[0], first)
     assert B.cache_info()["builds"] == 2
-    monkeypatch.setattr(B, "CHUNK", 2 * CHUNK)  # chunking is part of the key
-    assert_sums(B.sums(params), params, torch.float32)
-    assert B.cache_info()["builds"] == 3
     halves = [p[: (p.numel() + 1) // 2] for p in params]  # same pointers, other sizes
-    assert_sums(B.sums(halves), halves, torch.float32)
-    assert B.cache_info()["builds"] == 4
+    assert_sums(sums(halves), halves, torch.float32)
+    assert B.cache_info()["builds"] == 3
 
 
-def test_table_cache_bounded(monkeypatch):
+def test_plan_cache_bounded(monkeypatch):
     monkeypatch.setattr(B, "CACHE_SIZE", 3)
     keep = [randn((10 + i,), torch.float32, i) for i in range(8)]
     for t in keep:
-        B.sums([t])
+        sums([t])
     assert B.cache_info()["size"] == 3
-    assert_sums(B.sums([keep[0]]), [keep[0]], torch.float32)  # evicted, rebuilt, right
+    assert_sums(sums([keep[0]]), [keep[0]], torch.float32)  # evicted, rebuilt, right
+
+
+def test_plans_built_during_graph_capture_stay_out_of_the_shared_cache(monkeypatch):
+    # A plan built while a CUDA graph is captured is uploaded only when the graph replays: an
+    # eager call must not find it in the cache (it would read uninitialised tables).
+    params = make_params(torch.float32, seed=8)
+    monkeypatch.setattr(B, "_capturing", lambda device: True)
+    sums(params)
+    assert B.cache_info()["size"] == 0 and B.cache_info()["graph_plans"] >= 1
+    monkeypatch.setattr(B, "_capturing", lambda device: False)
+    sums(params)
+    assert B.cache_info()["size"] == 1
+
+
+def test_plans_are_keyed_by_stream(monkeypatch):
+    # A plan uploaded on one stream is not reused from another: its copy is ordered on its own.
+    params = make_params(torch.float32, seed=9)
+    monkeypatch.setattr(B, "_stream_key", lambda device: 1)
+    sums(params)
+    monkeypatch.setattr(B, "_stream_key", lambda device: 2)
+    sums(params)
+    assert B.cache_info()["builds"] == 2
+    monkeypatch.setattr(B, "_stream_key", lambda device: 1)
+    sums(params)
+    assert B.cache_info()["builds"] == 2 and B.cache_info()["hits"] == 1
+
+
+def test_launch_configs_cover_what_a_call_launches(monkeypatch):
+    # Every launch a call makes has its constexprs among launch_configs() (the compile checks).
+    monkeypatch.setattr(B, "BLOCK", 2048)  # the real tiles (launch_configs uses the module's)
+    monkeypatch.setattr(B, "BLOCK_FP64", 1024)
+    monkeypatch.setattr(B, "RUN_TILE", 256)
+    monkeypatch.setattr(B, "MIN_RUN", 64)
+    configs = [(kernel.fn.__name__, constexprs) for _, kernel, _, constexprs, _ in B.launch_configs()]
+    counters, _ = _count_launches(monkeypatch)
+    for dtype in (torch.float32, torch.bfloat16):
+        # every mode and tile: runs (K=100), rows (K=3), flat, one long run (K >= RUN_LONG * BLOCK), unaligned
+        params = [randn((60, 100), dtype, 1), randn((20, 3), dtype, 2), randn((9,), dtype, 3),
+                  randn((1, 17000), dtype, 4)[:, 1:]]
+        B.sums(params, None, 0)
+        B.prox_(params, [p.clone() for p in params], 1, coeffs(dtype, 0.1, 1.1, 0.2), None)
+        B.add_grad_(params, [torch.zeros_like(p, dtype=torch.float32) for p in params], None, 1,
+                    coeffs(dtype, 0.1, 0.2, 0.3), None)
+    for name, counter in counters.items():
+        for kw in counter.kwargs:
+            launched = {k: v for k, v in kw.items() if k.isupper()}
+            assert any(n == counter.kernel.fn.__name__ and all(c.get(k) == v for k, v in launched.items())
+                       for n, c in configs), (name, launched)
