@@ -1,4 +1,4 @@
-"""Inspect and pre-build fastreg's backends: ``python -m fastreg info`` / ``python -m fastreg build``.
+"""Inspect and pre-build fastreg's backends: python -m fastreg info / python -m fastreg build.
 
 info   reports every backend: available or not and why; for backends that build code (the
        cpu C++ extension) also where the build lives, the compiler and the flags; and the

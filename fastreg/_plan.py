@@ -22,7 +22,7 @@ import torch
 
 from fastreg import _dispatch, _sharded
 from fastreg._params import select
-from fastreg.backends._geometry import group_sizes
+from fastreg.backends._geometry import group_sizes, is_dense
 
 GROUP_DIMS = (0, 1)
 INIT = "init"
@@ -40,10 +40,22 @@ class KernelGroup:
     sharded: bool = False
     counted: bool = True  # sharded: this rank's shards count in the global value
     reduce_groups: bool = False  # sharded: its groups span ranks (group_sq is all-reduced)
+    _accumulators: object = None  # cached AccumulateGrad nodes (False: not applicable)
 
     def local(self):
         """The tensors the kernels read: the parameters, or their local shards."""
         return [t.to_local() for t in self.tensors] if self.sharded else self.tensors
+
+    def accumulators(self):
+        """The parameters' AccumulateGrad nodes, for the eager backward's direct accumulation
+        into ``p.grad`` (``fastreg._ops._EagerSums``); None where that cannot apply."""
+        if self.sharded or torch.compiler.is_compiling():
+            return None
+        if self._accumulators is None:
+            from fastreg._ops import accumulators_of
+
+            self._accumulators = accumulators_of(self.tensors) or False
+        return self._accumulators or None
 
     def group_count(self, group_dim):
         return sum(group_sizes(self.tensors, group_dim))
@@ -269,7 +281,7 @@ def _candidate_pairs(spans):
 
 def _elements_overlap(a, b):
     """Whether two tensors with overlapping byte ranges share an element."""
-    if a.is_non_overlapping_and_dense() and b.is_non_overlapping_and_dense():
+    if is_dense(a) and is_dense(b):
         return True  # each covers its whole range
     if a.dtype != b.dtype:
         return True  # conservative: the ranges overlap

@@ -9,12 +9,13 @@ Convention (the Keras one, and what the usual hand-written loop computes), with 
 
 import math
 import numbers
+import weakref
 
 import torch
 
 from fastreg import _dispatch, _ops, _sharded
 from fastreg._plan import Plan
-from fastreg.backends._geometry import NO_GROUPS, fixed_order_sum, group_sizes
+from fastreg.backends._geometry import NO_GROUPS, fixed_order_sum
 
 
 def available_backends():
@@ -87,7 +88,7 @@ class Penalty:
         self.l2 = l2
         self.group = group
         self._plan = Plan(params, exclude, group_dim, center, backend)
-        self._attached = {}  # id(optimizer) -> live attach handle
+        self._attached = weakref.WeakKeyDictionary()  # optimizer -> its live attach handle
 
     l1 = property(lambda self: self._l1, lambda self, v: setattr(self, "_l1", _dispatch.check_coefficient("l1", v)))
     l2 = property(lambda self: self._l2, lambda self, v: setattr(self, "_l2", _dispatch.check_coefficient("l2", v)))
@@ -117,7 +118,7 @@ class Penalty:
         backend = self._plan.backend
         total = None
         for kg in self._plan.local:
-            result, _ = _ops.penalty_sums(kg.tensors, kg.centers, group_dim, backend)
+            result, _ = _ops.penalty_sums(kg.tensors, kg.centers, group_dim, backend, kg.accumulators())
             total = _add(total, _combine(result, coefficients))
         for part in self._plan.meshes:
             total = _add(total, self._sharded_value(part, coefficients, group_dim))
@@ -156,6 +157,24 @@ class Penalty:
         only strided groups of sharded parameters need communication (one all-reduce).
         """
         self._prox(self._plan, _checked_lr(lr))
+
+    def attach(self, optimizer, mode="grad"):
+        """Apply the penalty inside ``optimizer.step()``: no line in the training loop.
+
+        ``mode="grad"``: right before every step, ``add_to_grad_()`` — after gradient clipping
+        and after ``torch.amp.GradScaler`` unscaled the gradients, exactly where SGD applies
+        ``weight_decay``; a step the scaler skips (inf/NaN) runs no hook.
+        ``mode="prox"``: right after every step, ``prox_`` with the learning rate each
+        parameter's own param group has at that step (schedulers, per-group lrs; a group at
+        lr 0 is left alone). Every selected parameter must be in one of the optimizer's groups.
+
+        Works with anything that ends in ``optimizer.step()`` (Hugging Face ``Trainer``,
+        Lightning, accelerate's wrapped optimizers). Returns a handle: ``handle.remove()``, and
+        ``handle.last_value`` (the penalty at the latest step, detached; None before the first).
+        """
+        from fastreg._attach import attach
+
+        return attach(self, optimizer, mode)
 
     # --------------------------------------------------------------------------------------
     # Inspection.
@@ -333,39 +352,10 @@ class Penalty:
 
 
 def _add_grad(kg, params, grads, group_dim, coefficients, backend, group_norms=None):
-    """``grad += gradient`` for one kernel group, split by gradient dtype; ``(sums, group_sq)``."""
-    kernels = _dispatch.backend_for(backend, kg.device)
-    acc = _dispatch.acc_dtype(kg.dtype)
-    coeffs = _dispatch.coefficient_vector(coefficients, acc, kg.device)
-    if all(g.dtype == kg.dtype for g in grads):
-        return kernels.add_grad_(params, grads, kg.centers, group_dim, coeffs, group_norms)
-    # Gradients of other dtypes (fp32 gradients of bf16 weights): one call per gradient dtype,
-    # in a fixed order; the group vectors are split and rejoined in parameter order.
-    return _by_grad_dtype(kernels, params, grads, kg.centers, group_dim, coeffs, group_norms)
-
-
-def _by_grad_dtype(kernels, params, grads, centers, group_dim, coeffs, group_norms):
-    sizes = group_sizes(params, group_dim)
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    dtypes = sorted({g.dtype for g in grads}, key=str)
-    total, pieces = None, [None] * len(params)
-    for dtype in dtypes:
-        index = [i for i, g in enumerate(grads) if g.dtype == dtype]
-        norms = None
-        if group_norms is not None:
-            norms = torch.cat([group_norms[starts[i]:starts[i] + sizes[i]] for i in index])
-        result, group_sq = kernels.add_grad_([params[i] for i in index], [grads[i] for i in index],
-                                             None if centers is None else [centers[i] for i in index],
-                                             group_dim, coeffs, norms)
-        offset = 0
-        for i in index:
-            pieces[i] = group_sq[offset:offset + sizes[i]]
-            offset += sizes[i]
-        total = result if total is None else total + result
-    group_sq = torch.cat(pieces)
-    # The group norm sum from the pieces' own sums would depend on the split: recompute it.
-    total = torch.cat([total[:2], fixed_order_sum(group_sq.double().sqrt()).reshape(1).to(total.dtype)])
-    return total, group_sq
+    """``grad += gradient`` for one kernel group (any gradient dtypes); ``(sums, group_sq)``."""
+    coeffs = _dispatch.coefficient_vector(coefficients, _dispatch.acc_dtype(kg.dtype), kg.device)
+    return _ops.add_grad_by_dtype(_dispatch.backend_for(backend, kg.device), params, grads, kg.centers, group_dim,
+                                  coeffs, group_norms)
 
 
 def _prox(kg, params, group_dim, values, group_norms, backend):

@@ -176,3 +176,124 @@ def _fsdp_worker(rank):
 
 def test_fsdp2_fully_shard(tmp_path):
     _run(_fsdp_worker, tmp_path)
+
+
+# ------------------------------------------------------------------ the group term and centers
+
+GROUP = 0.3
+
+
+def _global_reference(full, l1, l2, group, group_dim, centers=None):
+    """Value, gradients and prox of the whole (unsharded) tensors, in float64."""
+    import reference as ref
+
+    names = list(full)
+    tensors = [full[n] for n in names]
+    cs = None if centers is None else [centers[n] for n in names]
+    value = ref.value(tensors, l1, l2, group, group_dim, cs)
+    grads = {n: ref.grad(full[n], l1, l2, group, group_dim, None if cs is None else centers[n]) for n in names}
+    prox = {n: ref.prox(full[n], LR, l1, l2, group, group_dim, None if cs is None else centers[n]) for n in names}
+    return value, grads, prox
+
+
+def _count_all_reduces(monkeypatch_target):
+    """Wraps fastreg._sharded.all_reduce_sum: how many calls (each one collective on a 1-D mesh)."""
+    from fastreg import _sharded
+
+    calls = []
+    original = _sharded.all_reduce_sum
+
+    def counting(value, mesh):
+        calls.append(value.numel())
+        return original(value, mesh)
+
+    _sharded.all_reduce_sum = counting
+    return calls, lambda: setattr(_sharded, "all_reduce_sum", original)
+
+
+def _group_worker(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    full = _full_params()
+    l1, l2 = L1, L2
+    for group_dim in (0, 1):
+        ref_value, ref_grads, ref_prox = _global_reference(full, l1, l2, GROUP, group_dim)
+        calls, restore = _count_all_reduces(None)
+        try:
+            # Autograd mode: the global value (group norms of columns span both shards for
+            # group_dim=1) and each shard's own gradient, with the global norms.
+            params = _sharded_params(mesh)
+            value = fastreg.penalty(list(params.items()), l1=l1, l2=l2, group=GROUP, group_dim=group_dim)
+            torch.testing.assert_close(value, torch.tensor(ref_value, dtype=torch.float64), rtol=1e-12, atol=0)
+            value.backward()
+            for name, p in params.items():
+                torch.testing.assert_close(p.grad.to_local(), _local_slice(p, ref_grads[name]), rtol=1e-12,
+                                           atol=1e-15, msg=f"{name}, group_dim={group_dim}")
+            assert len(calls) == 1, calls  # one collective per mesh per call: value and group norms together
+
+            params = _sharded_params(mesh)
+            reg = fastreg.Penalty(list(params.items()), l1=l1, l2=l2, group=GROUP, group_dim=group_dim)
+            del calls[:]
+            torch.testing.assert_close(reg.add_to_grad_(), torch.tensor(ref_value, dtype=torch.float64), rtol=1e-12,
+                                       atol=0)
+            assert len(calls) == 1, calls
+            for name, p in params.items():
+                torch.testing.assert_close(p.grad.to_local(), _local_slice(p, ref_grads[name]), rtol=1e-12, atol=1e-15)
+
+            params = _sharded_params(mesh)
+            del calls[:]
+            fastreg.Penalty(list(params.items()), l1=l1, l2=l2, group=GROUP, group_dim=group_dim).prox_(LR)
+            assert len(calls) == (1 if group_dim == 1 else 0), calls  # rows live on one shard: no collective
+            for name, p in params.items():
+                expected = _local_slice(p, ref_prox[name])
+                torch.testing.assert_close(p.to_local().detach(), expected, rtol=1e-13, atol=1e-15)
+                assert torch.equal(p.to_local() == 0, expected == 0)
+        finally:
+            restore()
+    # Whole groups to exact zero across shards: a large group threshold zeroes every column.
+    params = _sharded_params(mesh)
+    fastreg.Penalty(list(params.items()), group=100.0, group_dim=1).prox_(LR)
+    for name, p in params.items():
+        if p.ndim >= 2:
+            assert (p.to_local() == 0).all(), name
+
+
+def test_group_term_on_sharded_parameters_rows_and_columns(tmp_path):
+    _run(_group_worker, tmp_path)
+
+
+def _center_worker(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    full = _full_params()
+    g = torch.Generator().manual_seed(9)
+    pretrained = {name: t + 0.1 * torch.randn(t.shape, generator=g, dtype=torch.float64) for name, t in full.items()}
+    ref_value, ref_grads, ref_prox = _global_reference(full, L1, L2, GROUP, 1, pretrained)
+
+    # A mapping of full-size tensors is sliced to each rank's shard.
+    params = _sharded_params(mesh)
+    reg = fastreg.Penalty(list(params.items()), l1=L1, l2=L2, group=GROUP, group_dim=1, center=pretrained)
+    value = reg()
+    torch.testing.assert_close(value, torch.tensor(ref_value, dtype=torch.float64), rtol=1e-12, atol=0)
+    value.backward()
+    for name, p in params.items():
+        torch.testing.assert_close(p.grad.to_local(), _local_slice(p, ref_grads[name]), rtol=1e-12, atol=1e-15)
+    reg.prox_(LR)
+    for name, p in params.items():
+        torch.testing.assert_close(p.to_local().detach(), _local_slice(p, ref_prox[name]), rtol=1e-12, atol=1e-15)
+
+    # center="init" snapshots the local shards: right after construction the penalty is 0.
+    params = _sharded_params(mesh)
+    reg = fastreg.Penalty(list(params.items()), l2=1.0, center="init")
+    assert reg().item() == 0.0
+    with torch.no_grad():
+        for p in params.values():
+            p.to_local().add_(1.0)
+    total = sum(t.numel() for t in full.values())
+    torch.testing.assert_close(reg().item(), float(total), rtol=1e-12, atol=0)
+
+
+def test_centers_on_sharded_parameters(tmp_path):
+    _run(_center_worker, tmp_path)

@@ -21,7 +21,7 @@ def test_add_to_grad_updates_a_gradient_of_another_dtype_in_its_own_dtype(backen
     w = nn.Parameter(torch.randn(257, 3, dtype=torch.float64).to(dtype))
     w.grad_dtype = None
     w.grad = torch.randn(257, 3, dtype=torch.float64).to(grad_dtype)
-    before = w.grad.double()
+    before = w.grad.to(torch.float64, copy=True)
     value = fastreg.Penalty([w], l1=0.25, l2=1.0, group=0.5, backend=backend).add_to_grad_()
     assert w.grad.dtype == grad_dtype
     expected = before + ref.grad(w, 0.25, 1.0, 0.5, group_dim=0)

@@ -37,6 +37,15 @@ def group_sizes(tensors, group_dim):
     return [t.shape[group_dim] if t.ndim >= 2 else 0 for t in tensors]
 
 
+def is_dense(t):
+    """True when ``t``'s elements fill ``t.numel()`` consecutive slots from ``t.data_ptr()``
+    (contiguous in some order of its dimensions: ``w.t()``, channels-last, ...)."""
+    if t.is_contiguous():
+        return True
+    order = sorted(range(t.ndim), key=lambda d: t.stride(d), reverse=True)
+    return t.permute(order).is_contiguous()
+
+
 def memory_geometry(tensor, group_dim):
     """``(A, G, K)`` of a dense tensor with groups: see the module docstring.
 

@@ -87,7 +87,8 @@ ENABLE_FP_FUSION = True
 
 FLAT, RUNS, ROWS = 0, 1, 2
 SUMS, GRADS, ADD_GRAD, PROX = "sums", "grads", "add_grad", "prox"
-TENSOR_FIELDS = 5  # per tensor: (numel, G, K, L = G*K, group base); per program (tensor, x0, x1, y0, slot)
+TENSOR_FIELDS = 6  # per tensor: (numel, G, K, L = G*K, group base, runs = numel / K)
+INT32_MAX = 2**31 - 1  # group indices are computed in int32 (int64 division is a slow subroutine call)
 
 
 def _interpreting():
@@ -151,9 +152,10 @@ if triton is not None:
 
     @triton.jit
     def _geometry(info, t):
-        """Tensor ``t``'s (numel, G, K, L, group base)."""
-        row = info + 5 * t
-        return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+        """Tensor ``t``'s (numel, G, K, L, group base, runs)."""
+        row = info + 6 * t
+        return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+                tl.load(row + 5))
 
     @triton.jit
     def _operand(ptrs, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
@@ -204,7 +206,7 @@ if triton is not None:
         VEC: tl.constexpr,
     ):
         pid, t, x0, x1, y0, slot = _program(meta, MODE, ALIGNED, VEC)
-        numel, G, K, L, group_base = _geometry(info, t)
+        numel, G, K, L, group_base, nruns = _geometry(info, t)
         w = _operand(w_ptrs, t, DTYPE, ALIGNED)
         c = _operand(c_ptrs, t, DTYPE, ALIGNED)
         thr = tl.load(threshold).to(ACC)
@@ -228,7 +230,7 @@ if triton is not None:
         elif MODE == 1:  # RUNS: runs [x0, x0 + BG) (a run: K elements), along k in [x1, y0)
             BG: tl.constexpr = BLOCK // RUN_TILE
             runs = x0 + tl.arange(0, BG).to(tl.int64)
-            run_ok = runs < numel // K
+            run_ok = runs < nruns
             cols = tl.arange(0, RUN_TILE)
             acc_abs = tl.zeros([BG, RUN_TILE], dtype=ACC)
             acc_sq = tl.zeros([BG, RUN_TILE], dtype=ACC)
@@ -298,7 +300,7 @@ if triton is not None:
     @triton.jit
     def _apply(x, coef, c1, den, c_val, old, OP: tl.constexpr, F64: tl.constexpr, FLAT: tl.constexpr,
                PROMOTE: tl.constexpr):
-        """The element-wise result of op OP for d = x (see ``_elementwise_kernel``)."""
+        """The element-wise result of op OP for d = x (see ``_elementwise_kernel``); one return."""
         if OP == 2:  # prox: c + shrunk / den (FLAT) or c + shrunk * factor (groups)
             shrunk = _sign(x) * tl.maximum(tl.abs(x) - c1, 0.0, propagate_nan=tl.PropagateNan.ALL)
             if FLAT:
@@ -308,11 +310,14 @@ if triton is not None:
                     r = tl.math.div_rn(shrunk, den)  # fp32 '/' is approximate on NVIDIA GPUs
             else:
                 r = shrunk * coef
-            return r + c_val
-        gradient = c1 * _sign(x) + coef * x  # one FMA with fusion on: rounded once
-        if OP == 1:  # add_grad: old + gradient in the wider dtype
-            return old.to(PROMOTE) + gradient.to(PROMOTE)
-        return gradient
+            value = (r + c_val).to(PROMOTE)
+        else:
+            gradient = c1 * _sign(x) + coef * x  # one FMA with fusion on: rounded once
+            if OP == 1:  # add_grad: old + gradient in the wider dtype
+                value = old.to(PROMOTE) + gradient.to(PROMOTE)
+            else:
+                value = gradient.to(PROMOTE)
+        return value
 
     @triton.jit
     def _store_as(value, DTYPE: tl.constexpr):
@@ -336,7 +341,7 @@ if triton is not None:
         BLOCK: tl.constexpr, RUN_TILE: tl.constexpr, VEC: tl.constexpr, F64: tl.constexpr,
     ):
         pid, t, x0, x1, y0, slot = _program(meta, MODE, ALIGNED, VEC)
-        numel, G, K, L, group_base = _geometry(info, t)
+        numel, G, K, L, group_base, nruns = _geometry(info, t)
         w = _operand(w_ptrs, t, DTYPE, ALIGNED)
         c = _operand(c_ptrs, t, DTYPE, ALIGNED)
         out = _operand(out_ptrs, t, OUT_DTYPE, ALIGNED)
@@ -377,8 +382,9 @@ if triton is not None:
         elif MODE == 1:  # RUNS: one coefficient per run (its group's)
             BG: tl.constexpr = BLOCK // RUN_TILE
             runs = x0 + tl.arange(0, BG).to(tl.int64)
-            run_ok = runs < numel // K
-            coef = tl.load(group_coef + group_base + runs % G, mask=run_ok, other=0.0).to(ACC)[:, None]
+            run_ok = runs < nruns
+            group = runs.to(tl.int32) % G.to(tl.int32)  # int32: the host keeps runs below 2**31
+            coef = tl.load(group_coef + group_base + group, mask=run_ok, other=0.0).to(ACC)[:, None]
             cols = tl.arange(0, RUN_TILE)
             for k in range(x1, y0, RUN_TILE):
                 kk = k + cols
@@ -394,7 +400,8 @@ if triton is not None:
                 L = tl.multiple_of(L, VEC)  # so that the mask is constant over each vector
             cols = y0 + tl.arange(0, BLOCK).to(tl.int64)
             col_ok = cols < L
-            coef = tl.load(group_coef + group_base + cols // K, mask=col_ok, other=0.0).to(ACC)
+            group = cols.to(tl.int32) // K.to(tl.int32)  # int32: the host keeps rows below 2**31
+            coef = tl.load(group_coef + group_base + group, mask=col_ok, other=0.0).to(ACC)
             for a in range(x0, x1):
                 offs = _row_start(a, L, ALIGNED, VEC) + cols
                 x = _load_d(w, c, offs, col_ok, ACC, HAS_CENTER, True)
@@ -578,7 +585,10 @@ def _build_plan(params, centers, group_dim, misaligned):
     tensors, by_launch, ginfo, gmap, nslots = [], {}, [], [], 0
     for t, (_, p, _, _, mode, run_tile, (A, G, K), group_base, aligned) in enumerate(records):
         numel, L = p.numel(), G * K
-        tensors += [numel, G, K, L, group_base]
+        if mode != FLAT and max(A * G, L) > INT32_MAX:
+            raise NotImplementedError(f"fastreg triton backend: a tensor of shape {tuple(p.shape)} has more than 2**31 "
+                                      "runs or a row longer than 2**31 elements along its group dimension")
+        tensors += [numel, G, K, L, group_base, A * G]
         rows = by_launch.setdefault((mode, run_tile if mode == RUNS else 0, aligned), [])
         if mode == FLAT:
             rows += [(t, start, 0, 0, 0) for start in range(0, numel, chunk)]

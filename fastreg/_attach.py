@@ -1,0 +1,127 @@
+"""``Penalty.attach(optimizer)``: the penalty inside ``optimizer.step()``, through its step hooks.
+
+``torch.optim.Optimizer.register_step_pre_hook`` / ``register_step_post_hook`` run inside
+``step()``, so whatever calls the step (a plain loop, Hugging Face ``Trainer`` through
+accelerate's ``AcceleratedOptimizer``, ``torch.amp.GradScaler.step``) applies the penalty:
+
+* ``"grad"``: the pre-hook adds the penalty's gradient in place. Gradient clipping happens
+  before ``step()``, so the penalty's gradient is not clipped — the same as ``weight_decay``.
+  ``GradScaler.step`` unscales first and does not call ``step()`` on inf/NaN: no hook then.
+* ``"prox"``: the post-hook applies the proximal step per param group, with that group's
+  learning rate at that step.
+"""
+
+import math
+import weakref
+
+import torch
+
+MODES = ("grad", "prox")
+
+
+class AttachHandle:
+    """What ``Penalty.attach`` returns: ``remove()`` and ``last_value``."""
+
+    def __init__(self, penalty, optimizer, mode):
+        self.penalty = penalty
+        self.mode = mode
+        self._optimizer = weakref.ref(optimizer)
+        self._hook = None
+        self._value = None
+        self._steps = 0
+        self._value_step = 0
+
+    @property
+    def optimizer(self):
+        return self._optimizer()
+
+    @property
+    def last_value(self):
+        """The penalty value at the latest step (detached), or None before the first step.
+
+        ``"grad"``: the value the step's gradient was computed at (free: the same pass).
+        ``"prox"``: the value after the latest proximal step, computed when first read.
+        """
+        if self._steps == 0:
+            return None
+        if self.mode == "prox" and self._value_step != self._steps:
+            with torch.no_grad():
+                self._value = self.penalty().detach()
+            self._value_step = self._steps
+        return self._value
+
+    @property
+    def attached(self):
+        return self._hook is not None
+
+    def remove(self):
+        """Detach from the optimizer (idempotent)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        optimizer = self.optimizer
+        if optimizer is not None and self.penalty._attached.get(optimizer) is self:
+            del self.penalty._attached[optimizer]
+
+    def __repr__(self):
+        state = "attached" if self.attached else "removed"
+        return f"AttachHandle(mode={self.mode!r}, {state}, steps={self._steps})"
+
+
+def attach(penalty, optimizer, mode):
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps one
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(f"fastreg: attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        optimizer = inner
+    if mode not in MODES:
+        raise ValueError(f"fastreg: attach mode must be 'grad' (add the gradient before each step) or 'prox' "
+                         f"(a proximal step after each step), got {mode!r}")
+    existing = penalty._attached.get(optimizer)
+    if existing is not None and existing.attached:
+        raise RuntimeError(f"fastreg: this penalty is already attached to this optimizer (mode={existing.mode!r}); "
+                           "call handle.remove() first — attaching twice would apply it twice")
+    handle = AttachHandle(penalty, optimizer, mode)
+    if mode == "grad":
+        def before_step(opt, args, kwargs):
+            handle._value = penalty.add_to_grad_()
+            handle._steps += 1
+
+        handle._hook = optimizer.register_step_pre_hook(before_step)
+    else:
+        subplans = _plans_by_param_group(penalty, optimizer)
+
+        def after_step(opt, args, kwargs):
+            for group, plan in subplans:
+                lr = group["lr"]
+                lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+                if lr == 0:
+                    continue
+                if not (lr > 0 and math.isfinite(lr)):
+                    raise ValueError(f"fastreg: attach(mode='prox') needs finite lr >= 0 in every param group, "
+                                     f"got {lr!r}")
+                penalty._prox(plan, lr)
+            handle._steps += 1
+
+        handle._hook = optimizer.register_step_post_hook(after_step)
+    penalty._attached[optimizer] = handle
+    return handle
+
+
+def _plans_by_param_group(penalty, optimizer):
+    """``[(param_group, plan restricted to it)]``; every selected parameter must be in a group."""
+    group_of = {}
+    for index, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            group_of[id(p)] = index
+    missing = [name for name, t in penalty.named_parameters() if id(t) not in group_of]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"fastreg: attach(mode='prox') applies each parameter's own learning rate, but parameter(s) "
+                         f"{shown} are in none of the optimizer's param groups")
+    plans = []
+    for index, group in enumerate(optimizer.param_groups):
+        ids = {id(t) for name, t in penalty.named_parameters() if group_of[id(t)] == index}
+        if ids:
+            plans.append((group, penalty._plan.restricted(lambda t, ids=ids: id(t) in ids)))
+    return plans
