@@ -130,20 +130,45 @@ def make_params(case, dtype, device, seed):
     return params
 
 
-def float64_reference(params, chunk_elements=2**20):
-    """``{"l1": Σ|w|, "l2": Σw²}`` in float64, independent of fastreg.
+def make_centers(params, seed):
+    """Reference weights for the l2-center case: the parameters plus N(0, INIT_STD / 10) noise, as
+    a fine-tuned model sits near its pretrained weights."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    centers = []
+    for p in params:
+        noise = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, INIT_STD / 10, generator=generator)
+        centers.append((p.detach().float().cpu() + noise).to(device=p.device, dtype=p.dtype))
+    return centers
+
+
+def has_groups(case):
+    return any(len(shape) >= 2 for _, shape in case.shapes)
+
+
+def float64_reference(params, centers=None, chunk_elements=2**20):
+    """Every penalty of bench.contenders in float64, independent of fastreg: ``{"l1": Σ|w|, "l2": Σw²,
+    "group-rows": Σ‖rows‖ + Σw², "group-cols": Σ‖columns‖ + Σw², "l2-center": Σ(w - c)²}``.
 
     Each chunk of at most ``chunk_elements`` is converted to float64 and summed by torch (pairwise);
     the chunk sums are added exactly by ``math.fsum``.
     """
-    l1_parts, l2_parts = [], []
+    parts = {"l1": [], "l2": [], "rows": [], "cols": [], "l2-center": []}
     with torch.no_grad():
-        for p in params:
+        for i, p in enumerate(params):
             flat = p.detach().reshape(-1)
+            center = None if centers is None else centers[i].detach().reshape(-1)
             for start in range(0, flat.numel(), chunk_elements):
                 chunk = flat[start:start + chunk_elements].double()
-                l1_parts.append(chunk.abs().sum())
-                l2_parts.append(chunk.square().sum())
-    sums = torch.stack(l1_parts + l2_parts).tolist() if l1_parts else [0.0, 0.0]
-    half = len(sums) // 2
-    return {"l1": math.fsum(sums[:half]), "l2": math.fsum(sums[half:])}
+                parts["l1"].append(chunk.abs().sum().item())
+                parts["l2"].append(chunk.square().sum().item())
+                if center is not None:
+                    parts["l2-center"].append((chunk - center[start:start + chunk_elements].double()).square()
+                                              .sum().item())
+            if p.ndim > 1:
+                w = p.detach().double()
+                parts["rows"].append(w.flatten(1).norm(dim=1).sum().item())
+                parts["cols"].append(w.movedim(1, 0).flatten(1).norm(dim=1).sum().item())
+                del w
+    l2 = math.fsum(parts["l2"])
+    return {"l1": math.fsum(parts["l1"]), "l2": l2, "group-rows": math.fsum(parts["rows"]) + l2,
+            "group-cols": math.fsum(parts["cols"]) + l2, "l2-center": math.fsum(parts["l2-center"])}

@@ -19,7 +19,8 @@ import torch
 
 import fastreg
 
-PENALTIES = ("l2", "l1")
+PENALTIES = ("l2", "l1", "group-rows", "group-cols", "l2-center")
+GROUP_DIM = {"group-rows": 0, "group-cols": 1}
 FWD, FWD_BWD = "fwd", "fwd+bwd"
 MODES = (FWD, FWD_BWD)
 
@@ -27,18 +28,30 @@ MODES = (FWD, FWD_BWD)
 # the relative error of the value is the error of the sum alone.
 LAMBDA = 2.0 ** -10
 
-# Memory passes over the parameters (each pass moves numel * itemsize bytes).
+# Memory passes over the parameters (each pass moves numel * itemsize bytes): the least each mode needs.
 FWD_PASSES = 1  # read w
 AUTOGRAD_FWD_BWD_PASSES = 6  # fwd: read w | bwd: read w, write a fresh gradient | p.grad += it: read both, write p.grad
 ADD_TO_GRAD_PASSES = 3  # read w, read p.grad, write p.grad
+CENTER_EXTRA_PASSES = {"fwd": 1, "autograd": 2, "add_to_grad_": 1}  # l2-center also reads c wherever it reads w
 BYTE_MODEL = {
-    "fwd": f"{FWD_PASSES} x numel x itemsize: read w",
+    "fwd": f"{FWD_PASSES} x numel x itemsize: read w (l2-center: and c)",
     "fwd+bwd, autograd": (
         f"{AUTOGRAD_FWD_BWD_PASSES} x numel x itemsize: forward reads w; backward reads w and writes a fresh "
-        "gradient; the autograd engine's in-place accumulation p.grad += gradient reads both and writes p.grad"
+        "gradient; the autograd engine's in-place accumulation p.grad += gradient reads both and writes p.grad "
+        "(l2-center: + 2 reads of c)"
     ),
-    "fwd+bwd, add_to_grad_": f"{ADD_TO_GRAD_PASSES} x numel x itemsize: read w, read-modify-write p.grad",
+    "fwd+bwd, add_to_grad_": (f"{ADD_TO_GRAD_PASSES} x numel x itemsize: read w, read-modify-write p.grad "
+                              "(l2-center: + 1 read of c; group-cols needs the norms first: +1 read of w, not counted)"),
 }
+
+
+def passes(penalty, mode, fwd_bwd_passes):
+    """Memory passes of ``mode`` for ``penalty`` (see BYTE_MODEL)."""
+    base = FWD_PASSES if mode == FWD else fwd_bwd_passes
+    if penalty != "l2-center":
+        return base
+    kind = "fwd" if mode == FWD else ("add_to_grad_" if fwd_bwd_passes == ADD_TO_GRAD_PASSES else "autograd")
+    return base + CENTER_EXTRA_PASSES[kind]
 
 
 @dataclass
@@ -101,21 +114,47 @@ def abs_loop_l1(params):
     return sum(p.abs().sum() for p in params)
 
 
+def group_loop(params, group_dim):
+    """The hand-written group lasso + L2 term: ``Σ_g ‖w_g‖ + Σw²`` (strided norms for columns)."""
+    total = 0
+    for p in params:
+        if p.ndim > 1:
+            total = total + p.movedim(group_dim, 0).flatten(1).norm(dim=1).sum()
+        total = total + (p * p).sum()
+    return total
+
+
+def center_loop(params, centers):
+    """The hand-written L2-SP term (TLlib's SPRegularization): ``Σ(w - c)²``."""
+    return sum(((p - c) ** 2).sum() for p, c in zip(params, centers))
+
+
 def _autograd(sum_fn):
     """A contender that is a Python function of the parameter list, differentiated by autograd."""
 
-    def prepare(params, penalty, clock):
+    def prepare(params, penalty, clock, extras):
         fn = sum_fn[penalty]
 
         def value():
-            return LAMBDA * fn(params)
+            return LAMBDA * fn(params, extras)
 
         return Prepared({FWD: value, FWD_BWD: lambda: value().backward()})
 
     return prepare
 
 
-def _prepare_compiled(params, penalty, clock):
+def _plain(fn):
+    return lambda params, extras: fn(params)
+
+
+HAND_LOOPS = {
+    "group-rows": lambda params, extras: group_loop(params, 0),
+    "group-cols": lambda params, extras: group_loop(params, 1),
+    "l2-center": lambda params, extras: center_loop(params, extras["centers"]),
+}
+
+
+def _prepare_compiled(params, penalty, clock, extras):
     # A fresh dynamo cache per case: the same code object recompiled for every case would hit
     # the recompile limit and silently fall back to eager.
     torch._dynamo.reset()
@@ -132,11 +171,15 @@ def _prepare_compiled(params, penalty, clock):
     return Prepared({FWD: value, FWD_BWD: lambda: value().backward()}, setup_s=compile_s)
 
 
-def _prepare_flat_sum(params, penalty, clock):
-    """``torch.sum`` over one flat tensor as large as all the parameters: the bandwidth reference."""
+def _prepare_flat_sum(params, penalty, clock, extras):
+    """``torch.sum`` over one flat tensor as large as all the parameters: the bandwidth reference
+    (for l2-center, over two: it reads w and c)."""
     total = sum(p.numel() for p in params)
-    flat = torch.empty(total, dtype=params[0].dtype, device=params[0].device).normal_(0.0, 0.02)
-    return Prepared({FWD: flat.sum}, value_mode=None, keep_alive=[flat])
+    flats = [torch.empty(total, dtype=params[0].dtype, device=params[0].device).normal_(0.0, 0.02)
+             for _ in range(2 if penalty == "l2-center" else 1)]
+    if len(flats) == 1:
+        return Prepared({FWD: flats[0].sum}, value_mode=None, keep_alive=flats)
+    return Prepared({FWD: lambda: flats[0].sum() + flats[1].sum()}, value_mode=None, keep_alive=flats)
 
 
 def apex_available():
@@ -146,7 +189,7 @@ def apex_available():
     return torch.cuda.is_available() and importlib.util.find_spec("amp_C") is not None
 
 
-def _prepare_apex(params, penalty, clock):
+def _prepare_apex(params, penalty, clock, extras):
     """apex's ``multi_tensor_l2norm`` (the kernel behind its clip_grad / LAMB): forward only."""
     import amp_C
     from apex.multi_tensor_apply import multi_tensor_applier
@@ -161,17 +204,26 @@ def _prepare_apex(params, penalty, clock):
     return Prepared({FWD: value})
 
 
+def fastreg_terms(penalty, extras):
+    """The ``fastreg.Penalty`` keyword arguments of ``penalty``."""
+    if penalty in GROUP_DIM:
+        return dict(l2=LAMBDA, group=LAMBDA, group_dim=GROUP_DIM[penalty])
+    if penalty == "l2-center":
+        return dict(l2=LAMBDA, center=extras["centers"])
+    return {penalty: LAMBDA}
+
+
 def _fastreg_autograd(backend):
-    def prepare(params, penalty, clock):
-        reg = fastreg.Penalty(params, **{penalty: LAMBDA}, backend=backend)
+    def prepare(params, penalty, clock, extras):
+        reg = fastreg.Penalty(params, **fastreg_terms(penalty, extras), backend=backend)
         return Prepared({FWD: reg, FWD_BWD: lambda: reg().backward()})
 
     return prepare
 
 
 def _fastreg_add_to_grad(backend):
-    def prepare(params, penalty, clock):
-        reg = fastreg.Penalty(params, **{penalty: LAMBDA}, backend=backend)
+    def prepare(params, penalty, clock, extras):
+        reg = fastreg.Penalty(params, **fastreg_terms(penalty, extras), backend=backend)
         return Prepared({FWD_BWD: reg.add_to_grad_}, value_mode=FWD_BWD)
 
     return prepare
@@ -180,14 +232,17 @@ def _fastreg_add_to_grad(backend):
 def all_contenders(backends):
     """Every contender, in table order; ``backends``: the fastreg backends to include."""
     contenders = [
-        Contender("seed-loop", "seed loop", PENALTIES, AUTOGRAD_FWD_BWD_PASSES,
-                  _autograd({"l2": seed_loop_l2, "l1": seed_loop_l1}), is_baseline=True),
-        Contender("foreach-norm", "torch._foreach_norm", PENALTIES, AUTOGRAD_FWD_BWD_PASSES,
-                  _autograd({"l2": foreach_norm_l2, "l1": foreach_norm_l1})),
+        Contender("seed-loop", "seed loop", ("l2", "l1"), AUTOGRAD_FWD_BWD_PASSES,
+                  _autograd({"l2": _plain(seed_loop_l2), "l1": _plain(seed_loop_l1)}), is_baseline=True),
+        # For the group and center terms the baseline is the hand-written loop people use.
+        Contender("hand-loop", "hand loop", ("group-rows", "group-cols", "l2-center"), AUTOGRAD_FWD_BWD_PASSES,
+                  _autograd(HAND_LOOPS), is_baseline=True),
+        Contender("foreach-norm", "torch._foreach_norm", ("l2", "l1"), AUTOGRAD_FWD_BWD_PASSES,
+                  _autograd({"l2": _plain(foreach_norm_l2), "l1": _plain(foreach_norm_l1)})),
         # For L1 the seed loop already is the plain sum loop.
         Contender("square-loop", "loop (p*p).sum()", ("l2",), AUTOGRAD_FWD_BWD_PASSES,
-                  _autograd({"l2": square_loop_l2})),
-        Contender("compiled-loop", "torch.compile loop", PENALTIES, AUTOGRAD_FWD_BWD_PASSES,
+                  _autograd({"l2": _plain(square_loop_l2)})),
+        Contender("compiled-loop", "torch.compile loop", ("l2", "l1"), AUTOGRAD_FWD_BWD_PASSES,
                   _prepare_compiled, needs_flag="--compile"),
         Contender("flat-sum", "torch.sum, 1 flat tensor", PENALTIES, None, _prepare_flat_sum),
     ]
@@ -203,13 +258,16 @@ def all_contenders(backends):
     return contenders
 
 
-def gradient_error(params, penalty, chunk_elements=2**20):
+def gradient_error(params, penalty, extras=None, chunk_elements=2**20):
     """max |p.grad - exact| / max |exact| over all parameters, exact = d(penalty)/dw.
 
-    The exact gradient, ``2 LAMBDA w`` or ``LAMBDA sign(w)``, is exact in the parameter dtype
-    (LAMBDA is a power of two), so the comparison is done in that dtype, chunk by chunk in one
+    For l2 / l1 the exact gradient, ``2 LAMBDA w`` or ``LAMBDA sign(w)``, is exact in the parameter
+    dtype (LAMBDA is a power of two), so the comparison is done in that dtype, chunk by chunk in one
     small scratch buffer (fresh full-size temporaries for 124M parameters take seconds on some machines).
+    The group and center terms are compared in float64, tensor by tensor.
     """
+    if penalty not in ("l2", "l1"):
+        return _float64_gradient_error(params, penalty, extras)
     params = [p for p in params if p.numel()]
     if not params:
         return 0.0
@@ -239,3 +297,27 @@ def gradient_error(params, penalty, chunk_elements=2**20):
 def _max_abs(t):
     low, high = torch.aminmax(t)
     return torch.maximum(high, -low).float()
+
+
+def _float64_gradient_error(params, penalty, extras):
+    exact_max, diff_max = 0.0, 0.0
+    centers = extras.get("centers") if extras else None
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            if not p.numel():
+                continue
+            w = p.detach().double()
+            if penalty == "l2-center":
+                exact = 2 * LAMBDA * (w - centers[i].double())
+            else:
+                exact = 2 * LAMBDA * w
+                if p.ndim > 1:
+                    dim = GROUP_DIM[penalty]
+                    norms = w.movedim(dim, 0).flatten(1).norm(dim=1)
+                    scale = torch.where(norms > 0, LAMBDA / torch.where(norms > 0, norms, 1), 0)
+                    exact += (w.movedim(dim, -1) * scale).movedim(-1, dim)
+            exact_max = max(exact_max, exact.abs().max().item())
+            got = p.grad.double() if p.grad is not None else torch.zeros_like(w)
+            diff_max = max(diff_max, (got - exact).abs().max().item())
+            del w, exact, got
+    return diff_max / exact_max if exact_max else diff_max

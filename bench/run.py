@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 import fastreg
 from bench import report
-from bench.cases import CASES, CASES_BY_NAME, float64_reference, make_params
-from bench.contenders import FWD, FWD_BWD, LAMBDA, PENALTIES, all_contenders, gradient_error
+from bench.cases import CASES, CASES_BY_NAME, float64_reference, has_groups, make_centers, make_params
+from bench.contenders import FWD, FWD_BWD, LAMBDA, PENALTIES, all_contenders, gradient_error, passes
 from bench.timing import FULL_BUDGET, QUICK_BUDGET, Budget, DeviceClock, measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -43,8 +43,9 @@ def parse_args(argv=None):
                         + ", ".join(c.name for c in CASES))
     parser.add_argument("--contenders", help="comma-separated contender names or glob patterns, e.g. "
                         "'seed-loop,fastreg-*' (default: all; see --list)")
-    parser.add_argument("--penalty", choices=("l2", "l1", "both"), default=None,
-                        help="which penalty (default: both; --quick: l2)")
+    parser.add_argument("--penalty", choices=PENALTIES + ("both", "all"), default=None,
+                        help="which penalty: l2, l1, group-rows, group-cols (group lasso + L2), l2-center "
+                             "(toward reference weights), both (l2 and l1) or all (default: all; --quick: l2)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="parameter dtype (default fp32)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
     parser.add_argument("--compile", action="store_true",
@@ -117,11 +118,11 @@ class Session:
 def _row(case, penalty, contender, mode, params):
     numel = sum(p.numel() for p in params)
     itemsize = params[0].element_size()
-    passes = 1 if mode == FWD else contender.fwd_bwd_passes
+    moves = passes(penalty, mode, contender.fwd_bwd_passes)
     return {
         "case": case.name, "penalty": penalty, "contender": contender.name, "label": contender.label,
         "mode": mode, "is_baseline": contender.is_baseline,
-        "numel": numel, "itemsize": itemsize, "passes": passes, "bytes": passes * numel * itemsize,
+        "numel": numel, "itemsize": itemsize, "passes": moves, "bytes": moves * numel * itemsize,
         "median_ms": None, "times_ms": [], "warmup_calls": 0,
         "value": None, "reference_value": None, "rel_err": None, "grad_err": None,
         "setup_s": None, "skipped": None, "host_ms": None,
@@ -134,7 +135,7 @@ def _skip_reason(contender, case, args):
     return None
 
 
-def _check(prepared, params, penalty, session):
+def _check(prepared, params, penalty, session, extras):
     """The value and the gradient error; returns (value, grad_err, calls already made per mode)."""
     prior_calls = {mode: 0 for mode in prepared.calls}
     value = grad_err = None
@@ -147,7 +148,7 @@ def _check(prepared, params, penalty, session):
         prepared.calls[FWD_BWD]()
         prior_calls[FWD_BWD] += 1
         session.clock.synchronize()
-        grad_err = gradient_error(params, penalty)
+        grad_err = gradient_error(params, penalty, extras)
     return value, grad_err, prior_calls
 
 
@@ -155,7 +156,7 @@ def _failure(exc):
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
-def run_contender(case, penalty, contender, params, reference, session):
+def run_contender(case, penalty, contender, params, reference, session, extras):
     """Check and time one contender in each of its modes; one row per mode.
 
     A contender that fails (a backend that cannot run these tensors, out of memory) is reported
@@ -166,8 +167,8 @@ def run_contender(case, penalty, contender, params, reference, session):
     reason = _skip_reason(contender, case, session.args)
     if reason is None:
         try:
-            prepared = contender.prepare(params, penalty, session.clock)
-            value, grad_err, prior_calls = _check(prepared, params, penalty, session)
+            prepared = contender.prepare(params, penalty, session.clock, extras)
+            value, grad_err, prior_calls = _check(prepared, params, penalty, session, extras)
         except Exception as exc:
             reason = _failure(exc)
     if reason is not None:
@@ -201,18 +202,30 @@ def run_case(case, penalties, contenders, session):
     params = make_params(case, session.dtype, session.device, session.args.seed)
     for p in params:
         p.grad = torch.zeros_like(p)  # the loss's gradient is already there when the penalty's backward runs
-    reference = float64_reference(params)
+    penalties = [p for p in penalties if applies(p, case)]
+    extras = {"centers": make_centers(params, session.args.seed) if "l2-center" in penalties else None}
+    reference = float64_reference(params, extras["centers"])
     rows = []
     for penalty in penalties:
         for contender in contenders:
             if penalty in contender.penalties:
-                rows += run_contender(case, penalty, contender, params, reference, session)
+                rows += run_contender(case, penalty, contender, params, reference, session, extras)
                 gc.collect()
-    del params
+    del params, extras
     gc.collect()
     if session.device.type == "cuda":
         torch.cuda.empty_cache()
     return rows, reference
+
+
+def applies(penalty, case):
+    """The group terms need tensors with groups; the group and center terms run on the model cases."""
+    if penalty in ("group-rows", "group-cols", "l2-center"):
+        return has_groups(case) and case.name in MODEL_CASES
+    return True
+
+
+MODEL_CASES = ("mlp", "resnet50", "gpt2")
 
 
 def main(argv=None):
@@ -222,8 +235,8 @@ def main(argv=None):
         print("contenders: " + ", ".join(f"{c.name} ({c.label})" for c in all_contenders(fastreg.available_backends())))
         return 0
     device = resolve_device(args.device)
-    which = args.penalty or ("l2" if args.quick else "both")
-    penalties = PENALTIES if which == "both" else (which,)
+    which = args.penalty or ("l2" if args.quick else "all")
+    penalties = {"all": PENALTIES, "both": ("l2", "l1")}.get(which, (which,))
     contenders = select_contenders(args, all_contenders(fastreg.available_backends()))
     cases = select_cases(args)
     if not any(c.is_baseline for c in contenders):
@@ -235,7 +248,8 @@ def main(argv=None):
     meta = report.machine_info(device)
     meta.update(dtype=args.dtype, quick=args.quick, seed=args.seed, budget=dataclasses.asdict(budget),
                 penalties=list(penalties), contenders=[c.name for c in contenders], case_runtime_s={})
-    tasks = sum(len(c.modes) for _ in cases for p in penalties for c in contenders if p in c.penalties)
+    tasks = sum(len(c.modes) for case in cases for p in penalties if applies(p, case)
+                for c in contenders if p in c.penalties)
     rows, references = [], {}
     started = time.perf_counter()
     with tqdm(total=tasks, unit="timing", dynamic_ncols=True, file=sys.stderr) as progress:
