@@ -72,3 +72,48 @@ def test_every_run_reports_its_numbers(quick_run):
             assert r["penalty_us_median"] > 0, key
     # L2 shrinks the weights; the correct weight decay as much as the penalty, λ/2 less.
     assert results["l2_fastreg"]["sum_sq"] < results["l2_wd_half"]["sum_sq"] < results["none"]["sum_sq"]
+
+
+def _run_example(name, tmp_path_factory):
+    out = tmp_path_factory.mktemp(name)
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pruning_run(tmp_path_factory):
+    return _run_example("digits_pruning", tmp_path_factory)
+
+
+def test_pruning_removes_zero_neurons_and_keeps_the_predictions(pruning_run):
+    out, data = pruning_run
+    assert (out / "pruning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(c["ok"] for c in data["checks"]), data["checks"]
+    group, none = data["results"]["group"], data["results"]["none"]
+    assert group["zero_neurons"] > 0 and none["zero_neurons"] == 0
+    assert group["pruned_params"] < group["params"] == none["params"] == none["pruned_params"]
+    assert group["same_predictions"] and group["pruned_test_acc"] == group["test_acc"]
+    assert sum(group["hidden_sizes"]) == group["neurons"] - group["zero_neurons"]
+    assert "| run | test acc | zero hidden neurons |" in (out / "results.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory):
+    return _run_example("digits_finetune", tmp_path_factory)
+
+
+def test_finetune_compares_no_penalty_l2_and_l2_sp(finetune_run):
+    out, data = finetune_run
+    assert (out / "finetune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    methods = {r["method"] for r in data["results"]}
+    assert methods == {"none", "l2", "l2-sp"}
+    by_method = {r["method"]: r for r in data["results"]}
+    # L2-SP keeps the body nearest its pretrained weights; L2 toward 0 moves it furthest.
+    assert (by_method["l2-sp"]["distance"]["mean"] < by_method["none"]["distance"]["mean"]
+            < by_method["l2"]["distance"]["mean"])
+    for r in data["results"]:
+        assert 0.2 < r["new_acc"]["mean"] <= 1 and 0.2 < r["old_acc"]["mean"] <= 1
+    assert "| fine-tuning |" in (out / "results.md").read_text()
