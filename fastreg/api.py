@@ -12,6 +12,7 @@ import numbers
 import weakref
 
 import torch
+from torch import nn
 
 from fastreg import _dispatch, _ops, _sharded
 from fastreg._plan import Plan
@@ -49,8 +50,74 @@ def penalty(params, l1=0.0, l2=0.0, *, group=0.0, group_dim=0, center=None, excl
         raise ValueError("fastreg: penalty(..., center='init') would snapshot the weights at every call, "
                          "so the penalty would always be 0; build fastreg.Penalty(..., center='init') once, "
                          "right after loading the pretrained weights, and call it every step")
-    return Penalty(params, l1, l2, group=group, group_dim=group_dim, center=center, exclude=exclude,
-                   backend=backend)()
+    cached = _cached_penalty(params, exclude, group_dim, center, backend)
+    if isinstance(cached, Penalty):
+        cached.l1, cached.l2, cached.group = l1, l2, group
+        return cached()
+    reg = Penalty(params, l1, l2, group=group, group_dim=group_dim, center=center, exclude=exclude, backend=backend)
+    if cached is not None:
+        cached.store(reg)
+    return reg()
+
+
+# The one-call penalty(model, ...) selects parameters, checks them and plans kernel groups on
+# every call (3.5 ms per step more than a reused Penalty on 2,000 tensors, measured): the plan
+# is cached per module and arguments, and reused only while the module still has exactly the
+# same parameters (the same tensor objects, requires_grad flags and data pointers: replacing a
+# parameter, freezing one or swapping its storage with p.data = ... all invalidate the plan).
+# Callable excludes and centers are never cached (their results could change between calls).
+_one_call_cache = weakref.WeakKeyDictionary()  # module -> {argument key: (Penalty, signature)}
+ONE_CALL_CACHE_SIZE = 8  # argument sets kept per module
+
+
+def _module_signature(module):
+    return [(id(p), p.requires_grad, p.data_ptr()) for p in module.parameters()]
+
+
+def _exclude_key(exclude):
+    if exclude is None or isinstance(exclude, str):
+        return exclude
+    if isinstance(exclude, (list, tuple)) and all(isinstance(item, str) for item in exclude):
+        return tuple(exclude)
+    return _UNCACHEABLE
+
+
+_UNCACHEABLE = object()
+
+
+def _cached_penalty(params, exclude, group_dim, center, backend):
+    """The Penalty ``penalty(params, ...)`` built last time for these arguments, if still valid.
+
+    On a miss (or when caching does not apply) returns None after making room for the new one;
+    the caller builds it and ``_remember`` stores it.
+    """
+    if not isinstance(params, nn.Module) or center is not None or torch.compiler.is_compiling():
+        return None
+    exclude_key = _exclude_key(exclude)
+    if exclude_key is _UNCACHEABLE or not isinstance(group_dim, int) or not isinstance(backend, str):
+        return None
+    key = (exclude_key, group_dim, backend)
+    entries = _one_call_cache.get(params)
+    signature = _module_signature(params)
+    if entries is not None and key in entries:
+        reg, cached_signature = entries[key]
+        if cached_signature == signature:
+            return reg
+    return _Remember(params, key, signature)
+
+
+class _Remember:
+    """Not a Penalty: tells ``penalty`` to build one and store it under this key."""
+
+    def __init__(self, module, key, signature):
+        self.module, self.key, self.signature = module, key, signature
+
+    def store(self, reg):
+        entries = _one_call_cache.setdefault(self.module, {})
+        if len(entries) >= ONE_CALL_CACHE_SIZE and self.key not in entries:
+            entries.pop(next(iter(entries)))
+        entries[self.key] = (reg, self.signature)
+        return reg
 
 
 class Penalty:

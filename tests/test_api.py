@@ -248,3 +248,81 @@ def test_second_derivative_for_the_coefficients_in_half_precision(backend):
 
 def test_zero_coefficients_give_zero_even_when_the_sums_overflow(backend):
     assert fastreg.penalty([torch.tensor([1e20, 1.0])], backend=backend).item() == 0.0
+
+
+def test_one_call_penalty_is_cached_and_never_stale(backend, monkeypatch):
+    from fastreg import api
+
+    builds = []
+    original = api.Plan
+
+    def counting(*args, **kwargs):
+        builds.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(api, "Plan", counting)
+    model = seed_mlp()
+    first = fastreg.penalty(model, l2=1.0, backend=backend).item()
+    assert fastreg.penalty(model, l2=1.0, backend=backend).item() == first
+    assert fastreg.penalty(model, l2=2.0, backend=backend).item() == pytest.approx(2 * first, rel=1e-6)
+    assert len(builds) == 1  # the plan was reused; coefficients are per call
+    expected = lambda: ref.value([p for p in model.parameters() if p.requires_grad], 0, 1.0)  # noqa: E731
+
+    model[0].weight = nn.Parameter(torch.randn(20, 10))  # a new parameter object
+    torch.testing.assert_close(fastreg.penalty(model, l2=1.0, backend=backend).item(), expected(), rtol=1e-6, atol=0)
+    model[0].bias.requires_grad_(False)  # frozen: no longer selected
+    torch.testing.assert_close(fastreg.penalty(model, l2=1.0, backend=backend).item(), expected(), rtol=1e-6, atol=0)
+    model[2].weight.data = torch.randn(1, 20) * 3  # new storage behind the same object
+    torch.testing.assert_close(fastreg.penalty(model, l2=1.0, backend=backend).item(), expected(), rtol=1e-6, atol=0)
+    assert len(builds) == 4
+
+    calls = []
+    exclude = lambda name, t: calls.append(name) or False  # noqa: E731  (a callable: never cached)
+    fastreg.penalty(model, l2=1.0, exclude=exclude, backend=backend)
+    fastreg.penalty(model, l2=1.0, exclude=exclude, backend=backend)
+    assert len(calls) == 2 * sum(p.requires_grad for p in model.parameters())  # frozen ones are not asked
+    fastreg.penalty(model, l2=1.0, exclude=["*.bias"], backend=backend)
+    fastreg.penalty(model, l2=1.0, exclude=["*.bias"], backend=backend)
+    assert len(builds) == 7  # two callable calls, one list build, one hit
+
+
+def test_direct_accumulation_is_exact_for_every_path(backend):
+    # The eager backward adds straight into p.grad when .backward() will; everything else must
+    # see exactly the autograd gradient: autograd.grad, create_graph, hooks, inputs=, accumulation.
+    model = seed_mlp(torch.float64)
+    reg = fastreg.Penalty(model, l1=1e-2, l2=0.3, group=0.2, backend=backend)
+    params = list(model.parameters())
+    expected = [ref.grad(p, 1e-2, 0.3, 0.2, 0) for p in params]
+
+    def check(grads, extra=None):
+        for i, (g, e) in enumerate(zip(grads, expected)):
+            target = e if extra is None else e + extra[i]
+            torch.testing.assert_close(g.double(), target, rtol=1e-12, atol=1e-14)
+
+    model.zero_grad(set_to_none=True)
+    reg().backward()  # p.grad None: created
+    check([p.grad for p in params])
+    reg().backward()  # p.grad set: accumulated in place
+    check([p.grad for p in params], expected)
+    check(torch.autograd.grad(reg(), params))  # p.grad untouched by autograd.grad
+    check([p.grad for p in params], expected)
+    first = torch.autograd.grad(reg(), params, create_graph=True)
+    assert all(g.requires_grad for g in first)
+    check(first)
+    seen = []
+    handle = params[0].register_hook(lambda g: seen.append(g.clone()))
+    model.zero_grad(set_to_none=True)
+    reg().backward()
+    handle.remove()
+    check(seen[:1] + [p.grad for p in params[1:]])  # the hook saw the full gradient
+    model.zero_grad(set_to_none=True)
+    reg().backward(inputs=params[:2])
+    check([p.grad for p in params[:2]])
+    assert all(p.grad is None for p in params[2:])
+    # The task loss reaches the same parameters: the engine adds its gradient after the penalty's.
+    model.zero_grad(set_to_none=True)
+    x = torch.randn(8, 10, dtype=torch.float64)
+    task = model(x).square().sum()
+    task_grads = torch.autograd.grad(task, params, retain_graph=True)
+    (task + reg()).backward()
+    check([p.grad for p in params], [g.double() for g in task_grads])
