@@ -1069,11 +1069,12 @@ inline at::ScalarType check_group(at::TensorList params, at::TensorList centers,
   return dtype;
 }
 
-// The values of a (n,) coefficient tensor of the acc dtype, as doubles.
+// The first n values of a 1-D coefficient tensor of the acc dtype (more entries are ignored: the
+// autograd backward passes its (3,) gradient of the sums as is), as doubles.
 inline std::vector<double> read_coeffs(const at::Tensor& coeffs, at::ScalarType dtype, int64_t n) {
-  TORCH_CHECK(coeffs.device().is_cpu() && coeffs.dim() == 1 && coeffs.size(0) == n,
-              "fastreg_cpu: coeffs must be a (", n, ",) CPU tensor, got shape ", coeffs.sizes(), " on ",
-              coeffs.device());
+  TORCH_CHECK(coeffs.device().is_cpu() && coeffs.dim() == 1 && coeffs.size(0) >= n,
+              "fastreg_cpu: coeffs must be a CPU tensor of at least ", n, " values, got shape ", coeffs.sizes(),
+              " on ", coeffs.device());
   TORCH_CHECK(coeffs.scalar_type() == acc_type(dtype), "fastreg_cpu: coeffs must be ", acc_type(dtype),
               " for ", dtype, " params, got ", coeffs.scalar_type());
   const at::Tensor values = coeffs.to(at::kDouble).contiguous();

@@ -64,11 +64,15 @@ def group_scale(grad_norm_sum, group_sq, grad_group_sq):
 
 
 def _backward_coeffs(grad_sums, group_sq, grad_group_sq):
+    """``(coeffs, scale)`` of the backward kernels: ``grad_sums`` itself (its first two entries
+    are [c1, c2]; the kernels read those) and the per-group scale, or None without groups."""
     acc = group_sq.dtype
     if grad_sums is None:
         grad_sums = group_sq.new_zeros(3)
     grad_sums = grad_sums.to(acc)
-    return grad_sums[:2].contiguous(), group_scale(grad_sums[2], group_sq, grad_group_sq)
+    if group_sq.numel() == 0 and grad_group_sq is None:
+        return grad_sums, None
+    return grad_sums, group_scale(grad_sums[2], group_sq, grad_group_sq)
 
 
 def _sums_setup_context(ctx, inputs, output):
@@ -87,7 +91,8 @@ def _sums_backward(ctx, grad_sums, grad_group_sq):
     params, centers, group_sq, group_dim, backend = _unpack(ctx)
     coeffs, scale = _backward_coeffs(grad_sums, group_sq, grad_group_sq)
     # A list input takes a list of gradients: none for the centers (constants).
-    return sums_backward(params, centers, group_dim, coeffs, scale, backend), [None] * len(centers), None, None
+    return (sums_backward(params, centers, group_dim, coeffs[:2].contiguous(), scale, backend), [None] * len(centers),
+            None, None)
 
 
 sums.register_autograd(_sums_backward, setup_context=_sums_setup_context)
@@ -181,9 +186,10 @@ class _EagerSums(torch.autograd.Function):
         params, centers, group_sq, group_dim, backend = _unpack(ctx)
         coeffs, scale = _backward_coeffs(grad_sums, group_sq, grad_group_sq)
         if torch.is_grad_enabled():  # create_graph=True: the op carries the second derivative
-            grads = sums_backward(params, centers, group_dim, coeffs, scale, backend)
+            grads = sums_backward(params, centers, group_dim, coeffs[:2].contiguous(), scale, backend)
         elif grad_group_sq is None and _accumulate_directly(ctx.accumulators, params, centers, group_dim, coeffs,
-                                                            scale, grad_sums, group_sq, backend):
+                                                            scale, coeffs if grad_sums is not None else None,
+                                                            group_sq, backend):
             grads = [None] * len(params)
         else:
             grads = _dispatch.backend_for(backend, params[0].device).grads(params, centers or None, group_dim,
@@ -204,7 +210,7 @@ def accumulators_of(params):
 
 def _accumulate_directly(accumulators, params, centers, group_dim, coeffs, scale, grad_sums, group_sq, backend):
     """Add the penalty's gradient into every ``p.grad`` (see ``_EagerSums``); False if not safe."""
-    if accumulators is None:
+    if accumulators is None or grad_sums is None:
         return False
     try:
         if not all(map(torch._C._will_engine_execute_node, accumulators)):
@@ -215,7 +221,6 @@ def _accumulate_directly(accumulators, params, centers, group_dim, coeffs, scale
         return False
     grads = [p.grad for p in params]
     kernels = _dispatch.backend_for(backend, params[0].device)
-    acc = group_sq.dtype
     if all(g is None for g in grads):
         dtypes = [getattr(p, "grad_dtype", None) or p.dtype for p in params]
         if all(d == p.dtype for d, p in zip(dtypes, params)):
@@ -226,13 +231,14 @@ def _accumulate_directly(accumulators, params, centers, group_dim, coeffs, scale
         grads = [torch.zeros_like(p, dtype=d) for p, d in zip(params, dtypes)]  # the grad_dtype asked for
         for p, g in zip(params, grads):
             p.grad = g
-    elif not all(g is not None and g.layout == torch.strided and g.shape == p.shape and g.device == p.device
-                 and type(g) is torch.Tensor for g, p in zip(grads, params)):
+    # (p.grad's setter has checked devices; a parameter whose data was replaced can hold a stale
+    # shape, and a sparse gradient another layout: those go the usual way.)
+    elif not all(g is not None and g.layout == torch.strided and g.shape == p.shape and type(g) is torch.Tensor
+                 for g, p in zip(grads, params)):
         return False
-    # g += c1·sign(d) + 2·c2·d + c3·d_g/‖d_g‖ with c3 = the group term's grad; norms from the forward.
-    coeffs3 = torch.cat([coeffs, grad_sums.to(acc)[2:3] if grad_sums is not None else coeffs.new_zeros(1)])
+    # g += c1·sign(d) + 2·c2·d + c3·d_g/‖d_g‖, [c1, c2, c3] = grad_sums; the norms are the forward's.
     norms = group_sq.sqrt() if group_dim >= 0 and group_sq.numel() else None
-    add_grad_by_dtype(kernels, params, grads, centers or None, group_dim, coeffs3.contiguous(), norms)
+    add_grad_by_dtype(kernels, params, grads, centers or None, group_dim, grad_sums.to(group_sq.dtype), norms)
     return True
 
 

@@ -1,0 +1,380 @@
+"""``python -m bench.step``: what a penalty costs inside a real training step.
+
+The penalty-only benchmark (``python -m bench``) times the penalty alone; this one times whole
+steps — ``zero_grad(set_to_none=True)``, forward, a task loss that reaches every parameter,
+backward, ``optimizer.step()`` — on real models (``bench/models.py``: a transformer LM with a tied
+head, a CNN, the seed article's MLP), and reports the **time each way of regularizing adds to a
+step**, against the same step without a penalty:
+
+* the seed article's loops (L2 ``torch.norm(p)**2``, L1 ``torch.abs(p).sum()``), ``_foreach_norm``;
+* fastreg: ``loss + reg()`` with a ``Penalty`` built once, the one-call ``fastreg.penalty(model,
+  ...)``, ``reg.add_to_grad_()`` after ``backward()``, ``reg.attach(optimizer)``;
+* the optimizers' own ``weight_decay``: SGD and AdamW, ``foreach=True`` and ``fused=True``
+  (each against the same optimizer without decay).
+
+Method. Every contender runs in its own worker process (its own allocator, its own page faults:
+what a user's training process feels), with the same model, weights and batch; only one works at
+a time, and idle workers' OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``). After warm-up
+rounds, each round asks every contender for one step, in an order rotated from round to round;
+the added time is the median over rounds of (contender's step - its baseline's step in the same
+round), with the interquartile range of those paired differences as the spread.
+
+    python -m bench.step            # full: LM, CNN, MLP; writes bench/results/step-<device>-<date>/
+    python -m bench.step --quick    # small models, few rounds (CI); writes bench/results/local/
+"""
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+RESULTS = Path(__file__).resolve().parent / "results"
+L2, L1 = 1e-4, 1e-5
+ADAMW_DECAY = 1e-2
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    label: str
+    optimizer: str  # "sgd", "sgd-fused", "adamw", "adamw-fused"
+    method: str  # "none", "seed-l2", "seed-l1", "foreach-norm", "autograd", "one-call", "add-to-grad", "attach",
+    #              "weight-decay"
+
+
+CONTENDERS = [
+    Contender("none", "no penalty (SGD, foreach)", "sgd", "none"),
+    Contender("seed-l2", "seed loop L2: loss + λ·Σ torch.norm(p)**2", "sgd", "seed-l2"),
+    Contender("seed-l1", "seed loop L1: loss + λ·Σ torch.abs(p).sum()", "sgd", "seed-l1"),
+    Contender("foreach-norm", "loss + λ·Σ torch._foreach_norm(ps)²", "sgd", "foreach-norm"),
+    Contender("autograd", "fastreg: loss + reg()", "sgd", "autograd"),
+    Contender("one-call", "fastreg: loss + fastreg.penalty(model, l2=λ)", "sgd", "one-call"),
+    Contender("add-to-grad", "fastreg: reg.add_to_grad_() after backward()", "sgd", "add-to-grad"),
+    Contender("attach", "fastreg: reg.attach(optimizer)", "sgd", "attach"),
+    Contender("sgd-wd", "SGD weight_decay (foreach)", "sgd", "weight-decay"),
+    Contender("none-sgd-fused", "no penalty (SGD, fused)", "sgd-fused", "none"),
+    Contender("sgd-fused-wd", "SGD weight_decay (fused)", "sgd-fused", "weight-decay"),
+    Contender("none-adamw", "no penalty (AdamW, foreach)", "adamw", "none"),
+    Contender("adamw-wd", "AdamW weight_decay (foreach)", "adamw", "weight-decay"),
+    Contender("none-adamw-fused", "no penalty (AdamW, fused)", "adamw-fused", "none"),
+    Contender("adamw-fused-wd", "AdamW weight_decay (fused)", "adamw-fused", "weight-decay"),
+]
+BASELINE = {c.optimizer: c.name for c in CONTENDERS if c.method == "none"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small models, 6 rounds (a CI smoke run)")
+    parser.add_argument("--models", help="comma-separated: lm, cnn, mlp (default: all)")
+    parser.add_argument("--contenders", help="comma-separated contender names (default: all; baselines are added)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 25; --quick 6)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 3; --quick 2)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: torch's)")
+    parser.add_argument("--out", type=Path, help="results folder (default: bench/results/step-<device>-<date>; "
+                                                 "--quick and partial runs: bench/results/local/...)")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (6 if args.quick else 25)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    return args
+
+
+# ------------------------------------------------------------------------------------------
+# The worker: one contender, one model at a time, one step per request
+
+
+def _optimizer(kind, params, decay):
+    if kind.startswith("sgd"):
+        options = dict(lr=1e-3, momentum=0.9, weight_decay=2 * L2 if decay else 0.0)
+    else:
+        options = dict(lr=1e-3, weight_decay=ADAMW_DECAY if decay else 0.0)
+    options.update(fused=True) if kind.endswith("fused") else options.update(foreach=True)
+    return (torch.optim.SGD if kind.startswith("sgd") else torch.optim.AdamW)(params, **options)
+
+
+def _build(contender, spec, device):
+    import fastreg
+
+    model, batch = spec.make(device)
+    params = list(model.parameters())
+    optimizer = _optimizer(contender.optimizer, params, contender.method == "weight-decay")
+    reg = fastreg.Penalty(model, l2=L2)
+    method = contender.method
+    extra = None
+    if method == "seed-l2":
+        def extra():
+            l2_reg = torch.tensor(0., requires_grad=True, device=device)
+            for param in model.parameters():
+                l2_reg = l2_reg + torch.norm(param) ** 2
+            return L2 * l2_reg
+    elif method == "seed-l1":
+        def extra():
+            l1_reg = torch.tensor(0., requires_grad=True, device=device)
+            for param in model.parameters():
+                l1_reg = l1_reg + torch.abs(param).sum()
+            return L1 * l1_reg
+    elif method == "foreach-norm":
+        def extra():
+            return L2 * torch.stack(torch._foreach_norm(params)).pow(2).sum()
+    elif method == "autograd":
+        extra = reg
+    elif method == "one-call":
+        def extra():
+            return fastreg.penalty(model, l2=L2)
+    elif method == "attach":
+        reg.attach(optimizer)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step():
+        synchronize()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = model.loss(batch)
+        if extra is not None:
+            loss = loss + extra()
+        loss.backward()
+        if method == "add-to-grad":
+            reg.add_to_grad_()
+        optimizer.step()
+        synchronize()
+        return time.perf_counter() - start
+
+    return step
+
+
+def _worker(conn, contender, size, device_name, threads):
+    from bench.models import MODELS
+
+    specs = {spec.name: spec for spec in MODELS[size]}
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    current, step = None, None
+    while True:
+        request = conn.recv()
+        if request is None:
+            break
+        if request != current:
+            step = None
+            step = _build(contender, specs[request], device)
+            current = request
+        try:
+            conn.send(("ok", step()))
+        except Exception as exc:  # reported in the table, not fatal
+            conn.send(("error", f"{type(exc).__name__}: {exc}"[:300]))
+    conn.close()
+
+
+# ------------------------------------------------------------------------------------------
+# The harness
+
+
+def _quantile(values, q):
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def analyse(times, contenders):
+    """Per contender: median step (ms), added time vs its baseline (paired per round), spread, share."""
+    rows = []
+    for c in contenders:
+        mine = times.get(c.name)
+        base = times.get(BASELINE[c.optimizer])
+        row = {"name": c.name, "label": c.label, "optimizer": c.optimizer, "method": c.method,
+               "baseline": BASELINE[c.optimizer], "error": None}
+        if isinstance(mine, str) or isinstance(base, str):
+            row["error"] = mine if isinstance(mine, str) else f"baseline: {base}"
+            rows.append(row)
+            continue
+        added = [1e3 * (a - b) for a, b in zip(mine, base)]
+        row.update(step_ms=1e3 * statistics.median(mine), baseline_ms=1e3 * statistics.median(base),
+                   added_ms=statistics.median(added), added_q25_ms=_quantile(added, 0.25),
+                   added_q75_ms=_quantile(added, 0.75), times_s=mine)
+        row["share"] = row["added_ms"] / row["baseline_ms"] if row["baseline_ms"] else None
+        rows.append(row)
+    return rows
+
+
+def targets(rows):
+    """The issue's targets, as ratios of added times within one run."""
+    by = {r["name"]: r for r in rows if r.get("added_ms") is not None}
+    checks = []
+    if "autograd" in by and "seed-l2" in by and by["seed-l2"]["added_ms"] > 0:
+        ratio = by["autograd"]["added_ms"] / by["seed-l2"]["added_ms"]
+        checks.append({"target": "fastreg autograd adds <= 1/5 of what the seed loop (L2) adds", "ratio": ratio,
+                       "met": ratio <= 0.2})
+    if "add-to-grad" in by and "sgd-wd" in by:
+        wd = by["sgd-wd"]["added_ms"]
+        ratio = by["add-to-grad"]["added_ms"] / wd if wd > 0 else None
+        checks.append({"target": "add_to_grad_ adds <= 1.5x what SGD's foreach weight_decay adds", "ratio": ratio,
+                       "met": ratio is not None and ratio <= 1.5})
+    return checks
+
+
+def run(args):
+    from bench.models import MODELS
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    specs = {spec.name: spec for spec in MODELS["quick" if args.quick else "full"]}
+    models = [m.strip() for m in args.models.split(",")] if args.models else list(specs)
+    contenders = CONTENDERS
+    if args.contenders:
+        wanted = {n.strip() for n in args.contenders.split(",")}
+        chosen = [c for c in CONTENDERS if c.name in wanted]
+        wanted |= {BASELINE[c.optimizer] for c in chosen}
+        contenders = [c for c in CONTENDERS if c.name in wanted]
+    # An idle worker's OpenMP threads must not spin while another worker's step runs (the
+    # default wait policy busy-waits after every parallel region, stealing the cores).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "fastreg", "bench.models"])
+    workers = {}
+    for c in contenders:
+        parent, child = context.Pipe()
+        size = "quick" if args.quick else "full"
+        process = context.Process(target=_worker, args=(child, c, size, str(device), args.threads), daemon=True)
+        process.start()
+        workers[c.name] = (parent, process)
+    results = {}
+    total = len(models) * (args.rounds + args.warmup) * len(contenders)
+    try:
+        with tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr) as progress:
+            for model in models:
+                times = {c.name: [] for c in contenders}
+                for r in range(args.warmup + args.rounds):
+                    order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
+                    for c in order:
+                        progress.set_postfix_str(f"{model} {c.name}")
+                        if isinstance(times[c.name], str):  # it failed once: skipped from then on
+                            progress.update()
+                            continue
+                        conn = workers[c.name][0]
+                        conn.send(model)
+                        status, value = conn.recv()
+                        if status != "ok":
+                            times[c.name] = value
+                        elif r >= args.warmup:
+                            times[c.name].append(value)
+                        progress.update()
+                results[model] = {"title": specs[model].title, "rows": analyse(times, contenders)}
+                results[model]["targets"] = targets(results[model]["rows"])
+    finally:
+        for conn, process in workers.values():
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            process.join(timeout=10)
+    return device, models, results
+
+
+def _ms(x):
+    return "" if x is None else (f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}")
+
+
+def markdown(device, results, args, meta):
+    lines = [f"# What a penalty adds to a training step: {meta['device_name']}", "",
+             f"- {meta['date']}, `{meta['command']}`; torch {torch.__version__}, {meta['threads']} torch threads per "
+             f"worker, fastreg backends {', '.join(meta['backends'])}",
+             f"- {args.rounds} rounds after {args.warmup} warm-up rounds; each contender in its own process; "
+             "`zero_grad(set_to_none=True)`, forward, task loss, backward, `optimizer.step()` (SGD lr 1e-3 momentum "
+             f"0.9 unless noted); λ = {L2:g} (L1: {L1:g}); AdamW weight_decay {ADAMW_DECAY:g}",
+             "- added = median over rounds of (contender's step - its baseline's step in the same round); spread = "
+             "interquartile range of those differences; share = added / baseline step"]
+    for model, data in results.items():
+        lines += ["", f"## {data['title']}", "",
+                  "| contender | step ms | added ms | spread (IQR) ms | share of step |", "|---|---:|---:|---:|---:|"]
+        for r in data["rows"]:
+            if r["error"]:
+                lines.append(f"| {r['label']} | skipped: {r['error']} | | | |")
+                continue
+            spread = f"{_ms(r['added_q25_ms'])} .. {_ms(r['added_q75_ms'])}" if r["method"] != "none" else ""
+            added = _ms(r["added_ms"]) if r["method"] != "none" else "(baseline)"
+            share = f"{100 * r['share']:.1f}%" if r["method"] != "none" and r["share"] is not None else ""
+            lines.append(f"| {r['label']} | {_ms(r['step_ms'])} | {added} | {spread} | {share} |")
+        for t in data["targets"]:
+            ratio = "n/a" if t["ratio"] is None else f"{t['ratio']:.2f}"
+            lines.append(f"\n- target: {t['target']}: ratio {ratio} ({'met' if t['met'] else 'NOT met'})")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path, results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 5.5), squeeze=False)
+    for ax, (model, data) in zip(axes[0], results.items()):
+        rows = [r for r in data["rows"] if r["method"] != "none" and not r["error"]]
+        ys = range(len(rows))
+        values = [r["added_ms"] for r in rows]
+        low = [r["added_ms"] - r["added_q25_ms"] for r in rows]
+        high = [r["added_q75_ms"] - r["added_ms"] for r in rows]
+        colors = ["tab:green" if r["method"] in ("autograd", "one-call", "add-to-grad", "attach") else
+                  "tab:gray" if r["method"] == "weight-decay" else "tab:red" for r in rows]
+        ax.barh(list(ys), values, xerr=[low, high], color=colors, capsize=2)
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels([r["label"] for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel("ms added to a training step (median, IQR)")
+        ax.set_title(data["title"], fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    device, models, results = run(args)
+    import fastreg
+
+    meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(getattr(sys, "orig_argv", sys.argv)),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+            "threads": args.threads or torch.get_num_threads(), "backends": fastreg.available_backends(),
+            "rounds": args.rounds, "warmup": args.warmup, "quick": args.quick}
+    try:
+        from bench.report import cpu_model, load_average
+
+        meta["device_name"] = meta["device_name"] if device.type == "cuda" else f"CPU: {cpu_model()}"
+        meta["load_average_at_end"] = load_average()
+    except Exception:
+        pass
+    partial = args.quick or args.models or args.contenders
+    name = f"step-{device.type}{'-quick' if args.quick else ''}-{datetime.date.today().isoformat()}"
+    out = args.out or ((RESULTS / "local" / name) if partial else (RESULTS / name))
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(device, results, args, meta)
+    (out / "results.md").write_text(table)
+    meta["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    if not args.no_plot:
+        plot(out / "step.png", results)
+    print(table)
+    print(f"done in {meta['seconds']} s; wrote {out}", file=sys.stderr)
+    failed = [r for data in results.values() for r in data["rows"] if r["error"] and r["optimizer"] == "sgd"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
