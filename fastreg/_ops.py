@@ -193,7 +193,7 @@ class _EagerSums(torch.autograd.Function):
             grads = [None] * len(params)
         else:
             grads = _dispatch.backend_for(backend, params[0].device).grads(params, centers or None, group_dim,
-                                                                            coeffs, scale, may_share_storage=True)
+                                                                            coeffs, scale)
         return (None, None, None, None, *grads, *([None] * len(centers)))
 
 
@@ -224,7 +224,7 @@ def _accumulate_directly(accumulators, params, centers, group_dim, coeffs, scale
     if all(g is None for g in grads):
         dtypes = [getattr(p, "grad_dtype", None) or p.dtype for p in params]
         if all(d == p.dtype for d, p in zip(dtypes, params)):
-            fresh = kernels.grads(params, centers or None, group_dim, coeffs, scale, may_share_storage=True)
+            fresh = kernels.grads(params, centers or None, group_dim, coeffs, scale)
             for p, g in zip(params, fresh):
                 p.grad = g
             return True

@@ -105,3 +105,43 @@ def test_glob_match_agrees_with_fnmatch():
     for pattern in patterns:
         for name in names:
             assert glob_match(name, pattern) == fnmatch.fnmatchcase(name, pattern), (name, pattern)
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(10, 4)
+        self.bag = nn.EmbeddingBag(7, 4)
+        self.block = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.lm_head = nn.Linear(4, 10, bias=False)
+
+
+def test_exclude_mixes_presets_and_globs_and_explains_each_reason():
+    model = TinyLM()
+    reg = fastreg.Penalty(model, l2=1e-4, exclude=["bias_and_norm", "embeddings", "lm_head.*"])
+    assert [name for name, _ in reg.named_parameters()] == ["block.weight"]
+    reasons = {e.name: e.excluded_because for e in select(model, ["bias_and_norm", "embeddings", "lm_head.*"])}
+    assert reasons["wte.weight"] == "embeddings (nn.Embedding)"
+    assert reasons["bag.weight"] == "embeddings (nn.EmbeddingBag)"
+    assert reasons["block.bias"] == "bias_and_norm (ndim=1)" and reasons["norm.weight"] == "bias_and_norm (ndim=1)"
+    assert reasons["lm_head.weight"] == "matches 'lm_head.*'"
+    table = reg.explain()
+    assert "no: embeddings (nn.Embedding)" in table and "no: matches 'lm_head.*'" in table
+    assert [n for n, _ in fastreg.Penalty(model, exclude="embeddings").named_parameters()][:2] == ["block.weight",
+                                                                                                  "block.bias"]
+
+
+def test_a_tied_head_is_excluded_with_its_embedding():
+    model = TinyLM()
+    model.lm_head.weight = model.wte.weight  # GPT-2 style tying: one tensor, counted once
+    names = [n for n, _ in fastreg.Penalty(model, exclude=["embeddings"]).named_parameters()]
+    assert "lm_head.weight" not in names and "wte.weight" not in names
+
+
+def test_the_embeddings_preset_needs_a_module():
+    model = TinyLM()
+    with pytest.raises(ValueError, match="exclude='embeddings' finds the weights of nn.Embedding"):
+        fastreg.Penalty(list(model.named_parameters()), exclude=["embeddings"])
+    with pytest.raises(ValueError, match="unknown exclude 'embedding'"):
+        fastreg.Penalty(model, exclude="embedding")

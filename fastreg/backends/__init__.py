@@ -29,12 +29,11 @@ device and one floating dtype; any of them may be empty or non-contiguous. Share
     With ``s = d`` (``threshold == 0``) or ``s = sign(d) * max(|d| - threshold, 0)`` (the
     shrunk values of the proximal step): ``sums = [Σ|s|, Σs², Σ_g ‖s_g‖]`` (shape ``(3,)``)
     and ``group_sq[g] = ‖s_g‖²``. One read of every operand. Bitwise deterministic.
-``grads(params, centers, group_dim, coeffs, group_scale, may_share_storage=False) -> list[Tensor]``
+``grads(params, centers, group_dim, coeffs, group_scale) -> list[Tensor]``
     ``coeffs = [c1, c2, ...]`` (entries after the second are ignored); ``group_scale``: a group
     vector or ``None`` (zeros). Fresh tensors
     with the layout of ``torch.empty_like(w)``: ``c1·sign(d) + (2·c2 + group_scale[g])·d``,
-    computed in acc dtype and rounded once. With ``may_share_storage`` they may be views of
-    one buffer (never when called from the registered op: custom ops may not return aliases).
+    computed in acc dtype and rounded once.
 ``add_grad_(params, grads, centers, group_dim, coeffs, group_norms) -> (sums, group_sq)``
     In place: ``g += c1·sign(d) + 2·c2·d + c3·d_g / ‖d_g‖`` (``coeffs = [c1, c2, c3]``; 0 for a
     group of norm 0). ``grads[i]`` has ``params[i]``'s shape and device, any floating dtype

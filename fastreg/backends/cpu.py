@@ -121,8 +121,7 @@ def sums(params, centers, group_dim, threshold=0.0):
     return _kernels().sums(_as_list(params), _as_list(centers), group_dim, float(threshold))
 
 
-def grads(params, centers, group_dim, coeffs, group_scale, may_share_storage=False):
-    # Fresh tensors from the C++ allocator either way (cheap: no dispatcher round trip).
+def grads(params, centers, group_dim, coeffs, group_scale):
     return _kernels().grads(_as_list(params), _as_list(centers), group_dim, coeffs, group_scale)
 
 

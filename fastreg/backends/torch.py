@@ -177,7 +177,7 @@ def _split_group_vector(vector, params, group_dim):
     return slices
 
 
-def grads(params, centers, group_dim, coeffs, group_scale, may_share_storage=False):
+def grads(params, centers, group_dim, coeffs, group_scale):
     acc = acc_dtype(params[0].dtype)
     c1, two_c2 = coeffs[0].to(acc), 2 * coeffs[1].to(acc)
     scales = (_split_group_vector(group_scale.to(acc), params, group_dim) if group_scale is not None

@@ -48,9 +48,12 @@ Design (see DESIGN.md §3 and fastreg/backends/__init__.py for the contract):
   dimension order, e.g. ``w.t()`` or channels_last) is used as is, its groups located from its
   strides; centers and gradients in another order, and non-dense tensors, are read through a
   copy in the parameter's order, and in-place results on a copy are copied back explicitly.
-* **Fresh gradients** (``grads``) are, when the caller allows it (the eager autograd path;
-  a custom op may not return aliasing outputs), views of one flat buffer: one allocation
-  instead of one ``empty_like`` per tensor (the host cost of a call with many tensors).
+* **Host time per call** (what a call costs the training loop's thread while the GPU works;
+  ``python -m bench.host_overhead`` measures it with the kernels stubbed): a cache hit reads each
+  tensor's pointer and shape (C-level maps), the write targets' pointer table is cached too, and
+  constant kernel arguments are cached device tensors. ``grads`` must return one fresh tensor per
+  parameter (148 ``empty_like`` are most of its ~1 ms for GPT-2 shapes on this host); the eager
+  ``loss.backward()`` path avoids it by adding into ``p.grad`` directly (``fastreg._ops``).
 
 Tuning constants are module-level and read at every call, so tests can shrink them and the
 GPU check can sweep them (``BLOCK``, ``BLOCK_FP64``, ``NUM_WARPS``, ``MAX_CHUNK``,
@@ -439,7 +442,7 @@ class _Plan:
 
     __slots__ = ("data", "host", "w_ptrs", "c_ptrs", "info", "launches", "ginfo", "gmap", "group_programs",
                  "programs", "nslots", "ngroups", "chunk", "grouped", "has_center", "dtype", "device",
-                 "direct", "reads", "copies", "index")
+                 "direct", "reads", "copies", "index", "strides")
 
 
 _plans = OrderedDict()  # key -> _Plan
@@ -528,8 +531,9 @@ def _same_order(a, b):
 
 
 def _signature(tensors):
-    """What a plan depends on, per tensor: data pointer, shape, strides (cheap to compute)."""
-    return tuple((t.data_ptr(), t.shape, t.stride()) for t in tensors)
+    """What a plan depends on, cheaply: every data pointer and shape (C-level maps: ~0.3 µs a
+    tensor). Strides matter only to tensors with groups: a hit checks theirs (``_plan``)."""
+    return tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.size, tensors))
 
 
 def _plan(params, centers, group_dim, misaligned=()):
@@ -540,7 +544,7 @@ def _plan(params, centers, group_dim, misaligned=()):
            TARGET_PROGRAMS, RUN_TILE, MIN_RUN, RUN_LONG, GROUP_BLOCK, _signature(params),
            None if centers is None else _signature(centers))
     plan = _plans.get(key)
-    if plan is not None:
+    if plan is not None and all(params[i].stride() == stride for i, stride in plan.strides):
         _plans.move_to_end(key)
         _stats["hits"] += 1
         return plan
@@ -645,6 +649,7 @@ def _build_plan(params, centers, group_dim, misaligned):
     plan.has_center = centers is not None
     plan.dtype, plan.device, plan.direct = dtype, device, direct
     plan.index = [r[0] for r in records]  # record -> param index
+    plan.strides = [(r[0], r[1].stride()) for r in records if r[4] != FLAT]  # checked on every hit
     plan.reads = [r[2] for r in records]  # what is read as w (the param, or a contiguous copy)
     plan.copies = [(params[r[0]], r[2]) for r in records if r[2] is not params[r[0]]]
     return plan
@@ -697,6 +702,20 @@ def _acc_zeros(plan, n):
     return torch.zeros(max(n, 1), dtype=acc_dtype(plan.dtype), device=plan.device)
 
 
+_constants_cache = {}
+
+
+def _constant(value, plan):
+    """A cached ``(1,)`` acc-dtype device tensor holding ``value`` (thresholds, placeholders): a
+    kernel argument that never changes needs no allocation or host-to-device copy per call.
+    Read-only: kernels never write it."""
+    key = (float(value), acc_dtype(plan.dtype), plan.device)
+    tensor = _constants_cache.get(key)
+    if tensor is None:
+        tensor = _constants_cache[key] = torch.full((1,), float(value), dtype=key[1], device=plan.device)
+    return tensor
+
+
 def _stage1(plan, threshold, shrink, partials, launches):
     """Stage 1 of the sums over ``launches``: partials (in place) and the slots."""
     slots = torch.empty(max(plan.nslots, 1), dtype=acc_dtype(plan.dtype), device=plan.device)
@@ -737,15 +756,20 @@ def _sums(params, centers, group_dim, threshold):
         return _empty_result(params, group_dim)
     plan = _plan(params, centers, group_dim)
     shrink = isinstance(threshold, torch.Tensor) or threshold != 0
-    if not isinstance(threshold, torch.Tensor):
-        threshold = torch.full((1,), float(threshold), dtype=acc_dtype(plan.dtype), device=plan.device)
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.reshape(1).to(acc_dtype(plan.dtype))
+    else:
+        threshold = _constant(threshold, plan)
     partials = _acc_zeros(plan, 2 * plan.programs)
-    slots = _stage1(plan, threshold.reshape(1).to(acc_dtype(plan.dtype)), shrink, partials, plan.launches)
+    slots = _stage1(plan, threshold, shrink, partials, plan.launches)
     return _finish(plan, partials, _group_sq(plan, slots))
 
 
 def _coeffs(coeffs, plan):
-    coeffs = coeffs.to(device=plan.device, dtype=acc_dtype(plan.dtype)).reshape(-1)
+    acc = acc_dtype(plan.dtype)
+    if coeffs.dtype == acc and coeffs.device == plan.device and coeffs.numel() >= 3 and coeffs.is_contiguous():
+        return coeffs  # the usual case: the caller's (3,) vector as is
+    coeffs = coeffs.to(device=plan.device, dtype=acc).reshape(-1)
     if coeffs.numel() < 3:
         coeffs = torch.cat([coeffs, coeffs.new_zeros(3 - coeffs.numel())])
     return coeffs.contiguous()
@@ -772,72 +796,43 @@ def _elementwise(plan, op, targets, coeffs, group_coef, out_dtype, partials):
             F64=acc == torch.float64, **_constants(plan, launch))
 
 
-def _fresh_outputs(params):
-    """Uninitialised tensors laid out like ``torch.empty_like(p)``: for dense parameters, views
-    of one flat buffer (one allocation instead of one per tensor), each starting on 16 bytes;
-    ``empty_like`` for the others."""
-    vec = _vector(params[0].dtype)
-    pieces, chosen = [], []  # chosen: (param, index of its piece)
-    for p in params:
-        if p.numel() and (p.is_contiguous() or _is_dense(p)):
-            chosen.append((p, len(pieces)))
-            pieces.append(p)
-            pad = -p.numel() % vec
-            if pad:
-                pieces.append(_padding(pad))
-    outputs = {}
-    if chosen:
-        flat = torch.empty(sum(t.numel() for t in pieces), dtype=params[0].dtype, device=params[0].device)
-        views = torch._C._nn.unflatten_dense_tensors(flat, pieces)  # one C++ loop of contiguous views
-        for p, index in chosen:
-            view = views[index]
-            if view.stride() != p.stride():  # transposed, channels-last, size-1 dims: p's own strides
-                view = flat.as_strided(p.shape, p.stride(), view.storage_offset())
-            outputs[id(p)] = view
-    return [outputs[id(p)] if id(p) in outputs else torch.empty_like(p) for p in params]
-
-
-_paddings = {}
-
-
-def _padding(n):
-    """A placeholder tensor of ``n < 8`` elements (only its size matters)."""
-    if n not in _paddings:
-        _paddings[n] = torch.empty(n, device="meta")
-    return _paddings[n]
-
-
-def _targets_of(plan, wanted):
-    """(device table of the write targets, copy-backs): ``wanted[k]`` for param k, used as is
-    when it walks memory in the order its param is read, else through a copy in that order."""
-    pointers, copy_back = [], []
+def _targets_of(plan, wanted, pointers):
+    """(device table of the write targets, copy-backs): ``wanted[k]`` for param k (its data
+    pointer ``pointers[k]``), used as is when it walks memory in the order its param is read,
+    else through a copy in that order."""
+    table, copy_back = [], []
     for k, read in zip(plan.index, plan.reads):
         target = wanted[k]
-        both_contiguous = target.is_contiguous() and read.is_contiguous()  # the common, cheap case
-        if not (both_contiguous or (_is_dense(target) and _same_order(target, read))):
+        if target.is_contiguous() and read.is_contiguous():  # the common, cheap case
+            table.append(pointers[k])
+            continue
+        if not (_is_dense(target) and _same_order(target, read)):
             work = torch.empty_like(read, dtype=target.dtype)
             work.copy_(target)
             copy_back.append((target, work))
             target = work
-        pointers.append(target.data_ptr())
-    return _target_table(tuple(pointers), plan.device), copy_back
+        table.append(target.data_ptr())
+    return _target_table(tuple(table), plan.device), copy_back
 
 
-def _misaligned(targets):
-    return tuple(i for i, t in enumerate(targets) if t.numel() and t.data_ptr() % ALIGN_BYTES)
+def _misaligned(pointers):
+    """Indices of the write targets that do not start on 16 bytes (their tensors' launches
+    cannot use vector stores)."""
+    return tuple(i for i, p in enumerate(pointers) if p % ALIGN_BYTES)
 
 
-def _grads(params, centers, group_dim, coeffs, group_scale, may_share_storage):
-    outputs = _fresh_outputs(params) if may_share_storage else [torch.empty_like(p) for p in params]
+def _grads(params, centers, group_dim, coeffs, group_scale):
+    outputs = [torch.empty_like(p) for p in params]
     if not any(p.numel() for p in params):
         return outputs
-    plan = _plan(params, centers, group_dim, _misaligned(outputs))
+    pointers = list(map(torch.Tensor.data_ptr, outputs))
+    plan = _plan(params, centers, group_dim, _misaligned(pointers))
     coeffs = _coeffs(coeffs, plan)
-    group_coef = _acc_zeros(plan, 1)
+    group_coef = _constant(0.0, plan)  # unused without groups
     if plan.grouped:  # the coefficient of d per group: 2·c2 + scale_g
         scale = 0 if group_scale is None else group_scale.to(device=plan.device, dtype=coeffs.dtype)
         group_coef = (2 * coeffs[1] + scale).expand(plan.ngroups).contiguous()
-    targets, copy_back = _targets_of(plan, outputs)
+    targets, copy_back = _targets_of(plan, outputs, pointers)
     _elementwise(plan, 0, targets, coeffs, group_coef, plan.dtype, group_coef)
     for target, work in copy_back:
         target.copy_(work)
@@ -847,18 +842,18 @@ def _grads(params, centers, group_dim, coeffs, group_scale, may_share_storage):
 def _add_grad(params, grads_, centers, group_dim, coeffs, group_norms):
     if not any(p.numel() for p in params):
         return _empty_result(params, group_dim)
-    plan = _plan(params, centers, group_dim, _misaligned(grads_))
+    pointers = list(map(torch.Tensor.data_ptr, grads_))
+    plan = _plan(params, centers, group_dim, _misaligned(pointers))
     coeffs = _coeffs(coeffs, plan)
     partials = _acc_zeros(plan, 2 * plan.programs)
     group_sq = _acc_zeros(plan, plan.ngroups)
-    group_coef = _acc_zeros(plan, 1)
+    group_coef = _constant(0.0, plan)  # unused without groups
     if plan.grouped:  # norms first (a pass over the tensors with groups), then the update
-        zero = torch.zeros(1, dtype=coeffs.dtype, device=plan.device)
-        norms, group_sq = _norms(plan, zero, False, group_norms, partials)
+        norms, group_sq = _norms(plan, _constant(0.0, plan), False, group_norms, partials)
         positive = norms > 0
         group_coef = (2 * coeffs[1] + torch.where(positive, coeffs[2] / torch.where(positive, norms, 1), 0))
         group_coef = group_coef.to(coeffs.dtype).contiguous()
-    targets, copy_back = _targets_of(plan, grads_)
+    targets, copy_back = _targets_of(plan, grads_, pointers)
     _elementwise(plan, 1, targets, coeffs, group_coef, grads_[0].dtype, partials)
     for target, work in copy_back:
         target.copy_(work)
@@ -870,7 +865,7 @@ def _prox(params, centers, group_dim, coeffs, group_norms):
         return None
     plan = _plan(params, centers, group_dim)
     coeffs = _coeffs(coeffs, plan)
-    group_coef = _acc_zeros(plan, 1)
+    group_coef = _constant(0.0, plan)  # unused without groups
     if plan.grouped:  # the factor max(0, 1 - group_threshold / ‖s_g‖) / denominator per group
         partials = _acc_zeros(plan, 2 * plan.programs)
         norms, _ = _norms(plan, coeffs[:1], True, group_norms, partials)
@@ -894,10 +889,10 @@ def sums(params, centers, group_dim, threshold=0.0):
         return _sums(params, centers, group_dim, threshold)
 
 
-def grads(params, centers, group_dim, coeffs, group_scale, may_share_storage=False):
+def grads(params, centers, group_dim, coeffs, group_scale):
     device = _device_of(params)
     with _on(device):
-        return _grads(params, centers, group_dim, coeffs, group_scale, may_share_storage)
+        return _grads(params, centers, group_dim, coeffs, group_scale)
 
 
 def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms):

@@ -264,18 +264,6 @@ def test_grads_values_and_layout(dtype):
         assert torch.equal(g[p == 0], torch.zeros_like(g[p == 0]))  # sign(0) = 0
 
 
-def test_grads_may_be_views_of_one_buffer_each_16_byte_aligned():
-    # One allocation for all contiguous outputs (host cost), every view on 16 bytes (vector loads).
-    params = [randn((n,), torch.float32, i) for i, n in enumerate([5, 7, 1, 300, 0, 33])]
-    params.append(randn((6, 4), torch.float32, 9).t())  # dense, transposed: a view with its strides
-    out = B.grads(params, None, -1, coeffs(torch.float32, 0.1, 0.2)[:2], None, may_share_storage=True)
-    storages = {g.untyped_storage().data_ptr() for g, p in zip(out, params) if p.numel()}
-    assert len(storages) == 1
-    assert all(g.data_ptr() % 16 == 0 for g in out if g.numel())
-    for p, g in zip(params, out):
-        assert g.shape == p.shape and g.stride() == torch.empty_like(p).stride()
-
-
 def test_grads_all_empty():
     out = grads([torch.empty(0), torch.empty(2, 0)], coeffs(torch.float32, 1.0, 1.0))
     assert [tuple(g.shape) for g in out] == [(0,), (2, 0)]

@@ -1,0 +1,100 @@
+"""``python -m bench.host_overhead``: the Triton backend's host time per call, without a GPU.
+
+On a GPU the kernels run asynchronously, so what a call costs the training loop's thread is its
+host work: Python, building or looking up tables, allocating outputs, launching. Here the kernels
+are replaced by no-ops (``kernel[grid](...)`` does nothing) and the backend runs on CPU tensors
+(``TRITON_INTERPRET=1`` makes it accept them; nothing is interpreted), so what is timed is exactly
+that host work, per call, for the contract's four calls on the benchmark's parameter shapes.
+
+    python -m bench.host_overhead                      # GPT-2 shapes and 2000 x 1000
+    python -m bench.host_overhead --module old.py      # another version of the backend, side by side
+
+(``--module``: a file with an older contract, ``sums(params)``, ``grads(params, coeffs)``, is timed
+with those signatures.) The GPU benchmark reports the same host time, measured, beside each row.
+"""
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors are accepted
+
+import torch  # noqa: E402
+
+from bench.cases import CASES_BY_NAME, make_params  # noqa: E402
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def load(path=None):
+    if path is None:
+        from fastreg.backends import triton as module
+    else:
+        spec = importlib.util.spec_from_file_location("fastreg_triton_under_test", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    for name in [n for n in dir(module) if n.endswith("_kernel")]:
+        setattr(module, name, _NoLaunch())
+    return module
+
+
+def calls(module, params):
+    """The four contract calls, in whichever signature the module has."""
+    grads = [torch.zeros_like(p) for p in params]
+    new = "centers" in module.sums.__code__.co_varnames
+    if new:
+        c3 = torch.tensor([0.0, 1e-4, 0.0])
+        return {"sums": lambda: module.sums(params, None, -1),
+                "grads": lambda: module.grads(params, None, -1, c3, None),
+                "add_grad_": lambda: module.add_grad_(params, grads, None, -1, c3, None),
+                "prox_": lambda: module.prox_(params, None, -1, c3, None)}
+    c2 = torch.tensor([0.0, 1e-4])
+    return {"sums": lambda: module.sums(params), "grads": lambda: module.grads(params, c2),
+            "add_grad_": lambda: module.add_grad_(params, grads, c2), "prox_": lambda: module.prox_(params, c2)}
+
+
+def time_us(fn, repeats):
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.host_overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="gpt2,many-small")
+    parser.add_argument("--module", help="another version of fastreg/backends/triton.py to time beside this one")
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args(argv)
+    modules = {"this": load()}
+    if args.module:
+        modules[os.path.basename(args.module)] = load(args.module)
+    lines = ["| case | backend | " + " | ".join(f"{c} µs" for c in ("sums", "grads", "add_grad_", "prox_")) + " |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name in args.cases.split(","):
+        case = CASES_BY_NAME[name.strip()]
+        # Only the shapes matter (no kernel runs): small tensors keep the host's memory free.
+        params = [torch.empty(shape) for _, shape in case.shapes] if case.num_elements > 5e7 else \
+            [p.detach() for p in make_params(case, torch.float32, "cpu", 0)]
+        for label, module in modules.items():
+            module.cache_clear()
+            row = [f"{case.title} ({case.num_tensors} tensors)", label]
+            for fn in calls(module, params).values():
+                row.append(f"{time_us(fn, args.repeats):.0f}")
+            lines.append("| " + " | ".join(row) + " |")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
