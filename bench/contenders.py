@@ -33,6 +33,9 @@ FWD_PASSES = 1  # read w
 AUTOGRAD_FWD_BWD_PASSES = 6  # fwd: read w | bwd: read w, write a fresh gradient | p.grad += it: read both, write p.grad
 ADD_TO_GRAD_PASSES = 3  # read w, read p.grad, write p.grad
 CENTER_EXTRA_PASSES = {"fwd": 1, "autograd": 2, "add_to_grad_": 1}  # l2-center also reads c wherever it reads w
+# Of those, the passes over p.grad itself (the rest move the parameter's dtype): with fp32
+# gradients of bf16 weights (--grad-dtype fp32) they move 4 bytes per element.
+GRAD_PASSES = {"fwd": 0, "fwd+bwd": 2}
 BYTE_MODEL = {
     "fwd": f"{FWD_PASSES} x numel x itemsize: read w (l2-center: and c)",
     "fwd+bwd, autograd": (
@@ -42,6 +45,7 @@ BYTE_MODEL = {
     ),
     "fwd+bwd, add_to_grad_": (f"{ADD_TO_GRAD_PASSES} x numel x itemsize: read w, read-modify-write p.grad "
                               "(l2-center: + 1 read of c; group-cols needs the norms first: +1 read of w, not counted)"),
+    "gradients of another dtype": "the 2 passes over p.grad (read and write) count p.grad's bytes per element",
 }
 
 

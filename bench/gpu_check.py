@@ -8,7 +8,8 @@ passed. It writes one folder, ``bench/results/<gpu>-<date>/`` (``--out`` to chan
 ``versions.json`` GPU, driver, CUDA, torch, triton, Python, fastreg commit, apex (if any).
 ``tests.txt`` / ``tests.xml``  the whole test suite on CUDA (tests/backends/test_triton_cuda.py
                  included: launch counts, no host sync, CUDA-graph capture, a 2**31+-element tensor).
-``bench-fp32/``, ``bench-bf16/``  ``python -m bench`` on every case: the seed loops,
+``bench-fp32/``, ``bench-bf16/``  ``python -m bench`` on every case (bf16: weights in bf16, gradients
+                 in fp32, as with fp32 gradient accumulation): the seed loops,
                  ``_foreach_norm``, a ``torch.compile``d loop (fp32), apex's
                  ``multi_tensor_l2norm`` when apex is installed, every fastreg backend.
 ``sweep.md`` / ``sweep.json``  the Triton backend's ``BLOCK`` / ``NUM_WARPS`` / ``MAX_CHUNK``,
@@ -80,6 +81,8 @@ def tests_command(out, self_test):
 
 def bench_command(out, dtype, self_test):
     command = [sys.executable, "-m", "bench", "--dtype", dtype, "--out", str(out / f"bench-{dtype}")]
+    if dtype == "bf16":  # bf16 weights with fp32 gradients (p.grad_dtype = None): fp32 accumulation
+        command += ["--grad-dtype", "fp32"]
     if self_test:
         return command + ["--quick", "--cases", "mlp", "--device", "cpu"]
     command += ["--device", "cuda"]

@@ -152,7 +152,8 @@ def _grouped(rows, penalty):
 
 def markdown(rows, meta, cases, penalties):
     lines = [
-        f"# fastreg penalty benchmark: {meta['device_name']}, {meta['dtype']}",
+        f"# fastreg penalty benchmark: {meta['device_name']}, {meta['dtype']}"
+        + ("" if meta.get("grad_dtype", "same") == "same" else f" weights, {meta['grad_dtype']} gradients"),
         "",
         f"- {meta['date']}, `{meta['command']}`",
         f"- {meta['cpu_model']}, {meta['cpu_cores']} cores ({meta['torch_threads']} torch threads; load average "

@@ -22,7 +22,8 @@ from tqdm import tqdm
 import fastreg
 from bench import report
 from bench.cases import CASES, CASES_BY_NAME, float64_reference, has_groups, make_centers, make_params
-from bench.contenders import FWD, FWD_BWD, LAMBDA, PENALTIES, all_contenders, gradient_error, passes
+from bench.contenders import (FWD, FWD_BWD, GRAD_PASSES, LAMBDA, PENALTIES, all_contenders, gradient_error,
+                              passes)
 from bench.timing import FULL_BUDGET, QUICK_BUDGET, Budget, DeviceClock, measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -47,6 +48,9 @@ def parse_args(argv=None):
                         help="which penalty: l2, l1, group-rows, group-cols (group lasso + L2), l2-center "
                              "(toward reference weights), both (l2 and l1) or all (default: all; --quick: l2)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="parameter dtype (default fp32)")
+    parser.add_argument("--grad-dtype", choices=("same", "fp32"), default="same",
+                        help="dtype of p.grad: same as the parameter (default) or fp32 (fp32 gradient accumulation "
+                             "for bf16/fp16 weights, via p.grad_dtype = None)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile of the loop, and report its compile time (slow)")
@@ -99,7 +103,8 @@ def default_out_dir(device, args):
     bench/results/local/, so a preview never overwrites committed results or dirties the tree."""
     date = datetime.date.today().isoformat()
     partial = args.quick or args.cases or args.contenders or args.penalty
-    name = f"{report.device_slug(device)}-{args.dtype}{'-quick' if args.quick else ''}-{date}"
+    grads = "" if args.grad_dtype == "same" else f"-{args.grad_dtype}-grads"
+    name = f"{report.device_slug(device)}-{args.dtype}{grads}{'-quick' if args.quick else ''}-{date}"
     return (RESULTS_DIR / "local" / name) if partial else (RESULTS_DIR / name)
 
 
@@ -113,16 +118,20 @@ class Session:
     clock: DeviceClock
     budget: Budget
     progress: tqdm
+    grad_dtype: torch.dtype | None = None  # None: p.grad in the parameter's dtype
 
 
 def _row(case, penalty, contender, mode, params):
     numel = sum(p.numel() for p in params)
     itemsize = params[0].element_size()
+    grad_itemsize = params[0].grad.element_size() if params[0].grad is not None else itemsize
     moves = passes(penalty, mode, contender.fwd_bwd_passes)
+    grad_moves = GRAD_PASSES[mode] if moves else 0
     return {
         "case": case.name, "penalty": penalty, "contender": contender.name, "label": contender.label,
         "mode": mode, "is_baseline": contender.is_baseline,
-        "numel": numel, "itemsize": itemsize, "passes": moves, "bytes": moves * numel * itemsize,
+        "numel": numel, "itemsize": itemsize, "passes": moves,
+        "bytes": numel * ((moves - grad_moves) * itemsize + grad_moves * grad_itemsize),
         "median_ms": None, "times_ms": [], "warmup_calls": 0,
         "value": None, "reference_value": None, "rel_err": None, "grad_err": None,
         "setup_s": None, "skipped": None, "host_ms": None,
@@ -200,8 +209,12 @@ def run_case(case, penalties, contenders, session):
     """Every contender on one case: (rows, float64 reference). The parameters are freed afterwards."""
     session.progress.set_postfix_str(f"{case.name}: making {case.num_elements:,} parameters")
     params = make_params(case, session.dtype, session.device, session.args.seed)
-    for p in params:
-        p.grad = torch.zeros_like(p)  # the loss's gradient is already there when the penalty's backward runs
+    for p in params:  # the loss's gradient is already there when the penalty's backward runs
+        if session.grad_dtype not in (None, p.dtype):
+            p.grad_dtype = None  # a gradient of another dtype (torch >= 2.10): fp32 accumulation of bf16 weights
+            p.grad = torch.zeros_like(p, dtype=session.grad_dtype)
+        else:
+            p.grad = torch.zeros_like(p)
     penalties = [p for p in penalties if applies(p, case)]
     extras = {"centers": make_centers(params, session.args.seed) if "l2-center" in penalties else None}
     reference = float64_reference(params, extras["centers"])
@@ -246,14 +259,15 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
 
     meta = report.machine_info(device)
-    meta.update(dtype=args.dtype, quick=args.quick, seed=args.seed, budget=dataclasses.asdict(budget),
+    meta.update(dtype=args.dtype, grad_dtype=args.grad_dtype, quick=args.quick, seed=args.seed, budget=dataclasses.asdict(budget),
                 penalties=list(penalties), contenders=[c.name for c in contenders], case_runtime_s={})
     tasks = sum(len(c.modes) for case in cases for p in penalties if applies(p, case)
                 for c in contenders if p in c.penalties)
     rows, references = [], {}
     started = time.perf_counter()
     with tqdm(total=tasks, unit="timing", dynamic_ncols=True, file=sys.stderr) as progress:
-        session = Session(args, device, DTYPES[args.dtype], DeviceClock(device), budget, progress)
+        session = Session(args, device, DTYPES[args.dtype], DeviceClock(device), budget, progress,
+                          grad_dtype=None if args.grad_dtype == "same" else torch.float32)
         for case in cases:
             case_started = time.perf_counter()
             case_rows, references[case.name] = run_case(case, penalties, contenders, session)

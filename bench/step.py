@@ -21,6 +21,9 @@ round), with the interquartile range of those paired differences as the spread.
 
     python -m bench.step            # full: LM, CNN, MLP; writes bench/results/step-<device>-<date>/
     python -m bench.step --quick    # small models, few rounds (CI); writes bench/results/local/
+
+Outputs: ``results.md`` (a table per model), ``headline.md`` (the README's opening table: what
+each way adds per step, with its spread), ``results.json`` (every step time), ``step.png``.
 """
 
 import argparse
@@ -313,6 +316,28 @@ def markdown(device, results, args, meta):
     return "\n".join(lines) + "\n"
 
 
+HEADLINE = [("seed-l2", "seed loop L2"), ("seed-l1", "seed loop L1"), ("autograd", "fastreg `loss + reg()`"),
+            ("add-to-grad", "fastreg `add_to_grad_()`"), ("attach", "fastreg `attach(optimizer)`"),
+            ("sgd-wd", "SGD `weight_decay`"), ("adamw-wd", "AdamW `weight_decay`")]
+
+
+def headline(results):
+    """The README's opening table: one row per model, the time each way adds to a step (median
+    and interquartile range, ms), beside the plain step."""
+    lines = ["| model | step without penalty | " + " | ".join(label for _, label in HEADLINE) + " |",
+             "|---|---:|" + "---:|" * len(HEADLINE)]
+    for data in results.values():
+        by = {r["name"]: r for r in data["rows"] if not r["error"]}
+        base = by.get("none")
+        cells = [data["title"], f"{_ms(base['step_ms'])} ms" if base else "–"]
+        for name, _ in HEADLINE:
+            r = by.get(name)
+            cells.append("–" if r is None else
+                         f"+{_ms(r['added_ms'])} ms ({_ms(r['added_q25_ms'])} .. {_ms(r['added_q75_ms'])})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(path, results):
     import matplotlib
 
@@ -366,6 +391,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(device, results, args, meta)
     (out / "results.md").write_text(table)
+    (out / "headline.md").write_text(headline(results))  # pasted into the README's opening
     meta["seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     if not args.no_plot:

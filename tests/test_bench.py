@@ -47,6 +47,22 @@ def test_training_step_benchmark(tmp_path):
     assert "| contender | step ms | added ms | spread (IQR) ms | share of step |" in text
     assert "target: fastreg autograd adds <= 1/5" in text
     assert (tmp_path / "step.png").exists()
+    headline = (tmp_path / "headline.md").read_text()
+    assert headline.startswith("| model | step without penalty | seed loop L2 |") and "seed MLP" in headline
+
+
+def test_bf16_weights_with_fp32_gradients(tmp_path):
+    _run(["bench", "--quick", "--cases", "mlp", "--dtype", "bf16", "--grad-dtype", "fp32",
+          "--contenders", "seed-loop,fastreg-*", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["grad_dtype"] == "fp32"
+    rows = [r for r in data["results"] if r["median_ms"] is not None and r["mode"] == "fwd+bwd"]
+    assert {r["contender"] for r in rows} >= {"seed-loop", "fastreg-cpu-add-to-grad", "fastreg-torch-add-to-grad"}
+    for r in rows:  # bf16 w (2 bytes) for 4 of the 6 autograd passes, fp32 p.grad (4 bytes) for 2; add_to_grad_: 1 + 2
+        per_element = 4 * 2 + 2 * 4 if r["passes"] == 6 else 2 + 2 * 4
+        assert r["bytes"] == r["numel"] * per_element, r
+        if r["contender"].startswith("fastreg"):
+            assert r["grad_err"] < 1e-6, r  # fp32 gradients: no bf16 rounding of the update
 
 
 def test_gpu_check_harness_self_test(tmp_path):
