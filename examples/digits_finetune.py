@@ -13,8 +13,8 @@ toward 0 and forgets the pretraining. This script measures it on a small transfe
 * **fine-tune** the body and a new 5-way head on digits 5-9 from only ``--shots`` images per
   class (a few-shot task), three ways, each with several coefficients:
   no penalty; L2 toward 0 (``fastreg.Penalty(model, l2=α)``, i.e. weight decay); L2-SP
-  (``fastreg.Penalty(model, l2=α, center=pretrained.state_dict())``: the body toward its
-  pretrained weights, the new head — absent from the mapping — toward 0);
+  (``fastreg.Penalty(model, l2=α, center={"body.*": pretrained body weights})``: the body toward
+  its pretrained weights, the new head — absent from the mapping — toward 0);
 * report, over ``--seeds`` draws of the few-shot set: test accuracy on digits 5-9 (the new
   task), test accuracy on digits 0-4 with the fine-tuned body and the *old* head (what the body
   still knows), and ``‖w − w⁰‖`` of the body; with a figure.

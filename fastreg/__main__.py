@@ -101,7 +101,8 @@ def cmd_build(args):
         module = _backend_module(name)
         if module is None or not hasattr(module, "build"):
             continue
-        module.ANNOUNCE_BUILDS = False  # this command says it itself
+        if hasattr(module, "EXTENSION"):
+            module.EXTENSION.announce = False  # this command says it itself
         cached = module.build_info().get("cached") and not args.force
         print(f"{name}: already built, loading..." if cached else
               f"{name}: building (about a minute on 2 cores)...", flush=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastreg.backends import cpu
+from fastreg.backends import _build, cpu
 
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -596,7 +596,7 @@ def test_build_naming_and_cache_location(ops, monkeypatch, tmp_path):
         monkeypatch.setenv("FASTREG_CPU_ISA", "neon")
         with pytest.raises(cpu.BuildError, match="not supported by this CPU"):
             cpu.build_config()
-    other = "generic" if config["isa"] != "generic_" + cpu._machine() else "avx2"
+    other = "generic" if config["isa"] != "generic_" + _build._machine() else "avx2"
     monkeypatch.setenv("FASTREG_CPU_ISA", other)  # another ISA: another binary, another name
     assert cpu.build_config()["name"] != config["name"]
 
