@@ -40,15 +40,16 @@ class KernelGroup:
     sharded: bool = False
     counted: bool = True  # sharded: this rank's shards count in the global value
     reduce_groups: bool = False  # sharded: its groups span ranks (group_sq is all-reduced)
-    _accumulators: object = None  # cached AccumulateGrad nodes (False: not applicable)
+    _accumulators: object = None  # cached DirectTargets (False: not applicable)
 
     def local(self):
         """The tensors the kernels read: the parameters, or their local shards."""
         return [t.to_local() for t in self.tensors] if self.sharded else self.tensors
 
     def accumulators(self):
-        """The parameters' AccumulateGrad nodes, for the eager backward's direct accumulation
-        into ``p.grad`` (``fastreg._ops._EagerSums``); None where that cannot apply."""
+        """The parameters' ``DirectTargets`` (AccumulateGrad nodes, spare gradients), for the eager
+        backward's direct accumulation into ``p.grad`` (``fastreg._ops._EagerSums``); None where
+        that cannot apply."""
         if self.sharded or torch.compiler.is_compiling():
             return None
         if self._accumulators is None:

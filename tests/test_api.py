@@ -326,3 +326,66 @@ def test_direct_accumulation_is_exact_for_every_path(backend):
     task_grads = torch.autograd.grad(task, params, retain_graph=True)
     (task + reg()).backward()
     check([p.grad for p in params], [g.double() for g in task_grads])
+
+
+def test_gradient_memory_is_reused_across_steps_only_when_nothing_holds_it(backend):
+    # With zero_grad(set_to_none=True) the penalty's backward runs before the model's gradients
+    # exist, so it creates them; on CPU it reuses the memory of the ones it created at the
+    # previous step (no page faults), but only when nothing else can see that memory.
+    torch.manual_seed(0)
+    model = seed_mlp(torch.float64)
+    reference = seed_mlp(torch.float64)
+    reference.load_state_dict(model.state_dict())
+    reg = fastreg.Penalty(model, l1=1e-2, l2=0.3, backend=backend)
+    x = torch.randn(16, 10, dtype=torch.float64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    expected_optimizer = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        (model(x).square().sum() + reg()).backward()
+        grads = [p.grad for p in model.parameters()]
+        optimizer.step()
+        expected_optimizer.zero_grad(set_to_none=True)
+        loss = reference(x).square().sum()
+        loss = loss + sum(1e-2 * p.abs().sum() + 0.3 * (p * p).sum() for p in reference.parameters())
+        loss.backward()
+        expected_optimizer.step()
+        for p, e in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, e.grad, rtol=1e-12, atol=1e-14)
+        return grads
+
+    first = [g.data_ptr() for g in step()]
+    assert [g.data_ptr() for g in step()] == first  # reused: nothing else held them
+
+    held = model[0].weight.grad  # a reference kept by the user: that memory must not change
+    snapshot = held.clone()
+    step()
+    assert torch.equal(held, snapshot) and model[0].weight.grad.data_ptr() != held.data_ptr()
+    del held, snapshot
+    step()  # (the gradients created while `held` was alive become the spares)
+
+    row = model[0].weight.grad[0]  # a view of the storage: not reused either
+    snapshot = row.clone()
+    step()
+    assert torch.equal(row, snapshot)
+    del row, snapshot
+
+    spare = [g.data_ptr() for g in step()]
+    assert [g.data_ptr() for g in step()] == spare  # and once released, reused again
+    for p, e in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-14)  # the same trajectory throughout
+
+
+def test_reused_gradients_keep_their_grad_dtype(backend):
+    w = torch.randn(64, 8, dtype=torch.bfloat16, requires_grad=True)
+    w.grad_dtype = torch.float32
+    reg = fastreg.Penalty([w], l2=0.5, backend=backend)
+    pointers = []
+    for _ in range(3):
+        w.grad = None
+        reg().backward()
+        assert w.grad.dtype == torch.float32
+        torch.testing.assert_close(w.grad, w.detach().float(), rtol=0, atol=0)  # 2·0.5·w, exact in fp32
+        pointers.append(w.grad.data_ptr())
+    assert pointers[1] == pointers[2]

@@ -36,13 +36,18 @@ def test_penalty_benchmark_every_term(tmp_path):
 
 
 def test_training_step_benchmark(tmp_path):
-    _run(["bench.step", "--quick", "--models", "mlp", "--rounds", "3", "--warmup", "1", "--out", str(tmp_path)])
+    # The --quick form on every quick model (a small LM, a small CNN, the seed MLP), fewer rounds.
+    _run(["bench.step", "--quick", "--rounds", "3", "--warmup", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())
-    rows = data["results"]["mlp"]["rows"]
-    names = {r["name"] for r in rows}
-    assert {"none", "seed-l2", "autograd", "one-call", "add-to-grad", "attach", "sgd-wd"} <= names
-    assert all(r["error"] is None for r in rows if r["optimizer"] == "sgd"), rows
-    assert all(len(r["times_s"]) == 3 for r in rows if r["error"] is None)
+    assert set(data["results"]) == {"lm", "cnn", "mlp"}
+    for model, result in data["results"].items():
+        rows = result["rows"]
+        names = {r["name"] for r in rows}
+        assert {"none", "seed-l2", "seed-l1", "foreach-norm", "autograd", "one-call", "add-to-grad", "attach",
+                "sgd-wd", "adamw-wd"} <= names, model
+        assert all(r["error"] is None for r in rows if r["optimizer"] == "sgd"), rows
+        assert all(len(r["times_s"]) == 3 for r in rows if r["error"] is None)
+        assert all(r["step_ms"] > 0 for r in rows if r["error"] is None)
     text = (tmp_path / "results.md").read_text()
     assert "| contender | step ms | added ms | spread (IQR) ms | share of step |" in text
     assert "target: fastreg autograd adds <= 1/5" in text
