@@ -286,6 +286,10 @@ def run(args):
     return device, models, results
 
 
+def _signed(x):
+    return ("+" if x >= 0 else "−") + _ms(abs(x))
+
+
 def _ms(x):
     return "" if x is None else (f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}")
 
@@ -333,7 +337,7 @@ def headline(results):
         for name, _ in HEADLINE:
             r = by.get(name)
             cells.append("–" if r is None else
-                         f"+{_ms(r['added_ms'])} ms ({_ms(r['added_q25_ms'])} .. {_ms(r['added_q75_ms'])})")
+                         f"{_signed(r['added_ms'])} ms ({_ms(r['added_q25_ms'])} .. {_ms(r['added_q75_ms'])})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
