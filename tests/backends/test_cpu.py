@@ -504,6 +504,19 @@ def test_broken_compiler_falls_back_and_reports(tmp_path):
 
 
 @needs_posix_cxx
+def test_a_first_build_says_so_once_on_stderr(tmp_path):
+    # A minute of silence on first use would look like a hang: the build announces itself on
+    # stderr (not as a warning), once per process, even when it then fails.
+    env = _env(tmp_path, TORCH_EXTENSIONS_DIR=tmp_path / "ext", CXX=_script(tmp_path, "cxx", BROKEN_CXX))
+    code = "import torch, fastreg; w = torch.ones(3); fastreg.penalty([w], l2=1.0); fastreg.penalty([w], l2=1.0)"
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, cwd=str(REPO),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("fastreg: building the C++ CPU kernels (first use on this machine") == 1, out.stderr
+    assert str(tmp_path / "ext") in out.stderr and out.stdout == ""
+
+
+@needs_posix_cxx
 def test_missing_compiler_is_a_reason_not_a_crash(tmp_path):
     env = _env(tmp_path, TORCH_EXTENSIONS_DIR=tmp_path / "ext", CXX=tmp_path / "no-such-compiler")
     result = _run("""
