@@ -310,10 +310,17 @@ def plot(results, path, title):
     fig.suptitle(title, fontsize=9)
     fig.legend(loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.14, 1, 1))
+    save_png(fig, path)
+
+
+def save_png(fig, path):
+    """Write ``fig`` to ``path`` and close it; a 64-colour palette keeps committed PNGs small."""
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
-    try:  # a 64-colour palette keeps the committed PNG small
+    try:
         from PIL import Image
 
         buffer.seek(0)

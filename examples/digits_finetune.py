@@ -24,7 +24,6 @@ few-shot images in the same order.
 """
 
 import argparse
-import io
 import json
 import statistics
 import sys
@@ -186,16 +185,7 @@ def plot(results, path, title):
             ax.set_ylim(max(0, low - 5), 100)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    try:
-        from PIL import Image
-
-        buffer.seek(0)
-        Image.open(buffer).convert("RGB").quantize(64).save(path, optimize=True)
-    except ImportError:
-        Path(path).write_bytes(buffer.getvalue())
+    digits.save_png(fig, path)
 
 
 def main(argv=None):

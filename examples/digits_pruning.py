@@ -23,7 +23,6 @@ accuracy and zero neurons per epoch. Exits with status 1 if a check fails.
 """
 
 import argparse
-import io
 import json
 import statistics
 import sys
@@ -186,16 +185,7 @@ def plot(histories, labels, path, title):
     fig.suptitle(title, fontsize=9)
     fig.legend(loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    try:
-        from PIL import Image
-
-        buffer.seek(0)
-        Image.open(buffer).convert("RGB").quantize(64).save(path, optimize=True)
-    except ImportError:
-        Path(path).write_bytes(buffer.getvalue())
+    digits.save_png(fig, path)
 
 
 def main(argv=None):
