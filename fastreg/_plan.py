@@ -15,6 +15,7 @@ The backend itself is resolved inside the ops from ``backend`` (a cached diction
 so that torch.compile traces no dispatch logic.
 """
 
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ import torch
 from fastreg import _dispatch, _sharded
 from fastreg._params import select
 from fastreg.backends._geometry import group_sizes, is_dense
+from fastreg.backends._workspace import Workspace
 
 GROUP_DIMS = (0, 1)
 INIT = "init"
@@ -40,23 +42,13 @@ class KernelGroup:
     sharded: bool = False
     counted: bool = True  # sharded: this rank's shards count in the global value
     reduce_groups: bool = False  # sharded: its groups span ranks (group_sq is all-reduced)
-    _accumulators: object = None  # cached DirectTargets (False: not applicable)
+    # Where the backend keeps this group's tables between calls (owned here: see _workspace);
+    # None for a plan built while torch.compile traces (a Penalty made inside a compiled function).
+    workspace: Workspace | None = field(default_factory=lambda: None if torch.compiler.is_compiling() else Workspace())
 
     def local(self):
         """The tensors the kernels read: the parameters, or their local shards."""
         return [t.to_local() for t in self.tensors] if self.sharded else self.tensors
-
-    def accumulators(self):
-        """The parameters' ``DirectTargets`` (AccumulateGrad nodes, spare gradients), for the eager
-        backward's direct accumulation into ``p.grad`` (``fastreg._ops._EagerSums``); None where
-        that cannot apply."""
-        if self.sharded or torch.compiler.is_compiling():
-            return None
-        if self._accumulators is None:
-            from fastreg._ops import accumulators_of
-
-            self._accumulators = accumulators_of(self.tensors) or False
-        return self._accumulators or None
 
     def group_count(self, group_dim):
         return sum(group_sizes(self.tensors, group_dim))
@@ -99,16 +91,52 @@ class Plan:
             info = ParameterInfo(e.name, e.tensor, e.excluded_because)
             if e.included:
                 info.center = notes[id(e.tensor)]
-                info.groups = (f"{e.tensor.shape[group_dim]} ({'rows' if group_dim == 0 else 'columns'})"
-                               if e.tensor.ndim >= 2 else "none (ndim < 2)")
+                info.groups = _groups_text(e.tensor, group_dim)
             self.info.append(info)
         self.names = [e.name for e in included]
         self.tensors = [e.tensor for e in included]
+        self.centers = centers  # one local tensor (or None) per included parameter
         self.has_centers = center is not None
-        self.local, self.meshes = _kernel_groups(included, centers, group_dim)
+        self._regroup()
+
+    def _regroup(self):
+        """The kernel groups (and what they depend on) from the parameters as they are now."""
+        self.local, self.meshes = _kernel_groups(self.names, self.tensors, self.centers, self.group_dim)
+        self._layout = None if torch.compiler.is_compiling() else tuple(map(_LAYOUT, self.tensors))
         dtypes = {t.dtype for t in self.tensors}
         self.result_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         self._in_place_checked = False
+
+    def current(self):
+        """The plan, after following any parameter whose dtype, device or shape changed since it
+        was built (``p.data = ...``): called by every operation, so a kernel never reads a
+        tensor as what it was. A parameter with a center cannot change shape (``ValueError``
+        naming it); its center follows a new dtype or device. (Not while torch.compile traces:
+        there its guards on the tensors' metadata decide, and the check is Python it cannot trace.)"""
+        if self._layout is not None and not torch.compiler.is_compiling() and \
+                tuple(map(_LAYOUT, self.tensors)) != self._layout:
+            self._follow()
+        return self
+
+    def _follow(self):
+        for i, (name, t, before) in enumerate(zip(self.names, self.tensors, self._layout)):
+            now = _LAYOUT(t)
+            if now == before:
+                continue
+            c = self.centers[i]
+            if c is not None:
+                local = _sharded.local(t)
+                if tuple(c.shape) != tuple(local.shape):
+                    raise ValueError(f"fastreg: parameter {name!r} changed shape from {tuple(before[2])} to "
+                                     f"{tuple(t.shape)} under a Penalty with a center of shape {tuple(c.shape)}; "
+                                     "build a new Penalty for the new shape")
+                with torch.no_grad():
+                    self.centers[i] = _like(local.detach()).copy_(c)
+        check_no_overlap([(n, _sharded.local(t)) for n, t in zip(self.names, self.tensors)])
+        for info in self.info:
+            if info.excluded_because is None:
+                info.groups = _groups_text(info.tensor, self.group_dim)
+        self._regroup()
 
     def check_in_place_once(self):
         """Before the first in-place update of the parameters themselves (``prox_``): no
@@ -123,34 +151,32 @@ class Plan:
         return self.local + [g for part in self.meshes for g in part.groups]
 
     def restricted(self, keep):
-        """A plan over the parameters for which ``keep(tensor)`` is true (same centers)."""
+        """A plan over the parameters for which ``keep(tensor)`` is true (same centers, its own
+        kernel groups and workspaces)."""
         plan = object.__new__(Plan)
         plan.__dict__.update(self.__dict__)
-        plan.names = [n for n, t in zip(self.names, self.tensors) if keep(t)]
-        plan.tensors = [t for t in self.tensors if keep(t)]
-        plan.local = [g for g in (_restrict(g, keep) for g in self.local) if g is not None]
-        plan.meshes = [MeshPart(part.mesh, [g for g in (_restrict(g, keep) for g in part.groups) if g is not None])
-                       for part in self.meshes]
-        plan.meshes = [part for part in plan.meshes if part.groups]
+        kept = [i for i, t in enumerate(self.tensors) if keep(t)]
+        plan.names = [self.names[i] for i in kept]
+        plan.tensors = [self.tensors[i] for i in kept]
+        plan.centers = [self.centers[i] for i in kept]
+        plan._regroup()
         return plan
 
 
-def _restrict(group, keep):
-    indices = [i for i, t in enumerate(group.tensors) if keep(t)]
-    if not indices:
-        return None
-    return KernelGroup(group.device, group.dtype, [group.names[i] for i in indices],
-                       [group.tensors[i] for i in indices],
-                       None if group.centers is None else [group.centers[i] for i in indices],
-                       group.sharded, group.counted, group.reduce_groups)
+# What a plan's kernel groups depend on, per parameter (read at every call: one C-level call a tensor).
+_LAYOUT = operator.attrgetter("dtype", "device", "shape")
 
 
-def _kernel_groups(included, centers, group_dim):
+def _groups_text(tensor, group_dim):
+    return (f"{tensor.shape[group_dim]} ({'rows' if group_dim == 0 else 'columns'})"
+            if tensor.ndim >= 2 else "none (ndim < 2)")
+
+
+def _kernel_groups(names, tensors, centers, group_dim):
     local, meshes = {}, {}
-    for entry, center in zip(included, centers):
-        t = entry.tensor
+    for name, t, center in zip(names, tensors, centers):
         if _sharded.is_sharded(t):
-            _sharded.check_placements(entry.name, t, group_dim)
+            _sharded.check_placements(name, t, group_dim)
             key = (t.device, t.dtype, center is not None, _sharded.is_counted(t),
                    _sharded.groups_span_ranks(t, group_dim))
             part = meshes.setdefault(t.device_mesh, {})
@@ -163,7 +189,7 @@ def _kernel_groups(included, centers, group_dim):
             group = local.get(key)
             if group is None:
                 group = local[key] = KernelGroup(t.device, t.dtype, centers=[] if center is not None else None)
-        group.names.append(entry.name)
+        group.names.append(name)
         group.tensors.append(t)
         if center is not None:
             group.centers.append(center)

@@ -51,9 +51,8 @@ def penalty(params, l1=0.0, l2=0.0, *, group=0.0, group_dim=0, center=None, excl
                          "so the penalty would always be 0; build fastreg.Penalty(..., center='init') once, "
                          "right after loading the pretrained weights, and call it every step")
     cached = _cached_penalty(params, exclude, group_dim, center, backend)
-    if isinstance(cached, Penalty):
-        cached.l1, cached.l2, cached.group = l1, l2, group
-        return cached()
+    if isinstance(cached, Penalty):  # the coefficients go to this call only: the cached object is shared
+        return cached._value(_checked_coefficients(l1, l2, group))
     reg = Penalty(params, l1, l2, group=group, group_dim=group_dim, center=center, exclude=exclude, backend=backend)
     if cached is not None:
         cached.store(reg)
@@ -180,14 +179,17 @@ class Penalty:
 
     def __call__(self):
         """The penalty value, differentiable with respect to every selected parameter."""
-        coefficients = self._checked_coefficients()
+        return self._value(self._checked_coefficients())
+
+    def _value(self, coefficients):
         group_dim = self._active_group_dim(coefficients)
-        backend = self._plan.backend
+        plan = self._plan.current()
+        backend = plan.backend
         total = None
-        for kg in self._plan.local:
-            result, _ = _ops.penalty_sums(kg.tensors, kg.centers, group_dim, backend, kg.accumulators())
+        for kg in plan.local:
+            result, _ = _ops.penalty_sums(kg.tensors, kg.centers, group_dim, backend, kg.workspace)
             total = _add(total, _combine(result, coefficients))
-        for part in self._plan.meshes:
+        for part in plan.meshes:
             total = _add(total, self._sharded_value(part, coefficients, group_dim))
         return self._or_zero(total)
 
@@ -203,13 +205,14 @@ class Penalty:
         """
         coefficients = self._checked_coefficients()
         group_dim = self._active_group_dim(coefficients)
+        plan = self._plan.current()
         with torch.no_grad():
             total = None
-            for kg in self._plan.local:
+            for kg in plan.local:
                 result, _ = _add_grad(kg, kg.tensors, _grads_of(kg.names, kg.tensors), group_dim, coefficients,
-                                      self._plan.backend)
+                                      plan.backend)
                 total = _add(total, _combine(result, coefficients))
-            for part in self._plan.meshes:
+            for part in plan.meshes:
                 total = _add(total, self._sharded_add_grad(part, coefficients, group_dim))
         return self._or_zero(total).detach()
 
@@ -271,7 +274,7 @@ class Penalty:
             f"{_dispatch.backend_for(self._plan.backend, kg.device).NAME} ({kg.device}, "
             f"{str(kg.dtype).replace('torch.', '')}{', centered' if kg.centers is not None else ''}"
             f"{', sharded' if kg.sharded else ''}: {len(kg.tensors)} tensors)"
-            for kg in self._plan.kernel_groups()
+            for kg in self._plan.current().kernel_groups()
         )
         terms = f"l1={_show(self.l1)}  l2={_show(self.l2)}"
         if show_groups:
@@ -296,8 +299,7 @@ class Penalty:
 
     def _checked_coefficients(self):
         # Tensor coefficients may have been changed in place since they were set.
-        return (_dispatch.check_coefficient("l1", self._l1), _dispatch.check_coefficient("l2", self._l2),
-                _dispatch.check_coefficient("group", self._group))
+        return _checked_coefficients(self._l1, self._l2, self._group)
 
     def _active_group_dim(self, coefficients):
         """The plan's group_dim, or NO_GROUPS when the group term is a Python zero (no work)."""
@@ -316,6 +318,7 @@ class Penalty:
     def _prox(self, plan, lr):
         l1, l2, group = self._checked_coefficients()
         group_dim = self._active_group_dim((l1, l2, group))
+        plan = plan.current()
         backend = plan.backend
         values = (lr * l1, 1 + 2 * lr * l2, lr * group)
         with torch.no_grad():
@@ -334,7 +337,7 @@ class Penalty:
         counted, own, spanning = None, None, []
         detached = tuple(c.detach() if isinstance(c, torch.Tensor) else c for c in coefficients)
         for kg in part.groups:
-            result, group_sq = _ops.penalty_sums(kg.local(), kg.centers, group_dim, self._plan.backend)
+            result, group_sq = _ops.penalty_sums(kg.local(), kg.centers, group_dim, self._plan.backend, kg.workspace)
             reduce = kg.reduce_groups and group_dim >= 0
             if reduce:  # the local Σ‖d_g‖ is meaningless: the global norms replace it
                 result = _without_norm_sum(result)
@@ -383,7 +386,7 @@ class Penalty:
             params = kg.local()
             grads = [g.to_local() for g in _grads_of(kg.names, kg.tensors)]
             if kg.reduce_groups and group_dim >= 0:  # the global norms first, then the update
-                result, group_sq = _dispatch.backend_for(backend, kg.device).sums(params, kg.centers, group_dim)
+                result, group_sq = _ops.plain_sums(backend, params, kg.centers, group_dim, workspace=kg.workspace)
                 result = _without_norm_sum(result)
                 spanning.append((kg, group_sq, params, grads))
             else:
@@ -405,8 +408,8 @@ class Penalty:
         for kg in part.groups:
             params = kg.local()
             if kg.reduce_groups and group_dim >= 0:  # the global norms of the shrunk values first
-                _, shrunk_sq = _dispatch.backend_for(backend, kg.device).sums(params, kg.centers, group_dim,
-                                                                               threshold=values[0])
+                _, shrunk_sq = _ops.plain_sums(backend, params, kg.centers, group_dim, threshold=values[0],
+                                               workspace=kg.workspace)
                 spanning.append((kg, shrunk_sq, params))
             else:
                 _prox(kg, params, group_dim, values, None, backend)
@@ -421,14 +424,13 @@ class Penalty:
 def _add_grad(kg, params, grads, group_dim, coefficients, backend, group_norms=None):
     """``grad += gradient`` for one kernel group (any gradient dtypes); ``(sums, group_sq)``."""
     coeffs = _dispatch.coefficient_vector(coefficients, _dispatch.acc_dtype(kg.dtype), kg.device)
-    return _ops.add_grad_by_dtype(_dispatch.backend_for(backend, kg.device), params, grads, kg.centers, group_dim,
-                                  coeffs, group_norms)
+    return _ops.add_grad_(backend, params, grads, kg.centers, group_dim, coeffs, group_norms, kg.workspace)
 
 
 def _prox(kg, params, group_dim, values, group_norms, backend):
     acc = _dispatch.acc_dtype(kg.dtype)
     coeffs = _dispatch.coefficient_vector(values, acc, kg.device)
-    _dispatch.backend_for(backend, kg.device).prox_(params, kg.centers, group_dim, coeffs, group_norms)
+    _ops.prox_(backend, params, kg.centers, group_dim, coeffs, group_norms, kg.workspace)
 
 
 def _grads_of(names, params):
@@ -456,6 +458,11 @@ def _bad_grad(name, p, g):
     if g.device != p.device:
         raise ValueError(f"fastreg: parameter {name!r} is on {p.device} but its .grad is on {g.device}")
     raise TypeError(f"fastreg: parameter {name!r} has a .grad of dtype {g.dtype}; gradients must be floating-point")
+
+
+def _checked_coefficients(l1, l2, group):
+    return (_dispatch.check_coefficient("l1", l1), _dispatch.check_coefficient("l2", l2),
+            _dispatch.check_coefficient("group", group))
 
 
 def _checked_lr(lr):

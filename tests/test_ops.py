@@ -27,7 +27,7 @@ def _centers(params, centered):
 @pytest.mark.parametrize("group", list(_groups()))
 def test_opcheck_sums(backend, group, centered, group_dim):
     params = [p.requires_grad_() for p in _groups()[group]]
-    torch.library.opcheck(_ops.sums, (params, _centers(params, centered), group_dim, backend))
+    torch.library.opcheck(_ops.sums, (params, _centers(params, centered), group_dim, backend, 0))
 
 
 @pytest.mark.parametrize("group_dim", [NO_GROUPS, 1])
@@ -40,13 +40,13 @@ def test_opcheck_sums_backward(backend, group, centered, group_dim):
     groups = sum(p.shape[group_dim] for p in params if p.ndim >= 2) if group_dim >= 0 else 0
     scale = torch.rand(groups, dtype=acc) if groups else None
     torch.library.opcheck(_ops.sums_backward, (params, _centers(params, centered), group_dim, grad_sums, scale,
-                                               backend))
+                                               backend, 0))
 
 
 def test_the_op_matches_the_reference(backend):
     params = ref.make_tensors([100, 0, 5000, (30, 40)], torch.float32)
     centers = [torch.randn_like(p) for p in params]
-    sums, group_sq = _ops.sums(params, centers, 0, backend)
+    sums, group_sq = _ops.sums(params, centers, 0, backend, 0)
     torch.testing.assert_close(sums.double(), ref.sums(params, centers, 0), rtol=1e-6, atol=0)
     torch.testing.assert_close(group_sq.double(), ref.group_sq(params, 0, centers), rtol=1e-6, atol=0)
 
@@ -56,7 +56,7 @@ def test_compile_sees_one_opaque_op_without_graph_breaks(backend):
 
     @torch.compile(fullgraph=True, backend="eager")
     def step():
-        s, _ = _ops.sums(params, [], 1, backend)
+        s, _ = _ops.sums(params, [], 1, backend, 0)
         return 0.1 * s[0] + 0.2 * s[1] + 0.3 * s[2]
 
     torch.testing.assert_close(step().item(), ref.value(params, 0.1, 0.2, 0.3, 1), rtol=1e-6, atol=0)
@@ -69,7 +69,7 @@ def test_eager_fast_path_and_the_op_agree_bitwise(backend, centered, group_dim):
               torch.randn(0).requires_grad_()]
     centers = _centers(params, centered)
     coeffs = torch.tensor([0.3, 0.7, 0.2])
-    via_op = _ops.sums(params, centers, group_dim, backend)
+    via_op = _ops.sums(params, centers, group_dim, backend, 0)
     via_eager = _ops.penalty_sums(params, centers, group_dim, backend)
     assert torch.equal(via_op[0], via_eager[0]) and torch.equal(via_op[1], via_eager[1])
     grads_op = torch.autograd.grad((via_op[0] * coeffs).sum(), params)

@@ -9,6 +9,9 @@ Every backend module defines
     The name users pass as ``backend=``.
 ``DEVICE_TYPES: tuple[str, ...] | None``
     The device types it runs on (``None``: any device torch runs on).
+``VERSIONS_BUMPED: bool``
+    Whether its in-place writes already bump the version counters of what they write (torch
+    ops do; kernels writing through raw pointers do not, and ``fastreg._ops`` bumps for them).
 ``unavailable_reason() -> str | None``
     ``None`` when the backend can run here, else a one-line reason (cached by the module;
     may trigger a JIT build on first call).
@@ -45,6 +48,10 @@ device and one floating dtype; any of them may be empty or non-contiguous. Share
     ``d`` as in ``sums``, ``w = c + max(0, 1 - group_threshold / ‖s_g‖) · s / denominator``
     for tensors with groups (0 where ``‖s_g‖ = 0``) and ``w = c + s / denominator`` for the
     others. Exact zeros of ``d``. ``group_norms``: ``‖s_g‖`` to use, or ``None``.
+
+Every kernel also takes ``workspace=None``: a ``fastreg.backends._workspace.Workspace`` owned
+by the caller's kernel group, where a backend may keep per-call plans (device tables) between
+calls, under the ownership rules stated in ``_workspace``; ``None`` means cache nothing.
 
 Coefficients are acc-dtype tensors on the group's device (no host synchronisation on a GPU).
 A backend never validates user input (``fastreg._dispatch`` and ``fastreg._plan`` do, once)

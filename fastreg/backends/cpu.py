@@ -30,6 +30,7 @@ from fastreg.backends._geometry import group_sizes
 
 NAME = "cpu"
 DEVICE_TYPES = ("cpu",)
+VERSIONS_BUMPED = False  # the C++ kernels write through raw pointers: fastreg._ops bumps
 
 # One translation unit per op (ninja compiles them in parallel) and the shared kernels' header.
 SOURCE_FILES = ("library.cpp", "sums.cpp", "grads.cpp", "add_grad.cpp", "prox.cpp")
@@ -63,20 +64,20 @@ def unavailable_reason():
     return _state["reason"]
 
 
-def sums(params, centers, group_dim, threshold=0.0):
+def sums(params, centers, group_dim, threshold=0.0, workspace=None):
     return _kernels().sums(_as_list(params), _as_list(centers), group_dim, float(threshold))
 
 
-def grads(params, centers, group_dim, coeffs, group_scale):
+def grads(params, centers, group_dim, coeffs, group_scale, workspace=None):
     return _kernels().grads(_as_list(params), _as_list(centers), group_dim, coeffs, group_scale)
 
 
-def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms):
+def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace=None):
     return _kernels().add_grad_(_as_list(params), _as_list(grads_), _as_list(centers), group_dim, coeffs,
                                 group_norms)
 
 
-def prox_(params, centers, group_dim, coeffs, group_norms):
+def prox_(params, centers, group_dim, coeffs, group_norms, workspace=None):
     _kernels().prox_(_as_list(params), _as_list(centers), group_dim, coeffs, group_norms)
 
 

@@ -30,6 +30,7 @@ from fastreg.backends._geometry import ROW_ELEMS, acc_dtype, fixed_order_sum, gr
 
 NAME = "torch"
 DEVICE_TYPES = None
+VERSIONS_BUMPED = True  # in-place writes are torch ops (add_, copy_): autograd sees them
 
 PIECE_ELEMS = 256 * ROW_ELEMS  # elements per buffer fill (4 MiB in fp32)
 SMALL_ELEMS = 65536  # tensors under this are copied into one flat tensor first (measured best)
@@ -43,7 +44,7 @@ def unavailable_reason():
 # Sums
 
 
-def sums(params, centers, group_dim, threshold=0.0):
+def sums(params, centers, group_dim, threshold=0.0, workspace=None):
     # The sums are of the parameters' own values: autocast must not recast anything here.
     with torch.autocast(params[0].device.type, enabled=False):
         return _sums(params, centers, group_dim, float(threshold))
@@ -177,7 +178,7 @@ def _split_group_vector(vector, params, group_dim):
     return slices
 
 
-def grads(params, centers, group_dim, coeffs, group_scale):
+def grads(params, centers, group_dim, coeffs, group_scale, workspace=None):
     acc = acc_dtype(params[0].dtype)
     c1, two_c2 = coeffs[0].to(acc), 2 * coeffs[1].to(acc)
     scales = (_split_group_vector(group_scale.to(acc), params, group_dim) if group_scale is not None
@@ -187,7 +188,7 @@ def grads(params, centers, group_dim, coeffs, group_scale):
         return [_gradient(d, c1, two_c2, group_dim, s).to(p.dtype) for p, d, s in zip(params, ds, scales)]
 
 
-def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms):
+def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace=None):
     acc = acc_dtype(params[0].dtype)
     result = sums(params, centers, group_dim)
     scales = [None] * len(params)
@@ -203,7 +204,7 @@ def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms):
     return result
 
 
-def prox_(params, centers, group_dim, coeffs, group_norms):
+def prox_(params, centers, group_dim, coeffs, group_norms, workspace=None):
     acc = acc_dtype(params[0].dtype)
     threshold, denominator, group_threshold = (coeffs[i].to(acc) for i in range(3))
     centers_ = centers if centers is not None else [None] * len(params)

@@ -1,0 +1,73 @@
+"""Per-kernel-group state that a backend keeps between calls, owned by the ``Penalty``.
+
+**Ownership, stated once** (every backend follows it; ``tests/test_ownership.py`` checks it):
+
+1. Every device address a kernel reads or writes belongs to a tensor that outlives the table
+   holding the address. A table cached here holds, beside the addresses, the tensors they
+   point into (the parameters' storages, their centers, any copy made for the kernels);
+   a table built for one call (e.g. the gradients' pointers, which change every step) lives
+   only as long as that call.
+2. fastreg keeps no user tensor alive beyond the ``Penalty`` that regularizes it: there is no
+   module-level cache of tensors or of tables. A ``Workspace`` belongs to one kernel group of
+   one ``Penalty`` and dies with it; direct backend calls without a workspace cache nothing.
+3. Nothing built while a CUDA graph is being captured reaches an eager call: such tables are
+   kept in ``captured`` (alive as long as the ``Penalty``, hence as long as a graph that
+   replays them can run with it), never in the cache that eager calls look in.
+4. Every in-place write bumps the version counter of what it writes (``fastreg._ops``), as a
+   PyTorch in-place op does, so autograd's checks see it.
+
+A workspace is reached from the ``torch.library`` op (where arguments must be plain data) by
+its ``handle``, an integer looked up in a weak registry: the registry keeps nothing alive.
+"""
+
+import itertools
+import weakref
+from collections import OrderedDict
+
+_registry = weakref.WeakValueDictionary()  # handle -> Workspace
+_handles = itertools.count(1)
+
+
+class Workspace:
+    """A small LRU of a backend's per-call plans (device tables with their owners), plus the
+    plans built during CUDA-graph capture."""
+
+    __slots__ = ("entries", "captured", "limit", "handle", "hits", "builds", "__weakref__")
+
+    def __init__(self, limit=4):
+        self.entries = OrderedDict()  # key -> plan (each plan holds the tensors it points into)
+        self.captured = []  # plans built while a CUDA graph was being captured
+        self.limit = limit
+        self.hits = self.builds = 0
+        self.handle = next(_handles)
+        _registry[self.handle] = self
+
+    def get(self, key):
+        plan = self.entries.get(key)
+        if plan is not None:
+            self.entries.move_to_end(key)
+            self.hits += 1
+        return plan
+
+    def put(self, key, plan):
+        self.builds += 1
+        self.entries[key] = plan
+        while len(self.entries) > self.limit:
+            self.entries.popitem(last=False)
+
+    def keep_for_capture(self, plan):
+        self.builds += 1
+        self.captured.append(plan)
+
+    def clear(self):
+        self.entries.clear()
+        self.captured.clear()
+
+    def plans(self):
+        """Every plan held (for the ownership tests)."""
+        return list(self.entries.values()) + list(self.captured)
+
+
+def lookup(handle):
+    """The live workspace of ``handle``, or None (0, or its ``Penalty`` is gone)."""
+    return _registry.get(handle) if handle else None

@@ -1,0 +1,250 @@
+"""fastreg touches only what it owns (see fastreg/backends/_workspace.py for the rules).
+
+Each test is a regression test of one finding of the review of the eager backward (issue 17,
+items 1-4) or of the rules themselves: no write into memory a user holds, every hook sees the
+penalty's gradient, a parameter replaced under a ``Penalty`` is followed (or named in an error),
+every in-place write bumps a version counter, nothing keeps a user's tensor alive after its
+``Penalty`` is gone, and the one-call ``penalty()`` shares no coefficients between calls.
+The Triton backend's tables have their own invariant tests under tests/triton_interpret/.
+"""
+
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import fastreg
+import reference as ref
+
+
+def _leaf(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(torch.get_default_device()).requires_grad_()
+
+
+# ------------------------------------------------------------------------------------------
+# 1. Memory a user holds is never written.
+
+
+def test_a_held_storage_of_an_old_gradient_keeps_its_values(backend):
+    w = _leaf(256, 256)
+    reg = fastreg.Penalty([w], l2=0.5, backend=backend)
+    reg().backward()
+    storage = w.grad.untyped_storage()  # the user keeps the storage, not the tensor
+    snapshot = w.grad.clone()
+    w.grad = None
+    with torch.no_grad():
+        w.mul_(2)
+    reg().backward()
+    kept = torch.empty(0, dtype=torch.float64, device=w.device).set_(storage).view(256, 256)
+    assert torch.equal(kept, snapshot)
+    torch.testing.assert_close(w.grad, 2 * 0.5 * w.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("holder", ["tensor", "view", "detach", "numpy", "dlpack"])
+def test_gradients_held_every_way_keep_their_values(backend, holder):
+    w = _leaf(300, 220)
+    reg = fastreg.Penalty([w], l1=0.1, l2=0.5, backend=backend)
+    for _ in range(2):
+        w.grad = None
+        reg().backward()
+    grab = {"tensor": lambda g: g, "view": lambda g: g[3], "detach": lambda g: g.detach(),
+            "numpy": lambda g: torch.from_numpy(g.cpu().numpy()) if g.device.type == "cpu" else g,
+            "dlpack": lambda g: torch.from_dlpack(torch.utils.dlpack.to_dlpack(g))}[holder]
+    held = grab(w.grad)
+    snapshot = held.clone()
+    w.grad = None
+    with torch.no_grad():
+        w.add_(1)
+    reg().backward()
+    assert torch.equal(held, snapshot)
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Every hook sees the penalty's gradient.
+
+
+def test_a_prehook_on_the_accumulate_grad_node_sees_the_penalty(backend):
+    w = _leaf(20, 30)
+    reg = fastreg.Penalty([w], l1=0.1, l2=0.5, backend=backend)
+    node = torch.autograd.graph.get_gradient_edge(w).node
+    seen_pre, seen_post = [], []
+    pre = node.register_prehook(lambda grads: seen_pre.append(grads[0].clone()))
+    post = node.register_hook(lambda inputs, outputs: seen_post.append(outputs[0].clone()))
+    reg().backward()
+    expected = ref.grad(w.detach(), 0.1, 0.5, 0, 0)
+    torch.testing.assert_close(seen_pre[0], expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(seen_post[0], expected, rtol=1e-12, atol=1e-14)
+    pre.remove()
+    post.remove()
+
+
+def test_tensor_and_post_accumulate_hooks_see_the_penalty(backend):
+    w = _leaf(20, 30)
+    reg = fastreg.Penalty([w], l2=0.5, backend=backend)
+    seen = []
+    w.register_hook(lambda g: seen.append(("tensor", g.clone())))
+    w.register_post_accumulate_grad_hook(lambda p: seen.append(("post", p.grad.clone())))
+    reg().backward()
+    assert [kind for kind, _ in seen] == ["tensor", "post"]
+    for _, g in seen:
+        torch.testing.assert_close(g, w.detach(), rtol=0, atol=0)  # 2·0.5·w
+
+
+# ------------------------------------------------------------------------------------------
+# 3. Parameters replaced under a Penalty: followed, or an error naming them.
+
+
+def _grown_linear_step(reg_of, lin, rows):
+    x = torch.randn(5, 4, dtype=torch.float64)
+    reg = reg_of(lin)
+    reg().backward()
+    lin.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        lin.weight.data = torch.randn(rows, 4, dtype=torch.float64)
+        lin.bias.data = torch.randn(rows, dtype=torch.float64)
+    (lin(x).sum() + reg_of(lin)()).backward()
+    # d/db of Σ(xWᵀ + b) is the batch size (5); the penalty adds 2·0.5·b.
+    torch.testing.assert_close(lin.bias.grad, lin.bias.detach() + 5, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lin.weight.grad, lin.weight.detach() + x.sum(0).expand(rows, 4), rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, 3], ids=["same-rows", "2-to-3-rows"])
+def test_a_penalty_follows_parameters_that_change_shape(backend, rows):
+    lin = nn.Linear(4, 2 if rows == 3 else 1).double()
+    reg = fastreg.Penalty(lin, l2=0.5, backend=backend)
+    _grown_linear_step(lambda m: reg, lin, rows if rows == 3 else 3)
+
+
+def test_the_one_call_penalty_follows_parameters_that_change_shape(backend):
+    lin = nn.Linear(4, 1).double()
+    _grown_linear_step(lambda m: (lambda: fastreg.penalty(m, l2=0.5, backend=backend)), lin, 3)
+
+
+def test_a_penalty_follows_a_parameter_that_changes_dtype(backend):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
+    reg = fastreg.Penalty(model, l2=0.5, backend=backend)
+    reg().backward()
+    model.zero_grad(set_to_none=True)
+    model[0].weight.data = model[0].weight.data.float()  # one float32 tensor among float64 ones
+    reg().backward()
+    for p in model.parameters():
+        assert p.grad.dtype == p.dtype
+        torch.testing.assert_close(p.grad, p.detach(), rtol=0, atol=0)  # exact: 2·0.5·w in each dtype
+    assert "float32" in reg.explain() and "float64" in reg.explain()
+
+
+def test_a_centered_parameter_that_changes_shape_is_an_error_naming_it(backend):
+    lin = nn.Linear(4, 2).double()
+    reg = fastreg.Penalty(lin, l2=0.5, center="init", backend=backend)
+    lin.weight.data = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="'weight' changed shape"):
+        reg()
+
+
+def test_a_centered_parameter_that_changes_dtype_keeps_its_center(backend):
+    lin = nn.Linear(4, 2).double()
+    reg = fastreg.Penalty(lin, l2=0.5, center="init", backend=backend)
+    start = lin.weight.detach().clone()
+    lin.weight.data = (lin.weight.data + 1).float()
+    reg.add_to_grad_()
+    torch.testing.assert_close(lin.weight.grad, (lin.weight.detach().double() - start).float(), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------
+# 4. In-place writes bump version counters.
+
+
+def test_an_in_place_write_into_a_gradient_autograd_saved_is_caught(backend):
+    # Plain torch raises here ("modified by an inplace operation"): so must every backend.
+    w = _leaf(8, 8)
+    reg = fastreg.Penalty([w], l2=0.5, backend=backend)
+    reg().backward(create_graph=True)
+    gp = (w.grad ** 2).sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        reg().backward()
+        gp.backward()
+
+
+@pytest.mark.parametrize("operation", ["add_to_grad_", "prox_"])
+def test_every_in_place_operation_bumps_the_version_of_what_it_writes(backend, operation):
+    params = [_leaf(33, 7), _leaf(5, seed=1)]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    reg = fastreg.Penalty(params, l1=0.1, l2=0.5, group=0.1, backend=backend)
+    written = (lambda: [p.grad for p in params]) if operation == "add_to_grad_" else (lambda: params)
+    before = [t._version for t in written()]
+    getattr(reg, operation)(*(() if operation == "add_to_grad_" else (0.1,)))
+    assert all(t._version > v for t, v in zip(written(), before))
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing keeps a user's tensors alive after their Penalty is gone.
+
+
+@pytest.mark.parametrize("mode", ["value", "backward", "add_to_grad_", "prox_", "attach-grad", "attach-prox",
+                                  "one-call", "explain"])
+def test_deleting_the_model_and_the_penalty_frees_the_parameters(backend, mode):
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    alive = weakref.ref(model[0].weight)
+    storage = weakref.ref(model[0].weight.untyped_storage())
+    reg = fastreg.Penalty(model, l1=0.1, l2=0.2, group=0.1, center="init", backend=backend)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = model(torch.randn(2, 6)).sum()
+    if mode == "value":
+        reg()
+    elif mode == "backward":
+        (loss + reg()).backward()
+    elif mode == "add_to_grad_":
+        loss.backward()
+        reg.add_to_grad_()
+    elif mode == "prox_":
+        reg.prox_(0.1)
+    elif mode.startswith("attach"):
+        handle = reg.attach(optimizer, mode=mode.split("-")[1])
+        loss.backward()
+        optimizer.step()
+        del handle
+    elif mode == "one-call":
+        (loss + fastreg.penalty(model, l2=0.1, backend=backend)).backward()
+    else:
+        reg.explain()
+    del model, reg, optimizer, loss
+    gc.collect()
+    assert alive() is None and storage() is None
+
+
+# ------------------------------------------------------------------------------------------
+# The one-call penalty() passes its coefficients to the call: nothing shared is written.
+
+
+def test_the_one_call_penalty_never_writes_its_coefficients_into_the_cached_penalty(backend):
+    model = nn.Linear(30, 20).double()
+    expected = {l2: ref.value(list(model.parameters()), 0.0, l2, 0.0, 0) for l2 in (0.25, 4.0)}
+    results, errors = [], []
+
+    def worker(l2):
+        try:
+            for _ in range(150):
+                value = fastreg.penalty(model, l2=l2, backend=backend).item()
+                results.append(abs(value - expected[l2]) <= 1e-9 * expected[l2])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(l2,)) for l2 in expected]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(results) and len(results) == 300
+    from fastreg import api
+
+    (cached, _), = api._one_call_cache[model].values()
+    assert cached.l2 in expected  # the l2 it was built with: never reassigned by later calls
+    first = cached.l2
+    fastreg.penalty(model, l2=first * 3, backend=backend)
+    assert cached.l2 == first
