@@ -16,6 +16,8 @@ import weakref
 
 import torch
 
+from fastreg import _operations
+
 MODES = ("grad", "prox")
 
 
@@ -100,7 +102,7 @@ def attach(penalty, optimizer, mode):
                 if not (lr > 0 and math.isfinite(lr)):
                     raise ValueError(f"fastreg: attach(mode='prox') needs finite lr >= 0 in every param group, "
                                      f"got {lr!r}")
-                penalty._prox(plan, lr)
+                _operations.prox(plan.current(), penalty.coefficients(), lr)
             handle._steps += 1
 
         handle._hook = optimizer.register_step_post_hook(after_step)

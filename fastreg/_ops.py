@@ -5,7 +5,7 @@ mode it calls the same backend kernels through a thin ``autograd.Function``, bec
 custom op's Python dispatch costs ~80 us a call (measured: 87 us vs 11 us for the kernels on
 the seed article's 4-tensor MLP) — more than the whole penalty of a small model.
 
-``fastreg::sums(params, centers, group_dim, backend) -> (sums, group_sq)`` is the only
+``fastreg::sums(params, centers, group_dim, backend, workspace) -> (sums, group_sq)`` is the only
 differentiable primitive: ``sums = [Σ|d|, Σd², Σ_g ‖d_g‖]`` with ``d = w - c``, and the
 groups' squared norms. The coefficients stay outside it (``value = l1·s0 + l2·s1 +
 group·s2`` in plain torch), so tensor coefficients need no recompilation, and autograd hands
@@ -15,6 +15,11 @@ the backward exactly ``grad_sums = [l1, l2, group] · grad_value``. The backward
 multi-tensor call. ``group_sq`` is an output so that sharded parameters can all-reduce it
 (``fastreg._sharded``); ``scale`` is built from it with differentiable torch ops, so second
 derivatives of the group term come out of autograd. Centers are constants (no gradient).
+``workspace`` is the integer handle of the kernel group's ``Workspace`` (0: none), resolved
+at run time, so a compiled graph keeps no reference to it.
+
+The in-place primitives (``add_grad_``, ``prox_``) bump the version counters of what they write
+when the backend's kernels write through raw pointers, as a PyTorch in-place op would.
 """
 
 from typing import Optional
@@ -23,7 +28,7 @@ import torch
 
 from fastreg import _dispatch
 from fastreg.backends import _workspace
-from fastreg.backends._geometry import fixed_order_sum, group_sizes
+from fastreg.backends._geometry import acc_dtype, fixed_order_sum, group_sizes
 
 
 @torch.library.custom_op("fastreg::sums", mutates_args=())
@@ -37,7 +42,7 @@ def sums(params: list[torch.Tensor], centers: list[torch.Tensor], group_dim: int
 
 @sums.register_fake
 def _(params, centers, group_dim, backend, workspace):
-    acc = _dispatch.acc_dtype(params[0].dtype)
+    acc = acc_dtype(params[0].dtype)
     return (params[0].new_empty((3,), dtype=acc),
             params[0].new_empty((sum(group_sizes(params, group_dim)),), dtype=acc))
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastreg._dispatch import SUPPORTED_DTYPES
+from fastreg.backends._geometry import SUPPORTED_DTYPES
 from fastreg._warnings import warn
 
 BIAS_AND_NORM = "bias_and_norm"

@@ -22,77 +22,120 @@ value carries it. One all-reduce per mesh dimension is the only communication.
 
 import torch
 
-
-def dtensor_type():
-    """``DTensor`` if torch.distributed provides it here, else ``None``."""
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return None
-    return DTensor
+from fastreg import _dtensor, _ops
+from fastreg._coefficients import Coefficients, term
+from fastreg.backends._geometry import fixed_order_sum
+from fastreg.backends._terms import Sum
 
 
-def is_sharded(tensor):
-    cls = dtensor_type()
-    return cls is not None and isinstance(tensor, cls)
+def value(plan, part, coefficients, group_dim):
+    """The global penalty of one mesh's parameters, whose gradient is each shard's own."""
+    counted, own, spanning = None, None, []
+    detached = coefficients.detached()
+    for kg in part.groups:
+        result, group_sq = _ops.penalty_sums(kg.local(), kg.centers, group_dim, plan.backend, kg.workspace)
+        if kg.reduce_groups and group_dim >= 0:  # the local Σ‖d_g‖ is meaningless: the global norms replace it
+            result = _without_norm_sum(result)
+            spanning.append((kg, group_sq))
+        own = _add(own, detached.value(result))
+        if kg.counted:
+            counted = _add(counted, result.detach().to(plan.result_dtype))
+    reduced = _dtensor.all_reduce_sum(_reduction_vector(plan, part, counted, spanning), part.mesh)
+    totals, norms = reduced[:len(Sum)], _global_norms(reduced[len(Sum):], spanning)
+    for (kg, group_sq), n in zip(spanning, norms):
+        totals = totals + _norm_sum_only(totals, fixed_order_sum(n))
+        # The surrogate whose gradient is group·d_g/N_g on this shard (N_g held constant).
+        safe = torch.where(n > 0, n, 1)
+        surrogate = (group_sq * torch.where(n > 0, 0.5 / safe, 0).to(group_sq.dtype)).sum()
+        own = _add(own, term(detached.group, surrogate, surrogate.dtype))
+    global_value = coefficients.value(totals)
+    if own is None:
+        return global_value
+    own = own.to(global_value.dtype)
+    return global_value + (own - own.detach())
 
 
-def local(tensor):
-    """The local shard of a DTensor, or the tensor itself."""
-    return tensor.to_local() if is_sharded(tensor) else tensor
+def add_to_grad(plan, part, coefficients, group_dim, grads_of):
+    """``p.grad += gradient`` on every local shard of one mesh; returns the global value."""
+    counted, spanning = None, []
+    for kg in part.groups:
+        params = kg.local()
+        grads = [g.to_local() for g in grads_of(kg.names, kg.tensors)]
+        if kg.reduce_groups and group_dim >= 0:  # the global norms first, then the update
+            result, group_sq = _ops.plain_sums(plan.backend, params, kg.centers, group_dim, workspace=kg.workspace)
+            spanning.append((kg, group_sq, params, grads))
+            result = _without_norm_sum(result)
+        else:
+            result, _ = _add_grad(plan, kg, params, grads, group_dim, coefficients)
+        if kg.counted:
+            counted = _add(counted, result.to(plan.result_dtype))
+    pairs = [(kg, sq) for kg, sq, _, _ in spanning]
+    reduced = _dtensor.all_reduce_sum(_reduction_vector(plan, part, counted, pairs), part.mesh)
+    totals = reduced[:len(Sum)]
+    for (kg, group_sq, params, grads), n in zip(spanning, _global_norms(reduced[len(Sum):], pairs)):
+        _add_grad(plan, kg, params, grads, group_dim, coefficients, group_norms=n.to(group_sq.dtype))
+        totals = totals + _norm_sum_only(totals, fixed_order_sum(n))
+    return coefficients.value(totals)
 
 
-def check_placements(name, tensor, group_dim):
-    from torch.distributed.tensor import Partial, Shard
-
-    if any(isinstance(p, Partial) for p in tensor.placements):
-        raise ValueError(
-            f"fastreg: parameter {name!r} has a Partial placement; a penalty of partial sums is "
-            "meaningless — redistribute it to Shard or Replicate first"
-        )
-    if tensor.ndim >= 2:
-        dims = {p.dim % tensor.ndim for p in tensor.placements if isinstance(p, Shard)}
-        if group_dim in dims and len(dims) > 1:
-            raise NotImplementedError(
-                f"fastreg: parameter {name!r} is sharded along its group dimension {group_dim} and along "
-                f"dimension(s) {sorted(dims - {group_dim})}; the group term supports sharding along one of them"
-            )
-
-
-def groups_span_ranks(tensor, group_dim):
-    """Whether a group of this parameter has elements on several ranks (Shard of another dim)."""
-    from torch.distributed.tensor import Shard
-
-    if tensor.ndim < 2:
-        return False
-    return any(isinstance(p, Shard) and p.dim % tensor.ndim != group_dim and size > 1
-               for p, size in zip(tensor.placements, tensor.device_mesh.shape))
+def prox(plan, part, coefficients, lr, group_dim):
+    """The proximal step on every local shard of one mesh (one all-reduce for spanning groups)."""
+    spanning = []
+    for kg in part.groups:
+        params = kg.local()
+        coeffs = coefficients.prox_vector(lr, kg.acc_dtype, kg.device)
+        if kg.reduce_groups and group_dim >= 0:  # the global norms of the shrunk values first
+            _, shrunk_sq = _ops.plain_sums(plan.backend, params, kg.centers, group_dim,
+                                           threshold=lr * coefficients.l1, workspace=kg.workspace)
+            spanning.append((kg, shrunk_sq, params, coeffs))
+        else:
+            _ops.prox_(plan.backend, params, kg.centers, group_dim, coeffs, None, kg.workspace)
+    if spanning:
+        pairs = [(kg, sq) for kg, sq, _, _ in spanning]
+        reduced = _dtensor.all_reduce_sum(_reduction_vector(plan, part, None, pairs), part.mesh)
+        for (kg, shrunk_sq, params, coeffs), n in zip(spanning, _global_norms(reduced[len(Sum):], pairs)):
+            _ops.prox_(plan.backend, params, kg.centers, group_dim, coeffs, n.to(shrunk_sq.dtype), kg.workspace)
 
 
-def is_counted(tensor):
-    """Whether this rank's shard counts in the global value (coordinate 0 on replicated dims)."""
-    from torch.distributed.tensor import Replicate
-
-    coordinate = tensor.device_mesh.get_coordinate()
-    if coordinate is None:  # this rank is not in the mesh: it holds nothing
-        return False
-    return all(c == 0 for c, p in zip(coordinate, tensor.placements) if isinstance(p, Replicate))
+def _add_grad(plan, kg, params, grads, group_dim, coefficients, group_norms=None):
+    coeffs = coefficients.gradient_vector(kg.acc_dtype, kg.device)
+    return _ops.add_grad_(plan.backend, params, grads, kg.centers, group_dim, coeffs, group_norms, kg.workspace)
 
 
-def local_slices(tensor):
-    """The index of this rank's shard in the full tensor (a tuple of slices)."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+def _reduction_vector(plan, part, counted, spanning):
+    """What one all-reduce sends: the counted sums, then every spanning group_sq (zeros from
+    ranks that do not count, e.g. replicas other than coordinate 0)."""
+    dtype = plan.result_dtype
+    if counted is None:
+        counted = torch.zeros(len(Sum), dtype=dtype, device=part.mesh.device_type)
+    pieces = [counted.to(dtype)]
+    for kg, group_sq in spanning:
+        piece = group_sq.detach().to(dtype)
+        pieces.append(piece if kg.counted else torch.zeros_like(piece))
+    return torch.cat(pieces)
 
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+def _global_norms(reduced_group_sq, spanning):
+    norms, offset = [], 0
+    for kg, group_sq in spanning:
+        norms.append(reduced_group_sq[offset:offset + group_sq.numel()].sqrt())
+        offset += group_sq.numel()
+    return norms
 
 
-def all_reduce_sum(value, mesh):
-    """The sum of a tensor over every rank of ``mesh`` (one all-reduce per mesh dimension)."""
-    import torch.distributed._functional_collectives as funcol
+def _without_norm_sum(sums):
+    """``sums`` with its Σ‖d_g‖ zeroed (for groups whose norms are global, not local)."""
+    return torch.cat([sums[:Sum.GROUP_NORM], sums.new_zeros(len(Sum) - Sum.GROUP_NORM)])
 
-    for dim in range(mesh.ndim):
-        value = funcol.all_reduce(value, "sum", (mesh, dim) if mesh.ndim > 1 else mesh)
-    return funcol.wait_tensor(value) if hasattr(funcol, "wait_tensor") else value
+
+def _norm_sum_only(like, norm_sum):
+    """A sums vector holding only ``norm_sum`` in the group-norm slot."""
+    pieces = [like.new_zeros(()) for _ in Sum]
+    pieces[Sum.GROUP_NORM] = norm_sum.to(like.dtype)
+    return torch.stack(pieces)
+
+
+def _add(total, value):
+    if value is None:
+        return total
+    return value if total is None else total + value.to(total.device)

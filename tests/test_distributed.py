@@ -197,18 +197,18 @@ def _global_reference(full, l1, l2, group, group_dim, centers=None):
 
 
 def _count_all_reduces(monkeypatch_target):
-    """Wraps fastreg._sharded.all_reduce_sum: how many calls (each one collective on a 1-D mesh)."""
-    from fastreg import _sharded
+    """Wraps fastreg._dtensor.all_reduce_sum: how many calls (each one collective on a 1-D mesh)."""
+    from fastreg import _dtensor
 
     calls = []
-    original = _sharded.all_reduce_sum
+    original = _dtensor.all_reduce_sum
 
     def counting(value, mesh):
         calls.append(value.numel())
         return original(value, mesh)
 
-    _sharded.all_reduce_sum = counting
-    return calls, lambda: setattr(_sharded, "all_reduce_sum", original)
+    _dtensor.all_reduce_sum = counting
+    return calls, lambda: setattr(_dtensor, "all_reduce_sum", original)
 
 
 def _group_worker(rank):

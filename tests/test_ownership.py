@@ -241,10 +241,41 @@ def test_the_one_call_penalty_never_writes_its_coefficients_into_the_cached_pena
     for t in threads:
         t.join()
     assert not errors and all(results) and len(results) == 300
-    from fastreg import api
+    from fastreg import _one_call
 
-    (cached, _), = api._one_call_cache[model].values()
+    (cached, _), = _one_call._cache[model].values()
     assert cached.l2 in expected  # the l2 it was built with: never reassigned by later calls
     first = cached.l2
     fastreg.penalty(model, l2=first * 3, backend=backend)
     assert cached.l2 == first
+
+
+# ------------------------------------------------------------------------------------------
+# Caches stay bounded under schedules; nothing made during graph capture is shared.
+
+
+def test_thousands_of_steps_of_a_schedule_leave_every_cache_bounded(backend):
+    from fastreg import _coefficients
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    reg = fastreg.Penalty(model, l1=0.0, l2=0.0, group=0.0, backend=backend)
+    for step in range(2000):
+        reg.l1, reg.l2, reg.group = 1e-3 / (1 + step), 1e-2 / (1 + step), 1e-3 * (step % 7)
+        model.zero_grad(set_to_none=True)
+        reg.add_to_grad_()
+        reg.prox_(0.1 / (1 + step))
+    assert len(_coefficients._cache) <= _coefficients.CACHE_SIZE
+    for kg in reg._plan.kernel_groups():
+        assert len(kg.workspace.entries) <= kg.workspace.limit and not kg.workspace.captured
+
+
+def test_coefficients_made_during_graph_capture_are_never_shared(monkeypatch):
+    from fastreg import _coefficients
+
+    values = (0.123456, 0.5, 0.25)
+    monkeypatch.setattr(_coefficients, "capturing", lambda device: True)
+    during = _coefficients.vector(values, torch.float32, torch.device("cpu"))
+    monkeypatch.undo()
+    after = _coefficients.vector(values, torch.float32, torch.device("cpu"))
+    assert after is not during and after.data_ptr() != during.data_ptr()
+    assert all(c is not during for c in _coefficients._cache.values())

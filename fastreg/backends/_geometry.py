@@ -19,6 +19,7 @@ import math
 import torch
 
 NO_GROUPS = -1
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def acc_dtype(dtype):

@@ -10,7 +10,7 @@ import torch
 
 import reference as ref
 from fastreg import _dispatch
-from fastreg.backends._geometry import NO_GROUPS, group_sizes
+from fastreg.backends._geometry import NO_GROUPS, acc_dtype, group_sizes
 
 L1, L2, GROUP = 0.3, 0.7, 0.45
 
@@ -47,7 +47,7 @@ def _sizes(case):
 
 
 def _coeffs(dtype, *values):
-    return torch.tensor(values, dtype=_dispatch.acc_dtype(dtype))
+    return torch.tensor(values, dtype=acc_dtype(dtype))
 
 
 def _backend(name):
@@ -80,7 +80,7 @@ def _centered(params, seed=11):
 
 def _assert_sums(result, params, dtype, centers=None, group_dim=NO_GROUPS, threshold=0.0):
     sums, group_sq = result
-    acc = _dispatch.acc_dtype(dtype)
+    acc = acc_dtype(dtype)
     assert sums.shape == (3,) and sums.dtype == acc
     assert group_sq.dtype == acc and group_sq.shape == (sum(group_sizes(params, group_dim)),)
     expected = ref.sums(params, centers, group_dim if group_dim >= 0 else None, threshold)
@@ -161,7 +161,7 @@ def test_grads_with_groups_and_centers(backend, group_dim, centered, dtype):
     centers = _centered(params) if centered else None
     n = sum(group_sizes(params, group_dim))
     scale = torch.rand(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(
-        _dispatch.acc_dtype(dtype))
+        acc_dtype(dtype))
     grads = _backend(backend).grads(params, centers, group_dim, _coeffs(dtype, L1, L2), scale)
     start = 0
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -179,7 +179,7 @@ def test_grads_with_groups_and_centers(backend, group_dim, centered, dtype):
 
 def _check_add_grad(params, grads, before, result, dtype, centers=None, group_dim=NO_GROUPS, group=0.0):
     _assert_sums(result, params, dtype, centers, group_dim)
-    acc_eps = ref.eps(_dispatch.acc_dtype(dtype))
+    acc_eps = ref.eps(acc_dtype(dtype))
     for i, (p, g, g0) in enumerate(zip(params, grads, before)):
         c = None if centers is None else centers[i]
         gd = group_dim if group_dim >= 0 else None
@@ -239,7 +239,7 @@ def test_add_grad_with_given_group_norms(backend, dtype):
     norms = torch.rand(30 + WIDE, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.5
     grads = [torch.zeros_like(p) for p in params]
     _backend(backend).add_grad_(params, grads, None, 1, _coeffs(dtype, 0.0, 0.0, GROUP),
-                                norms.to(_dispatch.acc_dtype(dtype)))
+                                norms.to(acc_dtype(dtype)))
     expected_scale = GROUP / norms
     for p, g, s in ((params[0], grads[0], expected_scale[:30]), (params[1], grads[1], expected_scale[30:])):
         torch.testing.assert_close(g.double(), p.double() * s, rtol=4 * ref.eps(dtype), atol=0)
@@ -292,7 +292,7 @@ def test_prox_with_groups_and_centers(backend, group_dim, centered, dtype):
 def test_prox_with_given_group_norms(backend, dtype):
     params = ref.make_tensors([(20, 30)], dtype)
     original = params[0].clone()
-    norms = torch.full((30,), 2.0, dtype=_dispatch.acc_dtype(dtype))
+    norms = torch.full((30,), 2.0, dtype=acc_dtype(dtype))
     norms[:10] = 0.5  # below the group threshold 1.0: those columns become exactly zero
     _backend(backend).prox_(params, None, 1, _coeffs(dtype, 0.0, 1.0, 1.0), norms)
     assert (params[0][:, :10] == 0).all()
