@@ -1,8 +1,11 @@
 """The benchmark harnesses run, write their files and report what they claim (quick modes, in
 subprocesses, into temporary folders: a quick run never touches the committed results)."""
 
+import importlib
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,14 +73,95 @@ def test_bf16_weights_with_fp32_gradients(tmp_path):
             assert r["grad_err"] < 1e-6, r  # fp32 gradients: no bf16 rounding of the update
 
 
-def test_gpu_check_harness_self_test(tmp_path):
-    _run(["bench.gpu_check", "--self-test", "--out", str(tmp_path), "--budget-s", "400"], timeout=500)
+@pytest.fixture
+def gpu_check(monkeypatch):
+    """bench/gpu_check.py as a module (the repository root is not on sys.path under a bare `pytest`)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    return importlib.import_module("bench.gpu_check")
+
+
+def _summary_rows(summary):
+    """(step, status) of each row of summary.md's step table, in order."""
+    rows = [line.split(" | ") for line in summary.splitlines() if re.match(r"\| \d+ \| ", line)]
+    return [(cells[1], cells[2]) for cells in rows]
+
+
+def test_gpu_check_harness_self_test(tmp_path, gpu_check):
+    _run(["bench.gpu_check", "--self-test", "--out", str(tmp_path)], timeout=500)
     summary = (tmp_path / "summary.md").read_text()
-    for step in ("tests", "bench-fp32", "bench-bf16", "sweep"):
-        assert f"| {step} | passed |" in summary, summary
+    rows = _summary_rows(summary)
+    assert [step for step, _ in rows] == [s.name for s in gpu_check.STEPS] == [
+        "warm-up", "correctness", "cuda-tests", "cuda-tests-no-caching", "memcheck", "copy-bandwidth", "bench-fp32",
+        "bench-bf16", "sweep"], summary
+    memcheck = "passed" if gpu_check.sanitizer_path() else "skipped: compute-sanitizer not found"
+    assert [status for _, status in rows] == ["passed"] * 4 + [memcheck] + ["passed"] * 4, summary
+    assert re.search(r"\| warm-up \| passed \|.*\| \d+ kernels compiled", summary), summary
+    assert ("pytest-xdist -n 1" if importlib.util.find_spec("xdist") else "serially") in summary
+    assert "GB/s and share of the device copy bandwidth (" in summary and "| bf16 / fp32 | seed MLP" in summary
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["ok"] and data["copy_gbps"] > 0 and data["warm_up"]["calls"] > 0
+    assert [r["step"] for r in data["steps"]] == [s.name for s in gpu_check.STEPS]
+    assert all(r["seconds"] <= r["timeout_s"] + 1 for r in data["steps"] if "timeout_s" in r)
     assert json.loads((tmp_path / "versions.json").read_text())["torch"]
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert len(sweep["rows"]) == 7 and all("add_to_grad__ms" in r for r in sweep["rows"])
+
+
+def test_gpu_check_a_failed_or_timed_out_step_leaves_the_summary(tmp_path, gpu_check, monkeypatch):
+    # The orchestration alone, with steps that fail, hang, raise: every later step still runs, the
+    # summary is on disk before each step (the "reads" steps check it), and time a step leaves
+    # unused goes to the next ones.
+    monkeypatch.setattr(gpu_check, "MIN_STEP_S", 1.0)
+
+    def command(name, code, *args):
+        return lambda ctx, timeout_s: gpu_check.run_command(ctx, name, [sys.executable, "-c", code, *args], timeout_s)
+
+    def reads(*expected):  # the summary's statuses so far, by prefix
+        code = ("import json, sys; steps = json.load(open(sys.argv[1]))['steps']; "
+                "sys.exit(not all(s['status'].startswith(e) for s, e in zip(steps, sys.argv[2:], strict=True)))")
+        return command("reads", code, tmp_path / "summary.json", *expected)
+
+    def raises(ctx, timeout_s):
+        raise RuntimeError("a bug in a step")
+
+    steps = (gpu_check.Step("fails", command("fails", "raise SystemExit(3)"), 0.3),
+             gpu_check.Step("reads", reads("failed", "running", "pending", "pending", "pending", "pending"), 0.05),
+             gpu_check.Step("hangs", command("hangs", "import time; time.sleep(600)"), 0.1),
+             gpu_check.Step("reads-again", reads("failed", "passed", "timed out", "running", "pending", "pending"),
+                            0.05),
+             gpu_check.Step("raises", raises, 0.05),
+             gpu_check.Step("last", command("last", "pass"), 0.45))
+    ctx = gpu_check.Context(out=tmp_path, self_test=True, budget_s=10, info={}, cache_dir=tmp_path / "cache")
+    records = gpu_check.run_steps(ctx, steps)
+    assert [r["status"].split(" after ")[0] for r in records] == [
+        "failed (exit 3)", "passed", "timed out", "passed", "failed (RuntimeError: a bug in a step)", "passed"]
+    assert [r["ok"] for r in records] == [False, True, False, True, False, True]
+    assert records[1]["timeout_s"] > 10 * 0.05 + 2  # its share, and most of what "fails" left
+    assert records[2]["seconds"] <= records[2]["timeout_s"] + 0.5  # stopped at its timeout
+    assert [step for step, _ in _summary_rows((tmp_path / "summary.md").read_text())] == [s.name for s in steps]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"][-1]["status"] == "passed"
+
+
+def test_gpu_check_selections(tmp_path, gpu_check):
+    (tmp_path / "tests" / "backends").mkdir(parents=True)
+    (tmp_path / "tests" / "triton_interpret").mkdir()
+    (tmp_path / "tests" / "backends" / "test_triton_cuda.py").write_text("def test_launches(): pass\n")
+    (tmp_path / "tests" / "test_plans.py").write_text("def test_the_table_invariant_holds(): pass\n")
+    (tmp_path / "tests" / "test_other.py").write_text("def test_something(): pass\n")
+    (tmp_path / "tests" / "triton_interpret" / "test_x.py").write_text("def test_ownership(): pass\n")
+    files, k = gpu_check.device_memory_selection(tmp_path)
+    assert files == ["tests/backends/test_triton_cuda.py", "tests/test_plans.py"]
+    (tmp_path / "tests" / "test_ownership.py").write_text("def test_a(): pass\n")
+    files, _ = gpu_check.device_memory_selection(tmp_path)
+    assert files == ["tests/backends/test_triton_cuda.py", "tests/test_ownership.py", "tests/test_plans.py"]
+    assert k == "test_triton_cuda or ownership or invariant"
+
+    assert (gpu_check.xdist_workers(False) > 1) == (importlib.util.find_spec("xdist") is not None)
+    (tmp_path / "cache" / "a1").mkdir(parents=True)
+    (tmp_path / "cache" / "a1" / "_sums_kernel.cubin").write_bytes(b"")
+    (tmp_path / "cache" / "b2").mkdir()  # a launcher, say: an entry, not a kernel
+    assert gpu_check.count_cache(tmp_path / "cache") == ({"a1", "b2"}, {"a1"})
+    assert gpu_check.count_cache(tmp_path / "nothing") == (set(), set())
 
 
 def test_gpu_check_refuses_to_run_without_a_gpu_unless_self_testing():
