@@ -313,6 +313,22 @@ def plot(results, path, title):
     save_png(fig, path)
 
 
+def exit_status(checks):
+    """0 when every check passed; else 1, after naming the failed ones on stderr."""
+    failed = [c["check"] for c in checks if not c["ok"]]
+    if failed:
+        print("FAILED: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def start(args):
+    """The common start of an example's main(): threads and the output folder."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+
 def save_png(fig, path):
     """Write ``fig`` to ``path`` and close it; a 64-colour palette keeps committed PNGs small."""
     import matplotlib.pyplot as plt
@@ -331,10 +347,8 @@ def save_png(fig, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start(args)
     dtype = getattr(torch, args.dtype)
-    args.out.mkdir(parents=True, exist_ok=True)
 
     data = load_data(dtype, args.seed)
     torch.manual_seed(args.seed)
@@ -412,11 +426,7 @@ def main(argv=None):
     }, indent=1))
     print(f"\nwrote {shown(args.out)}/results.md, results.json" + ("" if args.no_plot else ", digits.png")
           + f"; training {train_s:.1f} s, total {total_s:.1f} s")
-    failed = [c["check"] for c in checks if not c["ok"]]
-    if failed:
-        print("FAILED: " + "; ".join(failed), file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(checks)
 
 
 if __name__ == "__main__":

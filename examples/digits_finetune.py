@@ -191,9 +191,7 @@ def plot(results, path, title):
 def main(argv=None):
     start = time.perf_counter()
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    digits.start(args)
     data = digits.load_data(torch.float32, 0)
     x_train, y_train, x_test, y_test = data
     new_train = subset(x_train, y_train, NEW)

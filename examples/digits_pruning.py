@@ -191,9 +191,7 @@ def plot(histories, labels, path, title):
 def main(argv=None):
     start = time.perf_counter()
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    digits.start(args)
     data = digits.load_data(torch.float32, args.seed)
     x_test, y_test = data[2], data[3]
     torch.manual_seed(args.seed)
@@ -264,11 +262,7 @@ def main(argv=None):
         "setup": setup, "args": {k: digits.shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "checks": checks, "results": results, "seconds": total}, indent=1))
     print(f"wrote {digits.shown(args.out)}/results.md, results.json" + ("" if args.no_plot else ", pruning.png"))
-    failed = [c["check"] for c in checks if not c["ok"]]
-    if failed:
-        print("FAILED: " + "; ".join(failed), file=sys.stderr)
-        return 1
-    return 0
+    return digits.exit_status(checks)
 
 
 if __name__ == "__main__":

@@ -56,24 +56,12 @@ class Sparsity:
     group_dim: int | None = None
     per_group: list[GroupSparsity] = field(default_factory=list)  # tensors with ndim >= 2, with group_dim
 
-    @property
-    def zero_groups(self):
-        """Exactly-zero groups over all tensors with groups (0 without ``group_dim``)."""
-        return sum(row.zero_groups for row in self.per_group)
-
-    @property
-    def groups(self):
-        return sum(row.groups for row in self.per_group)
-
-    @property
-    def zeros(self):
-        """Exact zeros over all selected parameters."""
-        return sum(row.zeros for row in self.per_parameter)
-
-    @property
-    def numel(self):
-        """Elements over all selected parameters."""
-        return sum(row.numel for row in self.per_parameter)
+    # Totals: exactly-zero groups and groups over all tensors with groups (0 without
+    # ``group_dim``); exact zeros and elements over all selected parameters.
+    zero_groups = property(lambda self: _total(self.per_group, "zero_groups"))
+    groups = property(lambda self: _total(self.per_group, "groups"))
+    zeros = property(lambda self: _total(self.per_parameter, "zeros"))
+    numel = property(lambda self: _total(self.per_parameter, "numel"))
 
     @property
     def total_fraction(self):
@@ -172,6 +160,10 @@ def sparsity(params, *, group_dim=None, exclude=None):
         live = int((rows_of != 0).any(dim=1).sum()) if rows_of.numel() else 0
         per_group.append(GroupSparsity(entry.name, rows_of.shape[0], rows_of.shape[0] - live))
     return Sparsity(rows, excluded, group_dim, per_group)
+
+
+def _total(rows, field):
+    return sum(getattr(row, field) for row in rows)
 
 
 def _fraction(zeros, numel):

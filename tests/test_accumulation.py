@@ -80,13 +80,19 @@ def test_add_to_grad_once_per_step_equals_the_full_batch_step(backend):
     assert_params_close(model, expected)
 
 
-def test_add_to_grad_per_micro_batch_applies_the_penalty_k_times(backend):
+def k_fold_setup(backend):
+    """A model and batch, the right step and the k-fold-penalty step, a penalty, a zeroed SGD."""
     model, x, y = model_and_batch()
     right = reference_step(model, x, y)
     k_fold = reference_step(model, x, y, l1=K * L1, l2=K * L2)
     reg = fastreg.Penalty(model, l1=L1, l2=L2, backend=backend)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     optimizer.zero_grad(set_to_none=True)
+    return model, x, y, right, k_fold, reg, optimizer
+
+
+def test_add_to_grad_per_micro_batch_applies_the_penalty_k_times(backend):
+    model, x, y, right, k_fold, reg, optimizer = k_fold_setup(backend)
     for xb, yb in micro_batches(x, y):
         (F.mse_loss(model(xb), yb) / K).backward()
         reg.add_to_grad_()  # wrong place
@@ -111,12 +117,7 @@ def test_autograd_penalty_in_an_accumulation_loop(backend, recipe):
 
 
 def test_undivided_autograd_penalty_in_an_accumulation_loop_is_k_fold(backend):
-    model, x, y = model_and_batch()
-    right = reference_step(model, x, y)
-    k_fold = reference_step(model, x, y, l1=K * L1, l2=K * L2)
-    reg = fastreg.Penalty(model, l1=L1, l2=L2, backend=backend)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    optimizer.zero_grad(set_to_none=True)
+    model, x, y, right, k_fold, reg, optimizer = k_fold_setup(backend)
     accumulate(model, x, y, lambda i: reg())  # wrong: loss_i / k + penalty
     optimizer.step()
     assert_params_close(model, k_fold)
