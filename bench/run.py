@@ -22,7 +22,7 @@ from tqdm import tqdm
 import fastreg
 from bench import report
 from bench.cases import CASES, CASES_BY_NAME, float64_reference, has_groups, make_centers, make_params
-from bench.contenders import (FWD, FWD_BWD, GRAD_PASSES, LAMBDA, PENALTIES, all_contenders, gradient_error,
+from bench.contenders import (FWD_BWD, GRAD_PASSES, LAMBDA, PENALTIES, all_contenders, gradient_error,
                               passes)
 from bench.timing import FULL_BUDGET, QUICK_BUDGET, Budget, DeviceClock, measure
 

@@ -23,7 +23,7 @@ value carries it. One all-reduce per mesh dimension is the only communication.
 import torch
 
 from fastreg import _dtensor, _ops
-from fastreg._coefficients import Coefficients, term
+from fastreg._coefficients import term
 from fastreg.backends._geometry import fixed_order_sum
 from fastreg.backends._terms import Sum
 

@@ -72,47 +72,6 @@ def test_a_gradient_of_another_shape_is_an_error_naming_the_parameter(backend):
         fastreg.Penalty(model, l2=1.0, backend=backend).add_to_grad_()
 
 
-# --------------------------------------------------------------------------- overlapping memory
-
-def test_two_views_of_the_same_memory_are_rejected_naming_both():
-    w = nn.Parameter(torch.randn(4, 5))
-    with pytest.raises(ValueError, match=r"parameters 'a' and 'b' share memory"):
-        fastreg.Penalty([("a", w), ("b", w.view(-1))], l2=1.0)
-    flat = torch.randn(100)
-    with pytest.raises(ValueError, match=r"'\[0\]' and '\[1\]' share memory"):
-        fastreg.Penalty([flat[:60], flat[50:]], l2=1.0)  # overlapping slices of one buffer
-
-
-def test_distinct_views_of_one_buffer_are_fine():
-    # A flat parameter cut into pieces (FSDP1-style), and interleaved strided views.
-    flat = torch.randn(100)
-    pieces = [flat[:30].view(5, 6), flat[30:31], flat[31:100]]
-    reg = fastreg.Penalty(pieces, l2=1.0)
-    torch.testing.assert_close(reg().item(), ref.value(pieces, 0, 1.0), rtol=1e-6, atol=0)
-    base = torch.randn(8, 10)
-    reg = fastreg.Penalty([base[:, ::2], base[:, 1::2]], l2=1.0)
-    torch.testing.assert_close(reg().item(), (base.double() ** 2).sum().item(), rtol=1e-6, atol=0)
-
-
-def test_tied_weights_from_a_state_dict_are_rejected_not_counted_twice():
-    # state_dict() gives two tensor objects for a tied weight: they share memory.
-    embedding = nn.Embedding(10, 4)
-    head = nn.Linear(4, 10, bias=False)
-    head.weight = embedding.weight
-    model = nn.ModuleDict({"embedding": embedding, "head": head})
-    with pytest.raises(ValueError, match="share memory"):
-        fastreg.Penalty(model.state_dict(keep_vars=False), l2=1.0)
-    assert len(fastreg.Penalty(model, l2=1.0).named_parameters()) == 1  # the module: counted once
-
-
-def test_prox_refuses_a_parameter_whose_elements_share_memory():
-    w = torch.randn(1, 5).expand(3, 5)
-    reg = fastreg.Penalty([w], l1=1.0)
-    reg()  # reading it is fine
-    with pytest.raises(ValueError, match="elements that share memory"):
-        reg.prox_(0.1)
-
-
 # --------------------------------------------------------------------------- iterators, bad tensors
 
 def test_an_exhausted_iterator_warns_at_the_users_line():

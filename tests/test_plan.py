@@ -1,0 +1,88 @@
+"""fastreg._plan: the plan built once per Penalty: its kernel groups, its checks (overlapping
+memory), restricted plans, and following parameters replaced under it."""
+
+import pytest
+import torch
+from torch import nn
+
+import fastreg
+import reference as ref
+from fastreg._plan import Plan
+
+
+# --------------------------------------------------------------------------- kernel groups
+
+def test_kernel_groups_by_device_dtype_and_center():
+    params = [("a", torch.randn(3, 4)), ("b", torch.randn(5, dtype=torch.float64)), ("c", torch.randn(2, 2)),
+              ("d", torch.randn(7, dtype=torch.float16))]
+    plan = Plan(params, None, 0, {"c": torch.zeros(2, 2)}, "auto")
+    groups = {(kg.dtype, kg.centers is not None): kg.names for kg in plan.kernel_groups()}
+    assert groups == {(torch.float32, False): ["a"], (torch.float64, False): ["b"], (torch.float32, True): ["c"],
+                      (torch.float16, False): ["d"]}
+    assert plan.result_dtype == torch.float64
+    assert all(kg.workspace is not None for kg in plan.kernel_groups())
+    assert len({id(kg.workspace) for kg in plan.kernel_groups()}) == 4  # one each: never shared
+
+
+def test_a_restricted_plan_has_its_own_groups_and_workspaces():
+    params = [("a", torch.randn(3, 4)), ("b", torch.randn(5)), ("c", torch.randn(2, 2))]
+    plan = Plan(params, None, 0, "init", "auto")
+    sub = plan.restricted(lambda t: t is params[1][1])
+    assert sub.names == ["b"] and [kg.names for kg in sub.kernel_groups()] == [["b"]]
+    assert sub.kernel_groups()[0].workspace is not plan.kernel_groups()[0].workspace
+    assert sub.centers[0] is plan.centers[1]  # the same stored center, not a copy
+    assert plan.names == ["a", "b", "c"]  # the parent is unchanged
+
+
+def test_current_regroups_only_when_a_dtype_or_device_changed():
+    lin = nn.Linear(3, 2)
+    plan = Plan(lin, None, 0, None, "auto")
+    groups = plan.local
+    assert plan.current().local is groups  # nothing changed: the same groups
+    lin.weight.data = torch.randn(5, 3)  # a new shape without a center: the kernels read shapes
+    assert plan.current().local is groups
+    lin.bias.data = lin.bias.data.double()
+    regrouped = plan.current().local
+    assert regrouped is not groups and sorted(str(kg.dtype) for kg in regrouped) == ["torch.float32",
+                                                                                     "torch.float64"]
+
+
+# --------------------------------------------------------------------------- overlapping memory
+
+def test_two_views_of_the_same_memory_are_rejected_naming_both():
+    w = nn.Parameter(torch.randn(4, 5))
+    with pytest.raises(ValueError, match=r"parameters 'a' and 'b' share memory"):
+        fastreg.Penalty([("a", w), ("b", w.view(-1))], l2=1.0)
+    flat = torch.randn(100)
+    with pytest.raises(ValueError, match=r"'\[0\]' and '\[1\]' share memory"):
+        fastreg.Penalty([flat[:60], flat[50:]], l2=1.0)  # overlapping slices of one buffer
+
+
+def test_distinct_views_of_one_buffer_are_fine():
+    # A flat parameter cut into pieces (FSDP1-style), and interleaved strided views.
+    flat = torch.randn(100)
+    pieces = [flat[:30].view(5, 6), flat[30:31], flat[31:100]]
+    reg = fastreg.Penalty(pieces, l2=1.0)
+    torch.testing.assert_close(reg().item(), ref.value(pieces, 0, 1.0), rtol=1e-6, atol=0)
+    base = torch.randn(8, 10)
+    reg = fastreg.Penalty([base[:, ::2], base[:, 1::2]], l2=1.0)
+    torch.testing.assert_close(reg().item(), (base.double() ** 2).sum().item(), rtol=1e-6, atol=0)
+
+
+def test_tied_weights_from_a_state_dict_are_rejected_not_counted_twice():
+    # state_dict() gives two tensor objects for a tied weight: they share memory.
+    embedding = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight
+    model = nn.ModuleDict({"embedding": embedding, "head": head})
+    with pytest.raises(ValueError, match="share memory"):
+        fastreg.Penalty(model.state_dict(keep_vars=False), l2=1.0)
+    assert len(fastreg.Penalty(model, l2=1.0).named_parameters()) == 1  # the module: counted once
+
+
+def test_prox_refuses_a_parameter_whose_elements_share_memory():
+    w = torch.randn(1, 5).expand(3, 5)
+    reg = fastreg.Penalty([w], l1=1.0)
+    reg()  # reading it is fine
+    with pytest.raises(ValueError, match="elements that share memory"):
+        reg.prox_(0.1)
