@@ -619,7 +619,6 @@ def sweep(out, case_name):
     for config in configs:
         for name, value in config.items():
             setattr(module, name, value)
-        module.cache_clear()
         reg = fastreg.Penalty(params, l2=2.0 ** -10, backend="triton")
         row = dict(config)
         for mode, fn, passes in (("fwd", lambda: reg(), 1), ("add_to_grad_", reg.add_to_grad_, 3)):

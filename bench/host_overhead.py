@@ -6,6 +6,11 @@ are replaced by no-ops (``kernel[grid](...)`` does nothing) and the backend runs
 (``TRITON_INTERPRET=1`` makes it accept them; nothing is interpreted), so what is timed is exactly
 that host work, per call, for the contract's four calls on the benchmark's parameter shapes.
 
+The calls pass a ``Workspace``, as a ``Penalty``'s kernel group does, so what is timed is the
+steady state: the parameters' tables found in the workspace (the last column counts the tables
+built and found over the run), each call's own per-call work (the targets' pointer table of
+``grads`` and ``add_grad_``, outputs, buffers) included.
+
     python -m bench.host_overhead                      # GPT-2 shapes and 2000 x 1000
     python -m bench.host_overhead --module old.py      # another version of the backend, side by side
 
@@ -25,6 +30,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors a
 import torch  # noqa: E402
 
 from bench.cases import CASES_BY_NAME, make_params  # noqa: E402
+from fastreg.backends._workspace import Workspace  # noqa: E402
 
 
 class _NoLaunch:
@@ -44,16 +50,18 @@ def load(path=None):
     return module
 
 
-def calls(module, params):
-    """The four contract calls, in whichever signature the module has."""
+def calls(module, params, workspace):
+    """The four contract calls, in whichever signature the module has (``workspace`` passed to a
+    module that takes one)."""
     grads = [torch.zeros_like(p) for p in params]
     new = "centers" in module.sums.__code__.co_varnames
     if new:
         c3 = torch.tensor([0.0, 1e-4, 0.0])
-        return {"sums": lambda: module.sums(params, None, -1),
-                "grads": lambda: module.grads(params, None, -1, c3, None),
-                "add_grad_": lambda: module.add_grad_(params, grads, None, -1, c3, None),
-                "prox_": lambda: module.prox_(params, None, -1, c3, None)}
+        ws = dict(workspace=workspace) if "workspace" in module.sums.__code__.co_varnames else {}
+        return {"sums": lambda: module.sums(params, None, -1, **ws),
+                "grads": lambda: module.grads(params, None, -1, c3, None, **ws),
+                "add_grad_": lambda: module.add_grad_(params, grads, None, -1, c3, None, **ws),
+                "prox_": lambda: module.prox_(params, None, -1, c3, None, **ws)}
     c2 = torch.tensor([0.0, 1e-4])
     return {"sums": lambda: module.sums(params), "grads": lambda: module.grads(params, c2),
             "add_grad_": lambda: module.add_grad_(params, grads, c2), "prox_": lambda: module.prox_(params, c2)}
@@ -79,18 +87,22 @@ def main(argv=None):
     modules = {"this": load()}
     if args.module:
         modules[os.path.basename(args.module)] = load(args.module)
-    lines = ["| case | backend | " + " | ".join(f"{c} µs" for c in ("sums", "grads", "add_grad_", "prox_")) + " |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| case | backend | " + " | ".join(f"{c} µs" for c in ("sums", "grads", "add_grad_", "prox_"))
+             + " | tables built / found |", "|---|---|---:|---:|---:|---:|---|"]
     for name in args.cases.split(","):
         case = CASES_BY_NAME[name.strip()]
         # Only the shapes matter (no kernel runs): small tensors keep the host's memory free.
         params = [torch.empty(shape) for _, shape in case.shapes] if case.num_elements > 5e7 else \
             [p.detach() for p in make_params(case, torch.float32, "cpu", 0)]
         for label, module in modules.items():
-            module.cache_clear()
+            if hasattr(module, "cache_clear"):
+                module.cache_clear()
+            workspace = Workspace()
             row = [f"{case.title} ({case.num_tensors} tensors)", label]
-            for fn in calls(module, params).values():
+            for fn in calls(module, params, workspace).values():
                 row.append(f"{time_us(fn, args.repeats):.0f}")
+            uses = "workspace" in module.sums.__code__.co_varnames
+            row.append(f"{workspace.builds} / {workspace.hits}" if uses else "(its own cache)")
             lines.append("| " + " | ".join(row) + " |")
     print("\n".join(lines))
     return 0

@@ -32,10 +32,11 @@ class Workspace:
     """A small LRU of a backend's per-call plans (device tables with their owners), plus the
     plans built during CUDA-graph capture."""
 
-    __slots__ = ("entries", "captured", "limit", "handle", "hits", "builds", "__weakref__")
+    __slots__ = ("entries", "families", "captured", "limit", "handle", "hits", "builds", "__weakref__")
 
     def __init__(self, limit=4):
         self.entries = OrderedDict()  # key -> plan (each plan holds the tensors it points into)
+        self.families = {}  # key -> family (see put)
         self.captured = []  # plans built while a CUDA graph was being captured
         self.limit = limit
         self.hits = self.builds = 0
@@ -49,11 +50,19 @@ class Workspace:
             self.hits += 1
         return plan
 
-    def put(self, key, plan):
+    def put(self, key, plan, family=None):
+        """Cache ``plan`` under ``key``. A plan of the same ``family`` (e.g. the same tensors'
+        shapes at other addresses, after ``p.data = ...``) is dropped first: a swapped-out
+        storage is not kept alive beyond the next build."""
         self.builds += 1
+        if family is not None:
+            for stale in [k for k, f in self.families.items() if f == family and k != key]:
+                del self.entries[stale], self.families[stale]
         self.entries[key] = plan
+        self.families[key] = family
         while len(self.entries) > self.limit:
-            self.entries.popitem(last=False)
+            oldest, _ = self.entries.popitem(last=False)
+            self.families.pop(oldest, None)
 
     def keep_for_capture(self, plan):
         self.builds += 1
@@ -61,6 +70,7 @@ class Workspace:
 
     def clear(self):
         self.entries.clear()
+        self.families.clear()
         self.captured.clear()
 
     def plans(self):

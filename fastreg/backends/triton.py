@@ -33,27 +33,45 @@ Design (see DESIGN.md §3 and fastreg/backends/__init__.py for the contract):
   fixed order in float64, and ``_finish_kernel`` adds the pairs and ``Σ_g sqrt(group_sq)``.
 * **Coefficients** are loaded inside the kernels from device tensors, and the per-group
   coefficients are formed on the device (``group_coef``): no ``.item()``, no host sync, so a
-  step can be CUDA-graph captured (after a warm-up call has filled the plan cache).
+  step can be CUDA-graph captured (with a workspace: see "Ownership").
 * **Floating-point fusion** is set explicitly on every launch: ``enable_fp_fusion=True``
   (``a * b + c`` is one FMA, rounded once, as in the C++ kernels), so a change of Triton's
   default (off from Triton 3.10) changes no result.
-* **Call plans and their cache.** Building a call's tables is a host loop plus one
-  host-to-device copy, so plans are cached (LRU) keyed by the operands' pointers, shapes and
-  strides, the group dim, the tuning constants and the current stream. Keying by stream
-  orders a plan's upload before every use (same stream), so a cached table is never read on
-  another stream before its copy has landed. A plan built while a CUDA graph is captured
-  goes into a separate list kept alive with the graph, never into the shared cache: its
-  upload only happens when the graph replays, so an eager call must not find it.
+* **Ownership** (the rules are stated once, in ``fastreg/backends/_workspace.py``). A call's
+  ``_Tables`` (the tensors' pointers, geometry and programs: a host loop plus one host-to-device
+  copy to build) hold in ``owners`` every tensor whose address they contain: detached aliases of
+  the parameters as read (a later ``p.data = ...`` cannot free what they point at), the
+  centers, and every copy made for the kernels; ``addresses()`` lists those addresses. This
+  module keeps no tensor and no table. Tables are cached only in the ``workspace`` the caller
+  passes (each kernel group of a ``Penalty`` owns one: a small LRU that dies with it), keyed by
+  the operands' pointers and shapes (plus, checked on a hit, the strides the tables depend on),
+  the group dim, the tuning constants and the current stream; while an entry holds the storages
+  its key's addresses cannot be given to other tensors. Keying by stream orders a table's upload
+  before every use. Without a workspace the tables live for the call. Tables that read copies
+  (non-dense parameters, centers in another memory order) are never cached: the copies are made
+  for each call and live as long as its tables; in-place results on a copy are copied back
+  explicitly. The write targets (gradients, outputs: new pointers every step) get a
+  ``_Targets`` table per call, owned by the call. The zero threshold and placeholder are owned
+  by the tables; a float threshold becomes a device tensor per call (``torch.full``: a fill
+  kernel, no host-to-device copy, nothing kept). On CUDA, tables are uploaded from pinned
+  memory with a non_blocking copy (the caching host allocator keeps the pinned block until the
+  copy has run), and a table freed after the call is reused only by later work on the stream.
+* **CUDA-graph capture.** A captured upload happens only when the graph replays, and the graph
+  reads its tables at every replay: tables built during capture go to ``workspace.captured``
+  (kept as long as the workspace, hence as long as the ``Penalty`` whose graphs replay them),
+  never into the entries eager calls look in; cached tables used during capture and the
+  per-call target tables are kept there too. Without a workspace a call under capture raises
+  (nothing could keep its tables alive): call through a ``Penalty``, or pass a ``Workspace``.
 * **Layouts.** Kernels walk memory linearly. A tensor that is dense (contiguous in some
   dimension order, e.g. ``w.t()`` or channels_last) is used as is, its groups located from its
   strides; centers and gradients in another order, and non-dense tensors, are read through a
-  copy in the parameter's order, and in-place results on a copy are copied back explicitly.
+  copy in the parameter's order.
 * **Host time per call** (what a call costs the training loop's thread while the GPU works;
   ``python -m bench.host_overhead`` measures it with the kernels stubbed): a cache hit reads each
-  tensor's pointer and shape (C-level maps), the write targets' pointer table is cached too, and
-  constant kernel arguments are cached device tensors. ``grads`` must return one fresh tensor per
-  parameter (148 ``empty_like`` are most of its ~1 ms for GPT-2 shapes on this host); the eager
-  ``loss.backward()`` path avoids it by adding into ``p.grad`` directly (``fastreg._ops``).
+  tensor's pointer and shape (C-level maps) and the strides of the few tensors that need them;
+  ``add_grad_`` and ``grads`` build and upload their targets' pointer table. ``grads`` must return
+  one fresh tensor per parameter (148 ``empty_like`` are most of its ~1 ms for GPT-2 shapes on
+  this host).
 
 Tuning constants are module-level and read at every call, so tests can shrink them and the
 GPU check can sweep them (``BLOCK``, ``BLOCK_FP64``, ``NUM_WARPS``, ``MAX_CHUNK``,
@@ -62,15 +80,14 @@ sweeps them on the first GPU it runs on.
 """
 
 import contextlib
-import math
 import os
-from collections import OrderedDict
 
 import torch
 
 from fastreg.backends._geometry import acc_dtype, group_sizes, has_groups, memory_geometry
 
 NAME = "triton"
+VERSIONS_BUMPED = False  # kernels write through raw pointers: fastreg._ops bumps
 
 # Tuning knobs (read at call time; see the module docstring).
 BLOCK = 2048  # elements per tile for 2- and 4-byte dtypes (a power of two)
@@ -84,7 +101,6 @@ MIN_RUN = 64  # runs at least this long use RUNS mode, shorter ones ROWS
 FINISH_BLOCK = 1024  # stage-2 tile (partial pairs per iteration)
 FINISH_WARPS = 4
 GROUP_BLOCK = 256  # groups per _group_sq_kernel program
-CACHE_SIZE = 32  # call plans kept (LRU)
 ALIGN_BYTES = 16
 ENABLE_FP_FUSION = True
 
@@ -422,7 +438,7 @@ if triton is not None:
 
 
 # --------------------------------------------------------------------------------------
-# Plans: the device tables of a (params, centers) set, and their cache
+# Tables: the device tables of a (params, centers) set, with the tensors they point into
 # --------------------------------------------------------------------------------------
 
 class _Launch:
@@ -435,32 +451,30 @@ class _Launch:
         self.meta, self.programs, self.partial_base = meta, programs, partial_base
 
 
-class _Plan:
+class _Tables:
     """Everything the kernels need about a set of tensors: one int64 device tensor holding the
     pointer tables of w and c, the per-tensor geometry, the per-program rows of every launch
-    and the group-reduction rows; plus the launches and buffer sizes."""
+    and the group-reduction rows; the launches and buffer sizes; and, in ``owners``, every
+    tensor whose address the tables hold (see "Ownership" in the module docstring)."""
 
-    __slots__ = ("data", "host", "w_ptrs", "c_ptrs", "info", "launches", "ginfo", "gmap", "group_programs",
-                 "programs", "nslots", "ngroups", "chunk", "grouped", "has_center", "dtype", "device",
-                 "direct", "reads", "copies", "index", "strides")
+    __slots__ = ("data", "host", "pointers", "owners", "zero", "w_ptrs", "c_ptrs", "info", "launches", "ginfo",
+                 "gmap", "group_programs", "programs", "nslots", "ngroups", "chunk", "grouped", "has_center",
+                 "dtype", "device", "direct", "reads", "copies", "index", "strides")
 
-
-_plans = OrderedDict()  # key -> _Plan
-_targets = OrderedDict()  # key -> (device table of target pointers, pinned staging buffer)
-_graph_plans = []  # plans and tables built during CUDA-graph capture: kept with the graph, never shared
-_stats = {"builds": 0, "hits": 0, "target_builds": 0, "target_hits": 0}
-
-
-def cache_info():
-    """Counters of plan builds and cache hits (for tests and benchmarks)."""
-    return dict(_stats, size=len(_plans), target_size=len(_targets), graph_plans=len(_graph_plans))
+    def addresses(self):
+        """Every device address written into the tables (w's and c's data pointers); each lies
+        in the storage of one of ``owners``."""
+        return list(self.pointers)
 
 
-def cache_clear():
-    _plans.clear()
-    _targets.clear()
-    for k in _stats:
-        _stats[k] = 0
+class _Targets:
+    """One call's table of write-target pointers (gradients, outputs, or copies of them in the
+    order their parameters are read), with the tensors it points into."""
+
+    __slots__ = ("table", "host", "pointers", "owners")
+
+    def addresses(self):
+        return list(self.pointers)
 
 
 def _stream_key(device):
@@ -470,11 +484,13 @@ def _stream_key(device):
 
 
 def _upload(values, device):
-    """An int64 device tensor holding ``values`` (a CPU int64 tensor), without a host sync."""
+    """``(device tensor, host tensor)`` holding ``values`` (a CPU int64 tensor), without a host
+    sync. A pageable host-to-device copy synchronises the stream; a pinned non_blocking one does
+    not, and the CUDA caching host allocator keeps the pinned block until that copy has run. A
+    copy captured in a CUDA graph rereads the pinned block at every replay: whoever keeps the
+    device table for the graph keeps the host tensor too."""
     if device.type != "cuda":
         return values, values
-    # A pageable host-to-device copy synchronises the stream; a pinned non_blocking one does
-    # not. The owner keeps the pinned staging buffer alive (a graph-captured copy replays it).
     host = values.pin_memory()
     return host.to(device, non_blocking=True), host
 
@@ -483,22 +499,19 @@ def _capturing(device):
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _cached(cache, limit, key, build, device, hit, miss):
-    """``cache[key]``, built on a miss; during CUDA-graph capture a miss is kept aside."""
-    value = cache.get(key)
-    if value is not None:
-        cache.move_to_end(key)
-        _stats[hit] += 1
-        return value
-    value = build()
-    _stats[miss] += 1
-    if _capturing(device):  # its upload only happens when the graph replays: never share it
-        _graph_plans.append(value)
-        return value
-    cache[key] = value
-    while len(cache) > limit:
-        cache.popitem(last=False)
-    return value
+def _no_workspace_under_capture():
+    return RuntimeError(
+        "fastreg: the triton backend was called without a workspace while a CUDA graph was being captured. "
+        "The device tables such a call builds are read when the graph replays, so they must outlive the call, "
+        "and only a Workspace can keep them: call it through a fastreg.Penalty (each of its kernel groups owns "
+        "one), or pass workspace=fastreg.backends._workspace.Workspace() and keep it as long as the graph.")
+
+
+def _keep_for_graph(workspace, item):
+    """Keep cached tables used during a capture for as long as the workspace: the graph reads
+    them at every replay, even after the LRU has dropped them."""
+    if not any(kept is item for kept in workspace.captured):
+        workspace.captured.append(item)
 
 
 def _chunk(total, block):
@@ -531,35 +544,43 @@ def _same_order(a, b):
 
 
 def _signature(tensors):
-    """What a plan depends on, cheaply: every data pointer and shape (C-level maps: ~0.3 µs a
-    tensor). Strides matter only to tensors with groups: a hit checks theirs (``_plan``)."""
+    """What tables depend on, cheaply: every data pointer and shape (C-level maps: ~0.3 µs a
+    tensor). Strides matter only where the tables use them: a hit checks those (``_tables``)."""
     return tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.size, tensors))
 
 
-def _plan(params, centers, group_dim, misaligned=()):
-    """The plan for ``params`` (and ``centers``), from the cache when every tensor is where it
-    was; ``misaligned``: indices whose write target is not 16-byte aligned."""
+def _tables(params, centers, group_dim, workspace, capturing, misaligned=()):
+    """The tables for ``params`` (and ``centers``): from ``workspace`` when every tensor is where
+    it was, else built (and cached there when they read no copy); ``misaligned``: indices whose
+    write target is not 16-byte aligned. See "Ownership" in the module docstring."""
+    if workspace is None:
+        if capturing:
+            raise _no_workspace_under_capture()
+        return _build_tables(params, centers, group_dim, misaligned)
     device, dtype = params[0].device, params[0].dtype
-    key = (device, dtype, _stream_key(device), group_dim, misaligned, BLOCK, BLOCK_FP64, MAX_CHUNK,
-           TARGET_PROGRAMS, RUN_TILE, MIN_RUN, RUN_LONG, GROUP_BLOCK, _signature(params),
-           None if centers is None else _signature(centers))
-    plan = _plans.get(key)
-    if plan is not None and all(params[i].stride() == stride for i, stride in plan.strides):
-        _plans.move_to_end(key)
-        _stats["hits"] += 1
-        return plan
-    plan = _build_plan(params, centers, group_dim, misaligned)
-    _stats["builds"] += 1
-    if _capturing(device):
-        _graph_plans.append(plan)
-    elif plan.direct:  # a plan reading copies is valid for this call only
-        _plans[key] = plan
-        while len(_plans) > CACHE_SIZE:
-            _plans.popitem(last=False)
-    return plan
+    params_at, centers_at = _signature(params), None if centers is None else _signature(centers)
+    setting = (device, dtype, _stream_key(device), group_dim, misaligned, BLOCK, BLOCK_FP64, MAX_CHUNK,
+               TARGET_PROGRAMS, RUN_TILE, MIN_RUN, RUN_LONG, GROUP_BLOCK)
+    key = (*setting, params_at, centers_at)
+    tables = workspace.get(key)
+    if tables is not None:
+        operands = (params, centers)
+        if all(operands[which][i].stride() == stride for which, i, stride in tables.strides):
+            if capturing:
+                _keep_for_graph(workspace, tables)
+            return tables
+    tables = _build_tables(params, centers, group_dim, misaligned)
+    if capturing:  # uploaded only when the graph replays: never where an eager call looks
+        workspace.keep_for_capture(tables)
+    elif tables.direct:  # tables reading copies are valid for this call only
+        # The same setting and shapes at other addresses (p.data swapped) replace the old tables,
+        # so a swapped-out storage lives no longer than the next build.
+        family = (*setting, params_at[1], None if centers_at is None else centers_at[1])
+        workspace.put(key, tables, family=family)
+    return tables
 
 
-def _build_plan(params, centers, group_dim, misaligned):
+def _build_tables(params, centers, group_dim, misaligned):
     dtype, device = params[0].dtype, params[0].device
     block = _block(dtype)
     sizes = group_sizes(params, group_dim)
@@ -568,26 +589,29 @@ def _build_plan(params, centers, group_dim, misaligned):
         group_base, base = base, base + sizes[i]
         if not p.numel():
             continue
-        w = p if _is_dense(p) else p.contiguous()
+        # Owned by the tables: a detached alias of the parameter (its storage stays valid even if
+        # the user swaps p.data), or the copy the kernels read instead.
+        alias = p.detach()
+        w = alias if _is_dense(p) else alias.contiguous()
         c = None
         if centers is not None:
-            c = centers[i]
+            c = centers[i].detach()
             if not (_is_dense(c) and _same_order(c, w)):
                 c = torch.empty_like(w).copy_(c)  # in w's memory order
                 direct = False
-        direct = direct and w is p
+        direct = direct and w is alias
         grouped = has_groups(p, group_dim)
         A, G, K = memory_geometry(w, group_dim) if grouped else (1, 1, p.numel())
         mode = FLAT if not grouped else (RUNS if K >= MIN_RUN or G == 1 else ROWS)
         run_tile = block if K >= RUN_LONG * block else min(RUN_TILE, block)
         operands = (w,) if c is None else (w, c)
         aligned = i not in misaligned and _aligned(operands, mode, (A, G, K))
-        records.append((i, p, w, c, mode, run_tile, (A, G, K), group_base, aligned))
+        records.append((i, p, w, c, mode, run_tile, (A, G, K), group_base, aligned, w is alias))
 
     total = sum(r[1].numel() for r in records)
     chunk = _chunk(total, block)
     tensors, by_launch, ginfo, gmap, nslots = [], {}, [], [], 0
-    for t, (_, p, _, _, mode, run_tile, (A, G, K), group_base, aligned) in enumerate(records):
+    for t, (_, p, _, _, mode, run_tile, (A, G, K), group_base, aligned, _) in enumerate(records):
         numel, L = p.numel(), G * K
         if mode != FLAT and max(A * G, L) > INT32_MAX:
             raise NotImplementedError(f"fastreg triton backend: a tensor of shape {tuple(p.shape)} has more than 2**31 "
@@ -632,27 +656,39 @@ def _build_plan(params, centers, group_dim, misaligned):
     gmap_start = len(values)
     values += [v for row in gmap for v in row]
 
-    plan = _Plan()
-    plan.data, plan.host = _upload(torch.tensor(values, dtype=torch.int64), device)
-    plan.w_ptrs = plan.data[:ntensors]
-    plan.c_ptrs = plan.data[ntensors:2 * ntensors]
-    plan.info = plan.data[2 * ntensors:2 * ntensors + TENSOR_FIELDS * ntensors]
+    tables = _Tables()
+    tables.data, tables.host = _upload(torch.tensor(values, dtype=torch.int64), device)
+    tables.pointers = w_ptrs + c_ptrs
+    tables.owners = [r[2] for r in records] + [r[3] for r in records if r[3] is not None]
+    tables.zero = torch.zeros(1, dtype=acc_dtype(dtype), device=device)  # threshold 0, unused group_coef
+    tables.w_ptrs = tables.data[:ntensors]
+    tables.c_ptrs = tables.data[ntensors:2 * ntensors]
+    tables.info = tables.data[2 * ntensors:2 * ntensors + TENSOR_FIELDS * ntensors]
     for launch in launches:
-        launch.meta = plan.data[launch.meta[0]:launch.meta[1]]
-    plan.launches = launches
-    plan.ginfo = plan.data[ginfo_start:gmap_start]
-    plan.gmap = plan.data[gmap_start:]
-    plan.group_programs = len(gmap)
-    plan.programs, plan.nslots, plan.chunk = partial_base, nslots, chunk
-    plan.grouped = group_dim >= 0 and any(sizes)
-    plan.ngroups = base if plan.grouped else 0
-    plan.has_center = centers is not None
-    plan.dtype, plan.device, plan.direct = dtype, device, direct
-    plan.index = [r[0] for r in records]  # record -> param index
-    plan.strides = [(r[0], r[1].stride()) for r in records if r[4] != FLAT]  # checked on every hit
-    plan.reads = [r[2] for r in records]  # what is read as w (the param, or a contiguous copy)
-    plan.copies = [(params[r[0]], r[2]) for r in records if r[2] is not params[r[0]]]
-    return plan
+        launch.meta = tables.data[launch.meta[0]:launch.meta[1]]
+    tables.launches = launches
+    tables.ginfo = tables.data[ginfo_start:gmap_start]
+    tables.gmap = tables.data[gmap_start:]
+    tables.group_programs = len(gmap)
+    tables.programs, tables.nslots, tables.chunk = partial_base, nslots, chunk
+    tables.grouped = group_dim >= 0 and any(sizes)
+    tables.ngroups = base if tables.grouped else 0
+    tables.has_center = centers is not None
+    tables.dtype, tables.device, tables.direct = dtype, device, direct
+    tables.index = [r[0] for r in records]  # record -> param index
+    # What a cache hit must find unchanged besides pointers and shapes (``(operand, index,
+    # stride)``, operand 0: params, 1: centers): the strides of tensors with groups (their
+    # geometry), and with centers those of every param and center of ndim >= 2 (whether c is
+    # read in w's order). Other tensors depend on their strides only through their density.
+    tables.strides = []
+    for i, p, mode in ((r[0], r[1], r[4]) for r in records):
+        if mode != FLAT or (centers is not None and p.ndim >= 2):
+            tables.strides.append((0, i, p.stride()))
+        if centers is not None and p.ndim >= 2:
+            tables.strides.append((1, i, centers[i].stride()))
+    tables.reads = [None if r[9] else r[2] for r in records]  # None: the param itself, else its copy
+    tables.copies = [(params[r[0]], r[2]) for r in records if not r[9]]
+    return tables
 
 
 def _aligned(operands, mode, geometry):
@@ -662,13 +698,6 @@ def _aligned(operands, mode, geometry):
         return True
     stride = geometry[2] if mode == RUNS else geometry[1] * geometry[2]
     return all(stride % _vector(o.dtype) == 0 for o in operands)
-
-
-def _target_table(pointers, device):
-    """An int64 device table of the write targets' pointers (outputs, gradients), cached."""
-    key = (device, _stream_key(device), pointers)
-    return _cached(_targets, CACHE_SIZE, key, lambda: _upload(torch.tensor(pointers, dtype=torch.int64), device),
-                   device, "target_hits", "target_builds")[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -700,20 +729,6 @@ def _constants(plan, launch):
 
 def _acc_zeros(plan, n):
     return torch.zeros(max(n, 1), dtype=acc_dtype(plan.dtype), device=plan.device)
-
-
-_constants_cache = {}
-
-
-def _constant(value, plan):
-    """A cached ``(1,)`` acc-dtype device tensor holding ``value`` (thresholds, placeholders): a
-    kernel argument that never changes needs no allocation or host-to-device copy per call.
-    Read-only: kernels never write it."""
-    key = (float(value), acc_dtype(plan.dtype), plan.device)
-    tensor = _constants_cache.get(key)
-    if tensor is None:
-        tensor = _constants_cache[key] = torch.full((1,), float(value), dtype=key[1], device=plan.device)
-    return tensor
 
 
 def _stage1(plan, threshold, shrink, partials, launches):
@@ -751,15 +766,17 @@ def _grouped_launches(plan):
     return [launch for launch in plan.launches if launch.mode != FLAT]
 
 
-def _sums(params, centers, group_dim, threshold):
+def _sums(params, centers, group_dim, threshold, workspace, capturing):
     if not any(p.numel() for p in params):
         return _empty_result(params, group_dim)
-    plan = _plan(params, centers, group_dim)
+    plan = _tables(params, centers, group_dim, workspace, capturing)
     shrink = isinstance(threshold, torch.Tensor) or threshold != 0
     if isinstance(threshold, torch.Tensor):
         threshold = threshold.reshape(1).to(acc_dtype(plan.dtype))
+    elif shrink:  # a float (the sharded prox's lr * l1): one fill kernel, no copy, nothing kept
+        threshold = torch.full((1,), float(threshold), dtype=acc_dtype(plan.dtype), device=plan.device)
     else:
-        threshold = _constant(threshold, plan)
+        threshold = plan.zero
     partials = _acc_zeros(plan, 2 * plan.programs)
     slots = _stage1(plan, threshold, shrink, partials, plan.launches)
     return _finish(plan, partials, _group_sq(plan, slots))
@@ -796,13 +813,15 @@ def _elementwise(plan, op, targets, coeffs, group_coef, out_dtype, partials):
             F64=acc == torch.float64, **_constants(plan, launch))
 
 
-def _targets_of(plan, wanted, pointers):
-    """(device table of the write targets, copy-backs): ``wanted[k]`` for param k (its data
-    pointer ``pointers[k]``), used as is when it walks memory in the order its param is read,
-    else through a copy in that order."""
+def _targets_of(plan, params, wanted, pointers, workspace, capturing):
+    """(this call's ``_Targets``, copy-backs): ``wanted[k]`` for param k (its data pointer
+    ``pointers[k]``), used as is when it walks memory in the order param k is read (the param as
+    it is now, or the tables' copy of it), else through a copy in that order."""
     table, copy_back = [], []
     for k, read in zip(plan.index, plan.reads):
         target = wanted[k]
+        if read is None:
+            read = params[k]
         if target.is_contiguous() and read.is_contiguous():  # the common, cheap case
             table.append(pointers[k])
             continue
@@ -812,7 +831,13 @@ def _targets_of(plan, wanted, pointers):
             copy_back.append((target, work))
             target = work
         table.append(target.data_ptr())
-    return _target_table(tuple(table), plan.device), copy_back
+    targets = _Targets()
+    targets.pointers = table
+    targets.owners = list(wanted) + [work for _, work in copy_back]
+    targets.table, targets.host = _upload(torch.tensor(table, dtype=torch.int64), plan.device)
+    if capturing:  # the graph rereads the pinned table at every replay (a workspace exists: _tables)
+        workspace.captured.append(targets)
+    return targets, copy_back
 
 
 def _misaligned(pointers):
@@ -821,51 +846,51 @@ def _misaligned(pointers):
     return tuple(i for i, p in enumerate(pointers) if p % ALIGN_BYTES)
 
 
-def _grads(params, centers, group_dim, coeffs, group_scale):
+def _grads(params, centers, group_dim, coeffs, group_scale, workspace, capturing):
     outputs = [torch.empty_like(p) for p in params]
     if not any(p.numel() for p in params):
         return outputs
     pointers = list(map(torch.Tensor.data_ptr, outputs))
-    plan = _plan(params, centers, group_dim, _misaligned(pointers))
+    plan = _tables(params, centers, group_dim, workspace, capturing, _misaligned(pointers))
     coeffs = _coeffs(coeffs, plan)
-    group_coef = _constant(0.0, plan)  # unused without groups
+    group_coef = plan.zero  # unused without groups
     if plan.grouped:  # the coefficient of d per group: 2·c2 + scale_g
         scale = 0 if group_scale is None else group_scale.to(device=plan.device, dtype=coeffs.dtype)
         group_coef = (2 * coeffs[1] + scale).expand(plan.ngroups).contiguous()
-    targets, copy_back = _targets_of(plan, outputs, pointers)
-    _elementwise(plan, 0, targets, coeffs, group_coef, plan.dtype, group_coef)
+    targets, copy_back = _targets_of(plan, params, outputs, pointers, workspace, capturing)
+    _elementwise(plan, 0, targets.table, coeffs, group_coef, plan.dtype, group_coef)
     for target, work in copy_back:
         target.copy_(work)
     return outputs
 
 
-def _add_grad(params, grads_, centers, group_dim, coeffs, group_norms):
+def _add_grad(params, grads_, centers, group_dim, coeffs, group_norms, workspace, capturing):
     if not any(p.numel() for p in params):
         return _empty_result(params, group_dim)
     pointers = list(map(torch.Tensor.data_ptr, grads_))
-    plan = _plan(params, centers, group_dim, _misaligned(pointers))
+    plan = _tables(params, centers, group_dim, workspace, capturing, _misaligned(pointers))
     coeffs = _coeffs(coeffs, plan)
     partials = _acc_zeros(plan, 2 * plan.programs)
     group_sq = _acc_zeros(plan, plan.ngroups)
-    group_coef = _constant(0.0, plan)  # unused without groups
+    group_coef = plan.zero  # unused without groups
     if plan.grouped:  # norms first (a pass over the tensors with groups), then the update
-        norms, group_sq = _norms(plan, _constant(0.0, plan), False, group_norms, partials)
+        norms, group_sq = _norms(plan, plan.zero, False, group_norms, partials)
         positive = norms > 0
         group_coef = (2 * coeffs[1] + torch.where(positive, coeffs[2] / torch.where(positive, norms, 1), 0))
         group_coef = group_coef.to(coeffs.dtype).contiguous()
-    targets, copy_back = _targets_of(plan, grads_, pointers)
-    _elementwise(plan, 1, targets, coeffs, group_coef, grads_[0].dtype, partials)
+    targets, copy_back = _targets_of(plan, params, grads_, pointers, workspace, capturing)
+    _elementwise(plan, 1, targets.table, coeffs, group_coef, grads_[0].dtype, partials)
     for target, work in copy_back:
         target.copy_(work)
     return _finish(plan, partials, group_sq)
 
 
-def _prox(params, centers, group_dim, coeffs, group_norms):
+def _prox(params, centers, group_dim, coeffs, group_norms, workspace, capturing):
     if not any(p.numel() for p in params):
         return None
-    plan = _plan(params, centers, group_dim)
+    plan = _tables(params, centers, group_dim, workspace, capturing)
     coeffs = _coeffs(coeffs, plan)
-    group_coef = _constant(0.0, plan)  # unused without groups
+    group_coef = plan.zero  # unused without groups
     if plan.grouped:  # the factor max(0, 1 - group_threshold / ‖s_g‖) / denominator per group
         partials = _acc_zeros(plan, 2 * plan.programs)
         norms, _ = _norms(plan, coeffs[:1], True, group_norms, partials)
@@ -883,28 +908,28 @@ def _prox(params, centers, group_dim, coeffs, group_norms):
 # The contract (fastreg/backends/__init__.py)
 # --------------------------------------------------------------------------------------
 
-def sums(params, centers, group_dim, threshold=0.0):
+def sums(params, centers, group_dim, threshold=0.0, workspace=None):
     device = _device_of(params)
     with _on(device):
-        return _sums(params, centers, group_dim, threshold)
+        return _sums(params, centers, group_dim, threshold, workspace, _capturing(device))
 
 
-def grads(params, centers, group_dim, coeffs, group_scale):
+def grads(params, centers, group_dim, coeffs, group_scale, workspace=None):
     device = _device_of(params)
     with _on(device):
-        return _grads(params, centers, group_dim, coeffs, group_scale)
+        return _grads(params, centers, group_dim, coeffs, group_scale, workspace, _capturing(device))
 
 
-def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms):
+def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace=None):
     device = _device_of(params)
     with _on(device):
-        return _add_grad(params, grads_, centers, group_dim, coeffs, group_norms)
+        return _add_grad(params, grads_, centers, group_dim, coeffs, group_norms, workspace, _capturing(device))
 
 
-def prox_(params, centers, group_dim, coeffs, group_norms):
+def prox_(params, centers, group_dim, coeffs, group_norms, workspace=None):
     device = _device_of(params)
     with _on(device):
-        _prox(params, centers, group_dim, coeffs, group_norms)
+        _prox(params, centers, group_dim, coeffs, group_norms, workspace, _capturing(device))
 
 
 def launch_configs():

@@ -1,8 +1,8 @@
 """The Triton backend on a CUDA GPU: launch counts (torch.profiler), no host synchronisation,
 CUDA-graph capture, tensors above 2**31 elements, accuracy at scale.
 
-Skipped without a CUDA GPU. The kernels' arithmetic, layouts, chunk boundaries and table cache
-are covered on CPU by tests/triton_interpret (the Triton interpreter, its own process).
+Skipped without a CUDA GPU. The kernels' arithmetic, layouts, chunk boundaries, table cache and
+ownership are covered on CPU by tests/triton_interpret (the Triton interpreter, its own process).
 """
 
 import os
@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import fastreg  # noqa: E402
 from fastreg import _dispatch  # noqa: E402
+from fastreg.backends._workspace import Workspace  # noqa: E402
 
 B = _dispatch.backend("triton")
 CUDA = torch.device("cuda")
@@ -74,21 +75,21 @@ def coeffs(dtype, first, second, third=0.0):
     return torch.tensor([first, second, third], dtype=acc_of(dtype), device=CUDA)
 
 
-# The L1/L2 contract calls (no centers, no groups).
-def sums(params):
-    return B.sums(params, None, -1)[0][:2]
+# The L1/L2 contract calls (no centers, no groups; ``ws``: the workspace, or None).
+def sums(params, ws=None):
+    return B.sums(params, None, -1, workspace=ws)[0][:2]
 
 
-def grads(params, c):
-    return B.grads(params, None, -1, c[:2], None)
+def grads(params, c, ws=None):
+    return B.grads(params, None, -1, c[:2], None, workspace=ws)
 
 
-def add_grad_(params, targets, c):
-    return B.add_grad_(params, targets, None, -1, c, None)[0][:2]
+def add_grad_(params, targets, c, ws=None):
+    return B.add_grad_(params, targets, None, -1, c, None, workspace=ws)[0][:2]
 
 
-def prox_(params, c):
-    B.prox_(params, None, -1, c, None)
+def prox_(params, c, ws=None):
+    B.prox_(params, None, -1, c, None, workspace=ws)
 
 
 def device_activity(fn):
@@ -151,19 +152,22 @@ def test_matches_float64_reference(dtype, misaligned):
 def test_launches_per_group():
     groups = [make_params(torch.float32)[:60], make_params(torch.bfloat16, seed=9)[:60]]
     for group in groups:
-        kernels, copies = device_activity(lambda: torch.ops.fastreg.sums(group, [], -1, "triton"))
+        ws = Workspace()
+        kernels, copies = device_activity(lambda: torch.ops.fastreg.sums(group, [], -1, "triton", ws.handle))
         assert len(kernels) <= 3, kernels  # stage 1 per alignment class present, then the finish
         assert any("_sums_kernel" in k for k in kernels) and any("_finish_kernel" in k for k in kernels)
-        assert not copies, copies  # the plan came from the cache
+        assert not copies, copies  # the tables came from the workspace
 
         c = coeffs(group[0].dtype, 0.1, 0.2)
-        kernels, _ = device_activity(lambda: grads(group, c))
+        kernels, _ = device_activity(lambda: grads(group, c, ws))
         assert 1 <= len(kernels) <= 2, kernels
         targets = [torch.zeros_like(p) for p in group]
-        kernels, copies = device_activity(lambda: add_grad_(group, targets, c))
-        assert len(kernels) <= 3 and not copies, (kernels, copies)
-        kernels, copies = device_activity(lambda: prox_(group, coeffs(group[0].dtype, 0.0, 1.0)))
+        kernels, copies = device_activity(lambda: add_grad_(group, targets, c, ws))
+        # the parameters' tables from the workspace; the gradients' pointer table uploaded per call
+        assert len(kernels) <= 3 and len(copies) == 1 and "HtoD" in copies[0], (kernels, copies)
+        kernels, copies = device_activity(lambda: prox_(group, coeffs(group[0].dtype, 0.0, 1.0), ws))
         assert 1 <= len(kernels) <= 2, kernels
+        assert ws.builds == 1, ws.builds  # one set of tables for the four calls
 
     params = [p.requires_grad_() for group in groups for p in group]
     kernels, _ = device_activity(lambda: fastreg.penalty(params, l1=0.1, l2=0.2, backend="triton"))
@@ -199,20 +203,59 @@ def test_groups_and_centers_match_float64_reference(dtype):
 
 
 def test_plans_are_not_shared_across_streams():
-    # A plan uploaded on one stream and used, from the cache, on another could be read before
-    # its copy landed: plans are keyed by stream, so the side stream uploads its own.
+    # Tables uploaded on one stream and used, from the cache, on another could be read before
+    # their copy landed: they are keyed by stream, so the side stream uploads its own.
     params = make_params(torch.float32)[:50]
     expected = sums(params)
-    B.cache_clear()
+    ws = Workspace()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        value = sums(params)
+        value = sums(params, ws)
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(value, expected)
-    builds = B.cache_info()["builds"]
-    assert torch.equal(sums(params), expected)  # back on the default stream: its own plan
-    assert B.cache_info()["builds"] == builds + 1
+    assert ws.builds == 1
+    assert torch.equal(sums(params, ws), expected)  # back on the default stream: its own tables
+    assert ws.builds == 2
+
+
+def test_a_center_copy_outlives_the_launch():
+    # A center in another memory order than its param is read through a copy. The copy must live
+    # until the kernels have run: freed when the tables were built, its 512-byte block went to
+    # the next allocation on the stream (the partials the kernel writes) and was read as the center.
+    params = [randn((16, 8), torch.float32, 1).t()]  # 128 elements: one 512-byte block
+    centers = [randn((8, 16), torch.float32, 2)]  # contiguous: another order
+    expected = (params[0].double() - centers[0].double()).abs().sum().cpu()
+    for ws in (None, Workspace()):
+        for group_dim in (-1, 0, 1):
+            for _ in range(3):
+                got, _ = B.sums(params, centers, group_dim, workspace=ws)
+                torch.testing.assert_close(got[0].double().cpu(), expected, rtol=1e-6, atol=0)
+
+
+def test_parameters_are_freed_with_their_penalty():
+    # No module-level cache keeps a parameter: the tables live in the Penalty's workspaces.
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    params = [torch.nn.Parameter(t) for t in make_params(torch.float32)[:20]]
+    params.append(torch.nn.Parameter(randn((64, 48), torch.float32, 7)))
+    centers = [torch.zeros_like(p) for p in params]
+    reg = fastreg.Penalty(params, l1=0.1, l2=0.2, group=0.1, backend="triton")
+    reg().backward()
+    reg.add_to_grad_()
+    reg.prox_(lr=0.1)
+    ws = Workspace()
+    B.sums(params, centers, 0, 0.5, workspace=ws)
+    B.add_grad_(params, [p.grad for p in params], centers, 1, coeffs(torch.float32, 0.1, 0.2, 0.3), None,
+                workspace=ws)
+    assert ws.entries
+    refs = [StorageWeakRef(t.untyped_storage()) for p in params for t in (p, p.grad)]
+    del params, centers, reg, ws
+    gc.collect()
+    torch.cuda.synchronize()
+    assert all(r.expired() for r in refs)
 
 
 def test_no_host_synchronisation():
@@ -225,14 +268,16 @@ def test_no_host_synchronisation():
     add_grad_(plain, grads, c)
     prox_(plain, shrink)
     torch.cuda.synchronize()
-    B.cache_clear()  # cold tables: the upload path must not synchronise either
+    ws = Workspace()  # cold tables: the upload path must not synchronise either
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):
             fastreg.penalty(params, l1=0.1, l2=0.2, group=0.1, backend="triton").backward()
-            sums(plain)
-            add_grad_(plain, grads, c)
-            prox_(plain, shrink)
+            sums(plain, ws)
+            sums(plain)  # no workspace: tables built per call
+            B.sums(plain, None, -1, 0.01, workspace=ws)  # a float threshold: a fill, no copy
+            add_grad_(plain, grads, c, ws)
+            prox_(plain, shrink, ws)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
@@ -253,16 +298,20 @@ def test_cuda_graph_capture_in_place_ops():
     grads = [torch.zeros_like(p) for p in params]
     c = coeffs(torch.float32, 0.1, 0.2)
     shrink = coeffs(torch.float32, 0.0, 2.0)  # halves every weight
+    ws = Workspace()
 
     def step():
-        value = add_grad_(params, grads, c)
-        prox_(params, shrink)
-        return value, sums(params)
+        value = add_grad_(params, grads, c, ws)
+        prox_(params, shrink, ws)
+        return value, sums(params, ws)
 
     _warm_up_on_side_stream(step)
+    entries = dict(ws.entries)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         before, after = step()
+    assert ws.captured  # kept for the graph, as long as the workspace
+    assert dict(ws.entries) == entries  # nothing built during capture reaches the eager cache
     for g in grads:
         g.zero_()
     start = [p.clone() for p in params]
@@ -276,15 +325,25 @@ def test_cuda_graph_capture_in_place_ops():
         assert_within(g, ref, ref.abs(), 2, torch.float32)
 
 
+def test_cuda_graph_capture_without_a_workspace_is_refused():
+    # Its tables would die with the call while the graph still replays them.
+    params = make_params(torch.float32)[:10]
+    with pytest.raises(RuntimeError, match="without a workspace while a CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            sums(params)
+
+
 def test_cuda_graph_capture_grads():
     """grads() writes fresh tensors: under capture their pointer table is built (pinned
     memory, non_blocking copy) inside the graph and kept alive with it."""
     params = make_params(torch.bfloat16)[:40]
     c = coeffs(torch.bfloat16, 0.1, 0.2)
-    _warm_up_on_side_stream(lambda: grads(params, c))
+    ws = Workspace()
+    _warm_up_on_side_stream(lambda: grads(params, c, ws))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = grads(params, c)
+        out = grads(params, c, ws)
+    assert any(isinstance(t, B._Targets) for t in ws.captured)
     with torch.no_grad():
         for p in params:
             p.mul_(-2)

@@ -61,9 +61,7 @@ def small_tiles(monkeypatch):
     for name, value in (("BLOCK", 256), ("BLOCK_FP64", 128), ("MAX_CHUNK", 1024), ("TARGET_PROGRAMS", 64),
                         ("RUN_TILE", 32), ("MIN_RUN", 16), ("GROUP_BLOCK", 16), ("FINISH_BLOCK", 16)):
         monkeypatch.setattr(module, name, value)
-    module.cache_clear()
     yield
-    module.cache_clear()
     torch.set_num_threads(torch.get_num_threads())
 
 

@@ -18,6 +18,7 @@ import torch
 
 import fastreg
 from fastreg import _dispatch
+from fastreg.backends._workspace import Workspace
 
 B = _dispatch.backend("triton")
 
@@ -112,21 +113,21 @@ def coeffs(dtype, first, second, third=0.0):
     return torch.tensor([first, second, third], dtype=acc_of(dtype))
 
 
-# The L1/L2 contract calls, without centers or groups.
-def sums(params):
-    return B.sums(params, None, -1)
+# The L1/L2 contract calls, without centers or groups (``ws``: the workspace, or None).
+def sums(params, ws=None):
+    return B.sums(params, None, -1, workspace=ws)
 
 
-def grads(params, c):
-    return B.grads(params, None, -1, c[:2], None)
+def grads(params, c, ws=None):
+    return B.grads(params, None, -1, c[:2], None, workspace=ws)
 
 
-def add_grad_(params, targets, c):
-    return B.add_grad_(params, targets, None, -1, c, None)
+def add_grad_(params, targets, c, ws=None):
+    return B.add_grad_(params, targets, None, -1, c, None, workspace=ws)
 
 
-def prox_(params, c):
-    B.prox_(params, None, -1, c, None)
+def prox_(params, c, ws=None):
+    B.prox_(params, None, -1, c, None, workspace=ws)
 
 
 class CountLaunches:
@@ -437,7 +438,8 @@ def test_opcheck():
     params = [randn((CHUNK + 1,), torch.float32, 95).requires_grad_(),
               randn((7, 3), torch.float32, 96).requires_grad_()]
     centers = [torch.zeros_like(p) for p in params]
-    for args in ((params, [], -1, "triton"), (params, centers, 1, "triton")):
+    ws = Workspace()
+    for args in ((params, [], -1, "triton", 0), (params, centers, 1, "triton", ws.handle)):
         torch.library.opcheck(torch.ops.fastreg.sums.default, args)
 
 
@@ -488,7 +490,7 @@ def test_alignment_is_per_tensor(monkeypatch):
     assert_sums(sums(aligned + [odd]), aligned + [odd], torch.float32)
     flags = [kw["ALIGNED"] for kw in counters["_sums_kernel"].kwargs]
     assert sorted(flags) == [False, True]
-    plan = B._plan(aligned + [odd], None, -1)
+    plan = B._tables(aligned + [odd], None, -1, None, False)
     by_flag = {launch.aligned: launch.programs for launch in plan.launches}
     assert by_flag[False] == -(-odd.numel() // plan.chunk)
     assert by_flag[True] == sum(-(-p.numel() // plan.chunk) for p in aligned)
@@ -517,62 +519,78 @@ def test_chunk_fills_the_device_and_depends_on_sizes_only(monkeypatch):
 
 
 def test_plan_cache_reused_and_keyed():
+    ws = Workspace()
     params = make_params(torch.float32, seed=5)
-    sums(params)
-    assert B.cache_info()["builds"] == 1
-    first = sums(params)[0]
-    info = B.cache_info()
-    assert info["builds"] == 1 and info["hits"] == 1
-    prox_(params, coeffs(torch.float32, 0.0, 1.0))  # same tensors: same plan (threshold 0, denominator 1: no-op)
-    assert B.cache_info()["builds"] == 1
-    assert torch.equal(sums(params)[0], first)
+    sums(params, ws)
+    assert ws.builds == 1 and len(ws.entries) == 1
+    first = sums(params, ws)[0]
+    assert ws.builds == 1 and ws.hits == 1
+    prox_(params, coeffs(torch.float32, 0.0, 1.0), ws)  # same tensors: same tables (threshold 0, denominator 1: no-op)
+    assert ws.builds == 1
+    assert torch.equal(sums(params, ws)[0], first)
     targets = [torch.zeros_like(p) for p in params]
     c = coeffs(torch.float32, 0.5, 0.5)
-    add_grad_(params, targets, c)
-    add_grad_(params, targets, c)
-    info = B.cache_info()
-    assert info["builds"] == 1 and info["target_builds"] == 1 and info["target_hits"] == 1
+    add_grad_(params, targets, c, ws)
+    add_grad_(params, targets, c, ws)
+    # The targets' pointer table is built per call, owned by the call: the workspace holds only
+    # the tables of the parameters.
+    assert ws.builds == 1 and len(ws.entries) == 1 and not ws.captured
+    assert all(isinstance(t, B._Tables) for t in ws.entries.values())
 
     moved = [p.clone() for p in params]  # new pointers, same sizes
-    assert torch.equal(sums(moved)[0], first)
-    assert B.cache_info()["builds"] == 2
+    assert torch.equal(sums(moved, ws)[0], first)
+    assert ws.builds == 2
     halves = [p[: (p.numel() + 1) // 2] for p in params]  # same pointers, other sizes
-    assert_sums(sums(halves), halves, torch.float32)
-    assert B.cache_info()["builds"] == 3
+    assert_sums(sums(halves, ws), halves, torch.float32)
+    assert ws.builds == 3
 
 
-def test_plan_cache_bounded(monkeypatch):
-    monkeypatch.setattr(B, "CACHE_SIZE", 3)
+def test_nothing_cached_without_a_workspace(monkeypatch):
+    builds = []
+    build = B._build_tables
+    monkeypatch.setattr(B, "_build_tables", lambda *args: builds.append(1) or build(*args))
+    params = make_params(torch.float32, seed=6)
+    first = sums(params)[0]
+    assert torch.equal(sums(params)[0], first)
+    assert len(builds) == 2
+
+
+def test_plan_cache_bounded():
+    ws = Workspace(limit=3)
     keep = [randn((10 + i,), torch.float32, i) for i in range(8)]
     for t in keep:
-        sums([t])
-    assert B.cache_info()["size"] == 3
-    assert_sums(sums([keep[0]]), [keep[0]], torch.float32)  # evicted, rebuilt, right
+        sums([t], ws)
+    assert len(ws.entries) == 3 and ws.builds == 8
+    assert_sums(sums([keep[0]], ws), [keep[0]], torch.float32)  # evicted, rebuilt, right
+    assert ws.builds == 9
 
 
 def test_plans_built_during_graph_capture_stay_out_of_the_shared_cache(monkeypatch):
-    # A plan built while a CUDA graph is captured is uploaded only when the graph replays: an
-    # eager call must not find it in the cache (it would read uninitialised tables).
+    # Tables built while a CUDA graph is captured are uploaded only when the graph replays: an
+    # eager call must not find them in the cache (it would read uninitialised tables).
+    ws = Workspace()
     params = make_params(torch.float32, seed=8)
     monkeypatch.setattr(B, "_capturing", lambda device: True)
-    sums(params)
-    assert B.cache_info()["size"] == 0 and B.cache_info()["graph_plans"] >= 1
+    sums(params, ws)
+    assert len(ws.entries) == 0 and len(ws.captured) == 1
     monkeypatch.setattr(B, "_capturing", lambda device: False)
-    sums(params)
-    assert B.cache_info()["size"] == 1
+    sums(params, ws)
+    assert len(ws.entries) == 1 and ws.builds == 2
+    assert all(t is not ws.captured[0] for t in ws.entries.values())
 
 
 def test_plans_are_keyed_by_stream(monkeypatch):
-    # A plan uploaded on one stream is not reused from another: its copy is ordered on its own.
+    # Tables uploaded on one stream are not reused from another: their copy is ordered on its own.
+    ws = Workspace()
     params = make_params(torch.float32, seed=9)
     monkeypatch.setattr(B, "_stream_key", lambda device: 1)
-    sums(params)
+    sums(params, ws)
     monkeypatch.setattr(B, "_stream_key", lambda device: 2)
-    sums(params)
-    assert B.cache_info()["builds"] == 2
+    sums(params, ws)
+    assert ws.builds == 2
     monkeypatch.setattr(B, "_stream_key", lambda device: 1)
-    sums(params)
-    assert B.cache_info()["builds"] == 2 and B.cache_info()["hits"] == 1
+    sums(params, ws)
+    assert ws.builds == 2 and ws.hits == 1
 
 
 def test_launch_configs_cover_what_a_call_launches(monkeypatch):
