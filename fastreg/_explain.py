@@ -2,6 +2,7 @@
 
 from fastreg import _coefficients, _dispatch
 from fastreg._coefficients import show
+from fastreg._plan import groups_text
 
 
 def explain(plan, coefficients):
@@ -17,7 +18,8 @@ def explain(plan, coefficients):
         status = "yes" if info.excluded_because is None else f"no: {info.excluded_because}"
         row = [info.name, str(tuple(info.tensor.shape)), str(info.tensor.dtype).replace("torch.", ""),
                f"{info.tensor.numel():,}", status]
-        row += [info.groups if info.excluded_because is None else "-"] if show_groups else []
+        row += [groups_text(info.tensor, plan.group_dim) if info.excluded_because is None else "-"] \
+            if show_groups else []
         row += [info.center if info.excluded_because is None else "-"] if show_centers else []
         rows.append(tuple(row))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -36,8 +36,27 @@ def sums(params: list[torch.Tensor], centers: list[torch.Tensor], group_dim: int
          backend: str, workspace: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``([Σ|d|, Σd², Σ_g ‖d_g‖], group_sq)`` over one kernel group; ``backend`` as the user asked;
     ``workspace``: the handle of the kernel group's ``Workspace`` (0: none)."""
+    _check_traced_group(params, centers)
     return _dispatch.backend_for(backend, params[0].device).sums(params, centers or None, group_dim,
                                                                  workspace=_workspace.lookup(workspace))
+
+
+def _check_traced_group(params, centers):
+    """A graph traced by torch.compile runs the kernel group the plan had when it was traced;
+    a parameter whose dtype, device or shape has changed since (``p.data = ...`` with no eager
+    call in between, which the plan would have followed) must be an error, not a wrong number.
+    Runs when the op runs, outside the trace."""
+    first = params[0]
+    for i, p in enumerate(params):
+        if p.dtype != first.dtype or p.device != first.device:
+            raise RuntimeError(f"fastreg: parameter {i} of a kernel group is {p.dtype} on {p.device}, the group "
+                               f"{first.dtype} on {first.device}: a parameter changed dtype or device after this "
+                               "graph was traced; call the penalty once outside torch.compile so that it follows")
+    for i, (p, c) in enumerate(zip(params, centers)):
+        if c.shape != p.shape or c.dtype != p.dtype:
+            raise RuntimeError(f"fastreg: parameter {i} of a kernel group has shape {tuple(p.shape)} and dtype "
+                               f"{p.dtype}, its center {tuple(c.shape)} and {c.dtype}: the parameter changed after "
+                               "this graph was traced; call the penalty once outside torch.compile")
 
 
 @sums.register_fake
@@ -52,6 +71,7 @@ def sums_backward(params: list[torch.Tensor], centers: list[torch.Tensor], group
                   coeffs: torch.Tensor, group_scale: Optional[torch.Tensor], backend: str,
                   workspace: int) -> list[torch.Tensor]:
     """``coeffs[0]·sign(d) + (2·coeffs[1] + group_scale[g])·d`` for every tensor of the group."""
+    _check_traced_group(params, centers)
     return _dispatch.backend_for(backend, params[0].device).grads(params, centers or None, group_dim,
                                                                    coeffs, group_scale,
                                                                    workspace=_workspace.lookup(workspace))
@@ -200,6 +220,8 @@ def add_grad_(backend, params, grads, centers, group_dim, coeffs, group_norms=No
     """``grads[i] += d(penalty)/d params[i]`` in place (any gradient dtypes); ``(sums, group_sq)``.
     Bumps the gradients' version counters, as a PyTorch in-place op does."""
     kernels = _dispatch.backend_for(backend, params[0].device)
+    if not kernels.VERSIONS_BUMPED:
+        _check_writable(grads)
     result = add_grad_by_dtype(kernels, params, grads, centers, group_dim, coeffs, group_norms, workspace)
     if not kernels.VERSIONS_BUMPED:
         torch.autograd.graph.increment_version(grads)
@@ -209,9 +231,19 @@ def add_grad_(backend, params, grads, centers, group_dim, coeffs, group_norms=No
 def prox_(backend, params, centers, group_dim, coeffs, group_norms=None, workspace=None):
     """The proximal step, in place on ``params``; bumps their version counters."""
     kernels = _dispatch.backend_for(backend, params[0].device)
+    if not kernels.VERSIONS_BUMPED:
+        _check_writable(params)
     kernels.prox_(params, centers, group_dim, coeffs, group_norms, workspace=workspace)
     if not kernels.VERSIONS_BUMPED:
         torch.autograd.graph.increment_version(params)
+
+
+def _check_writable(tensors):
+    """What a PyTorch in-place op refuses, raw kernels must refuse too: an inference tensor
+    outside ``torch.inference_mode`` (it has no version counter to bump)."""
+    if not torch.is_inference_mode_enabled() and any(map(torch.Tensor.is_inference, tensors)):
+        raise RuntimeError("fastreg: inplace update to an inference tensor outside InferenceMode is not allowed "
+                           "(as for any PyTorch in-place op); clone it, or call this inside torch.inference_mode()")
 
 
 def add_grad_by_dtype(kernels, params, grads, centers, group_dim, coeffs, group_norms, workspace=None):

@@ -74,7 +74,6 @@ class ParameterInfo:
     tensor: torch.Tensor
     excluded_because: str | None
     center: str = "none"
-    groups: str = "-"
 
 
 class Plan:
@@ -95,11 +94,13 @@ class Plan:
             info = ParameterInfo(e.name, e.tensor, e.excluded_because)
             if e.included:
                 info.center = notes[id(e.tensor)]
-                info.groups = _groups_text(e.tensor, group_dim)
             self.info.append(info)
         self.names = [e.name for e in included]
         self.tensors = [e.tensor for e in included]
-        self.centers = centers  # one local tensor (or None) per included parameter
+        self.centers = centers  # one local tensor (or None) per included parameter, as the kernels read it
+        # The centers as first converted: a center that follows its parameter to another dtype is
+        # converted from this one, so a round trip (float64 -> float32 -> float64) loses nothing.
+        self.given_centers = list(centers)
         self.has_centers = center is not None
         self._regroup()
 
@@ -123,8 +124,9 @@ class Plan:
         """The plan, after following any parameter whose dtype or device changed since it was
         built (``p.data = ...``): called by every operation, so a kernel never reads a tensor as
         what it was. A parameter with a center cannot change shape (``ValueError`` naming it);
-        its center follows a new dtype or device. (Not while torch.compile traces: there its
-        guards on the tensors' metadata decide, and the check is Python it cannot trace.)"""
+        its center follows a new dtype or device. Not while torch.compile traces (the check is
+        Python it cannot trace): a graph traced after a change the plan has not followed gets a
+        clear error from the op instead (``fastreg._ops.sums``), never a wrong number."""
         if self._layout is not None and not torch.compiler.is_compiling() and self._read_layout() != self._layout:
             self._follow()
         return self
@@ -138,12 +140,11 @@ class Plan:
                 raise ValueError(f"fastreg: parameter {name!r} changed shape to {tuple(t.shape)} under a Penalty "
                                  f"with a center of shape {tuple(c.shape)}; build a new Penalty for the new shape")
             if c.dtype != local.dtype or c.device != local.device:
+                given = self.given_centers[i]
                 with torch.no_grad():
-                    self.centers[i] = _like(local.detach()).copy_(c)
+                    self.centers[i] = given if (given.dtype, given.device) == (local.dtype, local.device) \
+                        else _like(local.detach()).copy_(given)
         check_no_overlap([(n, _dtensor.local(t)) for n, t in zip(self.names, self.tensors)])
-        for info in self.info:
-            if info.excluded_because is None:
-                info.groups = _groups_text(info.tensor, self.group_dim)
         self._regroup()
 
     def check_in_place_once(self):
@@ -159,14 +160,17 @@ class Plan:
         return self.local + [g for part in self.meshes for g in part.groups]
 
     def restricted(self, keep):
-        """A plan over the parameters for which ``keep(tensor)`` is true (same centers, its own
-        kernel groups and workspaces)."""
+        """A plan over the parameters for which ``keep(tensor)`` is true: the same centers (as
+        followed up to now), its own kernel groups and workspaces; it follows later changes
+        itself (``current()``)."""
+        self.current()
         plan = object.__new__(Plan)
         plan.__dict__.update(self.__dict__)
         kept = [i for i, t in enumerate(self.tensors) if keep(t)]
         plan.names = [self.names[i] for i in kept]
         plan.tensors = [self.tensors[i] for i in kept]
         plan.centers = [self.centers[i] for i in kept]
+        plan.given_centers = [self.given_centers[i] for i in kept]
         plan._regroup()
         return plan
 
@@ -174,7 +178,7 @@ class Plan:
 _DTYPE = operator.attrgetter("dtype")
 
 
-def _groups_text(tensor, group_dim):
+def groups_text(tensor, group_dim):
     return (f"{tensor.shape[group_dim]} ({'rows' if group_dim == 0 else 'columns'})"
             if tensor.ndim >= 2 else "none (ndim < 2)")
 

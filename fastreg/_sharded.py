@@ -75,6 +75,8 @@ def add_to_grad(plan, part, coefficients, group_dim, grads_of):
     for (kg, group_sq, params, grads), n in zip(spanning, _global_norms(reduced[len(Sum):], pairs)):
         _add_grad(plan, kg, params, grads, group_dim, coefficients, group_norms=n.to(group_sq.dtype))
         totals = totals + _norm_sum_only(totals, fixed_order_sum(n))
+    # The kernels bumped the local shards' versions; autograd checks the DTensors' own.
+    torch.autograd.graph.increment_version([g for kg in part.groups for g in grads_of(kg.names, kg.tensors)])
     return coefficients.value(totals)
 
 
@@ -95,6 +97,8 @@ def prox(plan, part, coefficients, lr, group_dim):
         reduced = _dtensor.all_reduce_sum(_reduction_vector(plan, part, None, pairs), part.mesh)
         for (kg, shrunk_sq, params, coeffs), n in zip(spanning, _global_norms(reduced[len(Sum):], pairs)):
             _ops.prox_(plan.backend, params, kg.centers, group_dim, coeffs, n.to(shrunk_sq.dtype), kg.workspace)
+    # The kernels bumped the local shards' versions; autograd checks the DTensors' own.
+    torch.autograd.graph.increment_version([t for kg in part.groups for t in kg.tensors])
 
 
 def _add_grad(plan, kg, params, grads, group_dim, coefficients, group_norms=None):

@@ -282,3 +282,61 @@ def test_coefficients_made_during_graph_capture_are_never_shared(monkeypatch):
     after = _coefficients.vector(values, torch.float32, torch.device("cpu"))
     assert after is not during and after.data_ptr() != during.data_ptr()
     assert all(c is not during for c in _coefficients._cache.values())
+
+
+# ------------------------------------------------------------------------------------------
+# Found in review: what follows a replaced parameter everywhere.
+
+
+def test_attach_prox_after_a_dtype_swap_uses_followed_centers(backend):
+    lin = nn.Linear(6, 4).double()
+    start = [p.detach().clone() for p in lin.parameters()]
+    reg = fastreg.Penalty(lin, l1=0.05, l2=0.1, center="init", backend=backend)
+    lin.float()  # no call in between: attach's per-group plans must follow it
+    optimizer = torch.optim.SGD(lin.parameters(), lr=0.1)
+    reg.attach(optimizer, mode="prox")
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.add_(0.5)
+    expected = [ref.prox(p.detach().double(), 0.1, 0.05, 0.1, c=c) for p, c in zip(lin.parameters(), start)]
+    optimizer.step()  # no gradients: the step leaves the weights; the prox moves them
+    for p, e in zip(lin.parameters(), expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-6, atol=1e-6)
+
+
+def test_a_center_that_follows_a_dtype_round_trip_stays_exact(backend):
+    lin = nn.Linear(5, 3).double()
+    reg = fastreg.Penalty(lin, l2=0.5, center="init", backend=backend)
+    lin.float()
+    reg()
+    lin.double()
+    assert reg().item() == 0.0  # the float64 center, not a float32-rounded copy of it
+
+
+def test_a_graph_compiled_before_a_dtype_swap_is_an_error_not_a_wrong_number(backend):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    reg = fastreg.Penalty(model, l2=0.5, backend=backend)
+    step = torch.compile(lambda: reg(), backend="eager", fullgraph=True)
+    step()
+    model[1].weight.data = model[1].weight.data.double()
+    with pytest.raises(RuntimeError, match="changed dtype or device after this graph was traced"):
+        step()
+    torch._dynamo.reset()
+
+
+def test_in_place_operations_on_inference_tensors_are_refused_like_torch(backend):
+    with torch.inference_mode():
+        w = torch.randn(4, 5)
+    w.grad = torch.zeros(4, 5)
+    reg = fastreg.Penalty([w], l1=0.1, backend=backend)
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        reg.prox_(0.1)
+    with torch.inference_mode():
+        reg.prox_(0.1)  # allowed there, as for torch ops
+
+
+def test_explain_shows_the_groups_of_the_parameters_as_they_are(backend):
+    lin = nn.Linear(4, 2).double()
+    reg = fastreg.Penalty(lin, group=0.1, backend=backend)
+    lin.weight.data = torch.randn(5, 4, dtype=torch.float64)
+    assert "5 (rows)" in reg.explain()
