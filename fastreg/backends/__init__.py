@@ -1,7 +1,8 @@
 """Backends: one module per implementation, all with the same small contract.
 
 Adding a backend is adding a file here and its name to ``fastreg._dispatch.BACKENDS``.
-Nothing outside ``fastreg._dispatch`` and ``fastreg._plan`` imports these modules.
+Only ``fastreg._dispatch`` imports the backend modules; what they share (``_terms``, ``_geometry``,
+``_workspace``) is imported by the layers above too.
 
 Every backend module defines
 

@@ -7,9 +7,13 @@
    point into (the parameters' storages, their centers, any copy made for the kernels);
    a table built for one call (e.g. the gradients' pointers, which change every step) lives
    only as long as that call.
-2. fastreg keeps no user tensor alive beyond the ``Penalty`` that regularizes it: there is no
-   module-level cache of tensors or of tables. A ``Workspace`` belongs to one kernel group of
-   one ``Penalty`` and dies with it; direct backend calls without a workspace cache nothing.
+2. fastreg keeps no user tensor alive beyond the ``Penalty`` that regularizes it: no
+   module-level cache holds tables or user tensors (module level holds only small coefficient
+   constants, and the one-call ``penalty(model)``'s ``Penalty`` per module, weakly keyed by the
+   module and replaced when its parameters change). A ``Workspace`` belongs to one kernel group
+   of one ``Penalty`` and dies with it; direct backend calls without a workspace cache nothing.
+   A cached table may keep a swapped-out storage (``p.data = ...``) alive until the next build
+   replaces it (same shapes) or the LRU drops it (at most ``limit`` tables a kernel group).
 3. Nothing built while a CUDA graph is being captured reaches an eager call: such tables are
    kept in ``captured`` (alive as long as the ``Penalty``, hence as long as a graph that
    replays them can run with it), never in the cache that eager calls look in.
