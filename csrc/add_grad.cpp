@@ -1,5 +1,5 @@
 // fastreg_cpu::add_grad_: g += the penalty's gradient, in place, and the sums of the same pass
-// (see fastreg_cpu.h).
+// (see fastreg_cpu.h; coeffs: the Gradient slots of terms.h).
 
 #include "fastreg_cpu.h"
 
@@ -35,36 +35,25 @@ std::tuple<at::Tensor, at::Tensor> add_grad_(at::TensorList params, at::TensorLi
       continue;
     }
     read.push_back(readable(t, p));
-    if (direct(g) && same_layout(g, read.back())) {
-      p.out.push_back(g.data_ptr());
-    } else {
-      at::Tensor tmp = copy_like(g, read.back());  // dense, same strides as what is read as w
-      p.out.push_back(tmp.data_ptr());
-      p.copy_back.emplace_back(g, tmp);
-    }
+    p.out.push_back(writable(g, read.back(), p).data_ptr());  // the real grad, or a copy written back
   }
   add_items(p, params, centers, group_dim, read);
   p.schedule = make_schedule(p.items);
-  const auto k = read_coeffs(coeffs, dtype, 3);
+  const auto k = read_coeffs(coeffs, dtype, Gradient::kCount);
   const auto norms = read_group_vector(group_norms, p.ngroups, "group_norms");
-  std::vector<double> partials(2 * p.schedule.tasks.size(), 0.0), slots(p.schedule.nslots, 0.0);
+  std::vector<double> partials(kPartial * p.schedule.tasks.size(), 0.0), slots(p.schedule.nslots, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::add_grad_", [&] {
     using T = scalar_t;
     using O = typename Traits<T>::opmath;
-    auto run = [&](auto center_tag) {
-      constexpr bool kCenter = decltype(center_tag)::value;
-      AddGradOp<T> op{Vectorized<O>(static_cast<O>(k[0])), static_cast<O>(2.0 * k[1]), k[2], grad_kind(gdtype),
-                      p.out};
+    with_center(!centers.empty(), [&](auto center) {
+      constexpr bool kCenter = decltype(center)::value;
+      AddGradOp<T> op{{Vectorized<O>(static_cast<O>(k[Gradient::L1])), static_cast<O>(2.0 * k[Gradient::L2])},
+                      k[Gradient::GROUP], grad_kind(gdtype), p.out};
       const auto coefs = group_coefs<T, kCenter, false>(
           p, 0.0, [&](double n) { return static_cast<double>(op.group_coef(n)); }, norms, partials, slots);
       apply_tasks<T, kCenter>(p.schedule, p.items, typed<T>(p.w), typed<T>(p.c), op, coefs.group_coef.data(),
                               coefs.precomputed, !norms.has_value(), partials.data(), slots.data());
-    };
-    if (centers.empty()) {
-      run(std::false_type{});
-    } else {
-      run(std::true_type{});
-    }
+    });
   });
   for (auto& gt : p.copy_back) gt.first.copy_(gt.second);  // explicit write into the real grad
   return finish_sums(p, partials, slots, dtype);

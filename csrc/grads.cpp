@@ -1,4 +1,5 @@
-// fastreg_cpu::grads: fresh gradients c1·sign(d) + (2·c2 + scale_g)·d (see fastreg_cpu.h).
+// fastreg_cpu::grads: fresh gradients c1·sign(d) + (2·c2 + scale_g)·d (see fastreg_cpu.h), with
+// c1, c2 the Gradient::L1, Gradient::L2 slots of coeffs; the group term comes as group_scale.
 
 #include "fastreg_cpu.h"
 
@@ -32,23 +33,23 @@ std::vector<at::Tensor> grads(at::TensorList params, at::TensorList centers, int
   }
   add_items(p, params, centers, group_dim, read);
   p.schedule = make_schedule(p.items);
-  const auto k = read_coeffs(coeffs, dtype, 2);
+  const auto k = read_coeffs(coeffs, dtype, Gradient::L2 + 1);  // L1 and L2 (GROUP: group_scale)
   const auto scale = read_group_vector(group_scale, p.ngroups, "group_scale");
-  std::vector<double> group_coef(p.ngroups, 2.0 * k[1]);
+  std::vector<double> group_coef(p.ngroups, 2.0 * k[Gradient::L2]);
   if (scale.has_value()) {
     for (int64_t g = 0; g < p.ngroups; ++g) group_coef[g] += (*scale)[g];
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::grads", [&] {
     using O = typename Traits<scalar_t>::opmath;
-    GradsOp<scalar_t> op{Vectorized<O>(static_cast<O>(k[0])), static_cast<O>(2.0 * k[1]), typed<scalar_t>(p.out)};
+    GradsOp<scalar_t> op{{Vectorized<O>(static_cast<O>(k[Gradient::L1])), static_cast<O>(2.0 * k[Gradient::L2])},
+                         typed<scalar_t>(p.out)};
     const auto w = typed<scalar_t>(p.w);
     const std::vector<bool> none(p.items.size(), false);
     const auto c = typed<scalar_t>(p.c);
-    if (centers.empty()) {
-      apply_tasks<scalar_t, false>(p.schedule, p.items, w, c, op, group_coef.data(), none, false, nullptr, nullptr);
-    } else {
-      apply_tasks<scalar_t, true>(p.schedule, p.items, w, c, op, group_coef.data(), none, false, nullptr, nullptr);
-    }
+    with_center(!centers.empty(), [&](auto center) {
+      constexpr bool kCenter = decltype(center)::value;
+      apply_tasks<scalar_t, kCenter>(p.schedule, p.items, w, c, op, group_coef.data(), none, false, nullptr, nullptr);
+    });
   });
   return outs;
 }

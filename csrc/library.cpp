@@ -1,10 +1,32 @@
 // fastreg_cpu: the op schemas and their CPU implementations (the fake / meta implementations are
 // registered from Python, in fastreg/backends/cpu.py). No pybind module: the library is loaded
-// with torch.ops.load_library.
+// with torch.ops.load_library. term_layout and constants take no tensors: registered with their
+// schema as CompositeImplicitAutograd kernels, callable anywhere, read once by cpu.py at load.
 
 #include <torch/library.h>
 
+#include <string>
+
 #include "fastreg_cpu.h"
+
+namespace fastreg_cpu {
+
+// "Sum.ABS=0,Sum.SQUARE=1,...": every slot of terms.h, checked against fastreg/backends/_terms.py.
+std::string term_layout() {
+  std::string out;
+  for (const NamedSlot& slot : kSlots) {
+    out += (out.empty() ? "" : ",") + std::string(slot.term) + "." + slot.name + "=" + std::to_string(slot.value);
+  }
+  return out;
+}
+
+// "chunk_elems=65536,...": the schedule's constants (schedule.h), for Python and the tests.
+std::string constants() {
+  return "chunk_elems=" + std::to_string(detail::kChunk) + ",run_min=" + std::to_string(detail::kRunMin) +
+         ",row_max=" + std::to_string(detail::kRowMax) + ",rows_task=" + std::to_string(detail::kRowsTask);
+}
+
+}  // namespace fastreg_cpu
 
 TORCH_LIBRARY(fastreg_cpu, m) {
   m.set_python_module("fastreg.backends.cpu");  // where the fake (meta) impls live
@@ -13,6 +35,8 @@ TORCH_LIBRARY(fastreg_cpu, m) {
   m.def("add_grad_(Tensor[] params, Tensor(a!)[] grads, Tensor[] centers, int group_dim, Tensor coeffs, "
         "Tensor? group_norms) -> (Tensor, Tensor)");
   m.def("prox_(Tensor(a!)[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_norms) -> ()");
+  m.def("term_layout() -> str", &fastreg_cpu::term_layout);
+  m.def("constants() -> str", &fastreg_cpu::constants);
 }
 
 TORCH_LIBRARY_IMPL(fastreg_cpu, CPU, m) {

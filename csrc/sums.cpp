@@ -18,14 +18,14 @@ std::tuple<at::Tensor, at::Tensor> sums(at::TensorList params, at::TensorList ce
   p.schedule = make_schedule(p.items);
   std::vector<double> partials, slots;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::sums", [&] {
-    const bool shrink = threshold > 0.0;
-    if (centers.empty()) {
-      shrink ? run_sums<scalar_t, false, true>(p, threshold, partials, slots)
-             : run_sums<scalar_t, false, false>(p, threshold, partials, slots);
-    } else {
-      shrink ? run_sums<scalar_t, true, true>(p, threshold, partials, slots)
-             : run_sums<scalar_t, true, false>(p, threshold, partials, slots);
-    }
+    with_center(!centers.empty(), [&](auto center) {
+      constexpr bool kCenter = decltype(center)::value;
+      if (threshold > 0.0) {  // the sums of the shrunk values
+        run_sums<scalar_t, kCenter, true>(p, threshold, partials, slots);
+      } else {
+        run_sums<scalar_t, kCenter, false>(p, threshold, partials, slots);
+      }
+    });
   });
   return finish_sums(p, partials, slots, dtype);
 }

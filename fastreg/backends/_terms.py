@@ -1,7 +1,8 @@
 """The penalty's terms as named data: the one place that says what each slot of the vectors
 exchanged with the kernels means. Every backend reads these names; the C++ kernels mirror them
-in ``csrc/terms.h`` (``fastreg::Sum``, ``fastreg::Prox``) and the Triton kernels as constexprs;
-each backend checks at load time that its copy agrees with this one (``check_mirror``).
+in ``csrc/terms.h`` (``fastreg_cpu::Sum``, ``Gradient``, ``Prox``) and the Triton kernels as constexprs;
+each backend checks at load time that its copy agrees with this one (``check_mirror``; the cpu
+backend reads its copy from ``fastreg_cpu::term_layout()``).
 
 With ``d = w - c`` (``c`` the center, 0 without one) and ``d_g`` the groups of ``d``:
 

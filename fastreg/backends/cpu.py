@@ -1,7 +1,11 @@
 """The C++ CPU backend: fused multi-tensor kernels, JIT-built with ninja on first use.
 
-The kernels live in ``csrc/`` (``fastreg_cpu.h`` and one ``.cpp`` per op), registered with
-``TORCH_LIBRARY(fastreg_cpu, ...)``; fake (meta) implementations are registered here. One call handles every tensor of a
+The kernels live in ``csrc/``: one ``.cpp`` per op (``sums``, ``grads``, ``add_grad``, ``prox``),
+``library.cpp`` registering them with ``TORCH_LIBRARY(fastreg_cpu, ...)``, and headers split by
+concern (``fastreg_cpu.h`` lists them: ``vec.h`` the ISA layer, ``traits.h`` per-dtype loading and
+accumulation, ``span.h`` the vectorized loops, ``terms.h`` the term slots and maths,
+``schedule.h`` the chunk schedule, ``prepare.h`` tensor preparation, ``passes.h`` the passes).
+Fake (meta) implementations are registered here. One call handles every tensor of a
 (device, dtype) group: the tensors are laid end to end and cut into 64K-element chunks that
 ``at::parallel_for`` runs, each into its own partial, summed in a fixed order (bitwise the same
 for any thread count). fp64 accumulates in fp64; fp32/fp16/bf16 in float over blocks of 4
@@ -32,11 +36,12 @@ NAME = "cpu"
 DEVICE_TYPES = ("cpu",)
 VERSIONS_BUMPED = False  # the C++ kernels write through raw pointers: fastreg._ops bumps
 
-# One translation unit per op (ninja compiles them in parallel) and the shared kernels' header.
+# One translation unit per op (ninja compiles them in parallel) and the shared headers: every
+# file in csrc/, since all of them enter the hash that names the build.
 SOURCE_FILES = ("library.cpp", "sums.cpp", "grads.cpp", "add_grad.cpp", "prox.cpp")
-HEADER_FILES = ("fastreg_cpu.h",)
+HEADER_FILES = ("fastreg_cpu.h", "vec.h", "traits.h", "span.h", "terms.h", "schedule.h", "prepare.h", "passes.h")
 EXTENSION = _build.Extension("fastreg_cpu", SOURCE_FILES, HEADER_FILES, what="the C++ CPU kernels")
-CHUNK_ELEMS = 1 << 16  # must match kChunk in csrc/fastreg_cpu.h (documentation only)
+CHUNK_ELEMS = 1 << 16  # must match kChunk in csrc/schedule.h (documentation only)
 
 log = logging.getLogger("fastreg")
 
