@@ -6,11 +6,18 @@ concern (``fastreg_cpu.h`` lists them: ``vec.h`` the ISA layer, ``traits.h`` per
 accumulation, ``span.h`` the vectorized loops, ``terms.h`` the term slots and maths,
 ``schedule.h`` the chunk schedule, ``prepare.h`` tensor preparation, ``passes.h`` the passes).
 Fake (meta) implementations are registered here. One call handles every tensor of a
-(device, dtype) group: the tensors are laid end to end and cut into 64K-element chunks that
-``at::parallel_for`` runs, each into its own partial, summed in a fixed order (bitwise the same
-for any thread count). fp64 accumulates in fp64; fp32/fp16/bf16 in float over blocks of 4
-values per vector lane, then in double (worst case 7 float roundings: <= 4.2e-7 relative).
-The inner loops use ATen's ``Vectorized<T>`` at the ISA the build targets.
+(device, dtype) group: the tensors are laid end to end and cut into ``CHUNK_ELEMS``-element
+chunks that ``at::parallel_for`` runs, each into its own partial, summed in a fixed order
+(bitwise the same for any thread count). fp64 accumulates in fp64; fp32/fp16/bf16 in float over
+blocks of 4 values per vector lane, then in double (worst case 7 float roundings: <= 4.2e-7
+relative). The inner loops use ATen's ``Vectorized<T>`` at the ISA the build targets.
+
+Mirrors, checked at load
+    The slots of the sums and coefficient vectors are named in ``backends/_terms.py``; the C++
+    kernels' copy (``csrc/terms.h``), reported by ``fastreg_cpu::term_layout()``, must agree
+    with it, else the backend is unavailable with the disagreement as its reason. The schedule's
+    constants come from ``fastreg_cpu::constants()`` (``constants()``, ``CHUNK_ELEMS``): no
+    number is copied from the C++ by hand.
 
 Build
     Built once per machine by ``fastreg/backends/_build.py`` (naming by ISA and source hash,
@@ -27,7 +34,7 @@ import time
 
 import torch
 
-from fastreg.backends import _build
+from fastreg.backends import _build, _terms
 from fastreg.backends._build import BuildError, compiler, cpu_isa  # noqa: F401  (part of this module's API)
 from fastreg.backends._geometry import acc_dtype as _acc_dtype
 from fastreg.backends._geometry import group_sizes
@@ -41,13 +48,15 @@ VERSIONS_BUMPED = False  # the C++ kernels write through raw pointers: fastreg._
 SOURCE_FILES = ("library.cpp", "sums.cpp", "grads.cpp", "add_grad.cpp", "prox.cpp")
 HEADER_FILES = ("fastreg_cpu.h", "vec.h", "traits.h", "span.h", "terms.h", "schedule.h", "prepare.h", "passes.h")
 EXTENSION = _build.Extension("fastreg_cpu", SOURCE_FILES, HEADER_FILES, what="the C++ CPU kernels")
-CHUNK_ELEMS = 1 << 16  # must match kChunk in csrc/schedule.h (documentation only)
+# CHUNK_ELEMS (elements per flat chunk, kChunk in csrc/schedule.h) is read from the extension:
+# see constants() and __getattr__ below.
 
 log = logging.getLogger("fastreg")
 
 _lock = threading.Lock()
 _state = {"tried": False, "reason": None, "library": None, "seconds": None, "built": False}
 _ops = None  # namespace of OpOverloads once loaded
+_constants = None  # {name: int} from fastreg_cpu::constants(), once loaded
 
 
 # ------------------------------------------------------------------------------------------
@@ -84,6 +93,32 @@ def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace
 
 def prox_(params, centers, group_dim, coeffs, group_norms, workspace=None):
     _kernels().prox_(_as_list(params), _as_list(centers), group_dim, coeffs, group_norms)
+
+
+def constants():
+    """The schedule's constants as the loaded extension reports them (``fastreg_cpu::constants()``):
+    ``chunk_elems`` (elements per flat chunk), ``run_min``, ``row_max``, ``rows_task`` (see
+    ``csrc/schedule.h``). Loads the extension; raises if the backend is unavailable."""
+    _kernels()
+    return dict(_constants)
+
+
+def __getattr__(name):
+    # CHUNK_ELEMS: filled from the extension on first use (importing this module builds nothing).
+    if name == "CHUNK_ELEMS":
+        return constants()["chunk_elems"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def term_mirror():
+    """The C++ kernels' term slots, ``{(enum, name): value}`` from ``fastreg_cpu::term_layout()``,
+    in the form ``_terms.check_mirror`` compares."""
+    return {tuple(key.split(".", 1)): value for key, value in _named_ints(torch.ops.fastreg_cpu.term_layout()).items()}
+
+
+def _named_ints(text):
+    """``"a=1,b=2"`` (what the extension's constant ops return) -> ``{"a": 1, "b": 2}``."""
+    return {key: int(value) for key, value in (item.split("=", 1) for item in text.split(","))}
 
 
 def _as_list(tensors):
@@ -142,9 +177,15 @@ def build(force=False):
 
 
 def _load():
-    global _ops
+    global _ops, _constants
     start = time.perf_counter()
     config, built = EXTENSION.load()
+    try:  # a binary whose term slots disagree with _terms.py would silently mix up the terms
+        _terms.check_mirror("cpu", term_mirror())
+    except RuntimeError as exc:
+        raise BuildError(f"{exc.args[0]} (csrc/terms.h and fastreg/backends/_terms.py must name the same "
+                         f"slots; loaded {config['library']})") from exc
+    _constants = _named_ints(torch.ops.fastreg_cpu.constants())
     _register_fakes()
     _ops = _Ops()
     _state.update(library=config["library"], seconds=time.perf_counter() - start, built=built)
@@ -163,7 +204,7 @@ def _register_fakes():
 
     def sums_like(params, group_dim):
         acc = _acc_dtype(params[0].dtype)
-        return (params[0].new_empty((3,), dtype=acc),
+        return (params[0].new_empty((_terms.SUMS,), dtype=acc),
                 params[0].new_empty((sum(group_sizes(params, group_dim)),), dtype=acc))
 
     @torch.library.register_fake("fastreg_cpu::sums")

@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastreg.backends import _build, cpu
+from fastreg.backends import _build, _terms, cpu
 
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Unit roundoff of each dtype (round to nearest): |round(x) - x| <= U * |x| for normal x.
 U = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-CHUNK = cpu.CHUNK_ELEMS
 # With FMA (the avx2 / avx512 builds) a gradient is rounded once; a generic build may round
 # c1*sign(w) + 2*c2*w twice, and g + that three times.
 try:
@@ -220,26 +219,25 @@ def test_identity_prox_and_zero_coefficients(ops):
 # Multi-tensor chunking
 
 
-CHUNK_CASES = {
-    "edges": [0, 1, CHUNK - 1, CHUNK, CHUNK + 1],
-    "edges-with-empties": [0, CHUNK, 0, 1, CHUNK - 1, 0, CHUNK + 1, 0, 3, 0],
-    "only-empty": [0, 0],
-    "150-tensors": "random150",
-    "4000-tensors": "random4000",
-    "555-and-7777x77": [555, 7777 * 77],
-}
+CHUNK_CASES = ("edges", "edges-with-empties", "only-empty", "150-tensors", "4000-tensors", "555-and-7777x77")
 
 
 def _sizes(case):
-    spec = CHUNK_CASES[case]
-    if spec == "random150":  # more than apex's 110 tensors per launch, empties mixed in
-        return torch.randint(0, CHUNK + 2, (150,), generator=torch.Generator().manual_seed(2)).tolist()
-    if spec == "random4000":
+    chunk = cpu.CHUNK_ELEMS  # read from the loaded extension (the tests using it take `ops`)
+    if case == "edges":
+        return [0, 1, chunk - 1, chunk, chunk + 1]
+    if case == "edges-with-empties":
+        return [0, chunk, 0, 1, chunk - 1, 0, chunk + 1, 0, 3, 0]
+    if case == "only-empty":
+        return [0, 0]
+    if case == "150-tensors":  # more than apex's 110 tensors per launch, empties mixed in
+        return torch.randint(0, chunk + 2, (150,), generator=torch.Generator().manual_seed(2)).tolist()
+    if case == "4000-tensors":
         return torch.randint(0, 40, (4000,), generator=torch.Generator().manual_seed(3)).tolist()
-    return spec
+    return [555, 7777 * 77]
 
 
-@pytest.mark.parametrize("case", list(CHUNK_CASES))
+@pytest.mark.parametrize("case", CHUNK_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_chunk_boundaries(ops, case, dtype):
     params = make(_sizes(case), dtype)
@@ -267,7 +265,7 @@ def test_chunk_boundaries(ops, case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_thread_count_invariance(ops, threads, dtype):
     """Bitwise the same results with 1 and 2 threads (fixed chunks, fixed-order partials)."""
-    sizes = [0, 300_001, 1, (257, 1031), 0, CHUNK * 3 + 5] + [777] * 150
+    sizes = [0, 300_001, 1, (257, 1031), 0, cpu.CHUNK_ELEMS * 3 + 5] + [777] * 150
     params = make(sizes, dtype)
     grads0 = make(sizes, dtype, seed=9)
     c = coeffs(0.3, 0.7, dtype)
@@ -405,6 +403,30 @@ def test_opcheck(ops, op, dtype):
             }[op]
             result = torch.library.opcheck(getattr(ops, op).default, args)
             assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_term_slots_mirror_terms_py(ops):
+    """The C++ term slots (csrc/terms.h, via fastreg_cpu::term_layout) are _terms.py's: the load-time
+    check passed, and it does catch a disagreement."""
+    mirrored = cpu.term_mirror()
+    assert set(mirrored) == {(enum, name) for enum, name, _ in _terms.layout()}
+    _terms.check_mirror("cpu", mirrored)  # what the load did
+    wrong = dict(mirrored)
+    wrong[("Prox", "DENOMINATOR")] = _terms.Prox.GROUP_THRESHOLD  # two slots swapped
+    wrong[("Prox", "GROUP_THRESHOLD")] = _terms.Prox.DENOMINATOR
+    with pytest.raises(RuntimeError, match=r"Prox\.DENOMINATOR = 2 \(expected 1\).*Prox\.GROUP_THRESHOLD = 1"):
+        _terms.check_mirror("cpu", wrong)
+    missing = {key: value for key, value in mirrored.items() if key != ("Sum", "GROUP_NORM")}
+    with pytest.raises(RuntimeError, match=r"Sum\.GROUP_NORM = None"):
+        _terms.check_mirror("cpu", missing)
+
+
+def test_constants_come_from_the_extension(ops):
+    constants = cpu.constants()
+    assert set(constants) == {"chunk_elems", "run_min", "row_max", "rows_task"}
+    assert cpu.CHUNK_ELEMS == constants["chunk_elems"] > 0 and cpu.CHUNK_ELEMS & (cpu.CHUNK_ELEMS - 1) == 0
+    with pytest.raises(AttributeError):
+        cpu.NOT_A_CONSTANT  # noqa: B018
 
 
 def test_ops_under_torch_compile(ops):
@@ -598,6 +620,20 @@ def test_second_process_loads_the_cached_build(ops):
     assert result["value"] == [7.0, 25.0, 0.0]
 
 
+def test_disagreeing_term_slots_make_the_backend_unavailable(ops):
+    """A build whose slots disagree with _terms.py is not used: the check runs when the library loads."""
+    code = """
+        import json
+        from fastreg.backends import _terms, cpu
+        real = _terms.layout
+        _terms.layout = lambda: [(e, n, 7 if (e, n) == ("Gradient", "L2") else v) for e, n, v in real()]
+        print(json.dumps({"reason": cpu.unavailable_reason(), "loaded": cpu._ops is not None}))
+    """
+    result = _run(code, _env(None))
+    assert result["loaded"] is False
+    assert "term slots disagree" in result["reason"] and "Gradient.L2 = 1 (expected 7)" in result["reason"]
+
+
 def test_build_naming_and_cache_location(ops, monkeypatch, tmp_path):
     config = cpu.build_config()
     assert config["isa"] in config["name"] and config["name"].startswith("fastreg_cpu_")
@@ -616,6 +652,9 @@ def test_build_naming_and_cache_location(ops, monkeypatch, tmp_path):
 
 def test_sources_found_for_checkout_and_package():
     found = cpu.source_dir()
+    # Every C++ file is declared, so that every one of them enters the hash that names the build.
+    assert sorted(cpu.HEADER_FILES) == sorted(p.name for p in (REPO / "csrc").glob("*.h"))
+    assert sorted(cpu.SOURCE_FILES) == sorted(p.name for p in (REPO / "csrc").glob("*.cpp"))
     for name in cpu.SOURCE_FILES + cpu.HEADER_FILES:
         assert (found / name).is_file()
         root = REPO / "csrc" / name
