@@ -47,8 +47,9 @@ The steps, in order (``STEPS``; each one small function below):
    ``torch.sum`` on one flat tensor, apex (if installed) and every fastreg backend; fp32, then
    bf16 weights with fp32 gradients (``--grad-dtype fp32``). The summary's headline: fastreg's
    forward, autograd forward+backward and ``add_to_grad_`` in ms, GB/s and % of the copy bandwidth.
-9. ``sweep``: the Triton backend's ``BLOCK`` / ``NUM_WARPS`` / ``MAX_CHUNK``, one at a time
-   around the defaults, on GPT-2 shapes (forward and add_to_grad_), last.
+9. ``sweep``: the Triton backend's ``BLOCK`` / ``NUM_WARPS`` / ``MAX_CHUNK`` (set in
+   ``fastreg.backends.triton.tuning``), one at a time around the defaults, on GPT-2 shapes
+   (forward and add_to_grad_), last.
 
 It writes one folder, ``bench/results/<gpu>-<date>/`` (``--out`` to change it): ``summary.md``
 (one screen: the machine, every step's status, time and findings, the headline, the sweep),
@@ -606,19 +607,19 @@ def sweep(out, case_name):
     from fastreg import _dispatch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module = _dispatch.backend("triton")
+    tuning = _dispatch.backend("triton").tuning  # the constants' one home: every module reads them there
     params = make_params(CASES_BY_NAME[case_name], torch.float32, device, seed=0)
     for p in params:
         p.grad = torch.zeros_like(p)
     clock = DeviceClock(device)
     numel = sum(p.numel() for p in params)
-    defaults = {name: getattr(module, name) for name in SWEEP}
+    defaults = {name: getattr(tuning, name) for name in SWEEP}
     rows = []
     configs = [dict(defaults)] + [dict(defaults, **{name: value}) for name, values in SWEEP.items()
                                   for value in values if value != defaults[name]]
     for config in configs:
         for name, value in config.items():
-            setattr(module, name, value)
+            setattr(tuning, name, value)
         reg = fastreg.Penalty(params, l2=2.0 ** -10, backend="triton")
         row = dict(config)
         for mode, fn, passes in (("fwd", lambda: reg(), 1), ("add_to_grad_", reg.add_to_grad_, 3)):
@@ -631,7 +632,7 @@ def sweep(out, case_name):
         rows.append(row)
         print(f"[sweep] {row}", file=sys.stderr, flush=True)
     for name, value in defaults.items():
-        setattr(module, name, value)
+        setattr(tuning, name, value)
     lines = [f"# Triton tuning sweep: {case_name}, fp32, {device}", "",
              "| BLOCK | NUM_WARPS | MAX_CHUNK | fwd ms | fwd GB/s | add_to_grad_ ms | add_to_grad_ GB/s |",
              "|---:|---:|---:|---:|---:|---:|---:|"]

@@ -13,9 +13,13 @@ built and found over the run), each call's own per-call work (the targets' point
 
     python -m bench.host_overhead                      # GPT-2 shapes and 2000 x 1000
     python -m bench.host_overhead --module old.py      # another version of the backend, side by side
+    python -m bench.host_overhead --module old/triton  # the same, for a version that is a package
 
-(``--module``: a file with an older contract, ``sums(params)``, ``grads(params, coeffs)``, is timed
-with those signatures.) The GPU benchmark reports the same host time, measured, beside each row.
+(``--module``: a single-file version, such as ``git show REV:fastreg/backends/triton.py > old.py``
+for one from before the backend became the package ``fastreg/backends/triton/``, or a copy of
+that package's folder, such as ``git archive REV fastreg/backends/triton | tar -x -C old``. A
+file with an older contract, ``sums(params)``, ``grads(params, coeffs)``, is timed with those
+signatures.) The GPU benchmark reports the same host time, measured, beside each row.
 """
 
 import argparse
@@ -39,14 +43,21 @@ class _NoLaunch:
 
 
 def load(path=None):
+    """The backend (this one, or the version at ``path``: a file or a package folder), with its
+    kernels stubbed."""
     if path is None:
         from fastreg.backends import triton as module
     else:
-        spec = importlib.util.spec_from_file_location("fastreg_triton_under_test", path)
+        name, locations = "fastreg_triton_under_test", None
+        if os.path.isdir(path):  # a package: its modules import each other relatively
+            locations, path = [path], os.path.join(path, "__init__.py")
+        spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=locations)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # for the package's relative imports
         spec.loader.exec_module(module)
-    for name in [n for n in dir(module) if n.endswith("_kernel")]:
-        setattr(module, name, _NoLaunch())
+    kernels = getattr(module, "kernels", None) or module  # the package's kernels module, or the single file
+    for name in [n for n in dir(kernels) if n.endswith("_kernel")]:
+        setattr(kernels, name, _NoLaunch())
     return module
 
 
@@ -81,7 +92,8 @@ def time_us(fn, repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.host_overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="gpt2,many-small")
-    parser.add_argument("--module", help="another version of fastreg/backends/triton.py to time beside this one")
+    parser.add_argument("--module", help="another version of the Triton backend to time beside this one: a file "
+                        "(fastreg/backends/triton.py before it was a package) or a copy of fastreg/backends/triton/")
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args(argv)
     modules = {"this": load()}

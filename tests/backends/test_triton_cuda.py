@@ -343,7 +343,7 @@ def test_cuda_graph_capture_grads():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = grads(params, c, ws)
-    assert any(isinstance(t, B._Targets) for t in ws.captured)
+    assert any(isinstance(t, B.tables._Targets) for t in ws.captured)
     with torch.no_grad():
         for p in params:
             p.mul_(-2)

@@ -57,10 +57,10 @@ def small_tiles(monkeypatch):
     program count target that makes the chunk vary with the call's size."""
     from fastreg import _dispatch
 
-    module = _dispatch.backend("triton")
+    tuning = _dispatch.backend("triton").tuning  # where every module of the backend reads them
     for name, value in (("BLOCK", 256), ("BLOCK_FP64", 128), ("MAX_CHUNK", 1024), ("TARGET_PROGRAMS", 64),
                         ("RUN_TILE", 32), ("MIN_RUN", 16), ("GROUP_BLOCK", 16), ("FINISH_BLOCK", 16)):
-        monkeypatch.setattr(module, name, value)
+        monkeypatch.setattr(tuning, name, value)
     yield
     torch.set_num_threads(torch.get_num_threads())
 

@@ -21,6 +21,7 @@ from fastreg import _dispatch
 from fastreg.backends._workspace import Workspace
 
 B = _dispatch.backend("triton")
+kernels, tables, tuning = B.kernels, B.tables, B.tuning
 
 CHUNK = 1024  # MAX_CHUNK in these tests (conftest.py shrinks every tile)
 BLOCK = 256
@@ -189,6 +190,7 @@ def test_importable_without_triton_or_interpreter():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
 
 
 # ------------------------------------------------------------------------------- sums
@@ -446,10 +448,10 @@ def test_opcheck():
 # ------------------------------------------------------------------ launches and plans
 
 def _count_launches(monkeypatch):
-    counters = {name: CountLaunches(getattr(B, name)) for name in
+    counters = {name: CountLaunches(getattr(kernels, name)) for name in
                 ("_sums_kernel", "_group_sq_kernel", "_finish_kernel", "_elementwise_kernel")}
     for name, counter in counters.items():
-        monkeypatch.setattr(B, name, counter)
+        monkeypatch.setattr(kernels, name, counter)
 
     def launches():
         counts = {name: c.launches for name, c in counters.items()}
@@ -490,7 +492,7 @@ def test_alignment_is_per_tensor(monkeypatch):
     assert_sums(sums(aligned + [odd]), aligned + [odd], torch.float32)
     flags = [kw["ALIGNED"] for kw in counters["_sums_kernel"].kwargs]
     assert sorted(flags) == [False, True]
-    plan = B._tables(aligned + [odd], None, -1, None, False)
+    plan = tables._tables(aligned + [odd], None, -1, None, False)
     by_flag = {launch.aligned: launch.programs for launch in plan.launches}
     assert by_flag[False] == -(-odd.numel() // plan.chunk)
     assert by_flag[True] == sum(-(-p.numel() // plan.chunk) for p in aligned)
@@ -509,12 +511,12 @@ def test_fp_fusion_is_set_explicitly_on_every_launch(monkeypatch):
 
 
 def test_chunk_fills_the_device_and_depends_on_sizes_only(monkeypatch):
-    monkeypatch.setattr(B, "MAX_CHUNK", 65536)
-    monkeypatch.setattr(B, "TARGET_PROGRAMS", 1024)
-    assert B._chunk(2_000_000, 2048) == 2048  # 2M parameters: ~1000 programs, not 32
-    assert B._chunk(124_000_000, 2048) == 65536  # GPT-2: the largest chunk, ~1900 programs
-    assert B._chunk(10, 2048) == 2048
-    assert all(B._chunk(n, 2048) >= 2048 and B._chunk(n, 2048) & (B._chunk(n, 2048) - 1) == 0
+    monkeypatch.setattr(tuning, "MAX_CHUNK", 65536)
+    monkeypatch.setattr(tuning, "TARGET_PROGRAMS", 1024)
+    assert tables._chunk(2_000_000, 2048) == 2048  # 2M parameters: ~1000 programs, not 32
+    assert tables._chunk(124_000_000, 2048) == 65536  # GPT-2: the largest chunk, ~1900 programs
+    assert tables._chunk(10, 2048) == 2048
+    assert all(tables._chunk(n, 2048) >= 2048 and tables._chunk(n, 2048) & (tables._chunk(n, 2048) - 1) == 0
                for n in (1, 3000, 5_000_000, 10**9))
 
 
@@ -535,7 +537,7 @@ def test_plan_cache_reused_and_keyed():
     # The targets' pointer table is built per call, owned by the call: the workspace holds only
     # the tables of the parameters.
     assert ws.builds == 1 and len(ws.entries) == 1 and not ws.captured
-    assert all(isinstance(t, B._Tables) for t in ws.entries.values())
+    assert all(isinstance(t, tables._Tables) for t in ws.entries.values())
 
     moved = [p.clone() for p in params]  # new pointers, same sizes
     assert torch.equal(sums(moved, ws)[0], first)
@@ -547,8 +549,8 @@ def test_plan_cache_reused_and_keyed():
 
 def test_nothing_cached_without_a_workspace(monkeypatch):
     builds = []
-    build = B._build_tables
-    monkeypatch.setattr(B, "_build_tables", lambda *args: builds.append(1) or build(*args))
+    build = tables._build_tables
+    monkeypatch.setattr(tables, "_build_tables", lambda *args: builds.append(1) or build(*args))
     params = make_params(torch.float32, seed=6)
     first = sums(params)[0]
     assert torch.equal(sums(params)[0], first)
@@ -583,22 +585,22 @@ def test_plans_are_keyed_by_stream(monkeypatch):
     # Tables uploaded on one stream are not reused from another: their copy is ordered on its own.
     ws = Workspace()
     params = make_params(torch.float32, seed=9)
-    monkeypatch.setattr(B, "_stream_key", lambda device: 1)
+    monkeypatch.setattr(tables, "_stream_key", lambda device: 1)
     sums(params, ws)
-    monkeypatch.setattr(B, "_stream_key", lambda device: 2)
+    monkeypatch.setattr(tables, "_stream_key", lambda device: 2)
     sums(params, ws)
     assert ws.builds == 2
-    monkeypatch.setattr(B, "_stream_key", lambda device: 1)
+    monkeypatch.setattr(tables, "_stream_key", lambda device: 1)
     sums(params, ws)
     assert ws.builds == 2 and ws.hits == 1
 
 
 def test_launch_configs_cover_what_a_call_launches(monkeypatch):
     # Every launch a call makes has its constexprs among launch_configs() (the compile checks).
-    monkeypatch.setattr(B, "BLOCK", 2048)  # the real tiles (launch_configs uses the module's)
-    monkeypatch.setattr(B, "BLOCK_FP64", 1024)
-    monkeypatch.setattr(B, "RUN_TILE", 256)
-    monkeypatch.setattr(B, "MIN_RUN", 64)
+    monkeypatch.setattr(tuning, "BLOCK", 2048)  # the real tiles (launch_configs uses the current ones)
+    monkeypatch.setattr(tuning, "BLOCK_FP64", 1024)
+    monkeypatch.setattr(tuning, "RUN_TILE", 256)
+    monkeypatch.setattr(tuning, "MIN_RUN", 64)
     configs = [(kernel.fn.__name__, constexprs) for _, kernel, _, constexprs, _ in B.launch_configs()]
     counters, _ = _count_launches(monkeypatch)
     for dtype in (torch.float32, torch.bfloat16):

@@ -18,6 +18,7 @@ interpreter takes tens of milliseconds a launch, and the values are the contract
 """
 
 import gc
+import types
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from fastreg import _dispatch
 from fastreg.backends._workspace import Workspace
 
 B = _dispatch.backend("triton")
+kernels, tables = B.kernels, B.tables
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
@@ -78,7 +80,7 @@ _TL = None
 def _torch_dtype(tl_dtype):
     global _TL
     if _TL is None:
-        _TL = {str(v): k for k, v in B._TL_DTYPES.items()}
+        _TL = {str(v): k for k, v in kernels._TL_DTYPES.items()}
     return _TL[str(tl_dtype)]
 
 
@@ -94,7 +96,7 @@ KERNELS = ("_sums_kernel", "_group_sq_kernel", "_finish_kernel", "_elementwise_k
 def no_kernels(monkeypatch):
     """Every kernel launch is a no-op (applied before ``live_operands`` wraps them)."""
     for name in KERNELS:
-        monkeypatch.setattr(B, name, _NoLaunch())
+        monkeypatch.setattr(kernels, name, _NoLaunch())
 
 
 class _Checked:
@@ -106,7 +108,7 @@ class _Checked:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             info = args[len(self.tables)]  # the per-tensor geometry follows the pointer tables
-            numels = info.reshape(-1, B.TENSOR_FIELDS)[:, 0].tolist()
+            numels = info.reshape(-1, tables.TENSOR_FIELDS)[:, 0].tolist()
             live = _live_ranges()
             for table, key in zip(args, self.tables):
                 dtype = _torch_dtype(kwargs[key])
@@ -126,9 +128,9 @@ class _Checked:
 def live_operands(monkeypatch):
     """Checks every launch's pointer tables against the live tensors; yields the launches made."""
     launches = []
-    monkeypatch.setattr(B, "_sums_kernel", _Checked(B._sums_kernel, ("DTYPE", "DTYPE"), launches))
-    monkeypatch.setattr(B, "_elementwise_kernel",
-                        _Checked(B._elementwise_kernel, ("DTYPE", "DTYPE", "OUT_DTYPE"), launches))
+    monkeypatch.setattr(kernels, "_sums_kernel", _Checked(kernels._sums_kernel, ("DTYPE", "DTYPE"), launches))
+    monkeypatch.setattr(kernels, "_elementwise_kernel",
+                        _Checked(kernels._elementwise_kernel, ("DTYPE", "DTYPE", "OUT_DTYPE"), launches))
     yield launches
 
 
@@ -264,10 +266,19 @@ def test_parameters_are_freed_with_their_workspace(with_workspace, no_kernels):
     assert all(r.expired() for r in refs), [i for i, r in enumerate(refs) if not r.expired()]
 
 
+def _module_containers():
+    """``(module.name, container)`` for every module-level dict, list and set of the backend's
+    package and its modules (tuning, kernels, tables, launch, aot)."""
+    modules = [B] + [m for m in vars(B).values() if isinstance(m, types.ModuleType) and
+                     m.__name__.startswith(B.__name__ + ".")]
+    assert {m.__name__.rsplit(".", 1)[1] for m in modules[1:]} >= {"tuning", "kernels", "tables", "launch", "aot"}
+    return [(f"{m.__name__}.{name}", value) for m in modules for name, value in vars(m).items()
+            if not name.startswith("__") and isinstance(value, (dict, list, set))]
+
+
 def _containers():
-    """The module's containers and their sizes (module-level state that could grow)."""
-    return {name: len(value) for name, value in vars(B).items()
-            if not name.startswith("__") and isinstance(value, (dict, list, set))}
+    """The modules' containers and their sizes (module-level state that could grow)."""
+    return {name: len(value) for name, value in _module_containers()}
 
 
 def test_thousands_of_calls_leave_nothing_behind(no_kernels):
@@ -286,10 +297,9 @@ def test_thousands_of_calls_leave_nothing_behind(no_kernels):
     assert _containers() == before
     assert len(ws.entries) <= ws.limit and not ws.captured
     assert ws.builds <= 3  # the tables of (params, dim 0) and (params, dim -1)
-    for name, value in vars(B).items():  # no module-level container holds a tensor or a table
-        if isinstance(value, (dict, list, set)) and not name.startswith("__"):
-            items = value.values() if isinstance(value, dict) else value
-            assert not any(isinstance(v, (torch.Tensor, B._Tables, B._Targets, tuple)) for v in items), name
+    for name, value in _module_containers():  # no module-level container holds a tensor or a table
+        items = value.values() if isinstance(value, dict) else value
+        assert not any(isinstance(v, (torch.Tensor, tables._Tables, tables._Targets, tuple)) for v in items), name
 
 
 # ------------------------------------------------------------------- CUDA-graph capture
@@ -308,8 +318,8 @@ def test_tables_built_during_capture_are_kept_apart(monkeypatch):
     captured = list(ws.captured)
     # the sums' tables, add_grad_'s (same key, but tables built during capture are never looked
     # up) and add_grad_'s per-call target table
-    assert sum(isinstance(t, B._Tables) for t in captured) == 2
-    assert sum(isinstance(t, B._Targets) for t in captured) == 1
+    assert sum(isinstance(t, tables._Tables) for t in captured) == 2
+    assert sum(isinstance(t, tables._Targets) for t in captured) == 1
     assert_owned(ws)
     torch.testing.assert_close(got[0].double(), expected, rtol=1e-6, atol=0)
 

@@ -1,0 +1,151 @@
+"""The Triton backend: multi-tensor CUDA kernels for every fastreg term, a few launches per call.
+
+The contract is in ``fastreg/backends/__init__.py``; where this backend sits among the layers,
+in ``ARCHITECTURE.md``. In short: every tensor of a call is cut into programs (CUDA blocks) of
+about ``chunk`` elements, each walking its tensor in one of three modes (flat, runs of a group,
+rows of groups); a program finds its tensor, range and pointers in int64 device tables built on
+the host (a host loop and one host-to-device copy, cached in the caller's workspace). The sums
+are two-stage, deterministic and atomic-free; the coefficients stay on the device, so a step
+can be captured in a CUDA graph. No tensor count limit, no host sync, 64-bit offsets.
+
+The modules, in reading order (each docstring holds the design of its part):
+
+``tuning.py``   the tuning constants (``BLOCK``, ``NUM_WARPS``, ``MAX_CHUNK``, ...): every module
+                reads them there at call time, so set them there (``backend.tuning.BLOCK = ...``).
+``kernels.py``  the ``@triton.jit`` kernels, with the modes (``MODE_FLAT`` / ``MODE_RUNS`` /
+                ``MODE_ROWS``), the ops (``OP_GRADS`` / ``OP_ADD_GRAD`` / ``OP_PROX``) and the
+                term slots (mirroring ``fastreg.backends._terms``) as named constexprs.
+``tables.py``   the device tables a call's kernels read, their cache in the workspace, and who
+                owns what they point at ("Ownership", "CUDA-graph capture").
+``launch.py``   the launchers: the four contract calls as launches over the tables.
+``aot.py``      ``launch_configs()``: every specialization, for the ahead-of-time compile check.
+this file       the backend's face: ``NAME``, ``DEVICE_TYPES``, ``VERSIONS_BUMPED``,
+                ``unavailable_reason()``, the contract functions (the device checks, then
+                ``launch.py``) and ``launch_configs()``.
+
+Only this file imports without triton (the backend is then unavailable). Imports inside the
+package are relative, so ``python -m bench.host_overhead --module DIR`` can load another copy
+of the package beside this one.
+"""
+
+import contextlib
+import os
+
+import torch
+
+from fastreg.backends import _terms
+
+from . import tuning  # noqa: F401  (the tuning constants' home: fastreg.backends.triton.tuning)
+
+NAME = "triton"
+VERSIONS_BUMPED = False  # kernels write through raw pointers: fastreg._ops bumps
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Under TRITON_INTERPRET=1 kernels run on the host and read raw host addresses, so only CPU
+# tensors can work (the interpreter copies CUDA tensor arguments to the host, but not the
+# memory the device tables point at): the backend then runs on "cpu" only.
+_INTERPRET = _interpreting()
+DEVICE_TYPES = ("cpu",) if _INTERPRET else ("cuda",)
+
+try:  # the package must import without triton: the backend is then unavailable
+    import triton
+    import triton.language  # noqa: F401
+except Exception as exc:  # pragma: no cover - depends on the environment
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    aot = kernels = launch = tables = None
+else:
+    _IMPORT_ERROR = None
+    from . import aot, kernels, launch, tables  # noqa: F401  (tables: what tests and tools inspect)
+
+
+def _mirror_error():
+    """``None`` when the kernels' term slots agree with ``fastreg.backends._terms``, else the
+    disagreement (then the backend is unavailable, with this as the reason)."""
+    k = kernels
+    mirrored = {
+        ("Sum", "ABS"): k.SUM_ABS, ("Sum", "SQUARE"): k.SUM_SQUARE, ("Sum", "GROUP_NORM"): k.SUM_GROUP_NORM,
+        ("Gradient", "L1"): k.GRADIENT_L1, ("Gradient", "L2"): k.GRADIENT_L2, ("Gradient", "GROUP"): k.GRADIENT_GROUP,
+        ("Prox", "THRESHOLD"): k.PROX_THRESHOLD, ("Prox", "DENOMINATOR"): k.PROX_DENOMINATOR,
+        ("Prox", "GROUP_THRESHOLD"): k.PROX_GROUP_THRESHOLD,
+    }
+    try:
+        _terms.check_mirror(NAME, {key: slot.value for key, slot in mirrored.items()})
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+_MIRROR_ERROR = None if kernels is None else _mirror_error()  # checked once, when the package loads
+
+
+def unavailable_reason():
+    if _IMPORT_ERROR is not None:
+        return f"triton cannot be imported ({_IMPORT_ERROR})"
+    if _MIRROR_ERROR is not None:
+        return _MIRROR_ERROR
+    if _INTERPRET:
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def _device_of(params):
+    device = params[0].device
+    if device.type not in DEVICE_TYPES:
+        hint = " (under TRITON_INTERPRET=1 it runs CPU tensors only)" if _INTERPRET else ""
+        raise RuntimeError(f"fastreg: the triton backend runs on {'/'.join(DEVICE_TYPES)} "
+                           f"tensors, not {device.type}{hint}")
+    if launch is None:
+        raise RuntimeError(f"fastreg: the triton backend is unavailable: {unavailable_reason()}")
+    return device
+
+
+def _on(device):
+    """Triton launches on the current CUDA device: make it the group's device."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _capturing(device):
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# --------------------------------------------------------------------------------------
+# The contract (fastreg/backends/__init__.py)
+# --------------------------------------------------------------------------------------
+
+def sums(params, centers, group_dim, threshold=0.0, workspace=None):
+    device = _device_of(params)
+    with _on(device):
+        return launch.sums(params, centers, group_dim, threshold, workspace, _capturing(device))
+
+
+def grads(params, centers, group_dim, coeffs, group_scale, workspace=None):
+    device = _device_of(params)
+    with _on(device):
+        return launch.grads(params, centers, group_dim, coeffs, group_scale, workspace, _capturing(device))
+
+
+def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace=None):
+    device = _device_of(params)
+    with _on(device):
+        return launch.add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace,
+                                _capturing(device))
+
+
+def prox_(params, centers, group_dim, coeffs, group_norms, workspace=None):
+    device = _device_of(params)
+    with _on(device):
+        launch.prox_(params, centers, group_dim, coeffs, group_norms, workspace, _capturing(device))
+
+
+def launch_configs():
+    """Every specialization the contract calls can launch, for an ahead-of-time compile: see
+    ``aot.launch_configs``; empty without triton."""
+    return [] if aot is None else aot.launch_configs()

@@ -1,0 +1,374 @@
+"""The Triton kernels: every term's maths on the device, a few launches per call.
+
+Four kernels: ``_sums_kernel`` (stage 1 of the sums: one ``[Σ|s|, Σs²]`` pair per program and
+the group partials), ``_group_sq_kernel`` and ``_finish_kernel`` (stage 2), and
+``_elementwise_kernel`` (``grads``, ``add_grad_`` and ``prox_``, one op per specialization),
+with their ``@triton.jit`` helpers. The launchers are in ``launch.py``, the tables the kernels
+read in ``tables.py``. Importing this module needs triton.
+
+* **Modes.** Every tensor of a call is cut into programs (CUDA blocks) of about ``chunk``
+  elements, in one of three modes, chosen per tensor (``tables.py``); a launch runs one mode:
+
+  ``MODE_FLAT``  a tensor without a group term: a contiguous chunk, walked in ``BLOCK`` tiles,
+                 all but the last unmasked (vectorised loads).
+  ``MODE_RUNS``  a tensor whose groups are runs of ``K >= MIN_RUN`` contiguous elements
+                 (``group_dim=0`` on a contiguous weight): a ``[BLOCK // RUN_TILE, RUN_TILE]``
+                 tile of whole runs (rows) walked along ``K``; one partial per run.
+  ``MODE_ROWS``  a tensor whose runs are short (``group_dim=1`` on a Linear weight: ``K = 1``):
+                 a ``BLOCK``-wide window of positions of its ``(A, G*K)`` memory view, walked
+                 down ``chunk // BLOCK`` rows; one float64 partial per position.
+
+  A program reads its tensor, range and partials' slot from its row of the launch's table
+  (``_program``), the tensor's pointers from the pointer tables (cast to the dtype with
+  ``tl.pointer_type``: the pattern of Triton's grouped-GEMM tutorial) and its geometry from its
+  row of the per-tensor table (``_geometry``).
+* **Ops.** ``_elementwise_kernel`` computes ``OP_GRADS`` (out = gradient), ``OP_ADD_GRAD``
+  (out += gradient, and the sums of its ``MODE_FLAT`` tensors) or ``OP_PROX`` (w = the proximal
+  step); the term maths is ``_apply``, the one place for it.
+* **Named constants.** Triton lets a ``@triton.jit`` function read a module global only when
+  it is a ``tl.constexpr`` instance (``MODE_FLAT = tl.constexpr(0)``; the annotated form
+  ``MODE_FLAT: tl.constexpr = 0`` is refused by the compiler), so the modes, the ops and the
+  term slots are such instances: folded at compile time, as a literal would be, and passed as
+  they are by the host (``MODE=MODE_RUNS``). The term slots mirror ``fastreg.backends._terms``;
+  the package checks the mirror when it loads (``unavailable_reason()`` names a disagreement).
+* **64-bit offsets.** ``tl.program_id(0)`` is widened to int64 first; table entries are int64,
+  so offsets and masks are int64: tensors above 2**31 elements are fine.
+* **Deterministic sums, no atomics.** Stage 1 writes one ``[Σ|s|, Σs²]`` pair per program and
+  the group partials into their own slots; ``_group_sq_kernel`` adds each group's slots in a
+  fixed order in float64, and ``_finish_kernel`` adds the pairs and ``Σ_g sqrt(group_sq)``.
+* **Coefficients** are loaded inside the kernels from device tensors (the per-group ones are
+  formed on the device by the launchers): no host sync, so a step can be CUDA-graph captured.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# How a program walks its tensor (see "Modes"); tables.py picks one per tensor.
+MODE_FLAT = tl.constexpr(0)
+MODE_RUNS = tl.constexpr(1)
+MODE_ROWS = tl.constexpr(2)
+
+# What _elementwise_kernel computes (see "Ops").
+OP_GRADS = tl.constexpr(0)
+OP_ADD_GRAD = tl.constexpr(1)
+OP_PROX = tl.constexpr(2)
+
+# The term slots of fastreg.backends._terms, mirrored (checked when the package loads).
+SUM_ABS = tl.constexpr(0)  # Sum.ABS
+SUM_SQUARE = tl.constexpr(1)  # Sum.SQUARE
+SUM_GROUP_NORM = tl.constexpr(2)  # Sum.GROUP_NORM
+GRADIENT_L1 = tl.constexpr(0)  # Gradient.L1
+GRADIENT_L2 = tl.constexpr(1)  # Gradient.L2
+GRADIENT_GROUP = tl.constexpr(2)  # Gradient.GROUP (applied through group_coef, formed on the host side)
+PROX_THRESHOLD = tl.constexpr(0)  # Prox.THRESHOLD
+PROX_DENOMINATOR = tl.constexpr(1)  # Prox.DENOMINATOR
+PROX_GROUP_THRESHOLD = tl.constexpr(2)  # Prox.GROUP_THRESHOLD (applied through group_coef)
+
+
+@triton.jit
+def _sign(x):
+    # sign(0) = 0, as torch.sign and the subgradient of abs; computed in x's dtype.
+    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
+
+
+@triton.jit
+def _program(meta, MODE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    """This program's (id, tensor, x0, x1, y0, slot); all int64. The element offsets among
+    them (FLAT x0, RUNS x1 and y0, ROWS y0) are multiples of a tile, so for an aligned
+    tensor they are hinted multiples of VEC: Triton can then prove 16-byte accesses."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = meta + 5 * pid
+    x0, x1, y0 = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+    if ALIGNED:
+        if MODE == MODE_FLAT:
+            x0 = tl.multiple_of(x0, VEC)
+        elif MODE == MODE_RUNS:
+            x1 = tl.multiple_of(x1, VEC)
+            y0 = tl.multiple_of(y0, VEC)
+        else:
+            y0 = tl.multiple_of(y0, VEC)
+    return pid, tl.load(row), x0, x1, y0, tl.load(row + 4)
+
+
+@triton.jit
+def _geometry(info, t):
+    """Tensor ``t``'s (numel, G, K, L, group base, runs)."""
+    row = info + 6 * t
+    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+            tl.load(row + 5))
+
+
+@triton.jit
+def _operand(ptrs, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s data pointer from the table, cast to DTYPE."""
+    ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _row_start(a, L, ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    start = a * L
+    if ALIGNED:
+        start = tl.multiple_of(start, VEC)
+    return start
+
+
+@triton.jit
+def _load_d(w, c, offs, mask, ACC: tl.constexpr, HAS_CENTER: tl.constexpr, MASKED: tl.constexpr):
+    """d = w - c at ``offs`` in the acc dtype (0 where masked)."""
+    if MASKED:
+        x = tl.load(w + offs, mask=mask, other=0.0).to(ACC)
+        if HAS_CENTER:
+            x -= tl.load(c + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        x = tl.load(w + offs).to(ACC)
+        if HAS_CENTER:
+            x -= tl.load(c + offs).to(ACC)
+    return x
+
+
+@triton.jit
+def _magnitude(x, threshold, SHRINK: tl.constexpr):
+    """|s|: |d|, or max(|d| - threshold, 0) (NaN propagates)."""
+    if SHRINK:
+        return tl.maximum(tl.abs(x) - threshold, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.abs(x)
+
+
+@triton.jit
+def _sums_kernel(
+    w_ptrs, c_ptrs,  # int64[T]: data pointers (c_ptrs = w_ptrs without centers)
+    info,  # int64[5T]: per-tensor geometry
+    meta,  # int64[5P]: per-program (tensor, x0, x1, y0, slot)
+    partials,  # acc[2P]: (Σ|s|, Σs²) per program
+    slots,  # acc[...]: group partials
+    threshold,  # acc[1]
+    chunk,  # elements per FLAT program (a runtime value: one compiled kernel for every chunk)
+    DTYPE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr, HAS_CENTER: tl.constexpr,
+    SHRINK: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, RUN_TILE: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    pid, t, x0, x1, y0, slot = _program(meta, MODE, ALIGNED, VEC)
+    numel, G, K, L, group_base, nruns = _geometry(info, t)
+    w = _operand(w_ptrs, t, DTYPE, ALIGNED)
+    c = _operand(c_ptrs, t, DTYPE, ALIGNED)
+    thr = tl.load(threshold).to(ACC)
+    if MODE == MODE_FLAT:  # elements [x0, x0 + chunk) of the tensor
+        lanes = tl.arange(0, BLOCK)
+        count = tl.minimum(numel - x0, chunk)
+        acc_abs = tl.zeros([BLOCK], dtype=ACC)
+        acc_sq = tl.zeros([BLOCK], dtype=ACC)
+        full = count - count % BLOCK
+        for i in range(0, full, BLOCK):
+            s = _magnitude(_load_d(w, c, x0 + i + lanes, None, ACC, HAS_CENTER, False), thr, SHRINK)
+            acc_abs += s
+            acc_sq += s * s
+        if full < count:
+            offs = full + lanes
+            s = _magnitude(_load_d(w, c, x0 + offs, offs < count, ACC, HAS_CENTER, True), thr, SHRINK)
+            acc_abs += s
+            acc_sq += s * s
+        tl.store(partials + 2 * pid, tl.sum(acc_abs, axis=0))
+        tl.store(partials + 2 * pid + 1, tl.sum(acc_sq, axis=0))
+    elif MODE == MODE_RUNS:  # runs [x0, x0 + BG) (a run: K elements), along k in [x1, y0)
+        BG: tl.constexpr = BLOCK // RUN_TILE
+        runs = x0 + tl.arange(0, BG).to(tl.int64)
+        run_ok = runs < nruns
+        cols = tl.arange(0, RUN_TILE)
+        acc_abs = tl.zeros([BG, RUN_TILE], dtype=ACC)
+        acc_sq = tl.zeros([BG, RUN_TILE], dtype=ACC)
+        for k in range(x1, y0, RUN_TILE):
+            kk = k + cols
+            mask = run_ok[:, None] & (kk < y0)[None, :]
+            offs = _row_start(runs, K, ALIGNED, VEC)[:, None] + kk[None, :]
+            s = _magnitude(_load_d(w, c, offs, mask, ACC, HAS_CENTER, True), thr, SHRINK)
+            acc_abs += s
+            acc_sq += s * s
+        tl.store(partials + 2 * pid, tl.sum(tl.sum(acc_abs, axis=1), axis=0))
+        per_run = tl.sum(acc_sq, axis=1)
+        tl.store(partials + 2 * pid + 1, tl.sum(per_run, axis=0))
+        tl.store(slots + slot + tl.arange(0, BG), per_run, mask=run_ok)
+    else:  # MODE_ROWS: positions [y0, y0 + BLOCK) of rows [x0, x1)
+        if ALIGNED:
+            L = tl.multiple_of(L, VEC)  # so that the mask is constant over each vector
+        cols = y0 + tl.arange(0, BLOCK).to(tl.int64)
+        col_ok = cols < L
+        acc_abs = tl.zeros([BLOCK], dtype=ACC)
+        acc_sq = tl.zeros([BLOCK], dtype=tl.float64)  # one column's squares over many rows
+        for a in range(x0, x1):
+            offs = _row_start(a, L, ALIGNED, VEC) + cols
+            s = _magnitude(_load_d(w, c, offs, col_ok, ACC, HAS_CENTER, True), thr, SHRINK)
+            acc_abs += s
+            acc_sq += (s * s).to(tl.float64)
+        tl.store(partials + 2 * pid, tl.sum(acc_abs, axis=0))
+        tl.store(partials + 2 * pid + 1, tl.sum(acc_sq, axis=0).to(ACC))
+        tl.store(slots + slot + tl.arange(0, BLOCK), acc_sq.to(ACC), mask=col_ok)
+
+
+@triton.jit
+def _group_sq_kernel(slots, ginfo, gmap, group_sq, GROUP_BLOCK: tl.constexpr):
+    """group_sq[g] = Σ_i Σ_j slots[base + i·S1 + g·S2 + j], in a fixed order, in float64."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(gmap + 2 * pid)
+    first = tl.load(gmap + 2 * pid + 1) * GROUP_BLOCK
+    row = ginfo + 7 * t
+    base, n1, s1, s2, n2 = tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+    groups, out = tl.load(row + 5), tl.load(row + 6)
+    g = first + tl.arange(0, GROUP_BLOCK).to(tl.int64)
+    ok = g < groups
+    acc = tl.zeros([GROUP_BLOCK], dtype=tl.float64)
+    for i in range(0, n1):
+        for j in range(0, n2):
+            acc += tl.load(slots + base + i * s1 + g * s2 + j, mask=ok, other=0.0).to(tl.float64)
+    tl.store(group_sq + out + g, acc.to(group_sq.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _finish_kernel(partials, nparts, group_sq, ngroups, out, BLOCK: tl.constexpr):
+    """out = [Σ|s|, Σs², Σ_g sqrt(group_sq)]: one program, fixed order, float64."""
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    acc_abs = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_sq = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_norm = tl.zeros([BLOCK], dtype=tl.float64)
+    for i in range(0, nparts, BLOCK):
+        offs = i + lanes
+        mask = offs < nparts
+        acc_abs += tl.load(partials + 2 * offs, mask=mask, other=0.0).to(tl.float64)
+        acc_sq += tl.load(partials + 2 * offs + 1, mask=mask, other=0.0).to(tl.float64)
+    for i in range(0, ngroups, BLOCK):
+        offs = i + lanes
+        acc_norm += tl.sqrt(tl.load(group_sq + offs, mask=offs < ngroups, other=0.0).to(tl.float64))
+    tl.store(out + SUM_ABS, tl.sum(acc_abs, axis=0).to(out.dtype.element_ty))
+    tl.store(out + SUM_SQUARE, tl.sum(acc_sq, axis=0).to(out.dtype.element_ty))
+    tl.store(out + SUM_GROUP_NORM, tl.sum(acc_norm, axis=0).to(out.dtype.element_ty))
+
+
+@triton.jit
+def _apply(x, coef, c1, den, c_val, old, OP: tl.constexpr, F64: tl.constexpr, MODE: tl.constexpr,
+           PROMOTE: tl.constexpr):
+    """The element-wise result of op OP for d = x (see ``_elementwise_kernel``); one return."""
+    if OP == OP_PROX:  # c + shrunk / den (MODE_FLAT) or c + shrunk * factor (groups)
+        shrunk = _sign(x) * tl.maximum(tl.abs(x) - c1, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        if MODE == MODE_FLAT:
+            if F64:
+                r = shrunk / den
+            else:
+                r = tl.math.div_rn(shrunk, den)  # fp32 '/' is approximate on NVIDIA GPUs
+        else:
+            r = shrunk * coef
+        value = (r + c_val).to(PROMOTE)
+    else:
+        gradient = c1 * _sign(x) + coef * x  # one FMA with fusion on: rounded once
+        if OP == OP_ADD_GRAD:  # old + gradient in the wider dtype
+            value = old.to(PROMOTE) + gradient.to(PROMOTE)
+        else:
+            value = gradient.to(PROMOTE)  # OP_GRADS
+    return value
+
+
+@triton.jit
+def _store_as(value, DTYPE: tl.constexpr):
+    """``value`` in DTYPE; float64 reaches 16-bit floats through float32 (the interpreter
+    has no float64 -> bfloat16 conversion; the double rounding is that of the C++ kernels)."""
+    if value.dtype == tl.float64 and DTYPE.primitive_bitwidth == 16:
+        return value.to(tl.float32).to(DTYPE)
+    return value.to(DTYPE)
+
+
+@triton.jit
+def _elementwise_kernel(
+    w_ptrs, c_ptrs, out_ptrs,  # int64[T]
+    info, meta,
+    coeffs,  # acc[3]: OP_GRADS / OP_ADD_GRAD: the Gradient slots; OP_PROX: the Prox slots
+    group_coef,  # acc[groups]: the coefficient of d (grads/add_grad) or the factor (prox) per group
+    partials,  # acc[2P]: add_grad's (Σ|d|, Σd²) per FLAT program
+    chunk,  # elements per FLAT program
+    DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, ACC: tl.constexpr, PROMOTE: tl.constexpr,
+    OP: tl.constexpr,  # OP_GRADS (out = gradient), OP_ADD_GRAD (out += gradient), OP_PROX (out = w)
+    MODE: tl.constexpr, HAS_CENTER: tl.constexpr, ALIGNED: tl.constexpr, REDUCE: tl.constexpr,
+    BLOCK: tl.constexpr, RUN_TILE: tl.constexpr, VEC: tl.constexpr, F64: tl.constexpr,
+):
+    pid, t, x0, x1, y0, slot = _program(meta, MODE, ALIGNED, VEC)
+    numel, G, K, L, group_base, nruns = _geometry(info, t)
+    w = _operand(w_ptrs, t, DTYPE, ALIGNED)
+    c = _operand(c_ptrs, t, DTYPE, ALIGNED)
+    out = _operand(out_ptrs, t, OUT_DTYPE, ALIGNED)
+    if OP == OP_PROX:
+        c1 = tl.load(coeffs + PROX_THRESHOLD).to(ACC)
+        second = tl.load(coeffs + PROX_DENOMINATOR).to(ACC)
+    else:
+        c1 = tl.load(coeffs + GRADIENT_L1).to(ACC)
+        second = tl.load(coeffs + GRADIENT_L2).to(ACC)
+    flat_coef = 2 * second  # grads / add_grad: 2·c2 (prox uses `second` as the denominator)
+    if MODE == MODE_FLAT:
+        lanes = tl.arange(0, BLOCK)
+        count = tl.minimum(numel - x0, chunk)
+        acc_abs = tl.zeros([BLOCK], dtype=ACC)
+        acc_sq = tl.zeros([BLOCK], dtype=ACC)
+        full = count - count % BLOCK
+        for i in range(0, full, BLOCK):
+            offs = x0 + i + lanes
+            x = _load_d(w, c, offs, None, ACC, HAS_CENTER, False)
+            c_val = tl.load(c + offs).to(ACC) if (HAS_CENTER and OP == OP_PROX) else 0.0
+            old = tl.load(out + offs) if OP == OP_ADD_GRAD else 0.0
+            tl.store(out + offs, _store_as(_apply(x, flat_coef, c1, second, c_val, old, OP, F64, MODE,
+                                        PROMOTE), OUT_DTYPE))
+            if REDUCE:
+                acc_abs += tl.abs(x)
+                acc_sq += x * x
+        if full < count:
+            rel = full + lanes
+            mask = rel < count
+            offs = x0 + rel
+            x = _load_d(w, c, offs, mask, ACC, HAS_CENTER, True)
+            c_val = tl.load(c + offs, mask=mask, other=0.0).to(ACC) if (HAS_CENTER and OP == OP_PROX) else 0.0
+            old = tl.load(out + offs, mask=mask, other=0.0) if OP == OP_ADD_GRAD else 0.0
+            tl.store(out + offs, _store_as(_apply(x, flat_coef, c1, second, c_val, old, OP, F64, MODE,
+                                        PROMOTE), OUT_DTYPE), mask=mask)
+            if REDUCE:
+                acc_abs += tl.abs(x)
+                acc_sq += x * x
+        if REDUCE:
+            tl.store(partials + 2 * pid, tl.sum(acc_abs, axis=0))
+            tl.store(partials + 2 * pid + 1, tl.sum(acc_sq, axis=0))
+    elif MODE == MODE_RUNS:  # one coefficient per run (its group's)
+        BG: tl.constexpr = BLOCK // RUN_TILE
+        runs = x0 + tl.arange(0, BG).to(tl.int64)
+        run_ok = runs < nruns
+        group = runs.to(tl.int32) % G.to(tl.int32)  # int32: the host keeps runs below 2**31
+        coef = tl.load(group_coef + group_base + group, mask=run_ok, other=0.0).to(ACC)[:, None]
+        cols = tl.arange(0, RUN_TILE)
+        for k in range(x1, y0, RUN_TILE):
+            kk = k + cols
+            mask = run_ok[:, None] & (kk < y0)[None, :]
+            offs = _row_start(runs, K, ALIGNED, VEC)[:, None] + kk[None, :]
+            x = _load_d(w, c, offs, mask, ACC, HAS_CENTER, True)
+            c_val = tl.load(c + offs, mask=mask, other=0.0).to(ACC) if (HAS_CENTER and OP == OP_PROX) else 0.0
+            old = tl.load(out + offs, mask=mask, other=0.0) if OP == OP_ADD_GRAD else 0.0
+            tl.store(out + offs, _store_as(_apply(x, coef, c1, second, c_val, old, OP, F64, MODE,
+                                        PROMOTE), OUT_DTYPE), mask=mask)
+    else:  # MODE_ROWS: one coefficient per position (its group's), loaded once
+        if ALIGNED:
+            L = tl.multiple_of(L, VEC)  # so that the mask is constant over each vector
+        cols = y0 + tl.arange(0, BLOCK).to(tl.int64)
+        col_ok = cols < L
+        group = cols.to(tl.int32) // K.to(tl.int32)  # int32: the host keeps rows below 2**31
+        coef = tl.load(group_coef + group_base + group, mask=col_ok, other=0.0).to(ACC)
+        for a in range(x0, x1):
+            offs = _row_start(a, L, ALIGNED, VEC) + cols
+            x = _load_d(w, c, offs, col_ok, ACC, HAS_CENTER, True)
+            c_val = tl.load(c + offs, mask=col_ok, other=0.0).to(ACC) if (HAS_CENTER and OP == OP_PROX) else 0.0
+            old = tl.load(out + offs, mask=col_ok, other=0.0) if OP == OP_ADD_GRAD else 0.0
+            tl.store(out + offs, _store_as(_apply(x, coef, c1, second, c_val, old, OP, F64, MODE,
+                                        PROMOTE), OUT_DTYPE), mask=col_ok)
+
+
+_TL_DTYPES = {  # torch dtype -> the kernels' DTYPE / ACC / OUT_DTYPE / PROMOTE constexprs
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}

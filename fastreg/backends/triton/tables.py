@@ -1,0 +1,343 @@
+"""The device tables of a call: what the kernels read about its tensors, and who owns them.
+
+A call's ``_Tables`` (``_build_tables``) is one int64 device tensor holding, for the tensors of
+one (device, dtype) group: the pointer tables of ``w`` and ``c`` (one data pointer per tensor;
+the kernels cast them to the dtype); the per-tensor geometry (``TENSOR_FIELDS`` a tensor); for
+each launch, one row per program (its tensor, its range, its partials' slot); and the rows
+``_group_sq_kernel`` reads. There is no limit on tensors per launch; one launch (``_Launch``)
+per mode (``kernels.MODE_*``, chosen per tensor), tile and alignment present in the call. The
+write targets get a pointer table per call (``_Targets``, ``_targets_of``).
+
+* **Chunk per launch.** ``chunk`` is the smallest power of two (between ``BLOCK`` and
+  ``MAX_CHUNK``) that cuts the call into at most ``TARGET_PROGRAMS`` programs: a 2M-parameter
+  model gets 512 programs of 4096 elements instead of 32 of 65536, so a 132-SM GPU is full. It
+  is a function of the tensor sizes only, so the results stay bitwise deterministic.
+* **Alignment per tensor.** A tensor whose operands all start on 16 bytes (and, with groups,
+  whose rows keep that alignment) goes into the ``ALIGNED`` launch, with
+  ``tl.multiple_of`` hints: 128-bit loads. One odd tensor no longer turns them off for all.
+* **Ownership** (the rules are stated once, in ``fastreg/backends/_workspace.py``). A call's
+  ``_Tables`` (the tensors' pointers, geometry and programs: a host loop plus one host-to-device
+  copy to build) hold in ``owners`` every tensor whose address they contain: detached aliases of
+  the parameters as read (a later ``p.data = ...`` cannot free what they point at), the
+  centers, and every copy made for the kernels; ``addresses()`` lists those addresses. No
+  module of the backend keeps a tensor or a table. Tables are cached only in the ``workspace``
+  the caller passes (each kernel group of a ``Penalty`` owns one: a small LRU that dies with
+  it), keyed by the operands' pointers and shapes (plus, checked on a hit, the strides the
+  tables depend on), the group dim, the tuning constants and the current stream; while an entry
+  holds the storages its key's addresses cannot be given to other tensors. Keying by stream
+  orders a table's upload before every use. Without a workspace the tables live for the call.
+  Tables that read copies (non-dense parameters, centers in another memory order) are never
+  cached: the copies are made for each call and live as long as its tables; in-place results on
+  a copy are copied back explicitly. The write targets (gradients, outputs: new pointers every
+  step) get a ``_Targets`` table per call, owned by the call. The zero threshold and placeholder
+  are owned by the tables; a float threshold becomes a device tensor per call (``torch.full``: a
+  fill kernel, no host-to-device copy, nothing kept). On CUDA, tables are uploaded from pinned
+  memory with a non_blocking copy (the caching host allocator keeps the pinned block until the
+  copy has run), and a table freed after the call is reused only by later work on the stream.
+* **CUDA-graph capture.** A captured upload happens only when the graph replays, and the graph
+  reads its tables at every replay: tables built during capture go to ``workspace.captured``
+  (kept as long as the workspace, hence as long as the ``Penalty`` whose graphs replay them),
+  never into the entries eager calls look in; cached tables used during capture and the
+  per-call target tables are kept there too. Without a workspace a call under capture raises
+  (nothing could keep its tables alive): call through a ``Penalty``, or pass a ``Workspace``.
+* **Layouts.** Kernels walk memory linearly. A tensor that is dense (contiguous in some
+  dimension order, e.g. ``w.t()`` or channels_last) is used as is, its groups located from its
+  strides; centers and gradients in another order, and non-dense tensors, are read through a
+  copy in the parameter's order.
+* **Host time per call** (what a call costs the training loop's thread while the GPU works;
+  ``python -m bench.host_overhead`` measures it with the kernels stubbed): a cache hit reads each
+  tensor's pointer and shape (C-level maps) and the strides of the few tensors that need them;
+  ``add_grad_`` and ``grads`` build and upload their targets' pointer table. ``grads`` must return
+  one fresh tensor per parameter (148 ``empty_like`` are most of its ~1 ms for GPT-2 shapes on
+  this host).
+"""
+
+import torch
+
+from fastreg.backends._geometry import acc_dtype, group_sizes, has_groups, memory_geometry
+
+from . import tuning
+from .kernels import MODE_FLAT, MODE_ROWS, MODE_RUNS
+
+TENSOR_FIELDS = 6  # per tensor: (numel, G, K, L = G*K, group base, runs = numel / K)
+INT32_MAX = 2**31 - 1  # group indices are computed in int32 (int64 division is a slow subroutine call)
+
+
+class _Launch:
+    """One kernel launch: a mode, a tile width, an alignment, its programs' table rows."""
+
+    __slots__ = ("mode", "run_tile", "aligned", "meta", "programs", "partial_base")
+
+    def __init__(self, mode, run_tile, aligned, meta, programs, partial_base):
+        self.mode, self.run_tile, self.aligned = mode, run_tile, aligned
+        self.meta, self.programs, self.partial_base = meta, programs, partial_base
+
+
+class _Tables:
+    """Everything the kernels need about a set of tensors: one int64 device tensor holding the
+    pointer tables of w and c, the per-tensor geometry, the per-program rows of every launch
+    and the group-reduction rows; the launches and buffer sizes; and, in ``owners``, every
+    tensor whose address the tables hold (see "Ownership")."""
+
+    __slots__ = ("data", "host", "pointers", "owners", "zero", "w_ptrs", "c_ptrs", "info", "launches", "ginfo",
+                 "gmap", "group_programs", "programs", "nslots", "ngroups", "chunk", "grouped", "has_center",
+                 "dtype", "device", "direct", "reads", "copies", "index", "strides")
+
+    def addresses(self):
+        """Every device address written into the tables (w's and c's data pointers); each lies
+        in the storage of one of ``owners``."""
+        return list(self.pointers)
+
+
+class _Targets:
+    """One call's table of write-target pointers (gradients, outputs, or copies of them in the
+    order their parameters are read), with the tensors it points into."""
+
+    __slots__ = ("table", "host", "pointers", "owners")
+
+    def addresses(self):
+        return list(self.pointers)
+
+
+def _stream_key(device):
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _upload(values, device):
+    """``(device tensor, host tensor)`` holding ``values`` (a CPU int64 tensor), without a host
+    sync. A pageable host-to-device copy synchronises the stream; a pinned non_blocking one does
+    not, and the CUDA caching host allocator keeps the pinned block until that copy has run. A
+    copy captured in a CUDA graph rereads the pinned block at every replay: whoever keeps the
+    device table for the graph keeps the host tensor too."""
+    if device.type != "cuda":
+        return values, values
+    host = values.pin_memory()
+    return host.to(device, non_blocking=True), host
+
+
+def _no_workspace_under_capture():
+    return RuntimeError(
+        "fastreg: the triton backend was called without a workspace while a CUDA graph was being captured. "
+        "The device tables such a call builds are read when the graph replays, so they must outlive the call, "
+        "and only a Workspace can keep them: call it through a fastreg.Penalty (each of its kernel groups owns "
+        "one), or pass workspace=fastreg.backends._workspace.Workspace() and keep it as long as the graph.")
+
+
+def _keep_for_graph(workspace, item):
+    """Keep cached tables used during a capture for as long as the workspace: the graph reads
+    them at every replay, even after the LRU has dropped them."""
+    if not any(kept is item for kept in workspace.captured):
+        workspace.captured.append(item)
+
+
+def _chunk(total, block):
+    """The program size for a call of ``total`` elements: see "Chunk per launch"."""
+    want = max(1, -(-total // tuning.TARGET_PROGRAMS))
+    chunk = 1 << (want - 1).bit_length()
+    return max(block, min(tuning.MAX_CHUNK, chunk))
+
+
+def _is_dense(t):
+    """True when ``t``'s elements fill ``t.numel()`` consecutive slots from ``t.data_ptr()``."""
+    if t.is_contiguous():
+        return True
+    order = sorted(range(t.ndim), key=lambda d: t.stride(d), reverse=True)
+    return t.permute(order).is_contiguous()
+
+
+def _same_order(a, b):
+    """Two dense tensors of one shape map every index to the same memory offset."""
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+def _signature(tensors):
+    """What tables depend on, cheaply: every data pointer and shape (C-level maps: ~0.3 µs a
+    tensor). Strides matter only where the tables use them: a hit checks those (``_tables``)."""
+    return tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.size, tensors))
+
+
+def _tables(params, centers, group_dim, workspace, capturing, misaligned=()):
+    """The tables for ``params`` (and ``centers``): from ``workspace`` when every tensor is where
+    it was, else built (and cached there when they read no copy); ``misaligned``: indices whose
+    write target is not 16-byte aligned. See "Ownership"."""
+    if workspace is None:
+        if capturing:
+            raise _no_workspace_under_capture()
+        return _build_tables(params, centers, group_dim, misaligned)
+    device, dtype = params[0].device, params[0].dtype
+    params_at, centers_at = _signature(params), None if centers is None else _signature(centers)
+    setting = (device, dtype, _stream_key(device), group_dim, misaligned, tuning.BLOCK, tuning.BLOCK_FP64,
+               tuning.MAX_CHUNK, tuning.TARGET_PROGRAMS, tuning.RUN_TILE, tuning.MIN_RUN, tuning.RUN_LONG,
+               tuning.GROUP_BLOCK)
+    key = (*setting, params_at, centers_at)
+    tables = workspace.get(key)
+    if tables is not None:
+        operands = (params, centers)
+        if all(operands[which][i].stride() == stride for which, i, stride in tables.strides):
+            if capturing:
+                _keep_for_graph(workspace, tables)
+            return tables
+    tables = _build_tables(params, centers, group_dim, misaligned)
+    if capturing:  # uploaded only when the graph replays: never where an eager call looks
+        workspace.keep_for_capture(tables)
+    elif tables.direct:  # tables reading copies are valid for this call only
+        # The same setting and shapes at other addresses (p.data swapped) replace the old tables,
+        # so a swapped-out storage lives no longer than the next build.
+        family = (*setting, params_at[1], None if centers_at is None else centers_at[1])
+        workspace.put(key, tables, family=family)
+    return tables
+
+
+def _build_tables(params, centers, group_dim, misaligned):
+    dtype, device = params[0].dtype, params[0].device
+    block = tuning.block(dtype)
+    sizes = group_sizes(params, group_dim)
+    records, base, direct = [], 0, True
+    for i, p in enumerate(params):
+        group_base, base = base, base + sizes[i]
+        if not p.numel():
+            continue
+        # Owned by the tables: a detached alias of the parameter (its storage stays valid even if
+        # the user swaps p.data), or the copy the kernels read instead.
+        alias = p.detach()
+        w = alias if _is_dense(p) else alias.contiguous()
+        c = None
+        if centers is not None:
+            c = centers[i].detach()
+            if not (_is_dense(c) and _same_order(c, w)):
+                c = torch.empty_like(w).copy_(c)  # in w's memory order
+                direct = False
+        direct = direct and w is alias
+        grouped = has_groups(p, group_dim)
+        A, G, K = memory_geometry(w, group_dim) if grouped else (1, 1, p.numel())
+        mode = MODE_FLAT if not grouped else (MODE_RUNS if K >= tuning.MIN_RUN or G == 1 else MODE_ROWS)
+        run_tile = block if K >= tuning.RUN_LONG * block else min(tuning.RUN_TILE, block)
+        operands = (w,) if c is None else (w, c)
+        aligned = i not in misaligned and _aligned(operands, mode, (A, G, K))
+        records.append((i, p, w, c, mode, run_tile, (A, G, K), group_base, aligned, w is alias))
+
+    total = sum(r[1].numel() for r in records)
+    chunk = _chunk(total, block)
+    tensors, by_launch, ginfo, gmap, nslots = [], {}, [], [], 0
+    for t, (_, p, _, _, mode, run_tile, (A, G, K), group_base, aligned, _) in enumerate(records):
+        numel, L = p.numel(), G * K
+        if mode != MODE_FLAT and max(A * G, L) > INT32_MAX:
+            raise NotImplementedError(f"fastreg triton backend: a tensor of shape {tuple(p.shape)} has more than 2**31 "
+                                      "runs or a row longer than 2**31 elements along its group dimension")
+        tensors += [numel, G, K, L, group_base, A * G]
+        rows = by_launch.setdefault((mode, run_tile if mode == MODE_RUNS else 0, aligned), [])
+        if mode == MODE_FLAT:
+            rows += [(t, start, 0, 0, 0) for start in range(0, numel, chunk)]
+            continue
+        slot_base = nslots
+        if mode == MODE_RUNS:
+            runs, per_tile = A * G, block // run_tile
+            k_chunk = min(-(-K // run_tile) * run_tile, chunk)
+            k_pieces = -(-K // k_chunk)
+            for piece in range(k_pieces):
+                k0 = piece * k_chunk
+                rows += [(t, r0, k0, min(K, k0 + k_chunk), slot_base + piece * runs + r0)
+                         for r0 in range(0, runs, per_tile)]
+            nslots += k_pieces * runs
+            ginfo.append((slot_base, k_pieces * A, G, 1, 1, G, group_base))
+        else:
+            per = max(1, chunk // block)
+            row_blocks = -(-A // per)
+            rows += [(t, rb * per, min(A, (rb + 1) * per), p0, slot_base + rb * L + p0)
+                     for rb in range(row_blocks) for p0 in range(0, L, block)]
+            nslots += row_blocks * L
+            ginfo.append((slot_base, row_blocks, L, K, K, G, group_base))
+        gmap += [(len(ginfo) - 1, b) for b in range(-(-G // tuning.GROUP_BLOCK))]
+
+    ntensors = len(records)
+    w_ptrs = [r[2].data_ptr() for r in records]
+    c_ptrs = [(r[3] if r[3] is not None else r[2]).data_ptr() for r in records]
+    values = w_ptrs + c_ptrs + tensors
+    launches, partial_base = [], 0
+    for (mode, run_tile, aligned), rows in sorted(by_launch.items()):
+        start = len(values)
+        values += [v for row in rows for v in row]
+        launches.append(_Launch(mode, run_tile, aligned, (start, len(values)), len(rows), partial_base))
+        partial_base += len(rows)
+    ginfo_start = len(values)
+    values += [v for row in ginfo for v in row]
+    gmap_start = len(values)
+    values += [v for row in gmap for v in row]
+
+    tables = _Tables()
+    tables.data, tables.host = _upload(torch.tensor(values, dtype=torch.int64), device)
+    tables.pointers = w_ptrs + c_ptrs
+    tables.owners = [r[2] for r in records] + [r[3] for r in records if r[3] is not None]
+    tables.zero = torch.zeros(1, dtype=acc_dtype(dtype), device=device)  # threshold 0, unused group_coef
+    tables.w_ptrs = tables.data[:ntensors]
+    tables.c_ptrs = tables.data[ntensors:2 * ntensors]
+    tables.info = tables.data[2 * ntensors:2 * ntensors + TENSOR_FIELDS * ntensors]
+    for launch in launches:
+        launch.meta = tables.data[launch.meta[0]:launch.meta[1]]
+    tables.launches = launches
+    tables.ginfo = tables.data[ginfo_start:gmap_start]
+    tables.gmap = tables.data[gmap_start:]
+    tables.group_programs = len(gmap)
+    tables.programs, tables.nslots, tables.chunk = partial_base, nslots, chunk
+    tables.grouped = group_dim >= 0 and any(sizes)
+    tables.ngroups = base if tables.grouped else 0
+    tables.has_center = centers is not None
+    tables.dtype, tables.device, tables.direct = dtype, device, direct
+    tables.index = [r[0] for r in records]  # record -> param index
+    # What a cache hit must find unchanged besides pointers and shapes (``(operand, index,
+    # stride)``, operand 0: params, 1: centers): the strides of tensors with groups (their
+    # geometry), and with centers those of every param and center of ndim >= 2 (whether c is
+    # read in w's order). Other tensors depend on their strides only through their density.
+    tables.strides = []
+    for i, p, mode in ((r[0], r[1], r[4]) for r in records):
+        if mode != MODE_FLAT or (centers is not None and p.ndim >= 2):
+            tables.strides.append((0, i, p.stride()))
+        if centers is not None and p.ndim >= 2:
+            tables.strides.append((1, i, centers[i].stride()))
+    tables.reads = [None if r[9] else r[2] for r in records]  # None: the param itself, else its copy
+    tables.copies = [(params[r[0]], r[2]) for r in records if not r[9]]
+    return tables
+
+
+def _aligned(operands, mode, geometry):
+    if not all(o.data_ptr() % tuning.ALIGN_BYTES == 0 for o in operands):
+        return False
+    if mode == MODE_FLAT:
+        return True
+    stride = geometry[2] if mode == MODE_RUNS else geometry[1] * geometry[2]
+    return all(stride % tuning.vector(o.dtype) == 0 for o in operands)
+
+
+def _targets_of(plan, params, wanted, pointers, workspace, capturing):
+    """(this call's ``_Targets``, copy-backs): ``wanted[k]`` for param k (its data pointer
+    ``pointers[k]``), used as is when it walks memory in the order param k is read (the param as
+    it is now, or the tables' copy of it), else through a copy in that order."""
+    table, copy_back = [], []
+    for k, read in zip(plan.index, plan.reads):
+        target = wanted[k]
+        if read is None:
+            read = params[k]
+        if target.is_contiguous() and read.is_contiguous():  # the common, cheap case
+            table.append(pointers[k])
+            continue
+        if not (_is_dense(target) and _same_order(target, read)):
+            work = torch.empty_like(read, dtype=target.dtype)
+            work.copy_(target)
+            copy_back.append((target, work))
+            target = work
+        table.append(target.data_ptr())
+    targets = _Targets()
+    targets.pointers = table
+    targets.owners = list(wanted) + [work for _, work in copy_back]
+    targets.table, targets.host = _upload(torch.tensor(table, dtype=torch.int64), plan.device)
+    if capturing:  # the graph rereads the pinned table at every replay (a workspace exists: _tables)
+        workspace.captured.append(targets)
+    return targets, copy_back
+
+
+def _misaligned(pointers):
+    """Indices of the write targets that do not start on 16 bytes (their tensors' launches
+    cannot use vector stores)."""
+    return tuple(i for i, p in enumerate(pointers) if p % tuning.ALIGN_BYTES)

@@ -1,0 +1,35 @@
+"""The Triton backend's tuning constants: their one home.
+
+Every module of the backend reads them here at call time (``tuning.BLOCK``), never a copy, so
+setting an attribute of this module takes effect at the next call: tests shrink the tiles
+(``monkeypatch.setattr(backend.tuning, "BLOCK", 256)``), ``python -m bench.gpu_check`` sweeps
+``BLOCK`` / ``NUM_WARPS`` / ``MAX_CHUNK`` and ``python -m bench.host_overhead`` runs with them.
+The tables cached in a workspace are keyed by the ones they depend on (``tables._tables``).
+Not measured on a GPU yet: ``python -m bench.gpu_check`` sweeps them on the first GPU it runs on.
+"""
+
+import torch
+
+BLOCK = 2048  # elements per tile for 2- and 4-byte dtypes (a power of two)
+BLOCK_FP64 = 1024  # elements per tile for float64
+NUM_WARPS = 8
+MAX_CHUNK = 65536  # largest program (elements); a multiple of every tile
+TARGET_PROGRAMS = 1024  # the chunk is the smallest power of two giving at most this many programs
+RUN_TILE = 256  # RUNS mode: tile width along a run (BLOCK // RUN_TILE runs per tile)
+RUN_LONG = 8  # runs of at least RUN_LONG * BLOCK elements (few, long groups) use a [1, BLOCK] tile
+MIN_RUN = 64  # runs at least this long use RUNS mode, shorter ones ROWS
+FINISH_BLOCK = 1024  # stage-2 tile (partial pairs per iteration)
+FINISH_WARPS = 4
+GROUP_BLOCK = 256  # groups per _group_sq_kernel program
+ALIGN_BYTES = 16
+ENABLE_FP_FUSION = True  # set on every launch: see "Floating-point fusion" in launch.py
+
+
+def block(dtype):
+    """Elements per tile for ``dtype``."""
+    return BLOCK_FP64 if dtype == torch.float64 else BLOCK
+
+
+def vector(dtype):
+    """Elements per ``ALIGN_BYTES`` (16 bytes: one 128-bit access)."""
+    return ALIGN_BYTES // torch.empty((), dtype=dtype).element_size()
