@@ -192,6 +192,21 @@ def test_importable_without_triton_or_interpreter():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
+def test_term_slots_mirror_fastreg_terms(monkeypatch):
+    """The kernels' term-slot constexprs agree with fastreg.backends._terms (checked when the
+    package loads); a disagreement makes the backend unavailable, and says which slot."""
+    from fastreg.backends._terms import layout
+
+    assert B._MIRROR_ERROR is None and B._mirror_error() is None
+    for enum, name, value in layout():
+        assert getattr(kernels, f"{enum.upper()}_{name}").value == value
+    monkeypatch.setattr(kernels, "GRADIENT_L2", kernels.GRADIENT_GROUP)
+    reason = B._mirror_error()
+    assert reason is not None and "Gradient.L2 = 2 (expected 1)" in reason and "triton" in reason
+    monkeypatch.setattr(B, "_MIRROR_ERROR", reason)
+    assert B.unavailable_reason() == reason
+    assert _dispatch.unavailable_reason("triton") == reason
+
 
 # ------------------------------------------------------------------------------- sums
 
