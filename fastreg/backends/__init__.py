@@ -1,8 +1,8 @@
 """Backends: one module per implementation, all with the same small contract.
 
-Adding a backend is adding a file here and its name to ``fastreg._dispatch.BACKENDS``.
-Only ``fastreg._dispatch`` imports the backend modules; what they share (``_terms``, ``_geometry``,
-``_workspace``) is imported by the layers above too.
+Adding a backend is adding a module here (a file, or a package like ``triton/``) and its name
+to ``fastreg._dispatch.BACKENDS``. Only ``fastreg._dispatch`` imports the backend modules; what
+they share (``_terms``, ``_geometry``, ``_workspace``) is imported by the layers above too.
 
 Every backend module defines
 

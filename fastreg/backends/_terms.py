@@ -15,7 +15,7 @@ With ``d = w - c`` (``c`` the center, 0 without one) and ``d_g`` the groups of `
          threshold), ``DENOMINATOR = 1 + 2·lr·l2``, ``GROUP_THRESHOLD = lr·group``.
 
 Adding a term: a slot here, its sum and gradient in each backend's term maths (``csrc/terms.h``,
-``backends/triton`` ``_apply``, ``backends/torch.py`` ``_gradient``), its coefficient in
+``backends/triton/kernels.py`` ``_apply``, ``backends/torch.py`` ``_gradient``), its coefficient in
 ``fastreg._coefficients``.
 """
 
