@@ -405,3 +405,20 @@ def test_every_public_call_leaves_only_owned_tables(no_kernels, live_operands):
         handle.remove()
         check()
         assert sum(len(ws.entries) for ws in workspaces) >= (1 if len(params) == len(dense) else 0)
+
+
+def test_a_cached_table_is_not_reused_for_a_non_dense_view_at_the_same_address():
+    """Found in review: the same pointer and shape, now a non-dense view: the tables read one
+    flat run, so they must be rebuilt (reading through a copy), and prox_ must write only the
+    parameter's own elements."""
+    ws = Workspace()
+    base = randn((4, 8), F32, 1)
+    w = torch.nn.Parameter(base.view(-1)[:16].view(4, 4))
+    B.sums([w], None, -1, workspace=ws)
+    w.data = base[:, :4]  # same address, same shape, not dense
+    got, _ = B.sums([w], None, -1, workspace=ws)
+    torch.testing.assert_close(got[0].double(), w.detach().double().abs().sum(), rtol=1e-6, atol=0)
+    outside = base[:, 4:].clone()
+    with torch.no_grad():
+        B.prox_([w], None, -1, coeffs(F32, 0.5, 1.0, 0.0), None, workspace=ws)
+    assert torch.equal(base[:, 4:], outside)

@@ -22,8 +22,7 @@ write targets get a pointer table per call (``_Targets``, ``_targets_of``).
   centers, and every copy made for the kernels; ``addresses()`` lists those addresses. No
   module of the backend keeps a tensor or a table. Tables are cached only in the ``workspace``
   the caller passes (each kernel group of a ``Penalty`` owns one: a small LRU that dies with
-  it), keyed by the operands' pointers and shapes (plus, checked on a hit, the strides the
-  tables depend on), the group dim, the tuning constants and the current stream; while an entry
+  it), keyed by the operands' pointers, shapes and strides, the group dim, the tuning constants and the current stream; while an entry
   holds the storages its key's addresses cannot be given to other tensors. Keying by stream
   orders a table's upload before every use. Without a workspace the tables live for the call.
   Tables that read copies (non-dense parameters, centers in another memory order) are never
@@ -46,7 +45,7 @@ write targets get a pointer table per call (``_Targets``, ``_targets_of``).
   copy in the parameter's order.
 * **Host time per call** (what a call costs the training loop's thread while the GPU works;
   ``python -m bench.host_overhead`` measures it with the kernels stubbed): a cache hit reads each
-  tensor's pointer and shape (C-level maps) and the strides of the few tensors that need them;
+  tensor's pointer, shape and strides (C-level maps);
   ``add_grad_`` and ``grads`` build and upload their targets' pointer table. ``grads`` must return
   one fresh tensor per parameter (148 ``empty_like`` are most of its ~1 ms for GPT-2 shapes on
   this host).
@@ -81,7 +80,7 @@ class _Tables:
 
     __slots__ = ("data", "host", "pointers", "owners", "zero", "w_ptrs", "c_ptrs", "info", "launches", "ginfo",
                  "gmap", "group_programs", "programs", "nslots", "ngroups", "chunk", "grouped", "has_center",
-                 "dtype", "device", "direct", "reads", "copies", "index", "strides")
+                 "dtype", "device", "direct", "reads", "copies", "index")
 
     def addresses(self):
         """Every device address written into the tables (w's and c's data pointers); each lies
@@ -153,9 +152,12 @@ def _same_order(a, b):
 
 
 def _signature(tensors):
-    """What tables depend on, cheaply: every data pointer and shape (C-level maps: ~0.3 µs a
-    tensor). Strides matter only where the tables use them: a hit checks those (``_tables``)."""
-    return tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.size, tensors))
+    """What tables depend on: every data pointer, shape and stride (C-level maps, ~0.4 µs a
+    tensor). Every stride, not only those of tensors with groups: a tensor read as one flat run
+    depends on being dense, and a non-dense view at the same address and shape (``w.data =
+    base[:, :4]`` after ``base.view(-1)[:16].view(4, 4)``) must not find the dense one's tables."""
+    return (tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.size, tensors)),
+            tuple(map(torch.Tensor.stride, tensors)))
 
 
 def _tables(params, centers, group_dim, workspace, capturing, misaligned=()):
@@ -174,18 +176,16 @@ def _tables(params, centers, group_dim, workspace, capturing, misaligned=()):
     key = (*setting, params_at, centers_at)
     tables = workspace.get(key)
     if tables is not None:
-        operands = (params, centers)
-        if all(operands[which][i].stride() == stride for which, i, stride in tables.strides):
-            if capturing:
-                _keep_for_graph(workspace, tables)
-            return tables
+        if capturing:
+            _keep_for_graph(workspace, tables)
+        return tables
     tables = _build_tables(params, centers, group_dim, misaligned)
     if capturing:  # uploaded only when the graph replays: never where an eager call looks
         workspace.keep_for_capture(tables)
     elif tables.direct:  # tables reading copies are valid for this call only
         # The same setting and shapes at other addresses (p.data swapped) replace the old tables,
         # so a swapped-out storage lives no longer than the next build.
-        family = (*setting, params_at[1], None if centers_at is None else centers_at[1])
+        family = (*setting, params_at[1:], None if centers_at is None else centers_at[1:])
         workspace.put(key, tables, family=family)
     return tables
 
@@ -286,16 +286,6 @@ def _build_tables(params, centers, group_dim, misaligned):
     tables.has_center = centers is not None
     tables.dtype, tables.device, tables.direct = dtype, device, direct
     tables.index = [r[0] for r in records]  # record -> param index
-    # What a cache hit must find unchanged besides pointers and shapes (``(operand, index,
-    # stride)``, operand 0: params, 1: centers): the strides of tensors with groups (their
-    # geometry), and with centers those of every param and center of ndim >= 2 (whether c is
-    # read in w's order). Other tensors depend on their strides only through their density.
-    tables.strides = []
-    for i, p, mode in ((r[0], r[1], r[4]) for r in records):
-        if mode != MODE_FLAT or (centers is not None and p.ndim >= 2):
-            tables.strides.append((0, i, p.stride()))
-        if centers is not None and p.ndim >= 2:
-            tables.strides.append((1, i, centers[i].stride()))
     tables.reads = [None if r[9] else r[2] for r in records]  # None: the param itself, else its copy
     tables.copies = [(params[r[0]], r[2]) for r in records if not r[9]]
     return tables
