@@ -29,6 +29,10 @@ import torch
 from fastreg import _dispatch
 from fastreg.backends import _workspace
 from fastreg.backends._geometry import acc_dtype, fixed_order_sum, group_sizes
+from fastreg.backends._terms import SUMS, Gradient, Sum
+
+# sums_backward's coefficients: the element-wise terms' (L1, L2); the group term comes as a scale.
+_ELEMENTWISE = int(Gradient.GROUP)
 
 
 @torch.library.custom_op("fastreg::sums", mutates_args=())
@@ -62,7 +66,7 @@ def _check_traced_group(params, centers):
 @sums.register_fake
 def _(params, centers, group_dim, backend, workspace):
     acc = acc_dtype(params[0].dtype)
-    return (params[0].new_empty((3,), dtype=acc),
+    return (params[0].new_empty((SUMS,), dtype=acc),
             params[0].new_empty((sum(group_sizes(params, group_dim)),), dtype=acc))
 
 
@@ -98,11 +102,11 @@ def _backward_coeffs(grad_sums, group_sq, grad_group_sq):
     are [c1, c2]; the kernels read those) and the per-group scale, or None without groups."""
     acc = group_sq.dtype
     if grad_sums is None:
-        grad_sums = group_sq.new_zeros(3)
+        grad_sums = group_sq.new_zeros(SUMS)
     grad_sums = grad_sums.to(acc)
     if group_sq.numel() == 0 and grad_group_sq is None:
         return grad_sums, None
-    return grad_sums, group_scale(grad_sums[2], group_sq, grad_group_sq)
+    return grad_sums, group_scale(grad_sums[Sum.GROUP_NORM], group_sq, grad_group_sq)
 
 
 def _sums_setup_context(ctx, inputs, output):
@@ -122,7 +126,8 @@ def _sums_backward(ctx, grad_sums, grad_group_sq):
     params, centers, group_sq, group_dim, backend = _unpack(ctx)
     coeffs, scale = _backward_coeffs(grad_sums, group_sq, grad_group_sq)
     # A list input takes a list of gradients: none for the centers (constants).
-    return (sums_backward(params, centers, group_dim, coeffs[:2].contiguous(), scale, backend, ctx.workspace),
+    elementwise = coeffs[:_ELEMENTWISE].contiguous()
+    return (sums_backward(params, centers, group_dim, elementwise, scale, backend, ctx.workspace),
             [None] * len(centers), None, None, None)
 
 
@@ -146,7 +151,7 @@ def _sums_backward_backward(ctx, grad_outputs):
     vs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grad_outputs)]
     sign_dot = sum(((torch.sign(d) * v).sum(dtype=acc) for d, v in zip(ds, vs)), coeffs.new_zeros(()))
     value_dot = sum(((d * v).sum(dtype=acc) for d, v in zip(ds, vs)), coeffs.new_zeros(()))
-    grad_params = [v * (2 * coeffs[1]).to(v.dtype) for v in vs]
+    grad_params = [v * (2 * coeffs[Gradient.L2]).to(v.dtype) for v in vs]
     grad_scale = None
     if has_scale:
         per_group, start = [], 0
@@ -203,7 +208,9 @@ class _EagerSums(torch.autograd.Function):
         params, centers, group_sq, group_dim, backend = _unpack(ctx)
         coeffs, scale = _backward_coeffs(grad_sums, group_sq, grad_group_sq)
         if torch.is_grad_enabled():  # create_graph=True: the op carries the second derivative
-            grads = sums_backward(params, centers, group_dim, coeffs[:2].contiguous(), scale, backend, 0)
+            handle = 0 if ctx.workspace is None else ctx.workspace.handle
+            elementwise = coeffs[:_ELEMENTWISE].contiguous()
+            grads = sums_backward(params, centers, group_dim, elementwise, scale, backend, handle)
         else:
             grads = _dispatch.backend_for(backend, params[0].device).grads(params, centers or None, group_dim,
                                                                             coeffs, scale, workspace=ctx.workspace)
@@ -270,4 +277,5 @@ def add_grad_by_dtype(kernels, params, grads, centers, group_dim, coeffs, group_
         total = result if total is None else total + result
     group_sq = torch.cat(pieces)
     # The group norm sum from the pieces' own sums would depend on the split: recompute it.
-    return torch.cat([total[:2], fixed_order_sum(group_sq.double().sqrt()).reshape(1).to(total.dtype)]), group_sq
+    total[Sum.GROUP_NORM] = fixed_order_sum(group_sq.double().sqrt()).to(total.dtype)
+    return total, group_sq
