@@ -22,8 +22,9 @@ write targets get a pointer table per call (``_Targets``, ``_targets_of``).
   centers, and every copy made for the kernels; ``addresses()`` lists those addresses. No
   module of the backend keeps a tensor or a table. Tables are cached only in the ``workspace``
   the caller passes (each kernel group of a ``Penalty`` owns one: a small LRU that dies with
-  it), keyed by the operands' pointers, shapes and strides, the group dim, the tuning constants and the current stream; while an entry
-  holds the storages its key's addresses cannot be given to other tensors. Keying by stream
+  it), keyed by the operands' pointers, shapes and strides, the group dim, the tuning constants
+  and the current stream; while an entry holds the storages its key's addresses cannot be given
+  to other tensors. Keying by stream
   orders a table's upload before every use. Without a workspace the tables live for the call.
   Tables that read copies (non-dense parameters, centers in another memory order) are never
   cached: the copies are made for each call and live as long as its tables; in-place results on
