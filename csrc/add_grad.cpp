@@ -9,7 +9,7 @@ using namespace detail;
 
 std::tuple<at::Tensor, at::Tensor> add_grad_(at::TensorList params, at::TensorList grads_, at::TensorList centers,
                                              int64_t group_dim, const at::Tensor& coeffs,
-                                             const std::optional<at::Tensor>& group_norms) {
+                                             const std::optional<at::Tensor>& group_norms, bool want_sums) {
   const at::ScalarType dtype = check_group(params, centers, "add_grad_");
   TORCH_CHECK(grads_.size() == params.size(), "fastreg_cpu::add_grad_: ", params.size(), " params but ",
               grads_.size(), " grads");
@@ -49,8 +49,13 @@ std::tuple<at::Tensor, at::Tensor> add_grad_(at::TensorList params, at::TensorLi
       constexpr bool kCenter = decltype(center)::value;
       AddGradOp<T> op{{Vectorized<O>(static_cast<O>(k[Gradient::L1])), static_cast<O>(2.0 * k[Gradient::L2])},
                       k[Gradient::GROUP], grad_kind(gdtype), p.out};
-      const auto coefs = group_coefs<T, kCenter, false>(
+      auto coefs = group_coefs<T, kCenter, false>(
           p, 0.0, [&](double n) { return static_cast<double>(op.group_coef(n)); }, norms, partials, slots);
+      if (norms.has_value() && !want_sums) {
+        // Nothing left to compute for the tensors with groups: marked as done, their tasks skip
+        // the visit that reads their elements for the sums (flat tasks' sums come free).
+        std::fill(coefs.precomputed.begin(), coefs.precomputed.end(), true);
+      }
       apply_tasks<T, kCenter>(p.schedule, p.items, typed<T>(p.w), typed<T>(p.c), op, coefs.group_coef.data(),
                               coefs.precomputed, !norms.has_value(), partials.data(), slots.data());
     });

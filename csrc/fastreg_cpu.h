@@ -8,8 +8,9 @@
 //   grads(Tensor[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_scale)
 //       -> Tensor[]                     c1·sign(d) + (2·c2 + scale_g)·d, fresh tensors
 //   add_grad_(Tensor[] params, Tensor(a!)[] grads, Tensor[] centers, int group_dim, Tensor coeffs,
-//             Tensor? group_norms) -> (Tensor, Tensor)
-//       g += c1·sign(d) + 2·c2·d + c3·d_g/‖d_g‖; returns sums(params, centers, group_dim)
+//             Tensor? group_norms, bool want_sums=True) -> (Tensor, Tensor)
+//       g += c1·sign(d) + 2·c2·d + c3·d_g/‖d_g‖; returns sums(params, centers, group_dim), or
+//       with want_sums=False and given norms zeros (no extra read of the tensors with groups)
 //   prox_(Tensor(a!)[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_norms) -> ()
 //       w = c + max(0, 1 - c3/‖s_g‖)·s/c2 (tensors with groups), c + s/c2 (others), t = c1
 //   term_layout() -> str   the slots of the sums and coefficient vectors (terms.h), by name
@@ -53,7 +54,7 @@ std::vector<at::Tensor> grads(at::TensorList params, at::TensorList centers, int
                               const at::Tensor& coeffs, const std::optional<at::Tensor>& group_scale);
 std::tuple<at::Tensor, at::Tensor> add_grad_(at::TensorList params, at::TensorList grads_, at::TensorList centers,
                                              int64_t group_dim, const at::Tensor& coeffs,
-                                             const std::optional<at::Tensor>& group_norms);
+                                             const std::optional<at::Tensor>& group_norms, bool want_sums);
 void prox_(at::TensorList params, at::TensorList centers, int64_t group_dim, const at::Tensor& coeffs,
            const std::optional<at::Tensor>& group_norms);
 std::string term_layout();

@@ -33,7 +33,7 @@ TORCH_LIBRARY(fastreg_cpu, m) {
   m.def("sums(Tensor[] params, Tensor[] centers, int group_dim, float threshold) -> (Tensor, Tensor)");
   m.def("grads(Tensor[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_scale) -> Tensor[]");
   m.def("add_grad_(Tensor[] params, Tensor(a!)[] grads, Tensor[] centers, int group_dim, Tensor coeffs, "
-        "Tensor? group_norms) -> (Tensor, Tensor)");
+        "Tensor? group_norms, bool want_sums=True) -> (Tensor, Tensor)");
   m.def("prox_(Tensor(a!)[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_norms) -> ()");
   m.def("term_layout() -> str", &fastreg_cpu::term_layout);
   m.def("constants() -> str", &fastreg_cpu::constants);

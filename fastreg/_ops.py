@@ -223,13 +223,15 @@ def plain_sums(backend, params, centers, group_dim, threshold=0.0, workspace=Non
                                                                  workspace=workspace)
 
 
-def add_grad_(backend, params, grads, centers, group_dim, coeffs, group_norms=None, workspace=None):
-    """``grads[i] += d(penalty)/d params[i]`` in place (any gradient dtypes); ``(sums, group_sq)``.
-    Bumps the gradients' version counters, as a PyTorch in-place op does."""
+def add_grad_(backend, params, grads, centers, group_dim, coeffs, group_norms=None, workspace=None, want_sums=True):
+    """``grads[i] += d(penalty)/d params[i]`` in place (any gradient dtypes); ``(sums, group_sq)``,
+    or None with ``want_sums=False``. Bumps the gradients' version counters, as a PyTorch
+    in-place op does."""
     kernels = _dispatch.backend_for(backend, params[0].device)
     if not kernels.VERSIONS_BUMPED:
         _check_writable(grads)
-    result = add_grad_by_dtype(kernels, params, grads, centers, group_dim, coeffs, group_norms, workspace)
+    result = add_grad_by_dtype(kernels, params, grads, centers, group_dim, coeffs, group_norms, workspace,
+                               want_sums)
     if not kernels.VERSIONS_BUMPED:
         torch.autograd.graph.increment_version(grads)
     return result
@@ -253,12 +255,15 @@ def _check_writable(tensors):
                            "(as for any PyTorch in-place op); clone it, or call this inside torch.inference_mode()")
 
 
-def add_grad_by_dtype(kernels, params, grads, centers, group_dim, coeffs, group_norms, workspace=None):
+def add_grad_by_dtype(kernels, params, grads, centers, group_dim, coeffs, group_norms, workspace=None,
+                      want_sums=True):
     """``kernels.add_grad_`` with gradients of any dtypes: one call per gradient dtype (in a fixed
-    order), group vectors split and rejoined in parameter order. Returns ``(sums, group_sq)``."""
+    order), group vectors split and rejoined in parameter order. Returns ``(sums, group_sq)``, or
+    None when the sums are not wanted."""
     first = grads[0].dtype
     if all(g.dtype == first for g in grads):
-        return kernels.add_grad_(params, grads, centers, group_dim, coeffs, group_norms, workspace=workspace)
+        return kernels.add_grad_(params, grads, centers, group_dim, coeffs, group_norms, workspace=workspace,
+                                 want_sums=want_sums)
     sizes = group_sizes(params, group_dim)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     total, pieces = None, [None] * len(params)
@@ -267,14 +272,19 @@ def add_grad_by_dtype(kernels, params, grads, centers, group_dim, coeffs, group_
         norms = None
         if group_norms is not None:
             norms = torch.cat([group_norms[starts[i]:starts[i] + sizes[i]] for i in index])
-        result, group_sq = kernels.add_grad_([params[i] for i in index], [grads[i] for i in index],
-                                             None if centers is None else [centers[i] for i in index],
-                                             group_dim, coeffs, norms, workspace=workspace)
+        result = kernels.add_grad_([params[i] for i in index], [grads[i] for i in index],
+                                   None if centers is None else [centers[i] for i in index],
+                                   group_dim, coeffs, norms, workspace=workspace, want_sums=want_sums)
+        if not want_sums:
+            continue
+        result, group_sq = result
         offset = 0
         for i in index:
             pieces[i] = group_sq[offset:offset + sizes[i]]
             offset += sizes[i]
         total = result if total is None else total + result
+    if not want_sums:
+        return None
     group_sq = torch.cat(pieces)
     # The group norm sum from the pieces' own sums would depend on the split: recompute it.
     total[Sum.GROUP_NORM] = fixed_order_sum(group_sq.double().sqrt()).to(total.dtype)

@@ -73,7 +73,9 @@ def add_to_grad(plan, part, coefficients, group_dim, grads_of):
     reduced = _dtensor.all_reduce_sum(_reduction_vector(plan, part, counted, pairs), part.mesh)
     totals = reduced[:len(Sum)]
     for (kg, group_sq, params, grads), n in zip(spanning, _global_norms(reduced[len(Sum):], pairs)):
-        _add_grad(plan, kg, params, grads, group_dim, coefficients, group_norms=n.to(group_sq.dtype))
+        # The sums of these came from the first pass: the update reads nothing more for them.
+        _add_grad(plan, kg, params, grads, group_dim, coefficients, group_norms=n.to(group_sq.dtype),
+                  want_sums=False)
         totals = totals + _norm_sum_only(totals, fixed_order_sum(n))
     # The kernels bumped the local shards' versions; autograd checks the DTensors' own.
     torch.autograd.graph.increment_version([g for kg in part.groups for g in grads_of(kg.names, kg.tensors)])
@@ -101,9 +103,10 @@ def prox(plan, part, coefficients, lr, group_dim):
     torch.autograd.graph.increment_version([t for kg in part.groups for t in kg.tensors])
 
 
-def _add_grad(plan, kg, params, grads, group_dim, coefficients, group_norms=None):
+def _add_grad(plan, kg, params, grads, group_dim, coefficients, group_norms=None, want_sums=True):
     coeffs = coefficients.gradient_vector(kg.acc_dtype, kg.device)
-    return _ops.add_grad_(plan.backend, params, grads, kg.centers, group_dim, coeffs, group_norms, kg.workspace)
+    return _ops.add_grad_(plan.backend, params, grads, kg.centers, group_dim, coeffs, group_norms, kg.workspace,
+                          want_sums)
 
 
 def _reduction_vector(plan, part, counted, spanning):

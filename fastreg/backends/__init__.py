@@ -38,12 +38,14 @@ device and one floating dtype; any of them may be empty or non-contiguous. Share
     vector or ``None`` (zeros). Fresh tensors
     with the layout of ``torch.empty_like(w)``: ``c1·sign(d) + (2·c2 + group_scale[g])·d``,
     computed in acc dtype and rounded once.
-``add_grad_(params, grads, centers, group_dim, coeffs, group_norms) -> (sums, group_sq)``
+``add_grad_(params, grads, centers, group_dim, coeffs, group_norms, want_sums=True) -> (sums, group_sq) | None``
     In place: ``g += c1·sign(d) + 2·c2·d + c3·d_g / ‖d_g‖`` (``coeffs = [c1, c2, c3]``; 0 for a
     group of norm 0). ``grads[i]`` has ``params[i]``'s shape and device, any floating dtype
     and any layout; the sum is formed in the wider of the two acc dtypes and rounded once to
     ``g``'s dtype. ``group_norms``: the norms ``‖d_g‖`` to use (a sharded parameter's global
-    ones), or ``None`` to compute them here. Returns ``sums(params, centers, group_dim)``.
+    ones), or ``None`` to compute them here. Returns ``sums(params, centers, group_dim)``;
+    with ``want_sums=False``, ``None``, and with given norms no extra read of the tensors with
+    groups is made for sums no one will use.
 ``prox_(params, centers, group_dim, coeffs, group_norms) -> None``
     In place, ``coeffs = [threshold, denominator, group_threshold]``: with ``s`` the shrunk
     ``d`` as in ``sums``, ``w = c + max(0, 1 - group_threshold / ‖s_g‖) · s / denominator``

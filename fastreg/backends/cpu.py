@@ -86,9 +86,10 @@ def grads(params, centers, group_dim, coeffs, group_scale, workspace=None):
     return _kernels().grads(_as_list(params), _as_list(centers), group_dim, coeffs, group_scale)
 
 
-def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace=None):
-    return _kernels().add_grad_(_as_list(params), _as_list(grads_), _as_list(centers), group_dim, coeffs,
-                                group_norms)
+def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace=None, want_sums=True):
+    result = _kernels().add_grad_(_as_list(params), _as_list(grads_), _as_list(centers), group_dim, coeffs,
+                                  group_norms, want_sums)
+    return result if want_sums else None
 
 
 def prox_(params, centers, group_dim, coeffs, group_norms, workspace=None):
@@ -216,7 +217,7 @@ def _register_fakes():
         return [torch.empty_like(p) for p in params]
 
     @torch.library.register_fake("fastreg_cpu::add_grad_")
-    def _add_grad_fake(params, grads_, centers, group_dim, coeffs, group_norms):
+    def _add_grad_fake(params, grads_, centers, group_dim, coeffs, group_norms, want_sums=True):
         return sums_like(params, group_dim)
 
     @torch.library.register_fake("fastreg_cpu::prox_")

@@ -188,9 +188,10 @@ def grads(params, centers, group_dim, coeffs, group_scale, workspace=None):
         return [_gradient(d, c1, two_c2, group_dim, s).to(p.dtype) for p, d, s in zip(params, ds, scales)]
 
 
-def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace=None):
+def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace=None, want_sums=True):
     acc = acc_dtype(params[0].dtype)
-    result = sums(params, centers, group_dim)
+    needs_norms = group_dim >= 0 and group_norms is None
+    result = sums(params, centers, group_dim) if want_sums or needs_norms else None
     scales = [None] * len(params)
     if group_dim >= 0:
         norms = result[1].sqrt() if group_norms is None else group_norms.to(acc)
@@ -201,7 +202,7 @@ def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace
         ds = _differences(params, centers, acc)
         for g, d, s in zip(grads_, ds, scales):
             g.add_(_gradient(d, c1, two_c2, group_dim, s))  # in the wider dtype, rounded once
-    return result
+    return result if want_sums else None
 
 
 def prox_(params, centers, group_dim, coeffs, group_norms, workspace=None):

@@ -246,6 +246,22 @@ def test_add_grad_with_given_group_norms(backend, dtype):
     assert torch.equal(grads[2], torch.zeros_like(grads[2]))
 
 
+@pytest.mark.parametrize("group_dim", [NO_GROUPS, 0, 1])
+def test_add_grad_without_sums_updates_the_same_and_returns_none(backend, group_dim):
+    # want_sums=False (the sharded update after its global norms): the same gradient, bitwise,
+    # and no sums; with given norms the tensors with groups are not read again for sums.
+    params = ref.make_tensors([(20, 30), (64, WIDE), 7, 0], torch.float32)
+    centers = _centered(params)
+    sizes = sum(group_sizes(params, group_dim))
+    norms = (torch.rand(sizes, generator=torch.Generator().manual_seed(5)) + 0.5) if group_dim >= 0 else None
+    coeffs = _coeffs(torch.float32, L1, L2, GROUP)
+    with_sums = [torch.ones_like(p) for p in params]
+    without = [torch.ones_like(p) for p in params]
+    assert _backend(backend).add_grad_(params, with_sums, centers, group_dim, coeffs, norms) is not None
+    assert _backend(backend).add_grad_(params, without, centers, group_dim, coeffs, norms, want_sums=False) is None
+    assert all(torch.equal(a, b) for a, b in zip(with_sums, without))
+
+
 # ------------------------------------------------------------------------------ prox_
 
 @pytest.mark.parametrize("dtype", ref.DTYPES, ids=str)

@@ -53,3 +53,18 @@ def test_sums_do_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     for (a, b), (c, d) in zip(*results):
         assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_add_grad_with_given_norms_and_no_sums_wanted_makes_no_sums_pass(monkeypatch):
+    from fastreg.backends import torch as backend
+
+    calls = []
+    original = backend.sums
+    monkeypatch.setattr(backend, "sums", lambda *a, **k: calls.append(1) or original(*a, **k))
+    params = [torch.randn(6, 5), torch.randn(7)]
+    grads = [torch.zeros_like(p) for p in params]
+    coeffs = torch.tensor([0.1, 0.2, 0.3])
+    backend.add_grad_(params, grads, None, 0, coeffs, torch.ones(6), want_sums=False)
+    assert calls == []
+    backend.add_grad_(params, grads, None, 0, coeffs, None, want_sums=False)  # norms needed: one pass
+    assert calls == [1]

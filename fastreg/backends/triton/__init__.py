@@ -132,11 +132,11 @@ def grads(params, centers, group_dim, coeffs, group_scale, workspace=None):
         return launch.grads(params, centers, group_dim, coeffs, group_scale, workspace, _capturing(device))
 
 
-def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace=None):
+def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace=None, want_sums=True):
     device = _device_of(params)
     with _on(device):
         return launch.add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace,
-                                _capturing(device))
+                                _capturing(device), want_sums)
 
 
 def prox_(params, centers, group_dim, coeffs, group_norms, workspace=None):

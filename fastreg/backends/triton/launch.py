@@ -106,9 +106,12 @@ def _coeffs(coeffs, plan):
     return coeffs.contiguous()
 
 
-def _norms(plan, threshold, shrink, given, partials):
+def _norms(plan, threshold, shrink, given, partials, want_sums=True):
     """The groups' norms (of d, or of the shrunk values), from a stage-1 pass over the tensors
-    with groups (its sums land in ``partials``); ``given`` norms replace the computed ones."""
+    with groups (its sums land in ``partials``); ``given`` norms replace the computed ones, and
+    then, unless the sums are wanted, no pass is made."""
+    if given is not None and not want_sums:
+        return given.to(device=plan.device, dtype=acc_dtype(plan.dtype))[:plan.ngroups], _acc_zeros(plan, plan.ngroups)
     group_sq = _group_sq(plan, _stage1(plan, threshold, shrink, partials, _grouped_launches(plan)))
     if given is not None:
         return given.to(device=plan.device, dtype=acc_dtype(plan.dtype))[:plan.ngroups], group_sq
@@ -145,9 +148,9 @@ def grads(params, centers, group_dim, coeffs, group_scale, workspace, capturing)
     return outputs
 
 
-def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace, capturing):
+def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace, capturing, want_sums=True):
     if not any(p.numel() for p in params):
-        return _empty_result(params, group_dim)
+        return _empty_result(params, group_dim) if want_sums else None
     pointers = list(map(torch.Tensor.data_ptr, grads_))
     plan = tables._tables(params, centers, group_dim, workspace, capturing, tables._misaligned(pointers))
     coeffs = _coeffs(coeffs, plan)
@@ -155,7 +158,7 @@ def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace
     group_sq = _acc_zeros(plan, plan.ngroups)
     group_coef = plan.zero  # unused without groups
     if plan.grouped:  # norms first (a pass over the tensors with groups), then the update
-        norms, group_sq = _norms(plan, plan.zero, False, group_norms, partials)
+        norms, group_sq = _norms(plan, plan.zero, False, group_norms, partials, want_sums)
         positive = norms > 0
         group = torch.where(positive, coeffs[Gradient.GROUP] / torch.where(positive, norms, 1), 0)
         group_coef = (2 * coeffs[Gradient.L2] + group).to(coeffs.dtype).contiguous()
@@ -163,7 +166,7 @@ def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace
     _elementwise(plan, OP_ADD_GRAD, targets.table, coeffs, group_coef, grads_[0].dtype, partials)
     for target, work in copy_back:
         target.copy_(work)
-    return _finish(plan, partials, group_sq)
+    return _finish(plan, partials, group_sq) if want_sums else None
 
 
 def prox_(params, centers, group_dim, coeffs, group_norms, workspace, capturing):
@@ -174,7 +177,7 @@ def prox_(params, centers, group_dim, coeffs, group_norms, workspace, capturing)
     group_coef = plan.zero  # unused without groups
     if plan.grouped:  # the factor max(0, 1 - group_threshold / ‖s_g‖) / denominator per group
         partials = _acc_zeros(plan, 2 * plan.programs)
-        norms, _ = _norms(plan, coeffs.narrow(0, Prox.THRESHOLD, 1), True, group_norms, partials)
+        norms, _ = _norms(plan, coeffs.narrow(0, Prox.THRESHOLD, 1), True, group_norms, partials, want_sums=False)
         positive = norms > 0
         factor = torch.clamp(1 - coeffs[Prox.GROUP_THRESHOLD] / torch.where(positive, norms, 1), min=0)
         factor = factor / coeffs[Prox.DENOMINATOR]
