@@ -97,6 +97,14 @@ class Coefficients(NamedTuple):
         return vector(values, dtype, device)
 
 
+def add_values(total, value):
+    """``total + value`` for penalty values (either may be None), on the first one's device;
+    float32 + float64 gives float64."""
+    if value is None:
+        return total
+    return value if total is None else total + value.to(total.device)
+
+
 def term(coefficient, value, dtype):
     """``coefficient · value``; a 0-dim float64 coefficient must not promote a float32 result."""
     return value * (coefficient.to(dtype) if isinstance(coefficient, torch.Tensor) else coefficient)

@@ -7,6 +7,7 @@ group, then one per mesh of sharded parameters (``fastreg._sharded``).
 import torch
 
 from fastreg import _ops, _sharded
+from fastreg._coefficients import add_values
 from fastreg.backends._geometry import NO_GROUPS
 
 
@@ -16,9 +17,9 @@ def value(plan, coefficients):
     total = None
     for kg in plan.local:
         sums, _ = _ops.penalty_sums(kg.tensors, kg.centers, group_dim, plan.backend, kg.workspace)
-        total = _add(total, coefficients.value(sums))
+        total = add_values(total, coefficients.value(sums))
     for part in plan.meshes:
-        total = _add(total, _sharded.value(plan, part, coefficients, group_dim))
+        total = add_values(total, _sharded.value(plan, part, coefficients, group_dim))
     return _or_zero(plan, total)
 
 
@@ -32,9 +33,9 @@ def add_to_grad(plan, coefficients):
             coeffs = coefficients.gradient_vector(kg.acc_dtype, kg.device)
             sums, _ = _ops.add_grad_(plan.backend, kg.tensors, grads_of(kg.names, kg.tensors), kg.centers, group_dim,
                                      coeffs, None, kg.workspace)
-            total = _add(total, coefficients.value(sums))
+            total = add_values(total, coefficients.value(sums))
         for part in plan.meshes:
-            total = _add(total, _sharded.add_to_grad(plan, part, coefficients, group_dim, grads_of))
+            total = add_values(total, _sharded.add_to_grad(plan, part, coefficients, group_dim, grads_of))
     return _or_zero(plan, total).detach()
 
 
@@ -80,13 +81,6 @@ def _bad_grad(name, p, g):
 def _active_group_dim(plan, coefficients):
     """The plan's group_dim, or NO_GROUPS when the group term is a Python zero (no work)."""
     return plan.group_dim if coefficients.has_groups else NO_GROUPS
-
-
-def _add(total, value):
-    """Sum onto the first value's device; float32 + float64 gives float64."""
-    if value is None:
-        return total
-    return value if total is None else total + value.to(total.device)
 
 
 def _or_zero(plan, value):

@@ -23,7 +23,7 @@ value carries it. One all-reduce per mesh dimension is the only communication.
 import torch
 
 from fastreg import _dtensor, _ops
-from fastreg._coefficients import term
+from fastreg._coefficients import add_values, term
 from fastreg.backends._geometry import fixed_order_sum
 from fastreg.backends._terms import Sum
 
@@ -37,9 +37,9 @@ def value(plan, part, coefficients, group_dim):
         if kg.reduce_groups and group_dim >= 0:  # the local Σ‖d_g‖ is meaningless: the global norms replace it
             result = _without_norm_sum(result)
             spanning.append((kg, group_sq))
-        own = _add(own, detached.value(result))
+        own = add_values(own, detached.value(result))
         if kg.counted:
-            counted = _add(counted, result.detach().to(plan.result_dtype))
+            counted = add_values(counted, result.detach().to(plan.result_dtype))
     reduced = _dtensor.all_reduce_sum(_reduction_vector(plan, part, counted, spanning), part.mesh)
     totals, norms = reduced[:len(Sum)], _global_norms(reduced[len(Sum):], spanning)
     for (kg, group_sq), n in zip(spanning, norms):
@@ -47,7 +47,7 @@ def value(plan, part, coefficients, group_dim):
         # The surrogate whose gradient is group·d_g/N_g on this shard (N_g held constant).
         safe = torch.where(n > 0, n, 1)
         surrogate = (group_sq * torch.where(n > 0, 0.5 / safe, 0).to(group_sq.dtype)).sum()
-        own = _add(own, term(detached.group, surrogate, surrogate.dtype))
+        own = add_values(own, term(detached.group, surrogate, surrogate.dtype))
     global_value = coefficients.value(totals)
     if own is None:
         return global_value
@@ -57,10 +57,12 @@ def value(plan, part, coefficients, group_dim):
 
 def add_to_grad(plan, part, coefficients, group_dim, grads_of):
     """``p.grad += gradient`` on every local shard of one mesh; returns the global value."""
-    counted, spanning = None, []
+    counted, spanning, written = None, [], []
     for kg in part.groups:
         params = kg.local()
-        grads = [g.to_local() for g in grads_of(kg.names, kg.tensors)]
+        sharded_grads = grads_of(kg.names, kg.tensors)
+        written += sharded_grads
+        grads = [g.to_local() for g in sharded_grads]
         if kg.reduce_groups and group_dim >= 0:  # the global norms first, then the update
             result, group_sq = _ops.plain_sums(plan.backend, params, kg.centers, group_dim, workspace=kg.workspace)
             spanning.append((kg, group_sq, params, grads))
@@ -68,7 +70,7 @@ def add_to_grad(plan, part, coefficients, group_dim, grads_of):
         else:
             result, _ = _add_grad(plan, kg, params, grads, group_dim, coefficients)
         if kg.counted:
-            counted = _add(counted, result.to(plan.result_dtype))
+            counted = add_values(counted, result.to(plan.result_dtype))
     pairs = [(kg, sq) for kg, sq, _, _ in spanning]
     reduced = _dtensor.all_reduce_sum(_reduction_vector(plan, part, counted, pairs), part.mesh)
     totals = reduced[:len(Sum)]
@@ -78,7 +80,7 @@ def add_to_grad(plan, part, coefficients, group_dim, grads_of):
                   want_sums=False)
         totals = totals + _norm_sum_only(totals, fixed_order_sum(n))
     # The kernels bumped the local shards' versions; autograd checks the DTensors' own.
-    torch.autograd.graph.increment_version([g for kg in part.groups for g in grads_of(kg.names, kg.tensors)])
+    torch.autograd.graph.increment_version(written)
     return coefficients.value(totals)
 
 
@@ -140,9 +142,3 @@ def _norm_sum_only(like, norm_sum):
     pieces = [like.new_zeros(()) for _ in Sum]
     pieces[Sum.GROUP_NORM] = norm_sum.to(like.dtype)
     return torch.stack(pieces)
-
-
-def _add(total, value):
-    if value is None:
-        return total
-    return value if total is None else total + value.to(total.device)
