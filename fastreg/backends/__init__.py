@@ -18,39 +18,46 @@ Every backend module defines
     may trigger a JIT build on first call).
 
 and four kernels, which every penalty term runs through (a new term extends them; it does not
-add functions). Each takes one *group*: a non-empty list ``params`` of tensors sharing one
-device and one floating dtype; any of them may be empty or non-contiguous. Shared operands:
+add functions). Each takes one *call*: a non-empty list ``params`` of ``T`` tensors sharing one
+device and one floating dtype; any of them may be empty or non-contiguous. Every tensor has its
+own structure and its own coefficients, all handled in the same launches. Shared operands:
 
 ``centers``: ``None``, or one tensor per param (its shape, dtype and device; any layout).
     Every term is computed on ``d = w - c`` (``d = w`` without centers); ``d`` is formed in
     the accumulation dtype ("acc": float64 for float64 params, float32 otherwise), never
     materialised as a tensor.
-``group_dim``: ``-1`` (no group term), ``0`` or ``1``: the groups of every param with
-    ``ndim >= 2`` (see ``_geometry``). Group vectors have ``sum(group_sizes(params))``
-    entries, in the acc dtype.
+``groups``: a ``_geometry.Groups`` (each tensor's structure: no groups, the whole tensor, or
+    blocks of ``k`` consecutive slices along a dim; see ``_geometry``), or one int group_dim
+    for every tensor (``Groups.uniform``). Group vectors have ``sum(group_sizes(params,
+    groups))`` entries, in the acc dtype.
+coefficient tables: ``(T, len(Gradient))`` or ``(T, len(Prox))`` acc tensors on the device,
+    row ``t`` for ``params[t]`` (``_terms.as_table``: a vector is every tensor's row). Slots
+    named in ``_terms``.
 
-``sums(params, centers, group_dim, threshold=0.0) -> (sums, group_sq)``
-    With ``s = d`` (``threshold == 0``) or ``s = sign(d) * max(|d| - threshold, 0)`` (the
-    shrunk values of the proximal step): ``sums = [Σ|s|, Σs², Σ_g ‖s_g‖]`` (shape ``(3,)``)
-    and ``group_sq[g] = ‖s_g‖²``. One read of every operand. Bitwise deterministic.
-``grads(params, centers, group_dim, coeffs, group_scale) -> list[Tensor]``
-    ``coeffs = [c1, c2, ...]`` (entries after the second are ignored); ``group_scale``: a group
-    vector or ``None`` (zeros). Fresh tensors
-    with the layout of ``torch.empty_like(w)``: ``c1·sign(d) + (2·c2 + group_scale[g])·d``,
-    computed in acc dtype and rounded once.
-``add_grad_(params, grads, centers, group_dim, coeffs, group_norms, want_sums=True) -> (sums, group_sq) | None``
-    In place: ``g += c1·sign(d) + 2·c2·d + c3·d_g / ‖d_g‖`` (``coeffs = [c1, c2, c3]``; 0 for a
-    group of norm 0). ``grads[i]`` has ``params[i]``'s shape and device, any floating dtype
-    and any layout; the sum is formed in the wider of the two acc dtypes and rounded once to
-    ``g``'s dtype. ``group_norms``: the norms ``‖d_g‖`` to use (a sharded parameter's global
-    ones), or ``None`` to compute them here. Returns ``sums(params, centers, group_dim)``;
-    with ``want_sums=False``, ``None``, and with given norms no extra read of the tensors with
-    groups is made for sums no one will use.
-``prox_(params, centers, group_dim, coeffs, group_norms) -> None``
-    In place, ``coeffs = [threshold, denominator, group_threshold]``: with ``s`` the shrunk
-    ``d`` as in ``sums``, ``w = c + max(0, 1 - group_threshold / ‖s_g‖) · s / denominator``
-    for tensors with groups (0 where ``‖s_g‖ = 0``) and ``w = c + s / denominator`` for the
-    others. Exact zeros of ``d``. ``group_norms``: ``‖s_g‖`` to use, or ``None``.
+``sums(params, centers, groups, shrink=None) -> (sums, group_sq)``
+    With ``s = d`` (``shrink`` None or 0) or, per tensor, the shrunk values of the proximal
+    step (``shrink``: a prox table, or a float threshold for every tensor): ``s = sign(d) *
+    max(|d| - THRESHOLD, 0)``, or ``max(d - THRESHOLD, 0)`` where ``NONNEG``:
+    ``sums[t] = [Σ|s|, Σs², Σ_g ‖s_g‖]`` of tensor ``t`` (shape ``(T, 3)``) and
+    ``group_sq[g] = ‖s_g‖²``. One read of every operand. Bitwise deterministic.
+``grads(params, centers, groups, coeffs, group_scale) -> list[Tensor]``
+    ``coeffs``: a Gradient table (slot GROUP ignored); ``group_scale``: a group vector or
+    ``None`` (zeros). Fresh tensors with the layout of ``torch.empty_like(w)``:
+    ``L1_t·sign(d) + (2·L2_t + group_scale[g])·d``, computed in acc dtype and rounded once.
+``add_grad_(params, grads, centers, groups, coeffs, group_norms, want_sums=True) -> (sums, group_sq) | None``
+    In place: ``g += L1_t·sign(d) + 2·L2_t·d + GROUP_t·d_g / ‖d_g‖`` (0 for a group of norm
+    0). ``grads[i]`` has ``params[i]``'s shape and device, any floating dtype and any
+    layout; the sum is formed in the wider of the two acc dtypes and rounded once to ``g``'s
+    dtype. ``group_norms``: the norms ``‖d_g‖`` to use (a sharded parameter's global ones, a
+    coupled group's), or ``None`` to compute them here. Returns ``sums(params, centers,
+    groups)``; with ``want_sums=False``, ``None``, and with given norms no extra read of the
+    tensors with groups is made for sums no one will use.
+``prox_(params, centers, groups, coeffs, group_norms) -> None``
+    In place, with a Prox table and ``s`` the shrunk ``d`` as in ``sums``: ``w = c + f_g · s``
+    for tensors with groups, ``f_g = _terms.prox_group_factor(‖s_g‖, GROUP_THRESHOLD,
+    DENOMINATOR, MIN_NORM, MAX_NORM)`` (the exact proximal step of the terms and the norm
+    constraint; 0 where ``‖s_g‖ = 0``), and ``w = c + s / DENOMINATOR`` for the others.
+    Exact zeros of ``d``. ``group_norms``: ``‖s_g‖`` to use, or ``None``.
 
 Every kernel also takes ``workspace=None``: a ``fastreg.backends._workspace.Workspace`` owned
 by the caller's kernel group, where a backend may keep per-call plans (device tables) between

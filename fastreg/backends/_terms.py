@@ -12,7 +12,13 @@ With ``d = w - c`` (``c`` the center, 0 without one) and ``d_g`` the groups of `
          ``L1·sign(d) + 2·L2·d + GROUP·d_g/‖d_g‖`` (0 for a zero group). Slot ``i`` multiplies
          the derivative of sum ``i``: autograd hands the backward exactly ``[l1, l2, group]``.
 ``Prox``  the coefficients of ``prox_`` for a step ``lr``: ``THRESHOLD = lr·l1`` (soft
-         threshold), ``DENOMINATOR = 1 + 2·lr·l2``, ``GROUP_THRESHOLD = lr·group``.
+         threshold), ``DENOMINATOR = 1 + 2·lr·l2``, ``GROUP_THRESHOLD = lr·group``, and the
+         constraints on each group's norm and sign: ``MIN_NORM`` (0: none), ``MAX_NORM`` (inf:
+         none), ``NONNEG`` (1: ``d >= 0``, else 0). The step is the exact proximal operator of
+         the sum of the terms and the constraint (``prox_factor``).
+
+Every coefficient operand is a table with one row per tensor of the call (``(T, len(Gradient))``
+or ``(T, len(Prox))``): each tensor has its own settings, all in one launch.
 
 Adding a term: a slot here, its sum and gradient in each backend's term maths (``csrc/terms.h``,
 ``backends/triton/kernels.py`` ``_apply``, ``backends/torch.py`` ``_gradient``), its coefficient in
@@ -20,6 +26,8 @@ Adding a term: a slot here, its sum and gradient in each backend's term maths (`
 """
 
 from enum import IntEnum
+
+import torch
 
 
 class Sum(IntEnum):
@@ -38,10 +46,30 @@ class Prox(IntEnum):
     THRESHOLD = 0
     DENOMINATOR = 1
     GROUP_THRESHOLD = 2
+    MIN_NORM = 3
+    MAX_NORM = 4
+    NONNEG = 5
 
 
 SUMS = len(Sum)
 GRADIENT_SLOTS = len(Gradient)
+PROX_SLOTS = len(Prox)
+
+
+# The value of each slot when a caller gives fewer (a short vector is a uniform table).
+DEFAULTS = {Gradient: (0.0, 0.0, 0.0), Prox: (0.0, 1.0, 0.0, 0.0, float("inf"), 0.0)}
+
+
+def as_table(coeffs, count, kind):
+    """``coeffs`` as a ``(count, len(kind))`` table: a table as it is, a vector (one setting for
+    every tensor, possibly without the trailing slots, which take their ``DEFAULTS``) as a
+    broadcast view."""
+    if coeffs.ndim == 2:
+        return coeffs
+    width = len(kind)
+    if coeffs.numel() < width:
+        coeffs = torch.cat([coeffs, coeffs.new_tensor(DEFAULTS[kind][coeffs.numel():])])
+    return coeffs[:width].expand(count, width)
 
 
 def layout():
@@ -57,3 +85,36 @@ def check_mirror(backend, mirrored):
     if wrong:
         raise RuntimeError(f"fastreg: the {backend} backend's term slots disagree with fastreg.backends._terms: "
                            + ", ".join(f"{e}.{n} = {v} (expected {expected[(e, n)]})" for (e, n), v in wrong.items()))
+
+
+# ------------------------------------------------------------------------------------------
+# The proximal step of the sum of the terms, per group.
+#
+# For one group with y = d (after the optimizer's step), t1 = THRESHOLD, den = DENOMINATOR,
+# t3 = GROUP_THRESHOLD and the constraint lo <= ‖x‖ <= hi (MIN_NORM, MAX_NORM; x >= 0 with NONNEG):
+#
+#     x = argmin ½‖x − y‖² + t1‖x‖₁ + ½(den − 1)‖x‖² + t3‖x‖ + ι(constraint)
+#
+# Dividing by den: ½‖x − y/den‖² + (t1/den)‖x‖₁ + (t3/den)‖x‖ + ι. The radial part
+# f(x) = φ(‖x‖) (the group norm and the norm bounds) and the separable part g (L1, and x >= 0)
+# decompose: prox_{f+g} = prox_f ∘ prox_g whenever ∂g(u) ⊆ ∂g(αu) for 0 <= α <= 1, which holds
+# for every positively homogeneous g (L1, the orthant's indicator) — for a convex φ; for the
+# annulus (lo > 0, not convex) the argmin over a sphere of radius r is r·s/‖s‖ whenever s ≠ 0
+# (max ⟨x, y⟩ − t1‖x‖₁ on the sphere), which gives the same composition. So with
+#     s = sign(y)·max(|y| − t1, 0)     (NONNEG: s = max(y − t1, 0))
+# the minimiser is x = (r/‖s‖)·s with r = clip((‖s‖ − t3)/den, lo, hi): the factor below.
+# A zero s stays zero (no direction to move it in; Keras' constraints do the same), and the
+# plan refuses a lower bound together with L1 or NONNEG, where s = 0 need not mean y = 0 and the
+# exact step would pick a coordinate (an argmax). tests/test_prox_exact.py checks every
+# combination against a numerical solve in float64.
+
+
+def prox_group_factor(norms, group_threshold, denominator, min_norm, max_norm):
+    """The factor on the shrunk ``s`` of each group, given ``‖s_g‖``: ``clip((‖s‖ − t3)/den,
+    lo, hi) / ‖s‖`` (0 for a zero group), written as ``max(0, 1 − t3/‖s‖)/den`` bounded by
+    ``lo/‖s‖`` and ``hi/‖s‖``, so that without constraints it is exactly the unconstrained step."""
+    positive = norms > 0
+    safe = torch.where(positive, norms, 1)
+    base = torch.clamp(1 - group_threshold / safe, min=0) / denominator
+    factor = torch.minimum(torch.maximum(base, min_norm / safe), max_norm / safe)
+    return torch.where(positive, factor, 0)

@@ -6,11 +6,11 @@ fp32 tensor, and still ~1e-6 on a single tensor of 1000 elements (measured: 1.1e
 ``torch.sum`` is accurate (cascade summation), so every sum here is built from it, in a
 thread-count-independent way:
 
-* tensors without groups are laid end to end (small ones copied into one flat tensor by a
-  single ``_flatten_dense_tensors`` call, large ones viewed flat) and cut into pieces of at
-  most ``PIECE_ELEMS`` elements, so the Python loop runs once per million elements, not per
-  tensor; each piece is written as |s| (then as s²) into one reused acc-dtype buffer and
-  reduced in rows of ``ROW_ELEMS`` by ``sum(dim=1)``;
+* tensors without groups: small ones are copied into flat batches of at most ``PIECE_ELEMS``
+  elements (one ``_flatten_dense_tensors`` call each, so the Python loop runs once per
+  million elements, not per tensor), whose per-tensor sums are float64 ``segment_reduce``s
+  of |s| and s² (segments under ``SMALL_ELEMS`` elements: exact enough in float64); a large
+  one is viewed flat and reduced in rows of ``ROW_ELEMS`` by ``sum(dim=1)``;
 * a tensor with groups is laid out as ``(G, numel / G)`` (one row per group, in acc dtype),
   so the row sums of s² are the groups' squared norms and the same rows give its |s| and s²
   terms: one read of the tensor for all three terms;
@@ -26,14 +26,16 @@ dtype. Centers (``d = w - c``) are subtracted in the acc dtype, piece by piece.
 import torch
 from torch._utils import _flatten_dense_tensors
 
-from fastreg.backends._geometry import ROW_ELEMS, acc_dtype, fixed_order_sum, group_sizes, has_groups, logical_groups
+from fastreg.backends._geometry import (NO_GROUPS, ROW_ELEMS, WHOLE, acc_dtype, as_groups, fixed_order_sum,
+                                        group_sizes, logical_groups)
+from fastreg.backends._terms import SUMS, Gradient, Prox, as_table, prox_group_factor
 
 NAME = "torch"
 DEVICE_TYPES = None
 VERSIONS_BUMPED = True  # in-place writes are torch ops (add_, copy_): autograd sees them
 
-PIECE_ELEMS = 256 * ROW_ELEMS  # elements per buffer fill (4 MiB in fp32)
-SMALL_ELEMS = 65536  # tensors under this are copied into one flat tensor first (measured best)
+PIECE_ELEMS = 256 * ROW_ELEMS  # elements per flat batch of small tensors (4 MiB in fp32)
+SMALL_ELEMS = 65536  # tensors under this are batched (measured best)
 
 
 def unavailable_reason():
@@ -44,89 +46,123 @@ def unavailable_reason():
 # Sums
 
 
-def sums(params, centers, group_dim, threshold=0.0, workspace=None):
+def sums(params, centers, groups, shrink=None, workspace=None):
     # The sums are of the parameters' own values: autocast must not recast anything here.
+    groups = as_groups(params, groups)
+    acc = acc_dtype(params[0].dtype)
+    thresholds, nonneg = _shrink_columns(shrink, len(params), acc, params[0].device)
     with torch.autocast(params[0].device.type, enabled=False):
-        return _sums(params, centers, group_dim, float(threshold))
+        return _sums(params, centers, groups, thresholds, nonneg)
 
 
-def _sums(params, centers, group_dim, threshold):
+def _shrink_columns(shrink, count, acc, device):
+    """Per-tensor (thresholds, nonneg) columns on the device, or (None, None) for no shrinking.
+    ``shrink``: None, a float threshold, or a prox table (no host sync)."""
+    if shrink is None or (not isinstance(shrink, torch.Tensor) and shrink == 0):
+        return None, None
+    if not isinstance(shrink, torch.Tensor):
+        return torch.full((count,), float(shrink), dtype=acc, device=device), torch.zeros(count, dtype=torch.bool,
+                                                                                          device=device)
+    table = as_table(shrink, count, Prox).detach().to(device=device, dtype=acc)
+    return table[:, Prox.THRESHOLD], table[:, Prox.NONNEG] != 0
+
+
+def _sums(params, centers, groups, thresholds, nonneg):
     acc = acc_dtype(params[0].dtype)
     device = params[0].device
-    centers = centers if centers is not None else [None] * len(params)
-    flat = [(p, c) for p, c in zip(params, centers) if not has_groups(p, group_dim)]
-    grouped = [(p, c) for p, c in zip(params, centers) if has_groups(p, group_dim)]
-    abs_rows, sq_rows = _flat_row_sums(flat, acc, threshold)
-    group_sq = []
-    for p, c in grouped:
-        rows = _shrunk(logical_groups(p, group_dim), None if c is None else logical_groups(c, group_dim),
-                       acc, threshold)
-        rows.abs_()
-        abs_rows.append(_row_sums(rows).reshape(-1))
-        rows.square_()
-        sq = _row_sums(rows)
-        sq_rows.append(sq.reshape(-1))
-        group_sq.append(sq.double().sum(dim=1) if sq.ndim == 2 else sq.double())
-    group_sq = torch.cat(group_sq) if group_sq else torch.zeros(0, dtype=torch.float64, device=device)
-    totals = torch.stack([
-        fixed_order_sum(torch.cat(abs_rows).double()) if abs_rows else _zero(device),
-        fixed_order_sum(torch.cat(sq_rows).double()) if sq_rows else _zero(device),
-        fixed_order_sum(group_sq.sqrt()),
-    ])
-    return totals.to(acc), group_sq.to(acc)
+    count = len(params)
+    centers = centers if centers is not None else [None] * count
+    per_tensor = torch.zeros(count, SUMS, dtype=torch.float64, device=device)
+    group_sq = [None] * count
+    flat = [i for i in range(count) if groups.dims[i] == NO_GROUPS]
+    small = [i for i in flat if 0 < params[i].numel() < SMALL_ELEMS]
+    for batch in _batches(small, params):
+        values = _shrunk(_flatten_dense_tensors([params[i] for i in batch]),
+                         None if centers[batch[0]] is None else _flatten_dense_tensors([centers[i] for i in batch]),
+                         acc, _per_element(thresholds, batch, params), _per_element(nonneg, batch, params))
+        lengths = torch.tensor([params[i].numel() for i in batch], device=device)
+        values = values.double()
+        index = torch.tensor(batch, device=device)
+        per_tensor[index, 0] = torch.segment_reduce(values.abs(), "sum", lengths=lengths)
+        per_tensor[index, 1] = torch.segment_reduce(values.square(), "sum", lengths=lengths)
+    for i in flat:
+        if params[i].numel() >= SMALL_ELEMS:
+            s = _shrunk(params[i].reshape(-1), None if centers[i] is None else centers[i].reshape(-1), acc,
+                        None if thresholds is None else thresholds[i], None if nonneg is None else nonneg[i])
+            per_tensor[i, 0] = _total(s.abs())
+            per_tensor[i, 1] = _total(s.square())
+    for i in range(count):
+        dim, size = groups.dims[i], groups.sizes[i]
+        if dim == NO_GROUPS:
+            continue
+        rows = _shrunk(logical_groups(params[i], dim, size),
+                       None if centers[i] is None else logical_groups(centers[i], dim, size), acc,
+                       None if thresholds is None else thresholds[i], None if nonneg is None else nonneg[i])
+        per_tensor[i, 0] = _total(rows.abs())
+        sq = _row_sums(rows.square())
+        per_tensor[i, 1] = fixed_order_sum(sq.reshape(-1).double())
+        group_sq[i] = sq.double().sum(dim=1) if sq.ndim == 2 else sq.double()
+        per_tensor[i, 2] = fixed_order_sum(group_sq[i].sqrt())
+    pieces = [g for g in group_sq if g is not None]
+    group_sq = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64, device=device)
+    return per_tensor.to(acc), group_sq.to(acc)
 
 
-def _flat_row_sums(pairs, acc, threshold):
-    """Row sums of |s| and of s² over every element of ``pairs``, piece by piece."""
-    pieces = _flat_pieces([p for p, _ in pairs])
-    if not pieces:
-        return [], []
-    center_pieces = _flat_pieces([c for _, c in pairs]) if pairs[0][1] is not None else [None] * len(pieces)
-    longest = max(piece.numel() for piece in pieces)
-    buffer = torch.zeros(-(-longest // ROW_ELEMS) * ROW_ELEMS, dtype=acc, device=pieces[0].device)
-    abs_rows, sq_rows = [], []
-    for piece, center in zip(pieces, center_pieces):
-        n = piece.numel()
-        rows = buffer[: -(-n // ROW_ELEMS) * ROW_ELEMS]
-        rows[n:].zero_()  # the padding of the last row adds nothing
-        values = rows[:n]
-        values.copy_(piece)  # in acc dtype: fp16/bf16 squares are not rounded to 16 bits
-        if center is not None:
-            values.sub_(center)
-        values.abs_()
-        if threshold:
-            values.sub_(threshold).clamp_(min=0)
-        abs_rows.append(rows.view(-1, ROW_ELEMS).sum(dim=1))
-        values.square_()
-        sq_rows.append(rows.view(-1, ROW_ELEMS).sum(dim=1))
-    return abs_rows, sq_rows
+def _batches(index, params):
+    """``index`` cut into runs of at most PIECE_ELEMS elements (each small tensor whole)."""
+    batch, elements = [], 0
+    for i in index:
+        n = params[i].numel()
+        if batch and elements + n > PIECE_ELEMS:
+            yield batch
+            batch, elements = [], 0
+        batch.append(i)
+        elements += n
+    if batch:
+        yield batch
 
 
-def _flat_pieces(tensors):
-    """Every element of ``tensors``, as 1-D pieces of at most PIECE_ELEMS elements.
+def _per_element(column, batch, params):
+    """A per-tensor column (None: none) as one value per element of a flat batch."""
+    if column is None:
+        return None
+    device = column.device
+    lengths = [params[i].numel() for i in batch]
+    return torch.repeat_interleave(column[torch.tensor(batch, device=device)], torch.tensor(lengths, device=device),
+                                   output_size=sum(lengths))
 
-    Centers go through the same function as their parameters, so the pieces line up.
-    """
-    small = [t for t in tensors if 0 < t.numel() < SMALL_ELEMS]
-    flats = [_flatten_dense_tensors(small)] if small else []
-    flats += [t.reshape(-1) for t in tensors if t.numel() >= SMALL_ELEMS]
-    return [piece for flat in flats for piece in flat.split(PIECE_ELEMS)]
 
-
-def _shrunk(values, centers, acc, threshold, keep_sign=False):
-    """``s`` in acc dtype, a fresh tensor: ``values - centers``, soft-thresholded if asked.
+def _shrunk(values, centers, acc, threshold=None, nonneg=None, keep_sign=False):
+    """``s`` in acc dtype, a fresh tensor: ``values - centers``, soft-thresholded if asked
+    (``threshold``: a 0-dim tensor or one per element; ``nonneg``: a bool tensor, likewise).
 
     Without ``keep_sign`` the result is ``|s|`` when thresholding (all the sums need).
     """
     s = values.to(acc, copy=True)
     if centers is not None:
         s.sub_(centers)
-    if threshold:
-        sign = torch.sign(s) if keep_sign else None
-        s.abs_().sub_(threshold).clamp_(min=0)
-        if keep_sign:
-            s.mul_(sign)
-    return s
+    if threshold is None:
+        return s
+    if isinstance(threshold, torch.Tensor):  # a rank-0 tensor or one per element
+        threshold = threshold.to(acc)
+    sign = torch.sign(s)
+    # |d|, or max(d, 0) where the constraint d >= 0 applies (NONNEG; then the sign is +).
+    magnitude = torch.where(nonneg, s.clamp(min=0), s.abs())
+    sign = torch.where(nonneg, torch.ones_like(sign), sign)
+    s = (magnitude - threshold).clamp_(min=0)  # NaN propagates
+    return s.mul_(sign) if keep_sign else s
+
+
+def _total(values):
+    """The float64 sum of an acc tensor, in a thread-count-independent order."""
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return torch.zeros((), dtype=torch.float64, device=values.device)
+    rows = -(-n // ROW_ELEMS)
+    padded = flat.new_zeros(rows * ROW_ELEMS)
+    padded[:n] = flat
+    return fixed_order_sum(padded.view(rows, ROW_ELEMS).sum(dim=1).double())
 
 
 def _row_sums(rows):
@@ -138,10 +174,6 @@ def _row_sums(rows):
     padded = rows.new_zeros(groups, parts * ROW_ELEMS)
     padded[:, :n] = rows
     return padded.view(groups, parts, ROW_ELEMS).sum(dim=2)
-
-
-def _zero(device):
-    return torch.zeros((), dtype=torch.float64, device=device)
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,75 +189,93 @@ def _differences(params, centers, acc):
     return ds
 
 
-def _by_group(d, group_dim, per_group):
+def _by_group(d, dim, size, per_group):
     """``per_group[g] * d_g`` for every element (``per_group``: one value per group)."""
-    return (d.movedim(group_dim, -1) * per_group).movedim(-1, group_dim)
+    if dim == WHOLE:
+        return d * per_group[0]
+    if size > 1:
+        per_group = per_group.repeat_interleave(size)
+    return (d.movedim(dim, -1) * per_group).movedim(-1, dim)
 
 
-def _gradient(d, c1, two_c2, group_dim, per_group):
+def _gradient(d, c1, two_c2, dim, size, per_group):
     grad = torch.sign(d).mul_(c1).add_(d * two_c2)
     if per_group is not None:
-        grad.add_(_by_group(d, group_dim, per_group))
+        grad.add_(_by_group(d, dim, size, per_group))
     return grad
 
 
-def _split_group_vector(vector, params, group_dim):
+def _split_group_vector(vector, params, groups):
     """One slice of a group vector per param (``None`` for params without groups)."""
     slices, start = [], 0
-    for p, n in zip(params, group_sizes(params, group_dim)):
-        slices.append(vector[start:start + n] if has_groups(p, group_dim) else None)
+    for i, n in enumerate(group_sizes(params, groups)):
+        slices.append(vector[start:start + n] if groups.dims[i] != NO_GROUPS else None)
         start += n
     return slices
 
 
-def grads(params, centers, group_dim, coeffs, group_scale, workspace=None):
+def _rows(coeffs, count, kind, acc):
+    """The coefficient table as Python-indexable acc tensors, one row per tensor."""
+    return as_table(coeffs, count, kind).to(acc)
+
+
+def grads(params, centers, groups, coeffs, group_scale, workspace=None):
+    groups = as_groups(params, groups)
     acc = acc_dtype(params[0].dtype)
-    c1, two_c2 = coeffs[0].to(acc), 2 * coeffs[1].to(acc)
-    scales = (_split_group_vector(group_scale.to(acc), params, group_dim) if group_scale is not None
+    table = _rows(coeffs, len(params), Gradient, acc)
+    scales = (_split_group_vector(group_scale.to(acc), params, groups) if group_scale is not None
               else [None] * len(params))
     with torch.autocast(params[0].device.type, enabled=False):
         ds = _differences(params, centers, acc)
-        return [_gradient(d, c1, two_c2, group_dim, s).to(p.dtype) for p, d, s in zip(params, ds, scales)]
+        return [_gradient(d, table[i, Gradient.L1], 2 * table[i, Gradient.L2], groups.dims[i], groups.sizes[i],
+                          scales[i]).to(p.dtype)
+                for i, (p, d) in enumerate(zip(params, ds))]
 
 
-def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace=None, want_sums=True):
+def add_grad_(params, grads_, centers, groups, coeffs, group_norms, workspace=None, want_sums=True):
+    groups = as_groups(params, groups)
     acc = acc_dtype(params[0].dtype)
-    needs_norms = group_dim >= 0 and group_norms is None
-    result = sums(params, centers, group_dim) if want_sums or needs_norms else None
+    table = _rows(coeffs, len(params), Gradient, acc)
+    needs_norms = groups.any and group_norms is None
+    result = sums(params, centers, groups) if want_sums or needs_norms else None
     scales = [None] * len(params)
-    if group_dim >= 0:
+    if groups.any:
+        counts = group_sizes(params, groups)
         norms = result[1].sqrt() if group_norms is None else group_norms.to(acc)
-        scale = torch.where(norms > 0, coeffs[2].to(acc) / torch.where(norms > 0, norms, 1), 0)
-        scales = _split_group_vector(scale, params, group_dim)
-    c1, two_c2 = coeffs[0].to(acc), 2 * coeffs[1].to(acc)
+        per_group = torch.repeat_interleave(table[:, Gradient.GROUP],
+                                            torch.tensor(counts, device=table.device), output_size=sum(counts))
+        scale = torch.where(norms > 0, per_group / torch.where(norms > 0, norms, 1), 0)
+        scales = _split_group_vector(scale, params, groups)
     with torch.autocast(params[0].device.type, enabled=False):
         ds = _differences(params, centers, acc)
-        for g, d, s in zip(grads_, ds, scales):
-            g.add_(_gradient(d, c1, two_c2, group_dim, s))  # in the wider dtype, rounded once
+        for i, (g, d) in enumerate(zip(grads_, ds)):  # in the wider dtype, rounded once
+            g.add_(_gradient(d, table[i, Gradient.L1], 2 * table[i, Gradient.L2], groups.dims[i], groups.sizes[i],
+                             scales[i]))
     return result if want_sums else None
 
 
-def prox_(params, centers, group_dim, coeffs, group_norms, workspace=None):
+def prox_(params, centers, groups, coeffs, group_norms, workspace=None):
+    groups = as_groups(params, groups)
     acc = acc_dtype(params[0].dtype)
-    threshold, denominator, group_threshold = (coeffs[i].to(acc) for i in range(3))
+    table = _rows(coeffs, len(params), Prox, acc)
     centers_ = centers if centers is not None else [None] * len(params)
-    norms = (_split_group_vector(group_norms.to(acc), params, group_dim) if group_norms is not None
+    norms = (_split_group_vector(group_norms.to(acc), params, groups) if group_norms is not None
              else [None] * len(params))
     with torch.autocast(params[0].device.type, enabled=False):
-        for p, c, n in zip(params, centers_, norms):
-            d = p.to(acc, copy=True)
-            if c is not None:
-                d.sub_(c)
-            s = torch.sign(d).mul_((d.abs() - threshold).clamp_(min=0))
-            if has_groups(p, group_dim):
+        for i, (p, c, n) in enumerate(zip(params, centers_, norms)):
+            row = table[i]
+            s = _shrunk(p, c, acc, row[Prox.THRESHOLD], row[Prox.NONNEG] != 0, keep_sign=True)
+            dim, size = groups.dims[i], groups.sizes[i]
+            if dim != NO_GROUPS:
                 if n is None:
-                    rows = logical_groups(s, group_dim)
+                    rows = logical_groups(s, dim, size)
                     n = _row_sums(rows * rows)
                     n = (n.double().sum(dim=1) if n.ndim == 2 else n.double()).sqrt().to(acc)
-                factor = torch.where(n > 0, (1 - group_threshold / torch.where(n > 0, n, 1)).clamp(min=0), 0)
-                s = _by_group(s, group_dim, factor / denominator)
+                factor = prox_group_factor(n, row[Prox.GROUP_THRESHOLD], row[Prox.DENOMINATOR], row[Prox.MIN_NORM],
+                                           row[Prox.MAX_NORM])
+                s = _by_group(s, dim, size, factor)
             else:
-                s = s / denominator
+                s = s / row[Prox.DENOMINATOR]
             if c is not None:
                 s.add_(c)
             p.copy_(s)

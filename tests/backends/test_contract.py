@@ -79,11 +79,18 @@ def _centered(params, seed=11):
 
 
 def _assert_sums(result, params, dtype, centers=None, group_dim=NO_GROUPS, threshold=0.0):
-    sums, group_sq = result
+    per_tensor, group_sq = result
     acc = acc_dtype(dtype)
-    assert sums.shape == (3,) and sums.dtype == acc
+    assert per_tensor.shape == (len(params), 3) and per_tensor.dtype == acc
     assert group_sq.dtype == acc and group_sq.shape == (sum(group_sizes(params, group_dim)),)
-    expected = ref.sums(params, centers, group_dim if group_dim >= 0 else None, threshold)
+    centers_ = centers if centers is not None else [None] * len(params)
+    gd = group_dim if group_dim >= 0 else None
+    if not threshold:  # each tensor's own sums
+        for i, (p, c) in enumerate(zip(params, centers_)):
+            expected = ref.sums([p], None if c is None else [c], gd)
+            torch.testing.assert_close(per_tensor[i].double(), expected, rtol=ref.sum_rtol(dtype), atol=1e-30)
+    sums = per_tensor.double().sum(dim=0)
+    expected = ref.sums(params, centers, gd, threshold)
     expected_sq = ref.group_sq(params, group_dim, centers, threshold) if group_dim >= 0 else torch.zeros(0)
     rtol = ref.sum_rtol(dtype)
     if not threshold:
@@ -128,7 +135,7 @@ def test_sums_with_groups(backend, group_dim, centered, dtype):
 def test_sums_of_shrunk_values(backend, group_dim, dtype):
     params = ref.make_tensors(group_shapes()[:6], dtype)
     centers = _centered(params)
-    result = _backend(backend).sums(params, centers, group_dim, threshold=0.4)
+    result = _backend(backend).sums(params, centers, group_dim, shrink=0.4)
     _assert_sums(result, params, dtype, centers, group_dim, threshold=0.4)
 
 
