@@ -30,6 +30,7 @@ class AttachHandle:
         self._optimizer = weakref.ref(optimizer)
         self._hook = None
         self._value = None
+        self._values = None
         self._steps = 0
         self._value_step = 0
 
@@ -46,11 +47,26 @@ class AttachHandle:
         """
         if self._steps == 0:
             return None
+        self._refresh()
+        return self._value
+
+    @property
+    def last_values(self):
+        """Each param group's value at the latest step (detached), keyed as ``Penalty.values()``;
+        None before the first step."""
+        if self._steps == 0:
+            return None
+        self._refresh()
+        return self.penalty._keyed(self._values)
+
+    def _refresh(self):
+        """``"prox"``: the values after the latest proximal step, computed once when first read."""
         if self.mode == "prox" and self._value_step != self._steps:
             with torch.no_grad():
-                self._value = self.penalty().detach()
+                values = self.penalty.values()
+            self._values = [v.detach() for v in values.values()]
+            self._value = sum(self._values[1:], self._values[0]) if self._values else None
             self._value_step = self._steps
-        return self._value
 
     @property
     def attached(self):
@@ -86,7 +102,8 @@ def attach(penalty, optimizer, mode):
     handle = AttachHandle(penalty, optimizer, mode)
     if mode == "grad":
         def before_step(opt, args, kwargs):
-            handle._value = penalty.add_to_grad_()
+            handle._value, totals = penalty._add_to_grad()
+            handle._values = [None if v is None else v.detach() for v in totals]
             handle._steps += 1
 
         handle._hook = optimizer.register_step_pre_hook(before_step)
@@ -121,6 +138,13 @@ def _plans_by_param_group(penalty, optimizer):
         shown = ", ".join(repr(n) for n in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"fastreg: attach(mode='prox') applies each parameter's own learning rate, but parameter(s) "
                          f"{shown} are in none of the optimizer's param groups")
+    for coupling in penalty._plan.couplings:
+        names = dict(penalty.named_parameters())
+        indices = {group_of[id(names[name])] for name, _ in coupling.slices}
+        if len(indices) > 1:
+            raise ValueError(f"fastreg: attach(mode='prox') steps each optimizer param group with its own lr, but "
+                             f"the coupled group {[name for name, _ in coupling.slices]} spans optimizer param groups "
+                             f"{sorted(indices)}; put a coupling's parameters in one optimizer param group")
     plans = []
     for index, group in enumerate(optimizer.param_groups):
         ids = {id(t) for name, t in penalty.named_parameters() if group_of[id(t)] == index}

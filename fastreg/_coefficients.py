@@ -54,11 +54,15 @@ def is_zero(coefficient):
 
 
 class Coefficients(NamedTuple):
-    """``(l1, l2, group)``, in the order of the sums they multiply (``Sum``)."""
+    """``(l1, l2, group)``, in the order of the sums they multiply (``Sum``), and the norm and
+    sign constraints of ``prox_`` (floats and a bool: ``fastreg._settings`` checks them)."""
 
     l1: object
     l2: object
     group: object
+    min_norm: float = 0.0
+    max_norm: float = math.inf
+    nonneg: bool = False
 
     @classmethod
     def checked(cls, l1, l2, group):
@@ -68,6 +72,11 @@ class Coefficients(NamedTuple):
     @property
     def has_groups(self):
         return not is_zero(self.group)
+
+    @property
+    def constrained(self):
+        """Whether a norm constraint needs the groups in ``prox_``."""
+        return self.min_norm > 0 or self.max_norm < math.inf
 
     def value(self, sums, with_groups=True):
         """``l1·Σ|d| + l2·Σd² + group·Σ‖d_g‖`` from a sums vector; a Python-zero coefficient
@@ -84,16 +93,24 @@ class Coefficients(NamedTuple):
     def detached(self):
         return Coefficients(*(c.detach() if isinstance(c, torch.Tensor) else c for c in self))
 
+    def terms(self):
+        """The three term coefficients (what multiplies the sums)."""
+        return self[:GRADIENT_SLOTS]
+
     def gradient_vector(self, dtype, device):
         """The ``GRADIENT_SLOTS`` vector of ``add_grad_``: ``[l1, l2, group]``."""
         return vector(self[:GRADIENT_SLOTS], dtype, device)
 
     def prox_vector(self, lr, dtype, device):
-        """The ``Prox`` vector of ``prox_`` for step ``lr``: ``[lr·l1, 1 + 2·lr·l2, lr·group]``."""
+        """The ``Prox`` vector of ``prox_`` for step ``lr``: ``[lr·l1, 1 + 2·lr·l2, lr·group,
+        min_norm, max_norm, nonneg]``."""
         values = [None] * len(Prox)
         values[int(Prox.THRESHOLD)] = lr * self.l1
         values[int(Prox.DENOMINATOR)] = 1 + 2 * lr * self.l2
         values[int(Prox.GROUP_THRESHOLD)] = lr * self.group
+        values[int(Prox.MIN_NORM)] = self.min_norm
+        values[int(Prox.MAX_NORM)] = self.max_norm
+        values[int(Prox.NONNEG)] = float(self.nonneg)
         return vector(values, dtype, device)
 
 
@@ -103,6 +120,16 @@ def add_values(total, value):
     if value is None:
         return total
     return value if total is None else total + value.to(total.device)
+
+
+def add_class_values(totals, classes, sums, coefficients):
+    """Adds each class's value to its param group's entry of ``totals``: ``classes`` are a kernel
+    group's ``((param group, own group term counts), start, end)``, whose rows of the per-tensor
+    ``sums`` are added in float64, times that param group's ``coefficients``."""
+    acc = sums.dtype
+    for (group, counts_group), start, end in classes:
+        rows = sums[start] if end - start == 1 else sums[start:end].double().sum(dim=0).to(acc)
+        totals[group] = add_values(totals[group], coefficients[group].value(rows, with_groups=counts_group))
 
 
 def term(coefficient, value, dtype):

@@ -26,7 +26,7 @@ def local(tensor):
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
-def check_placements(name, tensor, group_dim):
+def check_placements(name, tensor, group_dim, group_size=1):
     from torch.distributed.tensor import Partial, Shard
 
     if any(isinstance(p, Partial) for p in tensor.placements):
@@ -34,22 +34,32 @@ def check_placements(name, tensor, group_dim):
             f"fastreg: parameter {name!r} has a Partial placement; a penalty of partial sums is "
             "meaningless — redistribute it to Shard or Replicate first"
         )
-    if tensor.ndim >= 2:
+    if group_dim >= 0 and tensor.ndim >= 1:
         dims = {p.dim % tensor.ndim for p in tensor.placements if isinstance(p, Shard)}
         if group_dim in dims and len(dims) > 1:
             raise NotImplementedError(
                 f"fastreg: parameter {name!r} is sharded along its group dimension {group_dim} and along "
                 f"dimension(s) {sorted(dims - {group_dim})}; the group term supports sharding along one of them"
             )
+        if group_dim in dims and group_size > 1:
+            shards = [size for p, size in zip(tensor.placements, tensor.device_mesh.shape)
+                      if isinstance(p, Shard) and p.dim % tensor.ndim == group_dim]
+            per_rank = -(-tensor.shape[group_dim] // shards[0])
+            if per_rank % group_size:
+                raise NotImplementedError(
+                    f"fastreg: parameter {name!r} is sharded along its group dimension {group_dim} in pieces of "
+                    f"{per_rank}, which group_size={group_size} does not divide: a block would span ranks"
+                )
 
 
 def groups_span_ranks(tensor, group_dim):
-    """Whether a group of this parameter has elements on several ranks (Shard of another dim)."""
+    """Whether a group of this parameter has elements on several ranks (Shard of another dim;
+    any Shard for a whole-tensor group)."""
     from torch.distributed.tensor import Shard
 
-    if tensor.ndim < 2:
+    if group_dim == -1 or (group_dim >= 0 and tensor.ndim < 1):
         return False
-    return any(isinstance(p, Shard) and p.dim % tensor.ndim != group_dim and size > 1
+    return any(isinstance(p, Shard) and (group_dim < 0 or p.dim % tensor.ndim != group_dim) and size > 1
                for p, size in zip(tensor.placements, tensor.device_mesh.shape))
 
 

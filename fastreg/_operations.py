@@ -1,54 +1,147 @@
 """The three operations of a penalty, as functions of (plan, coefficients): its differentiable
 value, its gradient added in place, its proximal step. ``Penalty`` (``fastreg.api``) holds the
 state; these hold the maths of walking a plan: one call of an ``_ops`` primitive per kernel
-group, then one per mesh of sharded parameters (``fastreg._sharded``).
+group (every setting of its tensors in that one call, through per-tensor coefficient tables),
+then one per mesh of sharded parameters (``fastreg._sharded``).
+
+Values are formed per *class* (the tensors of one param group whose own group term counts, or
+does not): a class's rows of the per-tensor sums are one slice (the plan orders them so), added
+in float64, times that class's coefficients; a Python-zero coefficient drops its term. Each
+param group's value is the sum of its classes' and of its couplings'; the penalty is the sum
+of the groups' values, in group order.
+
+Couplings (groups made of slices of several tensors) need their norms before any update: their
+kernel groups get a norms pass first (``plain_sums``), the slices' squared norms are added
+across tensors, and the update takes every norm as given (the path sharded groups take too).
 """
 
 import torch
 
 from fastreg import _ops, _sharded
-from fastreg._coefficients import add_values
-from fastreg.backends._geometry import NO_GROUPS
+from fastreg._coefficients import add_class_values, add_values
+from fastreg._plan import GRAD, PROX
+from fastreg.backends._geometry import NO_GROUPS, group_sizes
+
+
+def values(plan, coefficients):
+    """Every param group's value (None for a group without tensors), differentiable."""
+    call = plan.call(coefficients)
+    totals = [None] * len(coefficients)
+    group_sq_of = {}
+    for kg, (groups, _) in zip(plan.local, call):
+        sums, group_sq = _ops.penalty_sums(kg.tensors, kg.centers, groups, plan.backend, kg.workspace)
+        add_class_values(totals, kg.classes, sums, coefficients)
+        group_sq_of[id(kg)] = (groups, group_sq)
+    _add_coupling_values(totals, plan, coefficients, group_sq_of)
+    for part in plan.meshes:
+        for g, v in enumerate(_sharded.value(plan, part, coefficients, call)):
+            totals[g] = add_values(totals[g], v)
+    return totals
 
 
 def value(plan, coefficients):
     """The penalty, differentiable with respect to every selected parameter."""
-    group_dim = _active_group_dim(plan, coefficients)
-    total = None
-    for kg in plan.local:
-        sums, _ = _ops.penalty_sums(kg.tensors, kg.centers, group_dim, plan.backend, kg.workspace)
-        total = add_values(total, coefficients.value(sums))
-    for part in plan.meshes:
-        total = add_values(total, _sharded.value(plan, part, coefficients, group_dim))
-    return _or_zero(plan, total)
+    return _or_zero(plan, _total(values(plan, coefficients)))
 
 
 def add_to_grad(plan, coefficients):
     """``p.grad += d(penalty)/dp`` for every selected ``p`` (``p.grad`` created if None);
-    returns the value, detached."""
-    group_dim = _active_group_dim(plan, coefficients)
+    returns each param group's value, detached."""
+    call = plan.call(coefficients, GRAD)
+    totals = [None] * len(coefficients)
     with torch.no_grad():
-        total = None
-        for kg in plan.local:
-            coeffs = coefficients.gradient_vector(kg.acc_dtype, kg.device)
-            sums, _ = _ops.add_grad_(plan.backend, kg.tensors, grads_of(kg.names, kg.tensors), kg.centers, group_dim,
-                                     coeffs, None, kg.workspace)
-            total = add_values(total, coefficients.value(sums))
+        coupled = _coupled_norms(plan, call, coefficients, shrink=False)
+        for kg, (groups, table) in zip(plan.local, call):
+            grads = grads_of(kg.names, kg.tensors)
+            if id(kg) in coupled:  # the norms pass already made the sums
+                sums, norms = coupled[id(kg)]
+                _ops.add_grad_(plan.backend, kg.tensors, grads, kg.centers, groups, table, norms, kg.workspace,
+                               want_sums=False)
+            else:
+                sums, _ = _ops.add_grad_(plan.backend, kg.tensors, grads, kg.centers, groups, table, None,
+                                         kg.workspace)
+            add_class_values(totals, kg.classes, sums, coefficients)
+        _add_coupling_values(totals, plan, coefficients, {key: value[2] for key, value in coupled.items()})
         for part in plan.meshes:
-            total = add_values(total, _sharded.add_to_grad(plan, part, coefficients, group_dim, grads_of))
-    return _or_zero(plan, total).detach()
+            for g, v in enumerate(_sharded.add_to_grad(plan, part, coefficients, call, grads_of)):
+                totals[g] = add_values(totals[g], v)
+    return totals
 
 
 def prox(plan, coefficients, lr):
     """The proximal step for step size ``lr``, in place, under no_grad."""
-    group_dim = _active_group_dim(plan, coefficients)
+    call = plan.call(coefficients, PROX, lr)
     with torch.no_grad():
         plan.check_in_place_once()
-        for kg in plan.local:
-            coeffs = coefficients.prox_vector(lr, kg.acc_dtype, kg.device)
-            _ops.prox_(plan.backend, kg.tensors, kg.centers, group_dim, coeffs, None, kg.workspace)
+        coupled = _coupled_norms(plan, call, coefficients, shrink=True)
+        for kg, (groups, table) in zip(plan.local, call):
+            norms = coupled[id(kg)][1] if id(kg) in coupled else None
+            _ops.prox_(plan.backend, kg.tensors, kg.centers, groups, table, norms, kg.workspace)
         for part in plan.meshes:
-            _sharded.prox(plan, part, coefficients, lr, group_dim)
+            _sharded.prox(plan, part, call)
+
+
+def _coupling_pieces(plan, groups_of):
+    """Per coupling, the squared norms of its slices (one piece per slice), from each kernel
+    group's (groups, group_sq); None for a coupling that is off in this call."""
+    pieces = [[] for _ in plan.couplings]
+    for kg in plan.local:
+        if id(kg) not in groups_of:
+            continue
+        groups, group_sq = groups_of[id(kg)]
+        offset = 0
+        for m, n, dim in zip(kg.members, group_sizes(kg.tensors, groups), groups.dims):
+            if m.coupling is not None and dim != NO_GROUPS:
+                pieces[m.coupling].append(group_sq[offset:offset + n])
+            offset += n
+    return [p if p else None for p in pieces]
+
+
+def _coupled_sq(pieces):
+    """The squared norms of a coupling's groups: its slices' added in float64, in slice order."""
+    device = pieces[0].device
+    return torch.stack([p.to(device=device, dtype=torch.float64) for p in pieces]).sum(dim=0)
+
+
+def _add_coupling_values(totals, plan, coefficients, groups_of):
+    for coupling, pieces in zip(plan.couplings, _coupling_pieces(plan, groups_of)):
+        if pieces is None:
+            continue
+        sq = _coupled_sq(pieces)
+        positive = sq > 0
+        norms = torch.where(positive, torch.where(positive, sq, 1).sqrt(), 0)  # no inf gradient at 0
+        value = (coefficients[coupling.group].group * norms.sum()).to(plan.result_dtype)
+        totals[coupling.group] = add_values(totals[coupling.group], value)
+
+
+def _coupled_norms(plan, call, coefficients, shrink):
+    """For each kernel group holding an active coupling: ``{id(kg): (sums, norms, (groups,
+    group_sq))}`` from a norms pass (of d, or of the shrunk values with ``shrink``), the norms
+    of its coupled slices replaced by their couplings'."""
+    if not plan.couplings:
+        return {}
+    passes = {}
+    for kg, (groups, table) in zip(plan.local, call):
+        if any(m.coupling is not None and d != NO_GROUPS for m, d in zip(kg.members, groups.dims)):
+            sums, group_sq = _ops.plain_sums(plan.backend, kg.tensors, kg.centers, groups,
+                                             table if shrink else None, kg.workspace)
+            passes[id(kg)] = (groups, group_sq, sums)
+    if not passes:
+        return {}
+    groups_of = {key: (groups, group_sq) for key, (groups, group_sq, _) in passes.items()}
+    coupled = [None if p is None else _coupled_sq(p).sqrt() for p in _coupling_pieces(plan, groups_of)]
+    out = {}
+    for kg in plan.local:
+        if id(kg) not in passes:
+            continue
+        groups, group_sq, sums = passes[id(kg)]
+        norms, offset = [], 0
+        for m, n in zip(kg.members, group_sizes(kg.tensors, groups)):
+            own = group_sq[offset:offset + n]
+            norms.append(own.sqrt() if m.coupling is None or n == 0 else coupled[m.coupling].to(own))
+            offset += n
+        out[id(kg)] = (sums, torch.cat(norms), (groups, group_sq))
+    return out
 
 
 def grads_of(names, params):
@@ -78,9 +171,17 @@ def _bad_grad(name, p, g):
     raise TypeError(f"fastreg: parameter {name!r} has a .grad of dtype {g.dtype}; gradients must be floating-point")
 
 
-def _active_group_dim(plan, coefficients):
-    """The plan's group_dim, or NO_GROUPS when the group term is a Python zero (no work)."""
-    return plan.group_dim if coefficients.has_groups else NO_GROUPS
+def _total(totals):
+    """The sum of the groups' values, in group order, on the first one's device."""
+    total = None
+    for v in totals:
+        total = add_values(total, v)
+    return total
+
+
+def total(plan, totals):
+    """The penalty from per-group values (a zero of the result dtype when there are none)."""
+    return _or_zero(plan, _total(totals))
 
 
 def _or_zero(plan, value):

@@ -5,14 +5,16 @@ mode it calls the same backend kernels through a thin ``autograd.Function``, bec
 custom op's Python dispatch costs ~80 us a call (measured: 87 us vs 11 us for the kernels on
 the seed article's 4-tensor MLP) — more than the whole penalty of a small model.
 
-``fastreg::sums(params, centers, group_dim, backend, workspace) -> (sums, group_sq)`` is the only
-differentiable primitive: ``sums = [Σ|d|, Σd², Σ_g ‖d_g‖]`` with ``d = w - c``, and the
-groups' squared norms. The coefficients stay outside it (``value = l1·s0 + l2·s1 +
-group·s2`` in plain torch), so tensor coefficients need no recompilation, and autograd hands
-the backward exactly ``grad_sums = [l1, l2, group] · grad_value``. The backward is
-``grad_sums[0]·sign(d) + (2·grad_sums[1] + scale_g)·d`` with ``scale_g = grad_sums[2] / ‖d_g‖
-+ 2·grad_group_sq[g]`` (0 for a zero group), computed by ``fastreg::sums_backward`` in one
-multi-tensor call. ``group_sq`` is an output so that sharded parameters can all-reduce it
+``fastreg::sums(params, centers, group_dims, group_sizes, backend, workspace) -> (sums,
+group_sq)`` is the only differentiable primitive: ``sums[t] = [Σ|d|, Σd², Σ_g ‖d_g‖]`` of each
+tensor (``d = w - c``; shape ``(T, 3)``), and the groups' squared norms; ``group_dims`` /
+``group_sizes`` are each tensor's structure (``_geometry.Groups``). The coefficients stay
+outside it (the value is formed from the sums in plain torch, per class of tensors sharing
+settings), so tensor coefficients need no recompilation, and autograd hands the backward
+exactly ``grad_sums[t] = [l1_t, l2_t, group_t] · grad_value``: each tensor's own coefficients.
+The backward is ``grad_sums[t,0]·sign(d) + (2·grad_sums[t,1] + scale_g)·d`` with ``scale_g =
+grad_sums[t,2] / ‖d_g‖ + 2·grad_group_sq[g]`` (0 for a zero group), computed by
+``fastreg::sums_backward`` in one multi-tensor call. ``group_sq`` is an output so that sharded parameters can all-reduce it
 (``fastreg._sharded``); ``scale`` is built from it with differentiable torch ops, so second
 derivatives of the group term come out of autograd. Centers are constants (no gradient).
 ``workspace`` is the integer handle of the kernel group's ``Workspace`` (0: none), resolved
@@ -28,20 +30,21 @@ import torch
 
 from fastreg import _dispatch
 from fastreg.backends import _workspace
-from fastreg.backends._geometry import acc_dtype, fixed_order_sum, group_sizes
-from fastreg.backends._terms import SUMS, Gradient, Sum
+from fastreg.backends._geometry import NO_GROUPS, Groups, acc_dtype, as_groups, group_sizes, logical_groups
+from fastreg.backends._terms import SUMS, Gradient, Sum, as_table
 
 # sums_backward's coefficients: the element-wise terms' (L1, L2); the group term comes as a scale.
 _ELEMENTWISE = int(Gradient.GROUP)
 
 
 @torch.library.custom_op("fastreg::sums", mutates_args=())
-def sums(params: list[torch.Tensor], centers: list[torch.Tensor], group_dim: int,
+def sums(params: list[torch.Tensor], centers: list[torch.Tensor], group_dims: list[int], group_sizes: list[int],
          backend: str, workspace: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([Σ|d|, Σd², Σ_g ‖d_g‖], group_sq)`` over one kernel group; ``backend`` as the user asked;
-    ``workspace``: the handle of the kernel group's ``Workspace`` (0: none)."""
+    """``(per-tensor [Σ|d|, Σd², Σ_g ‖d_g‖], group_sq)`` over one kernel group; ``backend`` as the
+    user asked; ``workspace``: the handle of the kernel group's ``Workspace`` (0: none)."""
     _check_traced_group(params, centers)
-    return _dispatch.backend_for(backend, params[0].device).sums(params, centers or None, group_dim,
+    return _dispatch.backend_for(backend, params[0].device).sums(params, centers or None,
+                                                                 Groups(tuple(group_dims), tuple(group_sizes)),
                                                                  workspace=_workspace.lookup(workspace))
 
 
@@ -64,71 +67,77 @@ def _check_traced_group(params, centers):
 
 
 @sums.register_fake
-def _(params, centers, group_dim, backend, workspace):
+def _(params, centers, group_dims, group_sizes_, backend, workspace):
     acc = acc_dtype(params[0].dtype)
-    return (params[0].new_empty((SUMS,), dtype=acc),
-            params[0].new_empty((sum(group_sizes(params, group_dim)),), dtype=acc))
+    groups = Groups(tuple(group_dims), tuple(group_sizes_))
+    return (params[0].new_empty((len(params), SUMS), dtype=acc),
+            params[0].new_empty((sum(group_sizes(params, groups)),), dtype=acc))
 
 
 @torch.library.custom_op("fastreg::sums_backward", mutates_args=())
-def sums_backward(params: list[torch.Tensor], centers: list[torch.Tensor], group_dim: int,
-                  coeffs: torch.Tensor, group_scale: Optional[torch.Tensor], backend: str,
+def sums_backward(params: list[torch.Tensor], centers: list[torch.Tensor], group_dims: list[int],
+                  group_sizes: list[int], coeffs: torch.Tensor, group_scale: Optional[torch.Tensor], backend: str,
                   workspace: int) -> list[torch.Tensor]:
-    """``coeffs[0]·sign(d) + (2·coeffs[1] + group_scale[g])·d`` for every tensor of the group."""
+    """``coeffs[t,0]·sign(d) + (2·coeffs[t,1] + group_scale[g])·d`` for every tensor of the group."""
     _check_traced_group(params, centers)
-    return _dispatch.backend_for(backend, params[0].device).grads(params, centers or None, group_dim,
+    return _dispatch.backend_for(backend, params[0].device).grads(params, centers or None,
+                                                                   Groups(tuple(group_dims), tuple(group_sizes)),
                                                                    coeffs, group_scale,
                                                                    workspace=_workspace.lookup(workspace))
 
 
 @sums_backward.register_fake
-def _(params, centers, group_dim, coeffs, group_scale, backend, workspace):
+def _(params, centers, group_dims, group_sizes_, coeffs, group_scale, backend, workspace):
     return [torch.empty_like(p) for p in params]
 
 
-def group_scale(grad_norm_sum, group_sq, grad_group_sq):
-    """The per-group coefficient of ``d`` in the backward, or None without groups."""
+def group_scale(grad_norm_sums, counts, group_sq, grad_group_sq):
+    """The per-group coefficient of ``d`` in the backward, or None without groups.
+    ``grad_norm_sums``: each tensor's coefficient of its Σ‖d_g‖; ``counts``: its groups."""
     if group_sq.numel() == 0:
         return None
+    per_group = torch.repeat_interleave(grad_norm_sums, torch.tensor(counts, device=group_sq.device),
+                                        output_size=group_sq.numel())
     positive = group_sq > 0
-    scale = torch.where(positive, grad_norm_sum / torch.where(positive, group_sq, 1).sqrt(), 0)
+    scale = torch.where(positive, per_group / torch.where(positive, group_sq, 1).sqrt(), 0)
     if grad_group_sq is not None:
         scale = scale + 2 * grad_group_sq
     return scale.to(group_sq.dtype)
 
 
-def _backward_coeffs(grad_sums, group_sq, grad_group_sq):
-    """``(coeffs, scale)`` of the backward kernels: ``grad_sums`` itself (its first two entries
-    are [c1, c2]; the kernels read those) and the per-group scale, or None without groups."""
+def _backward_coeffs(grad_sums, params, groups, group_sq, grad_group_sq):
+    """``(coeffs, scale)`` of the backward kernels: ``grad_sums`` itself (each row's first two
+    entries are [c1, c2]; the kernels read those) and the per-group scale, or None without groups."""
     acc = group_sq.dtype
     if grad_sums is None:
-        grad_sums = group_sq.new_zeros(SUMS)
+        grad_sums = group_sq.new_zeros(len(params), SUMS)
     grad_sums = grad_sums.to(acc)
     if group_sq.numel() == 0 and grad_group_sq is None:
         return grad_sums, None
-    return grad_sums, group_scale(grad_sums[Sum.GROUP_NORM], group_sq, grad_group_sq)
+    return grad_sums, group_scale(grad_sums[:, Sum.GROUP_NORM], group_sizes(params, groups), group_sq, grad_group_sq)
 
 
 def _sums_setup_context(ctx, inputs, output):
-    params, centers, group_dim, backend, workspace = inputs
+    params, centers, group_dims, group_sizes_, backend, workspace = inputs
     ctx.save_for_backward(*params, *centers, output[1])
-    ctx.split = (len(params), group_dim, backend)
+    ctx.split = (len(params), Groups(tuple(group_dims), tuple(group_sizes_)), backend)
     ctx.workspace = workspace
 
 
 def _unpack(ctx):
-    count, group_dim, backend = ctx.split
+    count, groups, backend = ctx.split
     *tensors, group_sq = ctx.saved_tensors
-    return tensors[:count], tensors[count:], group_sq, group_dim, backend
+    return tensors[:count], tensors[count:], group_sq, groups, backend
 
 
 def _sums_backward(ctx, grad_sums, grad_group_sq):
-    params, centers, group_sq, group_dim, backend = _unpack(ctx)
-    coeffs, scale = _backward_coeffs(grad_sums, group_sq, grad_group_sq)
+    params, centers, group_sq, groups, backend = _unpack(ctx)
+    coeffs, scale = _backward_coeffs(grad_sums, params, groups, group_sq, grad_group_sq)
     # A list input takes a list of gradients: none for the centers (constants).
-    elementwise = coeffs[:_ELEMENTWISE].contiguous()
-    return (sums_backward(params, centers, group_dim, elementwise, scale, backend, ctx.workspace),
-            [None] * len(centers), None, None, None)
+    elementwise = coeffs[:, :_ELEMENTWISE].contiguous()
+    return (sums_backward(params, centers, list(groups.dims), list(groups.sizes), elementwise, scale, backend,
+                          ctx.workspace),
+            [None] * len(centers), None, None, None, None)
 
 
 sums.register_autograd(_sums_backward, setup_context=_sums_setup_context)
@@ -137,48 +146,58 @@ sums.register_autograd(_sums_backward, setup_context=_sums_setup_context)
 # Second order (gradgradcheck, Hessian-vector products): the backward is linear in d for a
 # given scale, except for sign(), whose derivative is zero almost everywhere. Plain torch ops.
 def _sums_backward_setup_context(ctx, inputs, output):
-    params, centers, group_dim, coeffs, scale, backend, workspace = inputs
+    params, centers, group_dims, group_sizes_, coeffs, scale, backend, workspace = inputs
     ctx.save_for_backward(coeffs, scale, *params, *centers)
-    ctx.split = (len(params), group_dim, scale is not None)
+    ctx.split = (len(params), Groups(tuple(group_dims), tuple(group_sizes_)), scale is not None)
 
 
 def _sums_backward_backward(ctx, grad_outputs):
-    count, group_dim, has_scale = ctx.split
+    count, groups, has_scale = ctx.split
     coeffs, scale, *tensors = ctx.saved_tensors
     params, centers = tensors[:count], tensors[count:]
     acc = coeffs.dtype  # fp16 dot products would overflow
     ds = [p - c for p, c in zip(params, centers)] if centers else list(params)
     vs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grad_outputs)]
-    sign_dot = sum(((torch.sign(d) * v).sum(dtype=acc) for d, v in zip(ds, vs)), coeffs.new_zeros(()))
-    value_dot = sum(((d * v).sum(dtype=acc) for d, v in zip(ds, vs)), coeffs.new_zeros(()))
-    grad_params = [v * (2 * coeffs[Gradient.L2]).to(v.dtype) for v in vs]
+    sign_dot = torch.stack([(torch.sign(d) * v).sum(dtype=acc) for d, v in zip(ds, vs)])
+    value_dot = torch.stack([(d * v).sum(dtype=acc) for d, v in zip(ds, vs)])
+    grad_params = [v * (2 * coeffs[i, Gradient.L2]).to(v.dtype) for i, v in enumerate(vs)]
     grad_scale = None
     if has_scale:
         per_group, start = [], 0
-        for i, (d, v, n) in enumerate(zip(ds, vs, group_sizes(params, group_dim))):
-            if d.ndim < 2:
+        for i, (d, v, n) in enumerate(zip(ds, vs, group_sizes(params, groups))):
+            dim, size = groups.dims[i], groups.sizes[i]
+            if dim == NO_GROUPS:
                 continue
-            s = scale[start:start + n]
-            grad_params[i] = grad_params[i] + (v.movedim(group_dim, -1) * s.to(v.dtype)).movedim(-1, group_dim)
-            per_group.append((d * v).to(acc).movedim(group_dim, 0).reshape(n, -1).sum(dim=1))
+            grad_params[i] = grad_params[i] + _by_group(v, dim, size, scale[start:start + n].to(v.dtype))
+            per_group.append(logical_groups((d * v).to(acc), dim, size).sum(dim=1))
             start += n
         grad_scale = torch.cat(per_group) if per_group else scale.new_zeros(0)
-    grad_coeffs = torch.stack([sign_dot, 2 * value_dot]).to(coeffs.dtype)
-    return grad_params, [None] * len(centers), None, grad_coeffs, grad_scale, None, None
+    grad_coeffs = torch.stack([sign_dot, 2 * value_dot], dim=1).to(coeffs.dtype)
+    return grad_params, [None] * len(centers), None, None, grad_coeffs, grad_scale, None, None
+
+
+def _by_group(x, dim, size, per_group):
+    """``per_group[g] · x_g`` for every element (differentiable torch ops)."""
+    if dim < 0:  # WHOLE
+        return x * per_group[0]
+    return (x.movedim(dim, -1) * per_group.repeat_interleave(size)).movedim(-1, dim)
 
 
 sums_backward.register_autograd(_sums_backward_backward, setup_context=_sums_backward_setup_context)
 
 
-def penalty_sums(params, centers, group_dim, backend, workspace=None):
+def penalty_sums(params, centers, groups, backend, workspace=None):
     """``(sums, group_sq)`` of one kernel group, differentiable: the op when compiling, else the fast path.
 
-    ``workspace``: the kernel group's ``Workspace`` (where a backend keeps its tables), or None.
+    ``groups``: each tensor's structure (``_geometry.Groups``, or one group_dim); ``workspace``:
+    the kernel group's ``Workspace`` (where a backend keeps its tables), or None.
     """
     centers = centers or []
+    groups = as_groups(params, groups)
     if torch.compiler.is_compiling():
-        return sums(params, centers, group_dim, backend, 0 if workspace is None else workspace.handle)
-    return _EagerSums.apply(backend, group_dim, len(params), workspace, *params, *centers)
+        return sums(params, centers, list(groups.dims), list(groups.sizes), backend,
+                    0 if workspace is None else workspace.handle)
+    return _EagerSums.apply(backend, groups, len(params), workspace, *params, *centers)
 
 
 class _EagerSums(torch.autograd.Function):
@@ -193,56 +212,58 @@ class _EagerSums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, backend, group_dim, count, workspace, *tensors):
+    def forward(ctx, backend, groups, count, workspace, *tensors):
         params, centers = list(tensors[:count]), list(tensors[count:])
-        result, group_sq = _dispatch.backend_for(backend, params[0].device).sums(params, centers or None, group_dim,
+        result, group_sq = _dispatch.backend_for(backend, params[0].device).sums(params, centers or None, groups,
                                                                                   workspace=workspace)
         ctx.save_for_backward(*tensors, group_sq)
-        ctx.split = (count, group_dim, backend)
+        ctx.split = (count, groups, backend)
         ctx.workspace = workspace
         ctx.set_materialize_grads(False)
         return result, group_sq
 
     @staticmethod
     def backward(ctx, grad_sums, grad_group_sq):
-        params, centers, group_sq, group_dim, backend = _unpack(ctx)
-        coeffs, scale = _backward_coeffs(grad_sums, group_sq, grad_group_sq)
+        params, centers, group_sq, groups, backend = _unpack(ctx)
+        coeffs, scale = _backward_coeffs(grad_sums, params, groups, group_sq, grad_group_sq)
         if torch.is_grad_enabled():  # create_graph=True: the op carries the second derivative
             handle = 0 if ctx.workspace is None else ctx.workspace.handle
-            elementwise = coeffs[:_ELEMENTWISE].contiguous()
-            grads = sums_backward(params, centers, group_dim, elementwise, scale, backend, handle)
+            elementwise = coeffs[:, :_ELEMENTWISE].contiguous()
+            grads = sums_backward(params, centers, list(groups.dims), list(groups.sizes), elementwise, scale, backend,
+                                  handle)
         else:
-            grads = _dispatch.backend_for(backend, params[0].device).grads(params, centers or None, group_dim,
+            grads = _dispatch.backend_for(backend, params[0].device).grads(params, centers or None, groups,
                                                                             coeffs, scale, workspace=ctx.workspace)
         return (None, None, None, None, *grads, *([None] * len(centers)))
 
 
-def plain_sums(backend, params, centers, group_dim, threshold=0.0, workspace=None):
-    """``(sums, group_sq)`` of one kernel group, not differentiable (sharded passes, prox norms)."""
-    return _dispatch.backend_for(backend, params[0].device).sums(params, centers, group_dim, threshold,
+def plain_sums(backend, params, centers, groups, shrink=None, workspace=None):
+    """``(sums, group_sq)`` of one kernel group, not differentiable (sharded and coupled passes,
+    prox norms); ``shrink``: a prox table (the sums of the shrunk values) or None."""
+    return _dispatch.backend_for(backend, params[0].device).sums(params, centers, groups, shrink,
                                                                  workspace=workspace)
 
 
-def add_grad_(backend, params, grads, centers, group_dim, coeffs, group_norms=None, workspace=None, want_sums=True):
+def add_grad_(backend, params, grads, centers, groups, coeffs, group_norms=None, workspace=None, want_sums=True):
     """``grads[i] += d(penalty)/d params[i]`` in place (any gradient dtypes); ``(sums, group_sq)``,
     or None with ``want_sums=False``. Bumps the gradients' version counters, as a PyTorch
     in-place op does."""
     kernels = _dispatch.backend_for(backend, params[0].device)
     if not kernels.VERSIONS_BUMPED:
         _check_writable(grads)
-    result = add_grad_by_dtype(kernels, params, grads, centers, group_dim, coeffs, group_norms, workspace,
-                               want_sums)
+    result = add_grad_by_dtype(kernels, params, grads, centers, as_groups(params, groups), coeffs, group_norms,
+                               workspace, want_sums)
     if not kernels.VERSIONS_BUMPED:
         torch.autograd.graph.increment_version(grads)
     return result
 
 
-def prox_(backend, params, centers, group_dim, coeffs, group_norms=None, workspace=None):
+def prox_(backend, params, centers, groups, coeffs, group_norms=None, workspace=None):
     """The proximal step, in place on ``params``; bumps their version counters."""
     kernels = _dispatch.backend_for(backend, params[0].device)
     if not kernels.VERSIONS_BUMPED:
         _check_writable(params)
-    kernels.prox_(params, centers, group_dim, coeffs, group_norms, workspace=workspace)
+    kernels.prox_(params, centers, groups, coeffs, group_norms, workspace=workspace)
     if not kernels.VERSIONS_BUMPED:
         torch.autograd.graph.increment_version(params)
 
@@ -255,18 +276,19 @@ def _check_writable(tensors):
                            "(as for any PyTorch in-place op); clone it, or call this inside torch.inference_mode()")
 
 
-def add_grad_by_dtype(kernels, params, grads, centers, group_dim, coeffs, group_norms, workspace=None,
+def add_grad_by_dtype(kernels, params, grads, centers, groups, coeffs, group_norms, workspace=None,
                       want_sums=True):
     """``kernels.add_grad_`` with gradients of any dtypes: one call per gradient dtype (in a fixed
-    order), group vectors split and rejoined in parameter order. Returns ``(sums, group_sq)``, or
-    None when the sums are not wanted."""
+    order), per-tensor rows and group vectors split and rejoined in parameter order. Returns
+    ``(sums, group_sq)``, or None when the sums are not wanted."""
     first = grads[0].dtype
     if all(g.dtype == first for g in grads):
-        return kernels.add_grad_(params, grads, centers, group_dim, coeffs, group_norms, workspace=workspace,
+        return kernels.add_grad_(params, grads, centers, groups, coeffs, group_norms, workspace=workspace,
                                  want_sums=want_sums)
-    sizes = group_sizes(params, group_dim)
+    table = as_table(coeffs, len(params), Gradient)
+    sizes = group_sizes(params, groups)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    total, pieces = None, [None] * len(params)
+    rows, pieces = [None] * len(params), [None] * len(params)
     for dtype in sorted({g.dtype for g in grads}, key=str):
         index = [i for i, g in enumerate(grads) if g.dtype == dtype]
         norms = None
@@ -274,18 +296,16 @@ def add_grad_by_dtype(kernels, params, grads, centers, group_dim, coeffs, group_
             norms = torch.cat([group_norms[starts[i]:starts[i] + sizes[i]] for i in index])
         result = kernels.add_grad_([params[i] for i in index], [grads[i] for i in index],
                                    None if centers is None else [centers[i] for i in index],
-                                   group_dim, coeffs, norms, workspace=workspace, want_sums=want_sums)
+                                   groups.subset(index), table[index], norms, workspace=workspace,
+                                   want_sums=want_sums)
         if not want_sums:
             continue
-        result, group_sq = result
+        per_tensor, group_sq = result
         offset = 0
-        for i in index:
+        for k, i in enumerate(index):
+            rows[i] = per_tensor[k]
             pieces[i] = group_sq[offset:offset + sizes[i]]
             offset += sizes[i]
-        total = result if total is None else total + result
     if not want_sums:
         return None
-    group_sq = torch.cat(pieces)
-    # The group norm sum from the pieces' own sums would depend on the split: recompute it.
-    total[Sum.GROUP_NORM] = fixed_order_sum(group_sq.double().sqrt()).to(total.dtype)
-    return total, group_sq
+    return torch.stack(rows), torch.cat(pieces)

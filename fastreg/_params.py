@@ -12,7 +12,8 @@ from fastreg._warnings import warn
 
 BIAS_AND_NORM = "bias_and_norm"
 EMBEDDINGS = "embeddings"
-PRESETS = (BIAS_AND_NORM, EMBEDDINGS)
+NO_WEIGHT_DECAY = "no_weight_decay"  # timm: model.no_weight_decay(), model.no_weight_decay_keywords()
+PRESETS = (BIAS_AND_NORM, EMBEDDINGS, NO_WEIGHT_DECAY)
 EMBEDDING_MODULES = (nn.Embedding, nn.EmbeddingBag)
 
 
@@ -144,14 +145,42 @@ def _preset_rule(preset, params):
     if preset == BIAS_AND_NORM:
         return lambda name, tensor: f"bias_and_norm (ndim={tensor.ndim})" if tensor.ndim <= 1 else None
     if not isinstance(params, nn.Module):
+        finds = ("the weights of nn.Embedding / nn.EmbeddingBag modules" if preset == EMBEDDINGS
+                 else "the names the model's no_weight_decay() / no_weight_decay_keywords() return")
         raise ValueError(
-            f"fastreg: exclude={EMBEDDINGS!r} finds the weights of nn.Embedding / nn.EmbeddingBag "
-            f"modules, so params must be an nn.Module, not a {type(params).__name__}; with plain "
-            "tensors, exclude the embeddings by name (a glob pattern) instead"
+            f"fastreg: exclude={preset!r} finds {finds}, so params must be an nn.Module, not a "
+            f"{type(params).__name__}; with plain tensors, exclude them by name (a glob pattern) instead"
         )
+    if preset == NO_WEIGHT_DECAY:
+        return _no_weight_decay_rule(params)
     embedding_of = {id(m.weight): type(m).__name__ for m in params.modules() if isinstance(m, EMBEDDING_MODULES)}
     return lambda name, tensor: (f"embeddings (nn.{embedding_of[id(tensor)]})" if id(tensor) in embedding_of
                                  else None)
+
+
+def _no_weight_decay_rule(model):
+    """timm's declaration: ``model.no_weight_decay()`` (names, or glob patterns, relative to the
+    model: ``{"pos_embed", "cls_token"}``) and ``model.no_weight_decay_keywords()`` (substrings
+    of names), as timm's optimizer factory reads them."""
+    names = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else None
+    keywords = (model.no_weight_decay_keywords() if callable(getattr(model, "no_weight_decay_keywords", None))
+                else None)
+    if names is None and keywords is None:
+        raise ValueError(
+            f"fastreg: exclude={NO_WEIGHT_DECAY!r} reads model.no_weight_decay() and "
+            f"model.no_weight_decay_keywords() (timm's convention), but {type(model).__name__} defines "
+            "neither; exclude the parameters by name (glob patterns) instead"
+        )
+    names, keywords = set(names or ()), tuple(keywords or ())
+
+    def reason(name, tensor):
+        if name in names or any(glob_match(name, pattern) for pattern in names):
+            return "no_weight_decay (model.no_weight_decay())"
+        if any(keyword in name for keyword in keywords):
+            return "no_weight_decay (model.no_weight_decay_keywords())"
+        return None
+
+    return reason
 
 
 def _pattern_rule(pattern):

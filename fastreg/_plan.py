@@ -1,15 +1,25 @@
 """The plan of a ``Penalty``: everything about its parameters that does not change between steps.
 
-Built once, at construction, and walked by ``__call__``, ``add_to_grad_``, ``prox_`` and
-``explain``:
+Built once, at construction, and walked by ``__call__``, ``add_to_grad_``, ``prox_``, ``values``
+and ``explain``:
 
-* the selection (``fastreg._params``) with each candidate's reason for being excluded;
+* the param groups (``fastreg._settings``) and, per group, the selection (``fastreg._params``)
+  with each candidate's reason for being excluded;
 * the checks no kernel should have to make again: supported tensors, no two parameters
-  sharing memory, centers of the right shape and kind;
+  sharing memory, centers of the right shape and kind, structures that divide the tensors;
 * the centers, converted once to each parameter's dtype, device and memory layout;
+* per parameter its *structure* (where its groups lie: rows, columns, blocks of k, the whole
+  tensor, a coupling's slices) and its *class*: (param group, whether its own group term
+  counts), the unit in which values are formed and coefficient tables are built;
 * the kernel groups: the tensors one backend call handles, keyed by (device, dtype, has a
-  center) and, for sharded parameters, by (mesh, counted, groups spanning ranks);
-* per parameter, what the group term does with it (its groups, or why none).
+  center) and, for sharded parameters, by (mesh, counted, groups spanning ranks) — every
+  setting in one call, ordered by class so that a class's sums are one slice;
+* the couplings: groups made of slices of several parameters, whose squared norms are added
+  across tensors (and kernel groups) before the norm is taken.
+
+``call(coefficients, op)`` turns the param groups' current coefficients into what one
+operation needs (``Call``): each kernel group's active structure and coefficient tables,
+cached per pattern of which terms are active, so a schedule of floats rebuilds nothing.
 
 The backend itself is resolved inside the ops from ``backend`` (a cached dictionary lookup),
 so that torch.compile traces no dispatch logic.
@@ -21,13 +31,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastreg import _dispatch, _dtensor
+from fastreg import _coefficients, _dispatch, _dtensor, _settings
 from fastreg._params import select
-from fastreg.backends._geometry import acc_dtype, group_sizes, is_dense
+from fastreg.backends._geometry import NO_GROUPS, WHOLE, Groups, acc_dtype, is_dense
 from fastreg.backends._workspace import Workspace
 
-GROUP_DIMS = (0, 1)
 INIT = "init"
+GRAD, PROX = "grad", "prox"  # the operations a Call is for (prox activates the constraints' structures)
 
 
 @dataclass
@@ -39,12 +49,15 @@ class KernelGroup:
     names: list = field(default_factory=list)
     tensors: list = field(default_factory=list)  # the parameters (DTensors for sharded groups)
     centers: list | None = None  # local tensors, one per parameter, or None
+    members: list = field(default_factory=list)  # the plan's Member of each tensor
     sharded: bool = False
     counted: bool = True  # sharded: this rank's shards count in the global value
     reduce_groups: bool = False  # sharded: its groups span ranks (group_sq is all-reduced)
     # Where the backend keeps this group's tables between calls (owned here: see _workspace);
     # None for a plan built while torch.compile traces (a Penalty made inside a compiled function).
     workspace: Workspace | None = field(default_factory=lambda: None if torch.compiler.is_compiling() else Workspace())
+    classes: list = field(default_factory=list)  # (class, start, end): the rows of each class, in order
+    _calls: dict = field(default_factory=dict)  # activity pattern -> (Groups, class index tensor)
 
     @property
     def acc_dtype(self):
@@ -53,9 +66,6 @@ class KernelGroup:
     def local(self):
         """The tensors the kernels read: the parameters, or their local shards."""
         return [t.to_local() for t in self.tensors] if self.sharded else self.tensors
-
-    def group_count(self, group_dim):
-        return sum(group_sizes(self.tensors, group_dim))
 
 
 @dataclass
@@ -67,6 +77,31 @@ class MeshPart:
 
 
 @dataclass
+class Member:
+    """One regularized parameter: where it comes from and how its terms apply."""
+
+    name: str
+    tensor: torch.Tensor
+    center: torch.Tensor | None
+    group: int  # its param group
+    structure: tuple  # (dim, size) of its group term: (NO_GROUPS, 1), (WHOLE, 1), (dim, k)
+    constraint_structure: tuple  # where its norm constraints apply (its groups, else the whole tensor)
+    coupling: int | None = None  # the coupling whose slices it holds
+    # The center as first converted: a center that follows its parameter to another dtype is
+    # converted from this one, so a round trip (float64 -> float32 -> float64) loses nothing.
+    given_center: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.given_center is None:
+            self.given_center = self.center
+
+    @property
+    def cls(self):
+        """Its class: its param group, and whether its own group term counts."""
+        return self.group, self.structure[0] != NO_GROUPS and self.coupling is None
+
+
+@dataclass
 class ParameterInfo:
     """What ``explain()`` shows about one candidate."""
 
@@ -74,51 +109,94 @@ class ParameterInfo:
     tensor: torch.Tensor
     excluded_because: str | None
     center: str = "none"
+    group: int | None = None
+    member: "Member | None" = None
+
+
+@dataclass
+class Coupling:
+    """Slices of several parameters that form one group each (a neuron: its row of fc1, its
+    bias, its column of fc2). Its group term takes the ``group`` of its first slice's param group."""
+
+    slices: list  # (name, dim)
+    length: int
+    group: int  # the param group its coefficient comes from
+
+
+class Call(tuple):
+    """What one operation needs: per kernel group, ``(groups, tables)``; see ``Plan.call``."""
 
 
 class Plan:
-    def __init__(self, params, exclude, group_dim, center, backend):
-        if isinstance(group_dim, bool) or group_dim not in GROUP_DIMS:
-            raise ValueError(f"fastreg: group_dim must be 0 (rows: output units, filters) or 1 "
-                             f"(columns: input features, channels), got {group_dim!r}")
-        self.group_dim = group_dim
+    def __init__(self, groups, coupled, backend):
         self.backend = _dispatch.requested_backend(backend)
-        entries = select(params, exclude)
-        included = [e for e in entries if e.included]
+        self.param_groups = groups
+        self._fixed = [{key: group[key] for key in _settings.STRUCTURE_KEYS} for group in groups]
+        self.info, members = [], []
+        seen = {}
+        for index, group in enumerate(groups):
+            where = _where(index, group)
+            entries = select(group["source"], group["exclude"])
+            belongs = group.get("belongs")
+            if belongs is not None:  # rules: every group selects from the same module
+                entries = [e for e in entries if belongs(e.name, e.tensor) == index]
+            included = [e for e in entries if e.included]
+            for e in included:
+                if id(e.tensor) in seen:
+                    raise ValueError(f"fastreg: parameter {e.name!r} is in {seen[id(e.tensor)]} and in {where}; "
+                                     "a parameter belongs to one param group")
+                seen[id(e.tensor)] = where
+            centers, notes = _centers(group["center"], entries, included)
+            notes = dict(zip((id(e.tensor) for e in included), notes))
+            for e, center in zip(included, centers):
+                structure = _structure(e.name, e.tensor, group["group_dim"], group["group_size"])
+                members.append(Member(e.name, e.tensor, center, index, structure,
+                                      structure if structure[0] != NO_GROUPS else (WHOLE, 1)))
+            by_tensor = {id(m.tensor): m for m in members[len(members) - len(included):]}
+            for e in entries:
+                info = ParameterInfo(e.name, e.tensor, e.excluded_because)
+                if e.included:
+                    info.center, info.group, info.member = notes[id(e.tensor)], index, by_tensor[id(e.tensor)]
+                self.info.append(info)
+            group["params"] = [e.tensor for e in included]
         if not torch.compiler.is_compiling():  # data pointers do not exist while tracing
-            check_no_overlap([(e.name, _dtensor.local(e.tensor)) for e in included])
-        centers, center_notes = _centers(center, entries, included)
-        self.info = []
-        notes = dict(zip((id(e.tensor) for e in included), center_notes))
-        for e in entries:
-            info = ParameterInfo(e.name, e.tensor, e.excluded_because)
-            if e.included:
-                info.center = notes[id(e.tensor)]
-            self.info.append(info)
-        self.names = [e.name for e in included]
-        self.tensors = [e.tensor for e in included]
-        self.centers = centers  # one local tensor (or None) per included parameter, as the kernels read it
-        # The centers as first converted: a center that follows its parameter to another dtype is
-        # converted from this one, so a round trip (float64 -> float32 -> float64) loses nothing.
-        self.given_centers = list(centers)
-        self.has_centers = center is not None
+            check_no_overlap([(m.name, _dtensor.local(m.tensor)) for m in members])
+        self.couplings = _couplings(coupled, members)
+        self.members = members
+        self.has_centers = any(m.center is not None for m in members)
         self._regroup()
+
+    # The parameters as lists (the kernels, attach and explain read these).
+    names = property(lambda self: [m.name for m in self.members])
+    tensors = property(lambda self: [m.tensor for m in self.members])
+    centers = property(lambda self: [m.center for m in self.members])
+
+    def check_unchanged(self):
+        """Structure settings are fixed at construction: a change is an error naming its group."""
+        for index, (group, fixed) in enumerate(zip(self.param_groups, self._fixed)):
+            for key, value in fixed.items():
+                if group.get(key, value) is not value:
+                    raise ValueError(f"fastreg: {key} of {_where(index, group)} changed after the Penalty was built; "
+                                     f"only {', '.join(_settings.COEFFICIENT_KEYS)} can change between calls "
+                                     "(build a new Penalty for a new structure)")
 
     def _regroup(self):
         """The kernel groups (and what they depend on) from the parameters as they are now."""
-        self.local, self.meshes = _kernel_groups(self.names, self.tensors, self.centers, self.group_dim)
-        self._centered = [t for t, c in zip(self.tensors, self.centers) if c is not None]
+        self.local, self.meshes = _kernel_groups(self.members)
+        self._centered = [m.tensor for m in self.members if m.center is not None]
+        self._shaped = [m.tensor for m in self.members if m.structure[1] > 1 or m.coupling is not None]
         self._layout = None if torch.compiler.is_compiling() else self._read_layout()
-        dtypes = {t.dtype for t in self.tensors}
+        dtypes = {m.tensor.dtype for m in self.members}
         self.result_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         self._in_place_checked = False
 
     def _read_layout(self):
         """What the kernel groups depend on: every parameter's dtype and device, and the shape of
-        every parameter with a center (the kernels read the others' shapes at each call).
-        C-level maps: ~0.13 us a tensor, measured on 2,000 tensors."""
-        return (tuple(map(_DTYPE, self.tensors)), tuple(map(torch.Tensor.get_device, self.tensors)),
-                tuple(map(torch.Tensor.size, self._centered)))
+        every parameter with a center, blocks or a coupling (the kernels read the others' shapes
+        at each call). C-level maps: ~0.13 us a tensor, measured on 2,000 tensors."""
+        tensors = [m.tensor for m in self.members]
+        return (tuple(map(_DTYPE, tensors)), tuple(map(torch.Tensor.get_device, tensors)),
+                tuple(map(torch.Tensor.size, self._centered)), tuple(map(torch.Tensor.size, self._shaped)))
 
     def current(self):
         """The plan, after following any parameter whose dtype or device changed since it was
@@ -132,27 +210,35 @@ class Plan:
         return self
 
     def _follow(self):
-        for i, (name, t, c) in enumerate(zip(self.names, self.tensors, self.centers)):
+        for m in self.members:
+            local = _dtensor.local(m.tensor)
+            if m.structure[0] >= 0 and local.shape[m.structure[0]] % m.structure[1]:
+                raise ValueError(f"fastreg: parameter {m.name!r} changed shape to {tuple(m.tensor.shape)}, which "
+                                 f"its group_size {m.structure[1]} does not divide; build a new Penalty")
+            if m.coupling is not None:
+                raise ValueError(f"fastreg: parameter {m.name!r} of a coupling changed after the Penalty was built; "
+                                 "build a new Penalty")
+            c = m.center
             if c is None:
                 continue
-            local = _dtensor.local(t)
             if tuple(c.shape) != tuple(local.shape):
-                raise ValueError(f"fastreg: parameter {name!r} changed shape to {tuple(t.shape)} under a Penalty "
-                                 f"with a center of shape {tuple(c.shape)}; build a new Penalty for the new shape")
+                raise ValueError(f"fastreg: parameter {m.name!r} changed shape to {tuple(m.tensor.shape)} under a "
+                                 f"Penalty with a center of shape {tuple(c.shape)}; build a new Penalty for the new "
+                                 "shape")
             if c.dtype != local.dtype or c.device != local.device:
-                given = self.given_centers[i]
+                given = m.given_center
                 with torch.no_grad():
-                    self.centers[i] = given if (given.dtype, given.device) == (local.dtype, local.device) \
+                    m.center = given if (given.dtype, given.device) == (local.dtype, local.device) \
                         else _like(local.detach()).copy_(given)
-        check_no_overlap([(n, _dtensor.local(t)) for n, t in zip(self.names, self.tensors)])
+        check_no_overlap([(m.name, _dtensor.local(m.tensor)) for m in self.members])
         self._regroup()
 
     def check_in_place_once(self):
         """Before the first in-place update of the parameters themselves (``prox_``): no
         parameter may have elements that share memory."""
         if not self._in_place_checked:
-            for name, t in zip(self.names, self.tensors):
-                internal_overlap(name, _dtensor.local(t))
+            for m in self.members:
+                internal_overlap(m.name, _dtensor.local(m.tensor))
             self._in_place_checked = True
 
     def kernel_groups(self):
@@ -162,34 +248,174 @@ class Plan:
     def restricted(self, keep):
         """A plan over the parameters for which ``keep(tensor)`` is true: the same centers (as
         followed up to now), its own kernel groups and workspaces; it follows later changes
-        itself (``current()``)."""
+        itself (``current()``). Couplings stay whole: a coupling is kept when all its slices are."""
         self.current()
         plan = object.__new__(Plan)
         plan.__dict__.update(self.__dict__)
-        kept = [i for i, t in enumerate(self.tensors) if keep(t)]
-        plan.names = [self.names[i] for i in kept]
-        plan.tensors = [self.tensors[i] for i in kept]
-        plan.centers = [self.centers[i] for i in kept]
-        plan.given_centers = [self.given_centers[i] for i in kept]
+        kept_couplings = [all(keep(m.tensor) for m in self.members if m.coupling == c)
+                          for c in range(len(self.couplings))]
+        plan.members = [m for m in self.members if keep(m.tensor) and (m.coupling is None or kept_couplings[m.coupling])]
         plan._regroup()
         return plan
+
+    # ------------------------------------------------------------------------------------
+    # Per call
+
+    def coefficients(self):
+        """Every param group's ``Coefficients``, read and checked now."""
+        self.check_unchanged()
+        if len(self.param_groups) == 1 and "rule" not in self.param_groups[0]:
+            return [_settings.coefficients(self.param_groups[0])]
+        return [_settings.coefficients(group, _where(i, group)) for i, group in enumerate(self.param_groups)]
+
+    def call(self, coefficients, op=None, lr=None):
+        """``Call``: per kernel group (in ``kernel_groups()`` order), ``(groups, table)``: the
+        structure each tensor has in this operation (a tensor's group term is off where its
+        coefficient is a Python zero; a norm constraint needs its groups in ``prox_`` only), and
+        the coefficient table: ``Gradient`` rows (``op=GRAD``), ``Prox`` rows for step ``lr``
+        (``op=PROX``), or None (the value: its coefficients stay outside the op)."""
+        group_on = [not _coefficients.is_zero(c.group) for c in coefficients]
+        constrained = [c.constrained for c in coefficients] if op == PROX else [False] * len(coefficients)
+        coupling_on = [group_on[c.group] for c in self.couplings]
+        pattern = (op == PROX, tuple(group_on), tuple(constrained), tuple(coupling_on))
+        out = []
+        for kg in self.kernel_groups():
+            cached = kg._calls.get(pattern)
+            if cached is None:
+                cached = (_active_groups(kg, group_on, constrained, coupling_on), _class_index(kg))
+                if not torch.compiler.is_compiling():  # a traced write would be a guard on the cache
+                    kg._calls[pattern] = cached
+            groups, index = cached
+            table = None
+            if op is not None:
+                rows = [_class_row(coefficients[cls[0]], cls[1], op, lr, kg) for cls, _, _ in kg.classes]
+                table = _table(rows, index, len(kg.tensors))
+            out.append((groups, table))
+        return Call(out)
 
 
 _DTYPE = operator.attrgetter("dtype")
 
 
-def groups_text(tensor, group_dim):
-    return (f"{tensor.shape[group_dim]} ({'rows' if group_dim == 0 else 'columns'})"
-            if tensor.ndim >= 2 else "none (ndim < 2)")
+def _where(index, group):
+    rule = group.get("rule")
+    return f"param group {index}" if rule is None else f"rule {rule!r}"
 
 
-def _kernel_groups(names, tensors, centers, group_dim):
+def _structure(name, tensor, group_dim, group_size):
+    """``(dim, size)`` of a parameter's group term."""
+    if group_dim is None:
+        return WHOLE, 1
+    if tensor.ndim < 2:
+        return NO_GROUPS, 1
+    if tensor.shape[group_dim] % group_size:
+        raise ValueError(f"fastreg: parameter {name!r} has {tensor.shape[group_dim]} "
+                         f"{'rows' if group_dim == 0 else 'columns'}, which group_size={group_size} does not divide")
+    return group_dim, group_size
+
+
+def structure_text(m, couplings):
+    """What ``explain()`` shows of a parameter's groups (its shape as it is now)."""
+    if m.coupling is not None:
+        c = couplings[m.coupling]
+        return f"coupled #{m.coupling} ({c.length} groups along dim {m.structure[0]})"
+    dim, size = m.structure
+    if dim == NO_GROUPS:
+        return "none (ndim < 2)"
+    if dim == WHOLE:
+        return "1 (whole tensor)"
+    word = "rows" if dim == 0 else "columns"
+    count = m.tensor.shape[dim] // size
+    return f"{count} ({word})" if size == 1 else f"{count} (blocks of {size} {word})"
+
+
+def _couplings(coupled, members):
+    """``[Coupling]`` from ``coupled=[[(name, dim), ...], ...]``; marks each member's coupling and
+    gives it the structure ``(dim, 1)``."""
+    if coupled is None:
+        return []
+    by_name = {m.name: m for m in members}
+    couplings = []
+    for index, slices in enumerate(coupled):
+        if not isinstance(slices, (list, tuple)) or not slices:
+            raise TypeError(f"fastreg: coupled[{index}] must be a non-empty list of (parameter name, dim) pairs")
+        length = None
+        for name, dim in slices:
+            m = by_name.get(name)
+            if m is None:
+                raise ValueError(f"fastreg: coupled[{index}] names {name!r}, which is not a regularized parameter "
+                                 f"of this penalty")
+            if _dtensor.is_sharded(m.tensor):
+                raise NotImplementedError(f"fastreg: parameter {name!r} is sharded; couplings of sharded parameters "
+                                          "are not supported")
+            if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim < max(m.tensor.ndim, 1):
+                raise ValueError(f"fastreg: coupled[{index}] slices {name!r} along dim {dim!r}; it has "
+                                 f"{m.tensor.ndim} dims")
+            if m.coupling is not None:
+                raise ValueError(f"fastreg: parameter {name!r} is in coupled[{m.coupling}] and coupled[{index}]; "
+                                 "groups that overlap have no closed-form proximal step, so a parameter "
+                                 "belongs to one coupling")
+            n = m.tensor.shape[dim]
+            if length is not None and n != length:
+                raise ValueError(f"fastreg: coupled[{index}] couples slices of unequal counts: {name!r} has {n} "
+                                 f"along dim {dim}, the first {length}")
+            length = n
+            m.coupling, m.structure = index, (dim, 1)
+            m.constraint_structure = m.structure
+        couplings.append(Coupling(list(slices), length, by_name[slices[0][0]].group))
+    return couplings
+
+
+def _active_groups(kg, group_on, constrained, coupling_on):
+    dims, sizes = [], []
+    for m in kg.members:
+        if m.coupling is not None:
+            active = coupling_on[m.coupling] or constrained[m.group]
+            structure = m.structure
+        elif m.structure[0] != NO_GROUPS and group_on[m.group]:
+            active, structure = True, m.structure
+        else:
+            active, structure = constrained[m.group], m.constraint_structure
+        dim, size = structure if active else (NO_GROUPS, 1)
+        dims.append(dim)
+        sizes.append(size)
+    return Groups(tuple(dims), tuple(sizes))
+
+
+def _class_index(kg):
+    """The row of each tensor's class in the class table, on the device (None with one class)."""
+    if len(kg.classes) <= 1:
+        return None
+    index = [i for i, (_, start, end) in enumerate(kg.classes) for _ in range(start, end)]
+    return torch.tensor(index, device=kg.device)
+
+
+def _class_row(coefficients, group_counts, op, lr, kg):
+    """One class's coefficient vector: its param group's, with the group term off where the
+    class's own group term does not count (no groups, or a coupling's)."""
+    if not group_counts:
+        coefficients = coefficients._replace(group=0.0)
+    if op == PROX:
+        return coefficients.prox_vector(lr, kg.acc_dtype, kg.device)
+    return coefficients.gradient_vector(kg.acc_dtype, kg.device)
+
+
+def _table(rows, index, count):
+    if index is None:
+        return rows[0].expand(count, rows[0].numel()) if rows else None
+    return torch.stack(rows)[index]
+
+
+def _kernel_groups(members):
     local, meshes = {}, {}
-    for name, t, center in zip(names, tensors, centers):
+    order = sorted(range(len(members)), key=lambda i: members[i].cls)  # each class one slice of rows
+    for i in order:
+        m = members[i]
+        t, center = m.tensor, m.center
         if _dtensor.is_sharded(t):
-            _dtensor.check_placements(name, t, group_dim)
-            key = (t.device, t.dtype, center is not None, _dtensor.is_counted(t),
-                   _dtensor.groups_span_ranks(t, group_dim))
+            dim = m.structure[0]
+            _dtensor.check_placements(m.name, t, dim, m.structure[1])
+            key = (t.device, t.dtype, center is not None, _dtensor.is_counted(t), _dtensor.groups_span_ranks(t, dim))
             part = meshes.setdefault(t.device_mesh, {})
             group = part.get(key)
             if group is None:
@@ -200,10 +426,18 @@ def _kernel_groups(names, tensors, centers, group_dim):
             group = local.get(key)
             if group is None:
                 group = local[key] = KernelGroup(t.device, t.dtype, centers=[] if center is not None else None)
-        group.names.append(name)
+        group.names.append(m.name)
         group.tensors.append(t)
+        group.members.append(m)
         if center is not None:
             group.centers.append(center)
+    groups = list(local.values()) + [g for part in meshes.values() for g in part.values()]
+    for kg in groups:
+        for row, m in enumerate(kg.members):
+            if kg.classes and kg.classes[-1][0] == m.cls:
+                kg.classes[-1] = (m.cls, kg.classes[-1][1], row + 1)
+            else:
+                kg.classes.append((m.cls, row, row + 1))
     return list(local.values()), [MeshPart(mesh, list(groups.values())) for mesh, groups in meshes.items()]
 
 

@@ -18,107 +18,159 @@ value, in the same single collective, and every rank then computes the same glob
 ``N_g``. The group term's gradient on a shard is ``group · d_g / N_g``: the gradient of the
 surrogate ``group · Σ_g local_sq_g / (2 N_g)`` with ``N_g`` held constant, which is how the
 value carries it. One all-reduce per mesh dimension is the only communication.
+
+Per-parameter settings: the counted sums are reduced per *class* (``fastreg._plan``: a param
+group, and whether its own group term counts), one row of the reduced vector each, so every
+param group's global value comes out of the same single collective.
 """
 
 import torch
 
 from fastreg import _dtensor, _ops
-from fastreg._coefficients import add_values, term
-from fastreg.backends._geometry import fixed_order_sum
+from fastreg._coefficients import add_class_values, add_values, term
+from fastreg.backends._geometry import fixed_order_sum, group_sizes
 from fastreg.backends._terms import Sum
 
 
-def value(plan, part, coefficients, group_dim):
-    """The global penalty of one mesh's parameters, whose gradient is each shard's own."""
-    counted, own, spanning = None, None, []
-    detached = coefficients.detached()
+def value(plan, part, coefficients, call):
+    """Each param group's global penalty over one mesh's parameters, whose gradient is each
+    shard's own."""
+    calls = _calls_of(plan, call)
+    classes = _classes(part)
+    counted = torch.zeros(len(classes), len(Sum), dtype=plan.result_dtype, device=part.mesh.device_type)
+    own, spanning = [None] * len(coefficients), []
+    detached = [c.detached() for c in coefficients]
     for kg in part.groups:
-        result, group_sq = _ops.penalty_sums(kg.local(), kg.centers, group_dim, plan.backend, kg.workspace)
-        if kg.reduce_groups and group_dim >= 0:  # the local Σ‖d_g‖ is meaningless: the global norms replace it
-            result = _without_norm_sum(result)
-            spanning.append((kg, group_sq))
-        own = add_values(own, detached.value(result))
+        groups, _ = calls[id(kg)]
+        result, group_sq = _ops.penalty_sums(kg.local(), kg.centers, groups, plan.backend, kg.workspace)
+        if kg.reduce_groups and groups.any:  # the local Σ‖d_g‖ is meaningless: the global norms replace it
+            result = _without_norm_sums(result)
+            spanning.append((kg, groups, group_sq))
+        add_class_values(own, kg.classes, result, detached)
         if kg.counted:
-            counted = add_values(counted, result.detach().to(plan.result_dtype))
-    reduced = _dtensor.all_reduce_sum(_reduction_vector(plan, part, counted, spanning), part.mesh)
-    totals, norms = reduced[:len(Sum)], _global_norms(reduced[len(Sum):], spanning)
-    for (kg, group_sq), n in zip(spanning, norms):
-        totals = totals + _norm_sum_only(totals, fixed_order_sum(n))
+            counted = counted + _class_sums(kg, result.detach(), classes, counted)
+    reduced = _dtensor.all_reduce_sum(_reduction_vector(counted, spanning), part.mesh)
+    totals = reduced[:counted.numel()].view_as(counted)
+    norms = _global_norms(reduced[counted.numel():], spanning)
+    for (kg, groups, group_sq), n in zip(spanning, norms):
+        totals = totals + _norm_sums(kg, groups, n, classes, totals)
         # The surrogate whose gradient is group·d_g/N_g on this shard (N_g held constant).
         safe = torch.where(n > 0, n, 1)
-        surrogate = (group_sq * torch.where(n > 0, 0.5 / safe, 0).to(group_sq.dtype)).sum()
-        own = add_values(own, term(detached.group, surrogate, surrogate.dtype))
-    global_value = coefficients.value(totals)
-    if own is None:
-        return global_value
-    own = own.to(global_value.dtype)
-    return global_value + (own - own.detach())
+        weighted = group_sq * torch.where(n > 0, 0.5 / safe, 0).to(group_sq.dtype)
+        for (g, counts), start, end in kg.classes:
+            if not counts:
+                continue
+            lo, hi = _entries(kg, groups, start, end)
+            surrogate = weighted[lo:hi].sum()
+            own[g] = add_values(own[g], term(detached[g].group, surrogate, surrogate.dtype))
+    out = [None] * len(coefficients)
+    for (g, counts), k in classes.items():
+        out[g] = add_values(out[g], coefficients[g].value(totals[k], with_groups=counts))
+    for g in range(len(out)):
+        if out[g] is not None and own[g] is not None:
+            mine = own[g].to(out[g].dtype)
+            out[g] = out[g] + (mine - mine.detach())
+    return out
 
 
-def add_to_grad(plan, part, coefficients, group_dim, grads_of):
-    """``p.grad += gradient`` on every local shard of one mesh; returns the global value."""
-    counted, spanning, written = None, [], []
+def add_to_grad(plan, part, coefficients, call, grads_of):
+    """``p.grad += gradient`` on every local shard of one mesh; returns each param group's global value."""
+    calls = _calls_of(plan, call)
+    classes = _classes(part)
+    counted = torch.zeros(len(classes), len(Sum), dtype=plan.result_dtype, device=part.mesh.device_type)
+    spanning, written = [], []
     for kg in part.groups:
+        groups, table = calls[id(kg)]
         params = kg.local()
         sharded_grads = grads_of(kg.names, kg.tensors)
         written += sharded_grads
         grads = [g.to_local() for g in sharded_grads]
-        if kg.reduce_groups and group_dim >= 0:  # the global norms first, then the update
-            result, group_sq = _ops.plain_sums(plan.backend, params, kg.centers, group_dim, workspace=kg.workspace)
-            spanning.append((kg, group_sq, params, grads))
-            result = _without_norm_sum(result)
+        if kg.reduce_groups and groups.any:  # the global norms first, then the update
+            result, group_sq = _ops.plain_sums(plan.backend, params, kg.centers, groups, workspace=kg.workspace)
+            spanning.append((kg, groups, group_sq, params, grads, table))
+            result = _without_norm_sums(result)
         else:
-            result, _ = _add_grad(plan, kg, params, grads, group_dim, coefficients)
+            result, _ = _ops.add_grad_(plan.backend, params, grads, kg.centers, groups, table, None, kg.workspace)
         if kg.counted:
-            counted = add_values(counted, result.to(plan.result_dtype))
-    pairs = [(kg, sq) for kg, sq, _, _ in spanning]
-    reduced = _dtensor.all_reduce_sum(_reduction_vector(plan, part, counted, pairs), part.mesh)
-    totals = reduced[:len(Sum)]
-    for (kg, group_sq, params, grads), n in zip(spanning, _global_norms(reduced[len(Sum):], pairs)):
+            counted = counted + _class_sums(kg, result, classes, counted)
+    pairs = [(kg, groups, sq) for kg, groups, sq, _, _, _ in spanning]
+    reduced = _dtensor.all_reduce_sum(_reduction_vector(counted, pairs), part.mesh)
+    totals = reduced[:counted.numel()].view_as(counted)
+    for (kg, groups, group_sq, params, grads, table), n in zip(spanning, _global_norms(reduced[counted.numel():],
+                                                                                       pairs)):
         # The sums of these came from the first pass: the update reads nothing more for them.
-        _add_grad(plan, kg, params, grads, group_dim, coefficients, group_norms=n.to(group_sq.dtype),
-                  want_sums=False)
-        totals = totals + _norm_sum_only(totals, fixed_order_sum(n))
+        _ops.add_grad_(plan.backend, params, grads, kg.centers, groups, table, n.to(group_sq.dtype), kg.workspace,
+                       want_sums=False)
+        totals = totals + _norm_sums(kg, groups, n, classes, totals)
     # The kernels bumped the local shards' versions; autograd checks the DTensors' own.
     torch.autograd.graph.increment_version(written)
-    return coefficients.value(totals)
+    out = [None] * len(coefficients)
+    for (g, counts), k in classes.items():
+        out[g] = add_values(out[g], coefficients[g].value(totals[k], with_groups=counts))
+    return out
 
 
-def prox(plan, part, coefficients, lr, group_dim):
+def prox(plan, part, call):
     """The proximal step on every local shard of one mesh (one all-reduce for spanning groups)."""
+    calls = _calls_of(plan, call)
     spanning = []
     for kg in part.groups:
+        groups, table = calls[id(kg)]
         params = kg.local()
-        coeffs = coefficients.prox_vector(lr, kg.acc_dtype, kg.device)
-        if kg.reduce_groups and group_dim >= 0:  # the global norms of the shrunk values first
-            _, shrunk_sq = _ops.plain_sums(plan.backend, params, kg.centers, group_dim,
-                                           threshold=lr * coefficients.l1, workspace=kg.workspace)
-            spanning.append((kg, shrunk_sq, params, coeffs))
+        if kg.reduce_groups and groups.any:  # the global norms of the shrunk values first
+            _, shrunk_sq = _ops.plain_sums(plan.backend, params, kg.centers, groups, table, workspace=kg.workspace)
+            spanning.append((kg, groups, shrunk_sq, params, table))
         else:
-            _ops.prox_(plan.backend, params, kg.centers, group_dim, coeffs, None, kg.workspace)
+            _ops.prox_(plan.backend, params, kg.centers, groups, table, None, kg.workspace)
     if spanning:
-        pairs = [(kg, sq) for kg, sq, _, _ in spanning]
-        reduced = _dtensor.all_reduce_sum(_reduction_vector(plan, part, None, pairs), part.mesh)
-        for (kg, shrunk_sq, params, coeffs), n in zip(spanning, _global_norms(reduced[len(Sum):], pairs)):
-            _ops.prox_(plan.backend, params, kg.centers, group_dim, coeffs, n.to(shrunk_sq.dtype), kg.workspace)
+        pairs = [(kg, groups, sq) for kg, groups, sq, _, _ in spanning]
+        empty = torch.zeros(0, dtype=plan.result_dtype, device=part.mesh.device_type)
+        reduced = _dtensor.all_reduce_sum(_reduction_vector(empty, pairs), part.mesh)
+        for (kg, groups, shrunk_sq, params, table), n in zip(spanning, _global_norms(reduced, pairs)):
+            _ops.prox_(plan.backend, params, kg.centers, groups, table, n.to(shrunk_sq.dtype), kg.workspace)
     # The kernels bumped the local shards' versions; autograd checks the DTensors' own.
     torch.autograd.graph.increment_version([t for kg in part.groups for t in kg.tensors])
 
 
-def _add_grad(plan, kg, params, grads, group_dim, coefficients, group_norms=None, want_sums=True):
-    coeffs = coefficients.gradient_vector(kg.acc_dtype, kg.device)
-    return _ops.add_grad_(plan.backend, params, grads, kg.centers, group_dim, coeffs, group_norms, kg.workspace,
-                          want_sums)
+def _calls_of(plan, call):
+    return dict(zip(map(id, plan.kernel_groups()), call))
 
 
-def _reduction_vector(plan, part, counted, spanning):
-    """What one all-reduce sends: the counted sums, then every spanning group_sq (zeros from
-    ranks that do not count, e.g. replicas other than coordinate 0)."""
-    dtype = plan.result_dtype
-    if counted is None:
-        counted = torch.zeros(len(Sum), dtype=dtype, device=part.mesh.device_type)
-    pieces = [counted.to(dtype)]
-    for kg, group_sq in spanning:
+def _classes(part):
+    """Every class of the mesh's kernel groups, in a fixed order: class -> row of the reduction."""
+    keys = sorted({cls for kg in part.groups for cls, _, _ in kg.classes})
+    return {cls: k for k, cls in enumerate(keys)}
+
+
+def _class_sums(kg, sums, classes, like):
+    """``(classes, 3)``: this kernel group's per-tensor sums added per class (float64 rows)."""
+    out = torch.zeros_like(like)
+    for cls, start, end in kg.classes:
+        out[classes[cls]] = sums[start:end].double().sum(dim=0).to(out.dtype)
+    return out
+
+
+def _entries(kg, groups, start, end):
+    """The group-vector range of rows [start, end) of a kernel group."""
+    sizes = group_sizes(kg.local(), groups)
+    return sum(sizes[:start]), sum(sizes[:end])
+
+
+def _norm_sums(kg, groups, norms, classes, like):
+    """``(classes, 3)`` holding, per class, the sum of its global group norms in the group-norm slot."""
+    out = torch.zeros_like(like)
+    for cls, start, end in kg.classes:
+        lo, hi = _entries(kg, groups, start, end)
+        out[classes[cls], Sum.GROUP_NORM] = fixed_order_sum(norms[lo:hi].double()).to(out.dtype)
+    return out
+
+
+def _reduction_vector(counted, spanning):
+    """What one all-reduce sends: the counted per-class sums, then every spanning group_sq (zeros
+    from ranks that do not count, e.g. replicas other than coordinate 0)."""
+    dtype = counted.dtype
+    pieces = [counted.reshape(-1)]
+    for kg, _, group_sq in spanning:
         piece = group_sq.detach().to(dtype)
         pieces.append(piece if kg.counted else torch.zeros_like(piece))
     return torch.cat(pieces)
@@ -126,19 +178,12 @@ def _reduction_vector(plan, part, counted, spanning):
 
 def _global_norms(reduced_group_sq, spanning):
     norms, offset = [], 0
-    for kg, group_sq in spanning:
+    for _, _, group_sq in spanning:
         norms.append(reduced_group_sq[offset:offset + group_sq.numel()].sqrt())
         offset += group_sq.numel()
     return norms
 
 
-def _without_norm_sum(sums):
-    """``sums`` with its Σ‖d_g‖ zeroed (for groups whose norms are global, not local)."""
-    return torch.cat([sums[:Sum.GROUP_NORM], sums.new_zeros(len(Sum) - Sum.GROUP_NORM)])
-
-
-def _norm_sum_only(like, norm_sum):
-    """A sums vector holding only ``norm_sum`` in the group-norm slot."""
-    pieces = [like.new_zeros(()) for _ in Sum]
-    pieces[Sum.GROUP_NORM] = norm_sum.to(like.dtype)
-    return torch.stack(pieces)
+def _without_norm_sums(sums):
+    """Per-tensor ``sums`` with the Σ‖d_g‖ column zeroed (for groups whose norms are global)."""
+    return torch.cat([sums[:, :Sum.GROUP_NORM], sums.new_zeros(sums.shape[0], len(Sum) - Sum.GROUP_NORM)], dim=1)

@@ -1,7 +1,8 @@
 """The public API: ``penalty``, ``Penalty``, ``available_backends``, ``l2_to_weight_decay``.
 
 Convention (the Keras one, and what the usual hand-written loop computes), with ``d = w - c``
-(``c`` the center, 0 by default) and ``d_g`` the groups of ``d`` along ``group_dim``::
+(``c`` the center, 0 by default) and ``d_g`` the groups of ``d`` (rows, columns, blocks, the
+whole tensor, or a coupling's slices), per parameter with its own param group's settings::
 
     value    = l1 * Σ|d| + l2 * Σd² + group * Σ_g ‖d_g‖₂
     gradient = l1 * sign(d) + 2 * l2 * d + group * d_g / ‖d_g‖₂        (sign(0) = 0; 0 for a zero group)
@@ -16,8 +17,7 @@ import weakref
 
 import torch
 
-from fastreg import _attach, _coefficients, _dispatch, _explain, _one_call, _operations
-from fastreg._coefficients import Coefficients
+from fastreg import _attach, _coefficients, _dispatch, _explain, _one_call, _operations, _settings
 from fastreg._plan import Plan
 
 
@@ -36,47 +36,74 @@ def l2_to_weight_decay(l2):
     return 2.0 * float(l2)
 
 
-def penalty(params, l1=0.0, l2=0.0, *, group=0.0, group_dim=0, center=None, exclude=None, backend="auto"):
+def penalty(params, l1=0.0, l2=0.0, *, group=0.0, group_dim=0, group_size=1, center=None, coupled=None,
+            rules=None, exclude=None, backend="auto"):
     """``l1·Σ|d| + l2·Σd² + group·Σ_g ‖d_g‖`` over the selected parameters, as a differentiable 0-dim tensor.
 
-    ``params``: an ``nn.Module`` (its parameters with ``requires_grad=True``), tensors, or
-    ``(name, tensor)`` pairs. ``exclude``: ``None``, a preset (``"bias_and_norm"``: every tensor
-    with ``ndim <= 1``; ``"embeddings"``: the weights of ``nn.Embedding`` / ``nn.EmbeddingBag``
-    modules), a list mixing presets and glob patterns on names, or ``(name, tensor) -> bool``.
-    ``l1``, ``l2``, ``group``: non-negative numbers or 0-dim tensors. ``group_dim``: 0 (rows) or 1
-    (columns). ``center``: ``None`` or reference weights (see ``Penalty``; ``"init"`` needs a
-    ``Penalty`` built once). ``backend``: ``"auto"`` or a name from ``available_backends()``.
+    ``params``: an ``nn.Module`` (its parameters with ``requires_grad=True``), tensors,
+    ``(name, tensor)`` pairs, or param groups (a list of dicts, as for ``Penalty``). ``exclude``:
+    ``None``, a preset (``"bias_and_norm"``: every tensor with ``ndim <= 1``; ``"embeddings"``: the
+    weights of ``nn.Embedding`` / ``nn.EmbeddingBag`` modules; ``"no_weight_decay"``: timm's
+    ``model.no_weight_decay()``), a list mixing presets and glob patterns on names, or
+    ``(name, tensor) -> bool``. ``l1``, ``l2``, ``group``: non-negative numbers or 0-dim tensors.
+    ``group_dim``: 0 (rows), 1 (columns) or None (whole tensors); ``group_size``, ``coupled``,
+    ``rules``, ``center``: see ``Penalty`` (``"init"`` needs a ``Penalty`` built once).
+    ``backend``: ``"auto"`` or a name from ``available_backends()``.
     In a training loop, build a ``Penalty`` once instead.
     """
     if isinstance(center, str) and center == "init":
         raise ValueError("fastreg: penalty(..., center='init') would snapshot the weights at every call, "
                          "so the penalty would always be 0; build fastreg.Penalty(..., center='init') once, "
                          "right after loading the pretrained weights, and call it every step")
-    cached = _one_call.lookup(params, exclude, group_dim, center, backend)
+    simple = coupled is None and rules is None and group_size == 1
+    cached = _one_call.lookup(params, exclude, group_dim, center, backend) if simple else None
     if isinstance(cached, Penalty):  # shared by every such call: the coefficients go to this call only
-        return cached._value(Coefficients.checked(l1, l2, group))
-    reg = Penalty(params, l1, l2, group=group, group_dim=group_dim, center=center, exclude=exclude, backend=backend)
+        only = _settings.coefficients(dict(cached.param_groups[0], l1=l1, l2=l2, group=group))
+        return cached._value([only])
+    reg = Penalty(params, l1, l2, group=group, group_dim=group_dim, group_size=group_size, center=center,
+                  coupled=coupled, rules=rules, exclude=exclude, backend=backend)
     if cached is not None:
         cached.store(reg)
     return reg()
 
 
 class Penalty:
-    """A reusable penalty over a fixed selection of parameters: L1, L2, elastic net, group lasso,
-    each optionally toward reference weights.
+    """A reusable penalty over a fixed selection of parameters: L1, L2, elastic net, group lasso
+    (rows, columns, blocks, whole tensors, coupled slices), norm constraints, each optionally
+    toward reference weights, with settings per parameter — all in one fused pass per device
+    and dtype.
 
     >>> reg = fastreg.Penalty(model, l2=1e-4, exclude="bias_and_norm")
     >>> loss = loss_fn(model(x), y) + reg()          # differentiable
     or, without autograd:
     >>> loss.backward(); reg.add_to_grad_(); optimizer.step()
-    and for sparsity (exact zeros):
+    and for sparsity (exact zeros) and constraints:
     >>> optimizer.step(); reg.prox_(lr)
 
-    ``group`` (λg) adds ``λg·Σ_g ‖w_g‖₂``, with ``w_g = w.select(group_dim, g)``: rows (output
-    units, conv filters) for ``group_dim=0``, columns (input features, channels) for 1; tensors
-    with ``ndim < 2`` get no group term. Its proximal step zeroes whole groups exactly. The
-    groups are unweighted (as sklearn's MultiTaskLasso); for the √(group size) weighting of
-    Yuan & Lin, use one ``Penalty`` per parameter shape with ``group = λ·√(size)``.
+    **Settings per parameter.** ``params`` may be param groups, the torch.optim way: a list of
+    dicts, each with ``"params"`` and any settings (``l1``, ``l2``, ``group``, ``group_dim``,
+    ``group_size``, ``center``, ``max_norm``, ``min_max_norm``, ``unit_norm``, ``nonneg``,
+    ``exclude``); the keyword arguments are the defaults. Or, on one module, ``rules=[(selector,
+    {settings}), ...]``: a selector is a glob pattern on names, a list of them, or ``(name,
+    tensor) -> bool``; the first matching rule gives a parameter its settings, and each rule is a
+    param group (the unmatched parameters form the last one). ``reg.param_groups`` lists them
+    like an optimizer's; ``reg.param_groups[i]["l2"] = v`` takes effect at the next call.
+    ``reg.values()`` gives each group's value from the same pass.
+
+    **Groups.** ``group`` (λg) adds ``λg·Σ_g ‖w_g‖₂``. ``group_dim=0``: rows (output units, conv
+    filters), ``1``: columns (input features, channels), of tensors with ``ndim >= 2``;
+    ``group_size=k``: blocks of ``k`` consecutive rows or columns (attention heads);
+    ``group_dim=None``: each tensor is one group. ``coupled=[[(name, dim), ...], ...]``: group
+    ``i`` is index ``i`` along each listed dim, across the tensors (a neuron: ``[("fc1.weight",
+    0), ("fc1.bias", 0), ("fc2.weight", 1)]``), with the ``group`` of its first tensor's param
+    group. The proximal step zeroes whole groups exactly. Groups are unweighted (as sklearn's
+    MultiTaskLasso); for the √(group size) weighting of Yuan & Lin, set ``group`` per param group.
+
+    **Constraints** (Keras' ``MaxNorm``, ``MinMaxNorm``, ``UnitNorm``, ``NonNeg``), on ``d`` and over
+    each parameter's groups (the whole tensor for one without groups): ``max_norm=c``,
+    ``min_max_norm=(lo, hi)``, ``unit_norm=True``, ``nonneg=True`` (element-wise ``d >= 0``).
+    They are applied by ``prox_`` (and ``attach(mode="prox")``), combined with the other terms by
+    the exact proximal operator of the sum; they add nothing to the value or gradient.
 
     ``center`` pulls the weights toward reference values instead of 0 (L2-SP, Li et al. 2018):
     every term is computed on ``d = w - c``. ``"init"``: a snapshot of the selected parameters
@@ -86,21 +113,42 @@ class Penalty:
     regularized (or with all candidate) parameters. Centers are stored once, converted to each
     parameter's dtype, device and layout: **one extra copy of the selected parameters**.
 
-    ``l1``, ``l2`` and ``group`` may be reassigned between steps; 0-dim tensor coefficients can
-    also be changed in place, and do not make torch.compile recompile.
+    ``l1``, ``l2`` and ``group`` may be reassigned between steps (on every param group through
+    ``reg.l2 = v``, or per group); 0-dim tensor coefficients can also be changed in place, and
+    do not make torch.compile recompile.
     """
 
-    def __init__(self, params, l1=0.0, l2=0.0, *, group=0.0, group_dim=0, center=None, exclude=None,
-                 backend="auto"):
-        self.l1 = l1
-        self.l2 = l2
-        self.group = group
-        self._plan = Plan(params, exclude, group_dim, center, backend)
+    def __init__(self, params, l1=0.0, l2=0.0, *, group=0.0, group_dim=0, group_size=1, center=None,
+                 max_norm=None, min_max_norm=None, unit_norm=False, nonneg=False, coupled=None, rules=None,
+                 exclude=None, backend="auto"):
+        defaults = _settings.defaults(l1=l1, l2=l2, group=group, group_dim=group_dim, group_size=group_size,
+                                      center=center, max_norm=max_norm, min_max_norm=min_max_norm,
+                                      unit_norm=unit_norm, nonneg=nonneg, exclude=exclude)
+        self.defaults = defaults
+        groups = _settings.param_groups(params, defaults, rules)
+        self._plan = Plan(groups, coupled, backend)
+        for g in groups:  # what selected them is the plan's business now
+            g.pop("source", None)
+            g.pop("belongs", None)
+        self.param_groups = groups
+        self._plan.coefficients()  # bad coefficients are an error now, not at the first step
         self._attached = weakref.WeakKeyDictionary()  # optimizer -> its live attach handle
 
-    l1 = property(lambda self: self._l1, lambda self, v: setattr(self, "_l1", _coefficients.check("l1", v)))
-    l2 = property(lambda self: self._l2, lambda self, v: setattr(self, "_l2", _coefficients.check("l2", v)))
-    group = property(lambda self: self._group, lambda self, v: setattr(self, "_group", _coefficients.check("group", v)))
+    def _common(self, key):
+        values = [g[key] for g in self.param_groups]
+        same = all(v is values[0] or (not isinstance(v, torch.Tensor) and v == values[0]) for v in values)
+        if not same:
+            raise AttributeError(f"fastreg: the param groups have different {key}; read reg.param_groups[i][{key!r}]")
+        return values[0] if values else self.defaults[key]
+
+    def _set_all(self, key, value):
+        _coefficients.check(key, value)
+        for g in self.param_groups:
+            g[key] = value
+
+    l1 = property(lambda self: self._common("l1"), lambda self, v: self._set_all("l1", v))
+    l2 = property(lambda self: self._common("l2"), lambda self, v: self._set_all("l2", v))
+    group = property(lambda self: self._common("group"), lambda self, v: self._set_all("group", v))
 
     @property
     def backend(self):
@@ -109,15 +157,16 @@ class Penalty:
 
     @property
     def group_dim(self):
-        return self._plan.group_dim
+        return self._common("group_dim")
 
     def named_parameters(self):
         """The ``(name, tensor)`` pairs this penalty regularizes."""
         return list(zip(self._plan.names, self._plan.tensors))
 
     def coefficients(self):
-        """The current ``(l1, l2, group)``, checked (tensor coefficients may change in place)."""
-        return Coefficients.checked(self._l1, self._l2, self._group)
+        """Every param group's current ``Coefficients`` (``l1, l2, group`` and its constraints),
+        checked (tensor coefficients may change in place)."""
+        return self._plan.coefficients()
 
     # The three ways to apply it.
 
@@ -128,27 +177,48 @@ class Penalty:
     def _value(self, coefficients):
         return _operations.value(self._plan.current(), coefficients)
 
+    def values(self):
+        """Each param group's value, from the same pass: ``{key: 0-dim tensor}``, the key being
+        the group's index, or its rule's selector as written; they add up to ``reg()``.
+        Differentiable, like ``reg()``."""
+        totals = _operations.values(self._plan.current(), self.coefficients())
+        return self._keyed(totals)
+
+    def _keyed(self, totals):
+        zero = torch.zeros((), dtype=self._plan.result_dtype)
+        return {_settings.key_of(i, g): (zero if v is None else v) for i, (g, v) in enumerate(zip(self.param_groups,
+                                                                                              totals))}
+
     def add_to_grad_(self):
         """``p.grad += d(penalty)/dp`` for every selected ``p`` (``p.grad`` is created if None).
 
         Returns the penalty value, detached. One fused pass per kernel group, no autograd
-        graph (two with a group term whose groups are strided). Call it once per optimizer
-        step, after the loss's backward (and after all gradient-accumulation micro-batches);
-        with ``torch.amp.GradScaler``, call it after ``scaler.unscale_(optimizer)``: it adds
-        unscaled gradients. A gradient may have another dtype than its parameter (e.g. fp32
-        gradients of bf16 weights, with ``p.grad_dtype``): it is updated in its own dtype.
+        graph (two with a group term whose groups are strided, or coupled). Call it once per
+        optimizer step, after the loss's backward (and after all gradient-accumulation
+        micro-batches); with ``torch.amp.GradScaler``, call it after ``scaler.unscale_(optimizer)``:
+        it adds unscaled gradients. A gradient may have another dtype than its parameter (e.g.
+        fp32 gradients of bf16 weights, with ``p.grad_dtype``): it is updated in its own dtype.
         """
-        return _operations.add_to_grad(self._plan.current(), self.coefficients())
+        return self._add_to_grad()[0]
+
+    def _add_to_grad(self):
+        """``(value, per-group values)`` of ``add_to_grad_``."""
+        plan = self._plan.current()
+        totals = _operations.add_to_grad(plan, self.coefficients())
+        return _operations.total(plan, totals).detach(), totals
 
     def prox_(self, lr):
-        """The proximal step of the penalty for step size ``lr``, in place, under no_grad.
+        """The proximal step of the penalty and its constraints for step size ``lr``, in place,
+        under no_grad.
 
-        With ``s = sign(d)·max(|d| − lr·l1, 0)``: ``w = c + max(0, 1 − lr·group/‖s_g‖)·s /
-        (1 + 2·lr·l2)`` (the group factor only for tensors with groups). L1 drives single
-        weights, the group term whole groups, to exact zeros (``w == c`` with a center),
-        which subgradient steps never do. Call it right after ``optimizer.step()``, with a
-        penalty that is *not* also in the loss. Sharded parameters are updated shard by shard;
-        only strided groups of sharded parameters need communication (one all-reduce).
+        With ``s = sign(d)·max(|d| − lr·l1, 0)`` (``max(d − lr·l1, 0)`` with ``nonneg``):
+        ``w = c + f_g·s`` with ``f_g = clip((‖s_g‖ − lr·group)/(1 + 2·lr·l2), lo, hi)/‖s_g‖``
+        (``lo``, ``hi``: the norm constraints, 0 and ∞ without), ``w = c + s/(1 + 2·lr·l2)`` for
+        tensors without groups: the exact proximal operator of the sum. L1 drives single
+        weights, the group term whole groups, to exact zeros (``w == c`` with a center), which
+        subgradient steps never do. Call it right after ``optimizer.step()``, with a penalty that
+        is *not* also in the loss. Sharded parameters are updated shard by shard; only strided
+        groups of sharded parameters need communication (one all-reduce).
         """
         _operations.prox(self._plan.current(), self.coefficients(), _checked_lr(lr))
 
@@ -163,20 +233,21 @@ class Penalty:
         lr 0 is left alone). Every selected parameter must be in one of the optimizer's groups.
 
         Works with anything that ends in ``optimizer.step()`` (Hugging Face ``Trainer``,
-        Lightning, accelerate's wrapped optimizers). Returns a handle: ``handle.remove()``, and
-        ``handle.last_value`` (the penalty at the latest step, detached; None before the first).
+        Lightning, accelerate's wrapped optimizers). Returns a handle: ``handle.remove()``,
+        ``handle.last_value`` (the penalty at the latest step, detached; None before the first)
+        and ``handle.last_values`` (each param group's, as ``values()``).
         """
         return _attach.attach(self, optimizer, mode)
 
     # Inspection.
 
     def explain(self):
-        """A table of every candidate parameter: shape, dtype, included or why excluded, its
-        groups and center when those terms are used, and the backend of each kernel group."""
-        return _explain.explain(self._plan.current(), self.coefficients())
+        """A table of every candidate parameter: shape, dtype, included or why excluded, its param
+        group (or rule), settings, groups and center, and the backend of each kernel group."""
+        return _explain.explain(self._plan.current(), self.param_groups, self.coefficients())
 
     def __repr__(self):
-        return _explain.describe(self._plan, Coefficients(self._l1, self._l2, self._group))
+        return _explain.describe(self._plan, self.param_groups)
 
 
 def _checked_lr(lr):

@@ -7,7 +7,12 @@ from torch import nn
 
 import fastreg
 import reference as ref
+from fastreg import _settings
 from fastreg._plan import Plan
+
+
+def _plan(params, center=None):
+    return Plan(_settings.param_groups(params, _settings.defaults(center=center)), None, "auto")
 
 
 # --------------------------------------------------------------------------- kernel groups
@@ -15,7 +20,7 @@ from fastreg._plan import Plan
 def test_kernel_groups_by_device_dtype_and_center():
     params = [("a", torch.randn(3, 4)), ("b", torch.randn(5, dtype=torch.float64)), ("c", torch.randn(2, 2)),
               ("d", torch.randn(7, dtype=torch.float16))]
-    plan = Plan(params, None, 0, {"c": torch.zeros(2, 2)}, "auto")
+    plan = _plan(params, {"c": torch.zeros(2, 2)})
     groups = {(kg.dtype, kg.centers is not None): kg.names for kg in plan.kernel_groups()}
     assert groups == {(torch.float32, False): ["a"], (torch.float64, False): ["b"], (torch.float32, True): ["c"],
                       (torch.float16, False): ["d"]}
@@ -26,7 +31,7 @@ def test_kernel_groups_by_device_dtype_and_center():
 
 def test_a_restricted_plan_has_its_own_groups_and_workspaces():
     params = [("a", torch.randn(3, 4)), ("b", torch.randn(5)), ("c", torch.randn(2, 2))]
-    plan = Plan(params, None, 0, "init", "auto")
+    plan = _plan(params, "init")
     sub = plan.restricted(lambda t: t is params[1][1])
     assert sub.names == ["b"] and [kg.names for kg in sub.kernel_groups()] == [["b"]]
     assert sub.kernel_groups()[0].workspace is not plan.kernel_groups()[0].workspace
@@ -36,7 +41,7 @@ def test_a_restricted_plan_has_its_own_groups_and_workspaces():
 
 def test_current_regroups_only_when_a_dtype_or_device_changed():
     lin = nn.Linear(3, 2)
-    plan = Plan(lin, None, 0, None, "auto")
+    plan = _plan(lin)
     groups = plan.local
     assert plan.current().local is groups  # nothing changed: the same groups
     lin.weight.data = torch.randn(5, 3)  # a new shape without a center: the kernels read shapes

@@ -84,7 +84,7 @@ def test_group_prox_zeroes_whole_groups_exactly(backend):
 
 
 def test_group_dim_is_validated_and_explained():
-    with pytest.raises(ValueError, match="group_dim must be 0 .* or 1"):
+    with pytest.raises(ValueError, match="group_dim must be 0 .*, 1 .* or None"):
         fastreg.Penalty(mlp(), group=0.1, group_dim=2)
     with pytest.raises(ValueError, match="group_dim"):
         fastreg.Penalty(mlp(), group=0.1, group_dim=True)
