@@ -127,7 +127,7 @@ def add_class_values(totals, classes, sums, coefficients):
     group's ``((param group, own group term counts), start, end)``, whose rows of the per-tensor
     ``sums`` are added in float64, times that param group's ``coefficients``."""
     acc = sums.dtype
-    for (group, counts_group), start, end in classes:
+    for (group, counts_group, _), start, end in classes:
         rows = sums[start] if end - start == 1 else sums[start:end].double().sum(dim=0).to(acc)
         totals[group] = add_values(totals[group], coefficients[group].value(rows, with_groups=counts_group))
 

@@ -54,7 +54,7 @@ def add_to_grad(plan, coefficients):
         for kg, (groups, table) in zip(plan.local, call):
             grads = grads_of(kg.names, kg.tensors)
             if id(kg) in coupled:  # the norms pass already made the sums
-                sums, norms = coupled[id(kg)]
+                sums, norms, _ = coupled[id(kg)]
                 _ops.add_grad_(plan.backend, kg.tensors, grads, kg.centers, groups, table, norms, kg.workspace,
                                want_sums=False)
             else:

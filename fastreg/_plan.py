@@ -95,10 +95,13 @@ class Member:
         if self.given_center is None:
             self.given_center = self.center
 
+    coupling_group: int = -1  # the param group its coupling's coefficient comes from (-1: none)
+
     @property
     def cls(self):
-        """Its class: its param group, and whether its own group term counts."""
-        return self.group, self.structure[0] != NO_GROUPS and self.coupling is None
+        """Its class: its param group, whether its own group term counts, and the param group
+        whose ``group`` its coupling takes (-1: none)."""
+        return self.group, self.structure[0] != NO_GROUPS and self.coupling is None, self.coupling_group
 
 
 @dataclass
@@ -288,7 +291,7 @@ class Plan:
             groups, index = cached
             table = None
             if op is not None:
-                rows = [_class_row(coefficients[cls[0]], cls[1], op, lr, kg) for cls, _, _ in kg.classes]
+                rows = [_class_row(coefficients, cls, op, lr, kg) for cls, _, _ in kg.classes]
                 table = _table(rows, index, len(kg.tensors))
             out.append((groups, table))
         return Call(out)
@@ -362,7 +365,10 @@ def _couplings(coupled, members):
             length = n
             m.coupling, m.structure = index, (dim, 1)
             m.constraint_structure = m.structure
-        couplings.append(Coupling(list(slices), length, by_name[slices[0][0]].group))
+        coupling = Coupling(list(slices), length, by_name[slices[0][0]].group)
+        for name, _ in slices:
+            by_name[name].coupling_group = coupling.group
+        couplings.append(coupling)
     return couplings
 
 
@@ -390,11 +396,17 @@ def _class_index(kg):
     return torch.tensor(index, device=kg.device)
 
 
-def _class_row(coefficients, group_counts, op, lr, kg):
-    """One class's coefficient vector: its param group's, with the group term off where the
-    class's own group term does not count (no groups, or a coupling's)."""
-    if not group_counts:
-        coefficients = coefficients._replace(group=0.0)
+def _class_row(coefficients, cls, op, lr, kg):
+    """One class's coefficient vector: its param group's, with the group term of its coupling's
+    param group for coupled slices, and off where its own group term does not count."""
+    group, counts, coupling_group = cls
+    own = coefficients[group]
+    if coupling_group >= 0:
+        coefficients = own._replace(group=coefficients[coupling_group].group)
+    elif not counts:
+        coefficients = own._replace(group=0.0)
+    else:
+        coefficients = own
     if op == PROX:
         return coefficients.prox_vector(lr, kg.acc_dtype, kg.device)
     return coefficients.gradient_vector(kg.acc_dtype, kg.device)

@@ -57,14 +57,14 @@ def value(plan, part, coefficients, call):
         # The surrogate whose gradient is group·d_g/N_g on this shard (N_g held constant).
         safe = torch.where(n > 0, n, 1)
         weighted = group_sq * torch.where(n > 0, 0.5 / safe, 0).to(group_sq.dtype)
-        for (g, counts), start, end in kg.classes:
+        for (g, counts, _), start, end in kg.classes:
             if not counts:
                 continue
             lo, hi = _entries(kg, groups, start, end)
             surrogate = weighted[lo:hi].sum()
             own[g] = add_values(own[g], term(detached[g].group, surrogate, surrogate.dtype))
     out = [None] * len(coefficients)
-    for (g, counts), k in classes.items():
+    for (g, counts, _), k in classes.items():
         out[g] = add_values(out[g], coefficients[g].value(totals[k], with_groups=counts))
     for g in range(len(out)):
         if out[g] is not None and own[g] is not None:
@@ -105,7 +105,7 @@ def add_to_grad(plan, part, coefficients, call, grads_of):
     # The kernels bumped the local shards' versions; autograd checks the DTensors' own.
     torch.autograd.graph.increment_version(written)
     out = [None] * len(coefficients)
-    for (g, counts), k in classes.items():
+    for (g, counts, _), k in classes.items():
         out[g] = add_values(out[g], coefficients[g].value(totals[k], with_groups=counts))
     return out
 
