@@ -31,6 +31,9 @@ parameter whose shape or dtype changed under a ``Penalty`` may instead make fast
 ``ValueError`` / ``RuntimeError`` / ``TypeError`` naming it (the fuzz then builds the Penalty
 again, as a user would, and goes on), never give a wrong number.
 
+In odd seeds the penalty has per-parameter settings: two rules by name (``fc1.*``, ``conv.*``)
+with their own l1, l2, group and group_dim over the defaults (param groups in one Penalty).
+
 The model has tied weights, frozen parameters, a conv, centers on some parameters and a
 parameter of 65,792 elements alone in its kernel group in some seeds (large enough for the
 eager backward's gradient-memory reuse on a CPU). Deterministic targeted tests follow the fuzz:
@@ -42,6 +45,7 @@ that the harness can be checked against itself (plain torch on both sides).
 """
 
 import copy
+import fnmatch
 import random
 
 import pytest
@@ -241,10 +245,18 @@ class Side:
 class ReferenceSide(Side):
     """The penalty written in plain torch, term by term, in each parameter's own dtype."""
 
+    def settings(self, name):
+        """The settings of one parameter: the first rule matching its name, over the defaults."""
+        chosen = {key: self.cfg[key] for key in ("l1", "l2", "group", "group_dim")}
+        for pattern, settings in self.cfg["rules"] or ():
+            if fnmatch.fnmatchcase(name, pattern):
+                return {**chosen, **settings}
+        return chosen
+
     def penalty(self):
-        l1, l2, group, group_dim = self.cfg["l1"], self.cfg["l2"], self.cfg["group"], self.cfg["group_dim"]
         total = None
         for name, p in trainable(self.model):
+            l1, l2, group, group_dim = (self.settings(name)[k] for k in ("l1", "l2", "group", "group_dim"))
             d = p - self.cfg["centers"][name] if name in self.cfg["centers"] else p
             term = l1 * d.abs().sum() + l2 * d.pow(2).sum()
             if group and p.ndim >= 2:
@@ -267,7 +279,8 @@ class FastregSide(Side):
     def build(self):
         cfg = self.cfg
         self.reg = fastreg.Penalty(self.model, l1=cfg["l1"], l2=cfg["l2"], group=cfg["group"],
-                                   group_dim=cfg["group_dim"], center=cfg["centers"] or None, backend=self.backend)
+                                   group_dim=cfg["group_dim"], center=cfg["centers"] or None, rules=cfg["rules"],
+                                   backend=self.backend)
         self.stale = set()
 
     def penalty(self):
@@ -400,7 +413,15 @@ class Fuzz:
         centers = {n: (params[n].detach().cpu() + 0.01 * torch.randn(params[n].shape, generator=generator,
                                                                         dtype=params[n].dtype)).to(self.device)
                    for n in names}
-        return {"l1": l1, "l2": l2, "group": group, "group_dim": rng.choice([0, 1]), "centers": centers}
+        rules = None
+        if self.seed % 2:  # per-parameter settings: two rules by name over the defaults (own generator,
+            # so the rest of the seed's draws are unchanged)
+            own = random.Random(self.seed + 200)
+            rules = [(pattern, {"l1": own.choice([0.0, 2e-3]), "l2": own.choice([0.0, 3e-2]),
+                                "group": own.choice([0.0, 2e-2]), "group_dim": own.choice([0, 1])})
+                     for pattern in ("fc1.*", "conv.*")]
+        return {"l1": l1, "l2": l2, "group": group, "group_dim": rng.choice([0, 1]), "centers": centers,
+                "rules": rules}
 
     # Comparisons ------------------------------------------------------------------------------
 
