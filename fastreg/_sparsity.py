@@ -7,6 +7,8 @@
     >>> s.total_fraction, s.zeros, s.numel
     >>> s.to_dict()                   # plain data (JSON-ready)
     >>> print(sparsity(model, group_dim=0))   # adds "0.weight: 171 of 256 rows zero"
+    >>> print(sparsity(reg))          # a Penalty: each parameter's own groups (blocks, whole
+                                      # tensors) and each coupling's, counted once
 
 ``params`` and ``exclude`` take the same forms as ``fastreg.penalty``, and select the same
 tensors: by default every parameter with ``requires_grad=True``. Only exact zeros count
@@ -22,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from fastreg._params import select
-from fastreg.backends._geometry import logical_groups
+from fastreg.backends._geometry import NO_GROUPS, logical_groups
 
 _SHOW_EXCLUDED = 4  # excluded tensors named under the table
 
@@ -45,6 +47,7 @@ class GroupSparsity(NamedTuple):
 
 
 _GROUP_WORD = {0: "rows", 1: "columns"}
+PER_PARAMETER = "per parameter"  # Sparsity.group_dim of a Penalty's report: each parameter's own structure
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,11 @@ class Sparsity:
         header = ("parameter", "elements", "zeros", "zero fraction")
         body = [(row.name, f"{row.numel:,}", f"{row.zeros:,}", _percent(row.fraction))
                 for row in self.per_parameter]
+        # A Penalty's couplings: one row each (their groups span several parameters).
+        body += [(row.name, "", "", "") for row in self.per_group if row.name.startswith("coupled #")]
         total = ("total", f"{self.numel:,}", f"{self.zeros:,}", _percent(self.total_fraction))
         if self.group_dim is not None:
-            word = _GROUP_WORD[self.group_dim]
+            word = _GROUP_WORD.get(self.group_dim, "groups")
             by_name = {row.name: row for row in self.per_group}
             header += (f"zero {word}",)
             body = [(*cells, f"{by_name[cells[0]].zero_groups:,} of {by_name[cells[0]].groups:,}"
@@ -128,8 +133,15 @@ def sparsity(params, *, group_dim=None, exclude=None):
     ``fastreg.penalty`` (``None``, ``"bias_and_norm"``, glob patterns, or a callable).
     A tensor shared between modules counts once. Returns a ``Sparsity``.
 
+    ``params`` may also be a ``fastreg.Penalty``: its parameters, each with the groups it has
+    there (rows, columns, blocks of ``group_size``, the whole tensor), and one row per coupling
+    (a group is zero when all its slices are: that neuron can be cut out).
+
     The counts are made on each tensor's device and read back with one transfer per device.
     """
+    plan = getattr(params, "_plan", None)
+    if plan is not None:
+        return _of_penalty(plan.current())
     entries = select(params, exclude)
     included = [e for e in entries if e.included]
     excluded = [(e.name, e.excluded_because) for e in entries if not e.included]
@@ -160,6 +172,31 @@ def sparsity(params, *, group_dim=None, exclude=None):
         live = int((rows_of != 0).any(dim=1).sum()) if rows_of.numel() else 0
         per_group.append(GroupSparsity(entry.name, rows_of.shape[0], rows_of.shape[0] - live))
     return Sparsity(rows, excluded, group_dim, per_group)
+
+
+def _of_penalty(plan):
+    rows, per_group = [], []
+    for m in plan.members:
+        t = m.tensor.detach()
+        zeros = t.numel() - int(torch.count_nonzero(t))
+        rows.append(ParameterSparsity(m.name, t.numel(), zeros, _fraction(zeros, t.numel())))
+        dim, size = m.structure
+        if m.coupling is None and dim != NO_GROUPS:
+            groups_of = logical_groups(t, dim, size)
+            live = int((groups_of != 0).any(dim=1).sum()) if groups_of.numel() else 0
+            per_group.append(GroupSparsity(m.name, groups_of.shape[0], groups_of.shape[0] - live))
+    by_name = {m.name: m.tensor.detach() for m in plan.members}
+    for index, coupling in enumerate(plan.couplings):
+        live = None
+        for name, dim in coupling.slices:
+            t = by_name[name]
+            slice_live = (logical_groups(t, dim) != 0).any(dim=1) if t.ndim > 1 else (t != 0)
+            live = slice_live if live is None else live | slice_live.to(live.device)
+        names = " + ".join(f"{name}[dim {dim}]" for name, dim in coupling.slices)
+        per_group.append(GroupSparsity(f"coupled #{index} ({names})", coupling.length,
+                                       coupling.length - int(live.sum())))
+    excluded = [(i.name, i.excluded_because) for i in plan.info if i.excluded_because is not None]
+    return Sparsity(rows, excluded, PER_PARAMETER, per_group)
 
 
 def _total(rows, field):

@@ -311,3 +311,66 @@ def test_attach_gives_each_groups_value(backend):
     for k in expected:
         torch.testing.assert_close(handle.last_values[k], expected[k], rtol=1e-12, atol=0)
     assert math.isclose(handle.last_value.item(), sum(v.item() for v in expected.values()), rel_tol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# gradcheck, torch.compile
+
+
+def test_gradcheck_and_gradgradcheck_with_param_groups_blocks_and_couplings(backend):
+    torch.manual_seed(5)
+    params = [torch.randn(6, 4, dtype=torch.float64, requires_grad=True),
+              torch.randn(6, dtype=torch.float64, requires_grad=True),
+              torch.randn(3, 6, dtype=torch.float64, requires_grad=True),
+              torch.randn(4, 3, dtype=torch.float64, requires_grad=True)]
+    groups = [{"params": [("a", params[0]), ("b", params[1]), ("c", params[2])], "l2": 0.3, "group": 0.2},
+              {"params": [("d", params[3])], "l1": 0.1, "group": 0.5, "group_dim": 1, "group_size": 3}]
+
+    def fn(*tensors):
+        reg = fastreg.Penalty([dict(g, params=[(n, t) for (n, _), t in zip(g["params"], ts)])
+                               for g, ts in zip(groups, (tensors[:3], tensors[3:]))],
+                              coupled=[[("a", 0), ("b", 0), ("c", 1)]], backend=backend)
+        return reg()
+
+    assert torch.autograd.gradcheck(fn, params)
+    assert torch.autograd.gradgradcheck(fn, params)
+
+
+def test_compile_fullgraph_with_per_group_tensor_coefficients_never_recompiles(backend):
+    model = _mlp(torch.float32)
+    a, b = torch.tensor(0.1), torch.tensor(0.2)
+    reg = fastreg.Penalty([{"params": model[0].parameters(), "l2": a, "group": b},
+                           {"params": model[2].parameters(), "l1": b, "group_dim": None, "group": a}],
+                          backend=backend)
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda: reg(), backend=counting, fullgraph=True)
+    for x, y in ((0.1, 0.2), (0.3, 0.05), (0.0, 0.4)):
+        a.fill_(x)
+        b.fill_(y)
+        expected = _reference(model, [(["0.weight", "0.bias"], 0.0, x, y, 0, 1),
+                                      (["2.weight", "2.bias"], y, 0.0, x, None, 1)])
+        torch.testing.assert_close(step().double(), expected, rtol=1e-5, atol=1e-6)
+    assert len(compiles) == 1
+    torch._dynamo.reset()
+
+
+def test_sparsity_of_a_penalty_counts_each_structure_and_each_coupling():
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight[2:5] = 0
+        model[0].bias[2:5] = 0
+        model[2].weight[:, 2:4] = 0  # neuron 4's column is still live
+    reg = fastreg.Penalty(model, group=0.1, coupled=[[("0.weight", 0), ("0.bias", 0), ("2.weight", 1)]])
+    report = fastreg.sparsity(reg)
+    coupled = [row for row in report.per_group if row.name.startswith("coupled #0")]
+    assert [(row.groups, row.zero_groups) for row in coupled] == [(8, 2)]
+    assert "2 of 8" in str(report)
+    blocks = fastreg.sparsity(fastreg.Penalty(model, group=0.1, group_size=2))
+    assert {row.name: (row.groups, row.zero_groups) for row in blocks.per_group} == {"0.weight": (4, 0),
+                                                                                     "2.weight": (2, 0)}
