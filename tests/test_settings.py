@@ -372,5 +372,5 @@ def test_sparsity_of_a_penalty_counts_each_structure_and_each_coupling():
     assert [(row.groups, row.zero_groups) for row in coupled] == [(8, 2)]
     assert "2 of 8" in str(report)
     blocks = fastreg.sparsity(fastreg.Penalty(model, group=0.1, group_size=2))
-    assert {row.name: (row.groups, row.zero_groups) for row in blocks.per_group} == {"0.weight": (4, 0),
+    assert {row.name: (row.groups, row.zero_groups) for row in blocks.per_group} == {"0.weight": (4, 1),
                                                                                      "2.weight": (2, 0)}
