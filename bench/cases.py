@@ -147,7 +147,8 @@ def has_groups(case):
 
 def float64_reference(params, centers=None, chunk_elements=2**20):
     """Every penalty of bench.contenders in float64, independent of fastreg: ``{"l1": Σ|w|, "l2": Σw²,
-    "group-rows": Σ‖rows‖ + Σw², "group-cols": Σ‖columns‖ + Σw², "l2-center": Σ(w - c)²}``.
+    "group-rows": Σ‖rows‖ + Σw², "group-cols": Σ‖columns‖ + Σw², "l2-center": Σ(w - c)², "l2-S-settings":
+    Σ_i 2^-(i mod S mod 4)·Σw_i²}``.
 
     Each chunk of at most ``chunk_elements`` is converted to float64 and summed by torch (pairwise);
     the chunk sums are added exactly by ``math.fsum``.
@@ -170,5 +171,8 @@ def float64_reference(params, centers=None, chunk_elements=2**20):
                 parts["cols"].append(w.movedim(1, 0).flatten(1).norm(dim=1).sum().item())
                 del w
     l2 = math.fsum(parts["l2"])
+    per_tensor = [p.detach().double().square().sum().item() for p in params]
+    settings = {name: math.fsum(2.0 ** -((i % count) % 4) * v for i, v in enumerate(per_tensor))
+                for name, count in (("l2-2-settings", 2), ("l2-10-settings", 10))}
     return {"l1": math.fsum(parts["l1"]), "l2": l2, "group-rows": math.fsum(parts["rows"]) + l2,
-            "group-cols": math.fsum(parts["cols"]) + l2, "l2-center": math.fsum(parts["l2-center"])}
+            "group-cols": math.fsum(parts["cols"]) + l2, "l2-center": math.fsum(parts["l2-center"]), **settings}

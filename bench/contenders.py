@@ -19,8 +19,26 @@ import torch
 
 import fastreg
 
-PENALTIES = ("l2", "l1", "group-rows", "group-cols", "l2-center")
+# Per-parameter settings (issue: a whole recipe in one Penalty): tensor i has setting i % S, whose
+# l2 is LAMBDA · 2^-(s % 4) (powers of two: every scaling stays exact), "S settings" in one Penalty
+# (param groups) against one Penalty per setting and the uniform l2 row of the same run.
+SETTINGS = {"l2-2-settings": 2, "l2-10-settings": 10}
+PENALTIES = ("l2", "l1", "group-rows", "group-cols", "l2-center", *SETTINGS)
 GROUP_DIM = {"group-rows": 0, "group-cols": 1}
+
+
+def setting_scale(index, penalty):
+    """The l2 of tensor ``index`` under a settings penalty, relative to LAMBDA (1 otherwise)."""
+    count = SETTINGS.get(penalty)
+    return 1.0 if count is None else 2.0 ** -((index % count) % 4)
+
+
+def settings_loop(params, penalty):
+    """The hand-written loop with a coefficient per tensor."""
+    total = 0.0
+    for i, p in enumerate(params):
+        total = total + setting_scale(i, penalty) * (p * p).sum()
+    return total
 FWD, FWD_BWD = "fwd", "fwd+bwd"
 MODES = (FWD, FWD_BWD)
 
@@ -152,6 +170,7 @@ def _plain(fn):
 
 
 HAND_LOOPS = {
+    **{penalty: (lambda params, extras, penalty=penalty: settings_loop(params, penalty)) for penalty in SETTINGS},
     "group-rows": lambda params, extras: group_loop(params, 0),
     "group-cols": lambda params, extras: group_loop(params, 1),
     "l2-center": lambda params, extras: center_loop(params, extras["centers"]),
@@ -217,9 +236,18 @@ def fastreg_terms(penalty, extras):
     return {penalty: LAMBDA}
 
 
+def fastreg_penalty(params, penalty, extras, backend):
+    """One ``fastreg.Penalty`` for ``penalty``: a settings penalty is one param group per setting."""
+    count = SETTINGS.get(penalty)
+    if count is None:
+        return fastreg.Penalty(params, **fastreg_terms(penalty, extras), backend=backend)
+    groups = [{"params": params[s::count], "l2": LAMBDA * setting_scale(s, penalty)} for s in range(count)]
+    return fastreg.Penalty(groups, backend=backend)
+
+
 def _fastreg_autograd(backend):
     def prepare(params, penalty, clock, extras):
-        reg = fastreg.Penalty(params, **fastreg_terms(penalty, extras), backend=backend)
+        reg = fastreg_penalty(params, penalty, extras, backend)
         return Prepared({FWD: reg, FWD_BWD: lambda: reg().backward()})
 
     return prepare
@@ -227,8 +255,26 @@ def _fastreg_autograd(backend):
 
 def _fastreg_add_to_grad(backend):
     def prepare(params, penalty, clock, extras):
-        reg = fastreg.Penalty(params, **fastreg_terms(penalty, extras), backend=backend)
+        reg = fastreg_penalty(params, penalty, extras, backend)
         return Prepared({FWD_BWD: reg.add_to_grad_}, value_mode=FWD_BWD)
+
+    return prepare
+
+
+def _fastreg_per_setting(backend, add_to_grad):
+    """One ``Penalty`` per setting: a pass (and a call's fixed cost) each."""
+
+    def prepare(params, penalty, clock, extras):
+        count = SETTINGS[penalty]
+        regs = [fastreg.Penalty(params[s::count], l2=LAMBDA * setting_scale(s, penalty), backend=backend)
+                for s in range(count)]
+        if add_to_grad:
+            return Prepared({FWD_BWD: lambda: sum(reg.add_to_grad_() for reg in regs)}, value_mode=FWD_BWD)
+
+        def value():
+            return sum(reg() for reg in regs)
+
+        return Prepared({FWD: value, FWD_BWD: lambda: value().backward()})
 
     return prepare
 
@@ -239,8 +285,8 @@ def all_contenders(backends):
         Contender("seed-loop", "seed loop", ("l2", "l1"), AUTOGRAD_FWD_BWD_PASSES,
                   _autograd({"l2": _plain(seed_loop_l2), "l1": _plain(seed_loop_l1)}), is_baseline=True),
         # For the group and center terms the baseline is the hand-written loop people use.
-        Contender("hand-loop", "hand loop", ("group-rows", "group-cols", "l2-center"), AUTOGRAD_FWD_BWD_PASSES,
-                  _autograd(HAND_LOOPS), is_baseline=True),
+        Contender("hand-loop", "hand loop", ("group-rows", "group-cols", "l2-center", *SETTINGS),
+                  AUTOGRAD_FWD_BWD_PASSES, _autograd(HAND_LOOPS), is_baseline=True),
         Contender("foreach-norm", "torch._foreach_norm", ("l2", "l1"), AUTOGRAD_FWD_BWD_PASSES,
                   _autograd({"l2": _plain(foreach_norm_l2), "l1": _plain(foreach_norm_l1)})),
         # For L1 the seed loop already is the plain sum loop.
@@ -258,6 +304,11 @@ def all_contenders(backends):
                       AUTOGRAD_FWD_BWD_PASSES, _fastreg_autograd(backend)),
             Contender(f"fastreg-{backend}-add-to-grad", f"fastreg[{backend}] add_to_grad_", PENALTIES,
                       ADD_TO_GRAD_PASSES, _fastreg_add_to_grad(backend), has_fwd=False),
+            Contender(f"fastreg-{backend}-per-setting", f"fastreg[{backend}] one Penalty per setting",
+                      tuple(SETTINGS), AUTOGRAD_FWD_BWD_PASSES, _fastreg_per_setting(backend, False)),
+            Contender(f"fastreg-{backend}-per-setting-add-to-grad",
+                      f"fastreg[{backend}] add_to_grad_, one Penalty per setting", tuple(SETTINGS),
+                      ADD_TO_GRAD_PASSES, _fastreg_per_setting(backend, True), has_fwd=False),
         ]
     return contenders
 
@@ -270,8 +321,9 @@ def gradient_error(params, penalty, extras=None, chunk_elements=2**20):
     small scratch buffer (fresh full-size temporaries for 124M parameters take seconds on some machines).
     The group and center terms are compared in float64, tensor by tensor.
     """
-    if penalty not in ("l2", "l1"):
+    if penalty not in ("l2", "l1", *SETTINGS):
         return _float64_gradient_error(params, penalty, extras)
+    scales = [setting_scale(i, penalty) for i, p in enumerate(params) if p.numel()]
     params = [p for p in params if p.numel()]
     if not params:
         return 0.0
@@ -279,14 +331,14 @@ def gradient_error(params, penalty, extras=None, chunk_elements=2**20):
                           dtype=params[0].dtype, device=params[0].device)
     exact_max, diff_max = [], []
     with torch.no_grad():
-        for p in params:
+        for p, scale in zip(params, scales):
             flat_p = p.detach().reshape(-1)
             flat_grad = None if p.grad is None else p.grad.reshape(-1)
             for start in range(0, flat_p.numel(), chunk_elements):
                 w = flat_p[start:start + chunk_elements]
                 exact = scratch[: w.numel()]
-                if penalty == "l2":
-                    torch.mul(w, 2 * LAMBDA, out=exact)
+                if penalty != "l1":
+                    torch.mul(w, 2 * LAMBDA * scale, out=exact)
                 else:
                     torch.sign(w, out=exact).mul_(LAMBDA)
                 exact_max.append(_max_abs(exact))

@@ -23,6 +23,8 @@ PENALTY_TITLES = {
     "group-rows": "Σ‖rows‖ + Σw² (group lasso, groups along dim 0)",
     "group-cols": "Σ‖columns‖ + Σw² (group lasso, groups along dim 1: strided)",
     "l2-center": "Σ(w - c)² (L2-SP, toward reference weights c)",
+    "l2-2-settings": "Σ_i 2^-(i mod 2)·Σw_i² (2 param groups in one Penalty; vs one Penalty per setting)",
+    "l2-10-settings": "Σ_i 2^-(i mod 10 mod 4)·Σw_i² (10 param groups in one Penalty; vs one Penalty per setting)",
 }
 
 

@@ -22,8 +22,8 @@ from tqdm import tqdm
 import fastreg
 from bench import report
 from bench.cases import CASES, CASES_BY_NAME, float64_reference, has_groups, make_centers, make_params
-from bench.contenders import (FWD_BWD, GRAD_PASSES, LAMBDA, PENALTIES, all_contenders, gradient_error,
-                              passes)
+from bench.contenders import (FWD_BWD, GRAD_PASSES, LAMBDA, PENALTIES, SETTINGS, all_contenders,
+                              gradient_error, passes)
 from bench.timing import FULL_BUDGET, QUICK_BUDGET, Budget, DeviceClock, measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -46,7 +46,8 @@ def parse_args(argv=None):
                         "'seed-loop,fastreg-*' (default: all; see --list)")
     parser.add_argument("--penalty", choices=PENALTIES + ("both", "all"), default=None,
                         help="which penalty: l2, l1, group-rows, group-cols (group lasso + L2), l2-center "
-                             "(toward reference weights), both (l2 and l1) or all (default: all; --quick: l2)")
+                             "(toward reference weights), l2-2-settings, l2-10-settings (param groups in one "
+                             "Penalty), both (l2 and l1) or all (default: all; --quick: l2)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="parameter dtype (default fp32)")
     parser.add_argument("--grad-dtype", choices=("same", "fp32"), default="same",
                         help="dtype of p.grad: same as the parameter (default) or fp32 (fp32 gradient accumulation "
@@ -233,7 +234,7 @@ def run_case(case, penalties, contenders, session):
 
 def applies(penalty, case):
     """The group terms need tensors with groups; the group and center terms run on the model cases."""
-    if penalty in ("group-rows", "group-cols", "l2-center"):
+    if penalty in ("group-rows", "group-cols", "l2-center", *SETTINGS):
         return has_groups(case) and case.name in MODEL_CASES
     return True
 

@@ -33,6 +33,7 @@ import torch
 
 from fastreg import _coefficients, _dispatch, _dtensor, _settings
 from fastreg._params import select
+from fastreg._warnings import warn
 from fastreg.backends._geometry import NO_GROUPS, WHOLE, Groups, acc_dtype, is_dense
 from fastreg.backends._workspace import Workspace
 
@@ -476,6 +477,12 @@ def _centers(center, entries, included):
             else:  # e.g. a new head: pulled toward 0
                 centers.append(None)
                 notes.append("none (not in mapping)")
+        if included and center and all(c is None for c in centers) and not torch.compiler.is_compiling():
+            # Most likely names relative to another module (a param group of a submodule names
+            # its parameters relative to it): every parameter would be pulled toward 0.
+            warn(f"fastreg: the center mapping names none of the regularized parameters (e.g. "
+                 f"{included[0].name!r}; the mapping has {next(iter(center))!r}); they are pulled toward 0",
+                 UserWarning)
         return centers, notes
     if isinstance(center, Sequence) or (hasattr(center, "__iter__") and not isinstance(center, torch.Tensor)):
         given = list(center)

@@ -374,3 +374,9 @@ def test_sparsity_of_a_penalty_counts_each_structure_and_each_coupling():
     blocks = fastreg.sparsity(fastreg.Penalty(model, group=0.1, group_size=2))
     assert {row.name: (row.groups, row.zero_groups) for row in blocks.per_group} == {"0.weight": (4, 1),
                                                                                      "2.weight": (2, 0)}
+
+
+def test_a_center_mapping_that_names_no_parameter_warns():
+    model = _mlp()
+    with pytest.warns(UserWarning, match="names none of the regularized parameters"):
+        fastreg.Penalty([{"params": model[2], "l2": 0.1, "center": {"2.weight": model[2].weight.detach()}}])

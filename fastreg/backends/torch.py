@@ -86,11 +86,11 @@ def _sums(params, centers, groups, thresholds, nonneg):
         per_tensor[index, 0] = torch.segment_reduce(values.abs(), "sum", lengths=lengths)
         per_tensor[index, 1] = torch.segment_reduce(values.square(), "sum", lengths=lengths)
     for i in flat:
-        if params[i].numel() >= SMALL_ELEMS:
+        if params[i].numel() >= SMALL_ELEMS:  # one acc copy, made |s| then s² in place
             s = _shrunk(params[i].reshape(-1), None if centers[i] is None else centers[i].reshape(-1), acc,
                         None if thresholds is None else thresholds[i], None if nonneg is None else nonneg[i])
-            per_tensor[i, 0] = _total(s.abs())
-            per_tensor[i, 1] = _total(s.square())
+            per_tensor[i, 0] = _total(s.abs_())
+            per_tensor[i, 1] = _total(s.square_())
     for i in range(count):
         dim, size = groups.dims[i], groups.sizes[i]
         if dim == NO_GROUPS:
@@ -98,8 +98,8 @@ def _sums(params, centers, groups, thresholds, nonneg):
         rows = _shrunk(logical_groups(params[i], dim, size),
                        None if centers[i] is None else logical_groups(centers[i], dim, size), acc,
                        None if thresholds is None else thresholds[i], None if nonneg is None else nonneg[i])
-        per_tensor[i, 0] = _total(rows.abs())
-        sq = _row_sums(rows.square())
+        per_tensor[i, 0] = _total(rows.abs_())
+        sq = _row_sums(rows.square_())
         per_tensor[i, 1] = fixed_order_sum(sq.reshape(-1).double())
         group_sq[i] = sq.double().sum(dim=1) if sq.ndim == 2 else sq.double()
         per_tensor[i, 2] = fixed_order_sum(group_sq[i].sqrt())
@@ -154,15 +154,16 @@ def _shrunk(values, centers, acc, threshold=None, nonneg=None, keep_sign=False):
 
 
 def _total(values):
-    """The float64 sum of an acc tensor, in a thread-count-independent order."""
+    """The float64 sum of a contiguous acc tensor, in a thread-count-independent order: whole
+    rows of ROW_ELEMS (one thread each), then the tail, then the row sums (no copy)."""
     flat = values.reshape(-1)
-    n = flat.numel()
-    if n == 0:
+    whole = flat.numel() // ROW_ELEMS * ROW_ELEMS
+    parts = [flat[:whole].view(-1, ROW_ELEMS).sum(dim=1).double()] if whole else []
+    if whole < flat.numel():
+        parts.append(flat[whole:].sum().double().reshape(1))
+    if not parts:
         return torch.zeros((), dtype=torch.float64, device=values.device)
-    rows = -(-n // ROW_ELEMS)
-    padded = flat.new_zeros(rows * ROW_ELEMS)
-    padded[:n] = flat
-    return fixed_order_sum(padded.view(rows, ROW_ELEMS).sum(dim=1).double())
+    return fixed_order_sum(torch.cat(parts))
 
 
 def _row_sums(rows):
