@@ -6,11 +6,11 @@ fp32 tensor, and still ~1e-6 on a single tensor of 1000 elements (measured: 1.1e
 ``torch.sum`` is accurate (cascade summation), so every sum here is built from it, in a
 thread-count-independent way:
 
-* tensors without groups: small ones are copied into flat batches of at most ``PIECE_ELEMS``
-  elements (one ``_flatten_dense_tensors`` call each, so the Python loop runs once per
-  million elements, not per tensor), whose per-tensor sums are float64 ``segment_reduce``s
-  of |s| and s² (segments under ``SMALL_ELEMS`` elements: exact enough in float64); a large
-  one is viewed flat and reduced in rows of ``ROW_ELEMS`` by ``sum(dim=1)``;
+* tensors without groups: small ones (under ``SMALL_ELEMS``) are copied into flat batches of
+  similar sizes, at most ``PIECE_ELEMS`` elements each (one ``_flatten_dense_tensors`` call
+  per batch, so the Python loop runs once per million elements, not per tensor), turned into
+  |s| and padded to one row per tensor (``pad_sequence``), whose row sums are each tensor's
+  sums; a large one is viewed flat and reduced in rows of ``ROW_ELEMS`` by ``sum(dim=1)``;
 * a tensor with groups is laid out as ``(G, numel / G)`` (one row per group, in acc dtype),
   so the row sums of s² are the groups' squared norms and the same rows give its |s| and s²
   terms: one read of the tensor for all three terms;
@@ -25,6 +25,7 @@ dtype. Centers (``d = w - c``) are subtracted in the acc dtype, piece by piece.
 
 import torch
 from torch._utils import _flatten_dense_tensors
+from torch.nn.utils.rnn import pad_sequence
 
 from fastreg.backends._geometry import (NO_GROUPS, ROW_ELEMS, WHOLE, acc_dtype, as_groups, fixed_order_sum,
                                         group_sizes, logical_groups)
@@ -80,11 +81,14 @@ def _sums(params, centers, groups, thresholds, nonneg):
         values = _shrunk(_flatten_dense_tensors([params[i] for i in batch]),
                          None if centers[batch[0]] is None else _flatten_dense_tensors([centers[i] for i in batch]),
                          acc, _per_element(thresholds, batch, params), _per_element(nonneg, batch, params))
-        lengths = torch.tensor([params[i].numel() for i in batch], device=device)
-        values = values.double()
+        # One padded row per tensor (the batch holds tensors of similar sizes): row sums are
+        # cascade sums, one thread per row.
+        rows = pad_sequence(values.split([params[i].numel() for i in batch]), batch_first=True)
+        if rows.shape[1] > ROW_ELEMS:  # rows of ROW_ELEMS, added in float64
+            rows = torch.nn.functional.pad(rows, (0, -rows.shape[1] % ROW_ELEMS)).view(len(batch), -1, ROW_ELEMS)
         index = torch.tensor(batch, device=device)
-        per_tensor[index, 0] = torch.segment_reduce(values.abs(), "sum", lengths=lengths)
-        per_tensor[index, 1] = torch.segment_reduce(values.square(), "sum", lengths=lengths)
+        per_tensor[index, 0] = _batch_sums(rows.abs_())
+        per_tensor[index, 1] = _batch_sums(rows.square_())
     for i in flat:
         if params[i].numel() >= SMALL_ELEMS:  # one acc copy, made |s| then s² in place
             s = _shrunk(params[i].reshape(-1), None if centers[i] is None else centers[i].reshape(-1), acc,
@@ -108,18 +112,29 @@ def _sums(params, centers, groups, thresholds, nonneg):
     return per_tensor.to(acc), group_sq.to(acc)
 
 
+def _batch_sums(rows):
+    """Each tensor's sum from its padded row ``(T, n)`` or rows ``(T, k, ROW_ELEMS)``, in float64."""
+    sums = rows.sum(dim=-1).double()
+    return sums.sum(dim=1) if sums.ndim == 2 else sums
+
+
 def _batches(index, params):
-    """``index`` cut into runs of at most PIECE_ELEMS elements (each small tensor whole)."""
-    batch, elements = [], 0
+    """``index`` as batches of tensors of similar sizes (numel within a factor of 2, so a batch
+    padded to its longest wastes at most half), each of at most PIECE_ELEMS elements."""
+    by_size = {}
     for i in index:
-        n = params[i].numel()
-        if batch and elements + n > PIECE_ELEMS:
+        by_size.setdefault(params[i].numel().bit_length(), []).append(i)
+    for _, members in sorted(by_size.items()):
+        batch, elements = [], 0
+        for i in members:
+            n = params[i].numel()
+            if batch and elements + n > PIECE_ELEMS:
+                yield batch
+                batch, elements = [], 0
+            batch.append(i)
+            elements += n
+        if batch:
             yield batch
-            batch, elements = [], 0
-        batch.append(i)
-        elements += n
-    if batch:
-        yield batch
 
 
 def _per_element(column, batch, params):
