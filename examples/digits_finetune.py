@@ -14,7 +14,14 @@ toward 0 and forgets the pretraining. This script measures it on a small transfe
   class (a few-shot task), three ways, each with several coefficients:
   no penalty; L2 toward 0 (``fastreg.Penalty(model, l2=α)``, i.e. weight decay); L2-SP
   (``fastreg.Penalty(model, l2=α, center={"body.*": pretrained body weights})``: the body toward
-  its pretrained weights, the new head — absent from the mapping — toward 0);
+  its pretrained weights, the new head — absent from the mapping — toward 0, with the same α);
+  and L2-SP as the paper (and TLlib) use it, body and head at their own strengths, in one
+  Penalty with two param groups::
+
+      fastreg.Penalty([{"params": model.body, "l2": α, "center": pretrained.body.state_dict()},
+                       {"params": model.head, "l2": β}])
+
+  whose two values (``handle.last_values``) are logged separately;
 * report, over ``--seeds`` draws of the few-shot set: test accuracy on digits 5-9 (the new
   task), test accuracy on digits 0-4 with the fine-tuned body and the *old* head (what the body
   still knows), and ``‖w − w⁰‖`` of the body; with a figure.
@@ -56,6 +63,8 @@ def parse_args(argv=None):
                    help="penalty coefficients (default 1e-3 1e-2 1e-1; 1e-2 with --quick)")
     p.add_argument("--pretrain-epochs", type=int, default=None, help="default 30 (5 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 300; 60 with --quick)")
+    p.add_argument("--beta", type=float, default=0.01, help="the head's L2 in the paper's L2-SP (default 0.01, "
+                   "the paper's β)")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
@@ -134,11 +143,16 @@ def finetune(pretrained, method, alpha, train, args, seed):
         # The body toward its pretrained weights; the new head is not in the mapping: toward 0.
         reg = fastreg.Penalty(model, l2=alpha, center={f"body.{k}": v for k, v in pretrained.body.state_dict().items()},
                               backend=args.backend)
+    elif method == "l2-sp-beta":
+        # The paper's recipe: the body toward w⁰ with α, the new head toward 0 with its own β.
+        reg = fastreg.Penalty([{"params": model.body, "l2": alpha, "center": pretrained.body.state_dict()},
+                               {"params": model.head, "l2": args.beta}], backend=args.backend)
     else:
         reg = None
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    handle = None
     if reg is not None:
-        reg.attach(optimizer)  # the penalty's gradient is added inside every step
+        handle = reg.attach(optimizer)  # the penalty's gradient is added inside every step
     x, y = train
     order = torch.Generator().manual_seed(3000 + seed)
     batch = min(25, len(x))
@@ -147,6 +161,7 @@ def finetune(pretrained, method, alpha, train, args, seed):
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         optimizer.step()
+    model.penalty_values = None if handle is None else [v.item() for v in handle.last_values.values()]
     return model
 
 
@@ -167,7 +182,7 @@ def plot(results, path, title):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    colors = {"none": "black", "l2": "tab:blue", "l2-sp": "tab:green"}
+    colors = {"none": "black", "l2": "tab:blue", "l2-sp": "tab:green", "l2-sp-beta": "tab:olive"}
     labels = [r["label"] for r in results]
     for ax, key, name in zip(axes, ("new_acc", "old_acc", "distance"),
                              ("test accuracy, digits 5-9 (new task)", "test accuracy, digits 0-4 (old head)",
@@ -203,37 +218,46 @@ def main(argv=None):
              f"digits 5-9 from {args.shots} images per class, {args.steps} SGD steps (lr {args.lr}, momentum 0.9, "
              f"batch 25), {args.seeds} few-shot draws; penalties applied with reg.attach(optimizer)")
     print(setup)
-    configs = [("none", None)] + [(m, a) for m in ("l2", "l2-sp") for a in args.alphas]
+    configs = [("none", None)] + [(m, a) for m in ("l2", "l2-sp", "l2-sp-beta") for a in args.alphas]
     results = []
     for method, alpha in tqdm(configs, desc="methods", disable=None, dynamic_ncols=True):
-        new_acc, old_acc, dist = [], [], []
+        new_acc, old_acc, dist, values = [], [], [], []
         for seed in range(args.seeds):
             model = finetune(pretrained, method, alpha, few_shot(*new_train, args.shots, seed), args, seed)
+            values.append(model.penalty_values)
             new_acc.append(accuracy(model, *new_test))
             old_model = Net(args.hidden)  # the fine-tuned body with the pretrained head
             old_model.body.load_state_dict(model.body.state_dict())
             old_model.head.load_state_dict(pretrained.head.state_dict())
             old_acc.append(accuracy(old_model, *old_test))
             dist.append(distance(model.body, pretrained.body))
-        label = ("no penalty" if method == "none" else
-                 f"L2 toward 0, α={alpha:g}" if method == "l2" else f"L2-SP toward w⁰, α={alpha:g}")
+        label = {"none": "no penalty", "l2": f"L2 toward 0, α={alpha}", "l2-sp": f"L2-SP toward w⁰, α={alpha}",
+                 "l2-sp-beta": f"L2-SP, body α={alpha} toward w⁰, head β={args.beta} toward 0"}[method]
+        last = [v for v in values if v is not None]
         results.append({"method": method, "alpha": alpha, "label": label, "new_acc": summary(new_acc),
-                        "old_acc": summary(old_acc), "distance": summary(dist)})
+                        "old_acc": summary(old_acc), "distance": summary(dist),
+                        # each param group's penalty at the last step, averaged over the seeds
+                        "last_values": [statistics.fmean(v) for v in zip(*last)] if last else None})
 
-    lines = ["| fine-tuning | test acc, digits 5-9 (new) | test acc, digits 0-4 (old head) | ‖w − w⁰‖ (body) |",
-             "|---|---:|---:|---:|"]
+    lines = ["| fine-tuning | test acc, digits 5-9 (new) | test acc, digits 0-4 (old head) | ‖w − w⁰‖ (body) | "
+             "penalty at the last step (per param group) |",
+             "|---|---:|---:|---:|---|"]
     for r in results:
+        shown = " / ".join(f"{v:.3g}" for v in r["last_values"]) if r["last_values"] else "-"
         lines.append(f"| {r['label']} | {100 * r['new_acc']['mean']:.1f}% ± {100 * r['new_acc']['std']:.1f} | "
                      f"{100 * r['old_acc']['mean']:.1f}% ± {100 * r['old_acc']['std']:.1f} | "
-                     f"{r['distance']['mean']:.2f} ± {r['distance']['std']:.2f} |")
+                     f"{r['distance']['mean']:.2f} ± {r['distance']['std']:.2f} | {shown} |")
     table = "\n".join(lines)
     best = {m: max((r for r in results if r["method"] == m), key=lambda r: r["new_acc"]["mean"])
-            for m in ("none", "l2", "l2-sp")}
+            for m in ("none", "l2", "l2-sp", "l2-sp-beta")}
     verdict = (f"Best of each (by new-task accuracy): no penalty {100 * best['none']['new_acc']['mean']:.1f}%, "
                f"L2 {100 * best['l2']['new_acc']['mean']:.1f}% (α={best['l2']['alpha']:g}), "
-               f"L2-SP {100 * best['l2-sp']['new_acc']['mean']:.1f}% (α={best['l2-sp']['alpha']:g}); "
+               f"L2-SP {100 * best['l2-sp']['new_acc']['mean']:.1f}% (α={best['l2-sp']['alpha']:g}), "
+               f"L2-SP with the head at β={args.beta:g} {100 * best['l2-sp-beta']['new_acc']['mean']:.1f}% "
+               f"(α={best['l2-sp-beta']['alpha']:g}); "
                f"old-task accuracy with the old head: {100 * best['none']['old_acc']['mean']:.1f}% / "
-               f"{100 * best['l2']['old_acc']['mean']:.1f}% / {100 * best['l2-sp']['old_acc']['mean']:.1f}% "
+               f"{100 * best['l2']['old_acc']['mean']:.1f}% / {100 * best['l2-sp']['old_acc']['mean']:.1f}% / "
+               f"{100 * best['l2-sp-beta']['old_acc']['mean']:.1f}% "
                f"(pretrained: {100 * pretrained_old_acc:.1f}%). ± is the standard deviation over the few-shot draws.")
     print("\n" + table + "\n\n" + verdict)
     if not args.no_plot:

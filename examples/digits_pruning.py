@@ -11,7 +11,12 @@ three times, each followed after every ``optimizer.step()`` by a proximal step:
 * no penalty;
 * **group lasso** on the rows of the two hidden layers' weights (``group_dim=0``: a row is one
   neuron's input weights), ``reg.prox_(lr)``: whole rows become exactly zero;
-* **L1** on the same weights, ``reg.prox_(lr)``: many single weights become zero, few rows.
+* **L1** on the same weights, ``reg.prox_(lr)``: many single weights become zero, few rows;
+* **coupled neuron groups** (``coupled=``): each hidden neuron's incoming row *and its bias*
+  (and, for the last hidden layer, its outgoing column of the output layer) form one group,
+  so a neuron reaches zero as a whole and outputs exactly 0. (The first layer's outgoing
+  columns are rows of the second layer's neurons: groups that overlap have no closed-form
+  proximal step, so fastreg refuses them, and the coupling stops at row + bias there.)
 
 A neuron whose weight row is zero outputs a constant, ``relu(b_i)``. The script then **removes**
 every such neuron: it folds the constant into the next layer's bias
@@ -43,6 +48,8 @@ ROOT = digits.ROOT
 DEFAULT_OUT = ROOT / "examples" / "results" / "pruning"
 QUICK_OUT = ROOT / "examples" / "results" / "quick" / "pruning"  # git-ignored
 HIDDEN_WEIGHTS = ["0.weight", "2.weight"]  # the rows of these are the hidden neurons
+# One group per hidden neuron: its row and bias, and for the last hidden layer its output column.
+COUPLED = [[("0.weight", 0), ("0.bias", 0)], [("2.weight", 0), ("2.bias", 0), ("4.weight", 1)]]
 
 
 def parse_args(argv=None):
@@ -76,6 +83,8 @@ RUNS = [
     ("none", "no penalty", {}),
     ("group", "group lasso on hidden rows + `prox_`", {"group": None, "group_dim": 0}),
     ("l1", "L1 on hidden weights + `prox_`", {"l1": None}),
+    ("coupled", "group lasso on coupled neurons (row + bias [+ out column]) + `prox_`", {"group": None,
+                                                                                        "coupled": COUPLED}),
 ]
 
 
@@ -93,7 +102,8 @@ def train(key, terms, init_state, data, args, position):
     reg = None
     if terms:
         kwargs = {k: (args.group if k == "group" else args.l1 if k == "l1" else v) for k, v in terms.items()}
-        hidden = [(n, p) for n, p in model.named_parameters() if n in HIDDEN_WEIGHTS]
+        names = {n for coupling in terms.get("coupled", ()) for n, _ in coupling} or set(HIDDEN_WEIGHTS)
+        hidden = [(n, p) for n, p in model.named_parameters() if n in names]
         reg = fastreg.Penalty(hidden, **kwargs, backend=args.backend)
     order_rng = torch.Generator().manual_seed(args.seed)  # the same batch order in every run
     history = {"epoch": [], "test_acc": [], "zero_neurons": [], "zero_weights": []}
@@ -171,7 +181,7 @@ def plot(histories, labels, path, title):
     import matplotlib.pyplot as plt
 
     fig, (acc_ax, zero_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {"none": "black", "group": "tab:green", "l1": "tab:red"}
+    colors = {"none": "black", "group": "tab:green", "l1": "tab:red", "coupled": "tab:blue"}
     for key, h in histories.items():
         acc_ax.plot(h["epoch"], [100 * a for a in h["test_acc"]], color=colors[key], label=labels[key].replace("`", ""))
         zero_ax.plot(h["epoch"], h["zero_neurons"], color=colors[key])
@@ -183,7 +193,7 @@ def plot(histories, labels, path, title):
     for ax in (acc_ax, zero_ax):
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    fig.legend(loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     digits.save_png(fig, path)
 
@@ -210,7 +220,11 @@ def main(argv=None):
         same = bool(torch.equal(logits.argmax(1), small_logits.argmax(1)))
         logit_diff = (logits - small_logits).abs().max().item()
         s = zero_neurons(model)
+        zero_rows = [w.detach().eq(0).all(dim=1) for w in (model[0].weight, model[2].weight)]
+        zero_bias = sum(int(b.detach()[rows].ne(0).sum()) for b, rows in zip((model[0].bias, model[2].bias),
+                                                                            zero_rows))
         results[key] = {
+            "removed_neurons_with_nonzero_bias": zero_bias,
             "label": label,
             "test_acc": digits.accuracy(model, x_test, y_test),
             "pruned_test_acc": digits.accuracy(small, x_test, y_test),
@@ -233,13 +247,18 @@ def main(argv=None):
     checks.append({"check": "group lasso zeroes whole neurons", "ok": results["group"]["zero_neurons"] > 0})
     checks.append({"check": "L1 zeroes more single weights than whole neurons",
                    "ok": results["l1"]["zero_weights"] > args.hidden * results["l1"]["zero_neurons"]})
+    checks.append({"check": "coupled groups zero whole neurons, biases included (nothing to fold)",
+                   "ok": results["coupled"]["zero_neurons"] > 0
+                   and results["coupled"]["removed_neurons_with_nonzero_bias"] == 0})
 
-    header = ("| run | test acc | zero hidden neurons | zero hidden weights | parameters | after pruning | "
-              "hidden sizes | test acc after | inference ms before / after | same predictions |")
-    lines = [header, "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+    header = ("| run | test acc | zero hidden neurons | of them with a nonzero bias (folded) | zero hidden weights | "
+              "parameters | after pruning | hidden sizes | test acc after | inference ms before / after | "
+              "same predictions |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in results.values():
         lines.append(
             f"| {r['label']} | {100 * r['test_acc']:.1f}% | {r['zero_neurons']} of {r['neurons']} | "
+            f"{r['removed_neurons_with_nonzero_bias']} | "
             f"{100 * r['zero_weights'] / r['hidden_weights']:.1f}% | {r['params']:,} | {r['pruned_params']:,} "
             f"({100 * r['pruned_params'] / r['params']:.0f}%) | {'-'.join(map(str, r['hidden_sizes']))} | "
             f"{100 * r['pruned_test_acc']:.1f}% | {r['inference_ms']:.3f} / {r['pruned_inference_ms']:.3f} | "

@@ -24,7 +24,8 @@ def explain(plan, param_groups, coefficients):
                f"{info.tensor.numel():,}", status]
         if several:
             row.append(_group_name(info.group, param_groups) if included and info.group is not None else "-")
-        row += [structure_text(info.member, plan.couplings) if included else "-"] if show_groups else []
+        if show_groups:
+            row.append(_groups_cell(info, plan, coefficients) if included else "-")
         row += [info.center if included else "-"] if show_centers else []
         rows.append(tuple(row))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -57,6 +58,14 @@ def explain(plan, param_groups, coefficients):
                      "the gradient")
     lines.append(f"backend={plan.backend}" + (f" -> {backends}" if backends else ""))
     return "\n".join(lines)
+
+
+def _groups_cell(info, plan, coefficients):
+    """The parameter's groups, where a group term, a coupling or a norm constraint uses them."""
+    m, c = info.member, coefficients[info.group]
+    if m.coupling is None and is_zero(c.group) and not c.constrained:
+        return "-"
+    return structure_text(m, plan.couplings)
 
 
 def _group_name(index, param_groups):
