@@ -1,5 +1,5 @@
 // fastreg_cpu::add_grad_: g += the penalty's gradient, in place, and the sums of the same pass
-// (see fastreg_cpu.h; coeffs: the Gradient slots of terms.h).
+// (see fastreg_cpu.h; coeffs: a table of the Gradient slots of terms.h, one row per param).
 
 #include "fastreg_cpu.h"
 
@@ -8,7 +8,8 @@ namespace fastreg_cpu {
 using namespace detail;
 
 std::tuple<at::Tensor, at::Tensor> add_grad_(at::TensorList params, at::TensorList grads_, at::TensorList centers,
-                                             int64_t group_dim, const at::Tensor& coeffs,
+                                             at::IntArrayRef group_dims, at::IntArrayRef group_sizes,
+                                             const at::Tensor& coeffs,
                                              const std::optional<at::Tensor>& group_norms, bool want_sums) {
   const at::ScalarType dtype = check_group(params, centers, "add_grad_");
   TORCH_CHECK(grads_.size() == params.size(), "fastreg_cpu::add_grad_: ", params.size(), " params but ",
@@ -37,20 +38,17 @@ std::tuple<at::Tensor, at::Tensor> add_grad_(at::TensorList params, at::TensorLi
     read.push_back(readable(t, p));
     p.out.push_back(writable(g, read.back(), p).data_ptr());  // the real grad, or a copy written back
   }
-  add_items(p, params, centers, group_dim, read);
+  add_items(p, params, centers, group_dims, group_sizes, read);
   p.schedule = make_schedule(p.items);
-  const auto k = read_coeffs(coeffs, dtype, Gradient::kCount);
+  const Table k = read_table(coeffs, dtype, static_cast<int64_t>(params.size()), Gradient::kCount, "coeffs");
   const auto norms = read_group_vector(group_norms, p.ngroups, "group_norms");
-  std::vector<double> partials(kPartial * p.schedule.tasks.size(), 0.0), slots(p.schedule.nslots, 0.0);
+  std::vector<double> partials(kPartial * p.schedule.npartials(), 0.0), slots(p.schedule.nslots, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::add_grad_", [&] {
     using T = scalar_t;
-    using O = typename Traits<T>::opmath;
     with_center(!centers.empty(), [&](auto center) {
       constexpr bool kCenter = decltype(center)::value;
-      AddGradOp<T> op{{Vectorized<O>(static_cast<O>(k[Gradient::L1])), static_cast<O>(2.0 * k[Gradient::L2])},
-                      k[Gradient::GROUP], grad_kind(gdtype), p.out};
-      auto coefs = group_coefs<T, kCenter, false>(
-          p, 0.0, [&](double n) { return static_cast<double>(op.group_coef(n)); }, norms, partials, slots);
+      AddGradOp<T> op{{k}, grad_kind(gdtype), p.out};
+      auto coefs = group_coefs<T, kCenter>(p, op, norms, partials, slots);
       if (norms.has_value() && !want_sums) {
         // Nothing left to compute for the tensors with groups: marked as done, their tasks skip
         // the visit that reads their elements for the sums (flat tasks' sums come free).

@@ -1,34 +1,45 @@
 // fastreg C++ CPU backend: fused multi-tensor kernels for every fastreg term.
 //
 // Ops (namespace fastreg_cpu, registered with TORCH_LIBRARY in library.cpp; no pybind module).
-// With d = w - c (c: the center, when `centers` is not empty) and s = d, or
-// s = sign(d)·max(|d| - t, 0):
-//   sums(Tensor[] params, Tensor[] centers, int group_dim, float threshold) -> (Tensor, Tensor)
-//       ([Σ|s|, Σs², Σ_g ‖s_g‖] in the acc dtype, group_sq = ‖s_g‖² per group)
-//   grads(Tensor[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_scale)
-//       -> Tensor[]                     c1·sign(d) + (2·c2 + scale_g)·d, fresh tensors
-//   add_grad_(Tensor[] params, Tensor(a!)[] grads, Tensor[] centers, int group_dim, Tensor coeffs,
-//             Tensor? group_norms, bool want_sums=True) -> (Tensor, Tensor)
-//       g += c1·sign(d) + 2·c2·d + c3·d_g/‖d_g‖; returns sums(params, centers, group_dim), or
-//       with want_sums=False and given norms zeros (no extra read of the tensors with groups)
-//   prox_(Tensor(a!)[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_norms) -> ()
-//       w = c + max(0, 1 - c3/‖s_g‖)·s/c2 (tensors with groups), c + s/c2 (others), t = c1
-//   term_layout() -> str   the slots of the sums and coefficient vectors (terms.h), by name
+// Every op takes T params and, per param, its structure: group_dims[t] (-1: no groups, -2: the
+// whole tensor is one group, else a dim) and group_sizes[t] (k: group i is the k slices i·k ..
+// i·k + k - 1 along that dim). Coefficients are (T, slots) tables of the acc dtype (or double),
+// row t for params[t]. With d = w - c (c: the center, when `centers` is not empty) and s = d, or
+// the shrunk s = sign(d)·max(|d| - t, 0) (max(d - t, 0) for a NONNEG row):
+//   sums(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor? shrink)
+//       -> (Tensor, Tensor)         per param [Σ|s|, Σs², Σ_g ‖s_g‖] ((T, 3), acc dtype) and
+//                                   group_sq = ‖s_g‖² per group; shrink: a Prox table (its
+//                                   THRESHOLD and NONNEG), or none for s = d
+//   grads(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor coeffs,
+//         Tensor? group_scale) -> Tensor[]     c1·sign(d) + (2·c2 + scale_g)·d, fresh tensors
+//   add_grad_(Tensor[] params, Tensor(a!)[] grads, Tensor[] centers, int[] group_dims,
+//             int[] group_sizes, Tensor coeffs, Tensor? group_norms, bool want_sums=True)
+//       -> (Tensor, Tensor)
+//       g += c1·sign(d) + 2·c2·d + c3·d_g/‖d_g‖; returns sums(params, centers, ...), or with
+//       want_sums=False and given norms only the flat params' (no extra read of the tensors with
+//       groups: their rows are zeros)
+//   prox_(Tensor(a!)[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor coeffs,
+//         Tensor? group_norms) -> ()
+//       w = c + f_g·s (params with groups: f_g = prox_group_factor(‖s_g‖, ...), terms.h, with the
+//       row's norm bounds), c + s/den (others)
+//   term_layout() -> str   the slots of the sums and coefficient tables (terms.h), by name
 //   constants() -> str     the schedule's constants (schedule.h), by name
-// The slots of `coeffs` and of the sums are named in terms.h (Gradient, Prox, Sum), mirrored
-// from fastreg/backends/_terms.py. See fastreg/backends/__init__.py for the contract,
-// fastreg/backends/_geometry.py for groups.
+// The slots of the coefficient tables and of the sums are named in terms.h (Gradient, Prox,
+// Sum), mirrored from fastreg/backends/_terms.py. See fastreg/backends/__init__.py for the
+// contract, fastreg/backends/_geometry.py for structures and groups.
 //
 // The headers, each including the ones it builds on (read them in this order):
 //   vec.h       the ISA layer: vector widths, accumulator counts, float -> double widening, pin
 //   traits.h    per dtype: loading / storing as opmath vectors, accumulators, mixed-dtype gradients
 //   span.h      the vectorized loops: one contiguous span, a block of rows
-//   terms.h     the terms: slot enums (Sum, Gradient, Prox), operands d and shrunk s, the
-//               gradient and prox formulas, one Op per element-wise op
-//   schedule.h  items, tasks and the chunk schedule; fixed-order slot reduction
-//   prepare.h   tensor preparation: checks, dense views, copies in the param's order, copy-back
+//   terms.h     the terms: slot enums (Sum, Gradient, Prox), coefficient tables, operands d and
+//               shrunk s, the gradient and prox formulas, one Op per element-wise op
+//   schedule.h  items, tasks and the chunk schedule, partials per task or flat segment;
+//               fixed-order slot reduction
+//   prepare.h   tensor preparation: checks, dense views, copies in the param's order, copy-back,
+//               each item's group geometry from its structure, coefficient tables
 //   passes.h    the passes over a schedule (sums, element-wise updates, group norms first),
-//               finish_sums, with_center
+//               finish_sums (per-tensor sums), with_center
 // and one translation unit per op (sums.cpp, grads.cpp, add_grad.cpp, prox.cpp: ninja compiles
 // them in parallel), which prepares the tensors, picks the dtype and center instantiation, and
 // runs the passes. fastreg/backends/cpu.py lists every file here (HEADER_FILES, SOURCE_FILES):
@@ -48,15 +59,17 @@
 
 namespace fastreg_cpu {
 
-std::tuple<at::Tensor, at::Tensor> sums(at::TensorList params, at::TensorList centers, int64_t group_dim,
-                                        double threshold);
-std::vector<at::Tensor> grads(at::TensorList params, at::TensorList centers, int64_t group_dim,
-                              const at::Tensor& coeffs, const std::optional<at::Tensor>& group_scale);
+std::tuple<at::Tensor, at::Tensor> sums(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
+                                        at::IntArrayRef group_sizes, const std::optional<at::Tensor>& shrink);
+std::vector<at::Tensor> grads(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
+                              at::IntArrayRef group_sizes, const at::Tensor& coeffs,
+                              const std::optional<at::Tensor>& group_scale);
 std::tuple<at::Tensor, at::Tensor> add_grad_(at::TensorList params, at::TensorList grads_, at::TensorList centers,
-                                             int64_t group_dim, const at::Tensor& coeffs,
-                                             const std::optional<at::Tensor>& group_norms, bool want_sums);
-void prox_(at::TensorList params, at::TensorList centers, int64_t group_dim, const at::Tensor& coeffs,
-           const std::optional<at::Tensor>& group_norms);
+                                             at::IntArrayRef group_dims, at::IntArrayRef group_sizes,
+                                             const at::Tensor& coeffs, const std::optional<at::Tensor>& group_norms,
+                                             bool want_sums);
+void prox_(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims, at::IntArrayRef group_sizes,
+           const at::Tensor& coeffs, const std::optional<at::Tensor>& group_norms);
 std::string term_layout();
 std::string constants();
 

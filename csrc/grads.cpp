@@ -1,5 +1,6 @@
 // fastreg_cpu::grads: fresh gradients c1·sign(d) + (2·c2 + scale_g)·d (see fastreg_cpu.h), with
-// c1, c2 the Gradient::L1, Gradient::L2 slots of coeffs; the group term comes as group_scale.
+// c1, c2 the Gradient::L1, Gradient::L2 slots of each param's row of coeffs; the group term comes
+// as group_scale.
 
 #include "fastreg_cpu.h"
 
@@ -7,8 +8,9 @@ namespace fastreg_cpu {
 
 using namespace detail;
 
-std::vector<at::Tensor> grads(at::TensorList params, at::TensorList centers, int64_t group_dim,
-                              const at::Tensor& coeffs, const std::optional<at::Tensor>& group_scale) {
+std::vector<at::Tensor> grads(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
+                              at::IntArrayRef group_sizes, const at::Tensor& coeffs,
+                              const std::optional<at::Tensor>& group_scale) {
   const at::ScalarType dtype = check_group(params, centers, "grads");
   Prepared p;
   std::vector<at::Tensor> outs;
@@ -31,18 +33,19 @@ std::vector<at::Tensor> grads(at::TensorList params, at::TensorList centers, int
     }
     p.out.push_back(out.data_ptr());
   }
-  add_items(p, params, centers, group_dim, read);
+  add_items(p, params, centers, group_dims, group_sizes, read);
   p.schedule = make_schedule(p.items);
-  const auto k = read_coeffs(coeffs, dtype, Gradient::L2 + 1);  // L1 and L2 (GROUP: group_scale)
+  const Table k = read_table(coeffs, dtype, static_cast<int64_t>(params.size()), Gradient::kCount, "coeffs");
   const auto scale = read_group_vector(group_scale, p.ngroups, "group_scale");
-  std::vector<double> group_coef(p.ngroups, 2.0 * k[Gradient::L2]);
-  if (scale.has_value()) {
-    for (int64_t g = 0; g < p.ngroups; ++g) group_coef[g] += (*scale)[g];
+  std::vector<double> group_coef(p.ngroups, 0.0);
+  for (size_t i = 0; i < p.items.size(); ++i) {  // GROUP is ignored: the group term is the scale
+    const Item& it = p.items[i];
+    for (int64_t g = it.group_base; g < it.group_base + it.G; ++g) {
+      group_coef[g] = 2.0 * k(static_cast<int64_t>(i), Gradient::L2) + (scale.has_value() ? (*scale)[g] : 0.0);
+    }
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::grads", [&] {
-    using O = typename Traits<scalar_t>::opmath;
-    GradsOp<scalar_t> op{{Vectorized<O>(static_cast<O>(k[Gradient::L1])), static_cast<O>(2.0 * k[Gradient::L2])},
-                         typed<scalar_t>(p.out)};
+    GradsOp<scalar_t> op{{k}, typed<scalar_t>(p.out)};
     const auto w = typed<scalar_t>(p.w);
     const std::vector<bool> none(p.items.size(), false);
     const auto c = typed<scalar_t>(p.c);

@@ -30,11 +30,14 @@ std::string constants() {
 
 TORCH_LIBRARY(fastreg_cpu, m) {
   m.set_python_module("fastreg.backends.cpu");  // where the fake (meta) impls live
-  m.def("sums(Tensor[] params, Tensor[] centers, int group_dim, float threshold) -> (Tensor, Tensor)");
-  m.def("grads(Tensor[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_scale) -> Tensor[]");
-  m.def("add_grad_(Tensor[] params, Tensor(a!)[] grads, Tensor[] centers, int group_dim, Tensor coeffs, "
-        "Tensor? group_norms, bool want_sums=True) -> (Tensor, Tensor)");
-  m.def("prox_(Tensor(a!)[] params, Tensor[] centers, int group_dim, Tensor coeffs, Tensor? group_norms) -> ()");
+  m.def("sums(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor? shrink) "
+        "-> (Tensor, Tensor)");
+  m.def("grads(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor coeffs, "
+        "Tensor? group_scale) -> Tensor[]");
+  m.def("add_grad_(Tensor[] params, Tensor(a!)[] grads, Tensor[] centers, int[] group_dims, int[] group_sizes, "
+        "Tensor coeffs, Tensor? group_norms, bool want_sums=True) -> (Tensor, Tensor)");
+  m.def("prox_(Tensor(a!)[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor coeffs, "
+        "Tensor? group_norms) -> ()");
   m.def("term_layout() -> str", &fastreg_cpu::term_layout);
   m.def("constants() -> str", &fastreg_cpu::constants);
 }

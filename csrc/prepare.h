@@ -1,7 +1,8 @@
 // prepare.h: the tensor side of a call, before and after the kernels. The input checks, which
 // memory each operand is read from and written to (the tensor itself, or a dense temporary in
 // the param's memory order, copied back after an in-place op), and the Items the schedule is
-// made from (schedule.h). The kernels below this see raw pointers only.
+// made from (schedule.h), with the coefficient tables read as doubles. The kernels below this
+// see raw pointers only.
 //
 // Layout. A tensor that is non-overlapping and dense (contiguous, transposed, channels-last,
 // ...) occupies exactly [data_ptr, data_ptr + numel) and is processed in memory order; its
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "schedule.h"
+#include "terms.h"
 
 namespace fastreg_cpu {
 namespace detail {
@@ -84,16 +86,17 @@ inline at::ScalarType check_group(at::TensorList params, at::TensorList centers,
   return dtype;
 }
 
-// The first n values of a 1-D coefficient tensor of the acc dtype (more entries are ignored: the
-// autograd backward passes its (3,) gradient of the sums as is), as doubles.
-inline std::vector<double> read_coeffs(const at::Tensor& coeffs, at::ScalarType dtype, int64_t n) {
-  TORCH_CHECK(coeffs.device().is_cpu() && coeffs.dim() == 1 && coeffs.size(0) >= n,
-              "fastreg_cpu: coeffs must be a CPU tensor of at least ", n, " values, got shape ", coeffs.sizes(),
-              " on ", coeffs.device());
-  TORCH_CHECK(coeffs.scalar_type() == acc_type(dtype), "fastreg_cpu: coeffs must be ", acc_type(dtype),
-              " for ", dtype, " params, got ", coeffs.scalar_type());
-  const at::Tensor values = coeffs.to(at::kDouble).contiguous();
-  return std::vector<double>(values.data_ptr<double>(), values.data_ptr<double>() + n);
+// A (rows, width) coefficient table of the acc dtype (or double), one row per param, as doubles
+// (terms.h Table). cpu.py hands every caller's coefficients over in this form (_terms.as_table).
+inline Table read_table(const at::Tensor& table, at::ScalarType dtype, int64_t rows, int64_t width,
+                        const char* name) {
+  TORCH_CHECK(table.device().is_cpu() && table.dim() == 2 && table.size(0) == rows && table.size(1) == width,
+              "fastreg_cpu: ", name, " must be a (", rows, ", ", width, ") CPU table, got shape ", table.sizes(),
+              " on ", table.device());
+  TORCH_CHECK(table.scalar_type() == acc_type(dtype) || table.scalar_type() == at::kDouble, "fastreg_cpu: ", name,
+              " must be ", acc_type(dtype), " (or double) for ", dtype, " params, got ", table.scalar_type());
+  const at::Tensor values = table.to(at::kDouble).contiguous();
+  return {std::vector<double>(values.data_ptr<double>(), values.data_ptr<double>() + rows * width), width};
 }
 
 // A group vector argument (group_scale / group_norms) as doubles, or nullopt.
@@ -118,25 +121,41 @@ struct Prepared {
   Schedule schedule;
 };
 
+// The structures of the params (_geometry.py Groups: per param a dim, or kNoGroups / kWhole, and
+// the slices per group along that dim).
+constexpr int64_t kNoGroups = -1;
+constexpr int64_t kWhole = -2;  // the whole tensor is one group
+
 // Fills items / w / c for params (with centers) and their group geometry; `read[k]` is the
-// tensor actually read as params[k] (dense).
-inline void add_items(Prepared& p, at::TensorList params, at::TensorList centers, int64_t group_dim,
-               std::vector<at::Tensor>& read) {
+// tensor actually read as params[k] (dense). Item k's (A, G, K) is _geometry.memory_geometry of
+// its structure: WHOLE (1, 1, numel); k slices per group along dim j: G = size(j) / k groups,
+// runs of K = k·stride(j) elements, repeated A times (a tensor with one group: (1, 1, numel)).
+inline void add_items(Prepared& p, at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
+                      at::IntArrayRef group_sizes, std::vector<at::Tensor>& read) {
+  TORCH_CHECK(group_dims.size() == params.size() && group_sizes.size() == params.size(), "fastreg_cpu: ",
+              params.size(), " params but ", group_dims.size(), " group_dims and ", group_sizes.size(),
+              " group_sizes");
   for (size_t k = 0; k < params.size(); ++k) {
     const at::Tensor& wv = read[k];
+    const int64_t dim = group_dims[k];
     Item it;
     it.numel = wv.numel();
-    if (group_dim >= 0 && wv.dim() >= 2) {
-      const int64_t groups = wv.size(group_dim);
+    if (dim != kNoGroups) {
+      TORCH_CHECK(dim == kWhole || (dim >= 0 && dim < wv.dim()), "fastreg_cpu: group_dims[", k, "] = ", dim,
+                  " for a tensor of ", wv.dim(), " dimensions");
+      const int64_t size = group_sizes[k];
+      TORCH_CHECK(dim == kWhole || (size >= 1 && wv.size(dim) % size == 0), "fastreg_cpu: group_sizes[", k,
+                  "] = ", size, " does not divide dimension ", dim, " of params[", k, "] (", wv.sizes(), ")");
+      const int64_t groups = dim == kWhole ? 1 : wv.size(dim) / size;
       it.group_base = p.ngroups;
       p.ngroups += groups;
       if (it.numel > 0) {
         it.G = groups;
-        if (groups <= 1) {
+        if (groups == 1) {
           it.A = 1;
           it.K = it.numel;
         } else {
-          it.K = wv.stride(group_dim);
+          it.K = wv.stride(dim) * size;
           it.A = it.numel / (groups * it.K);
         }
       }

@@ -9,15 +9,21 @@
 // in task order on the calling thread. (at::parallel_for is a header template: the extension
 // must be compiled with -fopenmp, else it silently runs serially.) Task kinds:
 //   Flat    the tensors without a group term, laid end to end (int64 prefix offsets) and cut
-//           into chunks of kChunk elements: a chunk may span many small tensors.
-//   Runs    a tensor whose groups are runs of K >= kRunMin contiguous elements (group_dim=0 on a
-//           contiguous weight: one run per row): whole runs, about kChunk elements per task, one
-//           slot per run. With A == 1 every run is a whole group, so add_grad_ and prox_ compute
-//           its norm and update it in one visit (the second read hits the cache): one pass.
+//           into chunks of kChunk elements: a chunk may span many small tensors, one segment
+//           (and one partial, since the sums are per tensor) per tensor it touches.
+//   Runs    a tensor whose groups are runs of K >= kRunMin contiguous elements (blocks along
+//           dim 0 of a contiguous weight, a WHOLE tensor: one run per group): whole runs, about
+//           kChunk elements per task, one slot per run. With A == 1 every run is a whole group,
+//           so add_grad_ and prox_ compute its norm and update it in one visit (the second read
+//           hits the cache): one pass.
 //   RunPart one piece of a run longer than kChunk.
-//   Rows    a tensor whose runs are short (group_dim=1 on a Linear weight: K = 1): a block of rows
-//           of its (A, G*K) memory view, over a window of at most kRowMax positions, with one
-//           double accumulator per position, folded into per-group slots at the end.
+//   Rows    a tensor whose runs are short (blocks of columns of a Linear weight: K = k; a 1-D
+//           tensor's element groups): a block of rows of its (A, G*K) memory view, over a window
+//           of at most kRowMax positions, with one double accumulator per position, folded into
+//           per-group slots at the end.
+// Every task but a flat chunk is one item's. Partials: one (Σ|s|, Σs²) pair per task, or per
+// segment of a flat chunk (Task::partial, the first; Schedule::partial_items, whose each is),
+// so that finish_sums adds every item's own partials in task order.
 // add_grad_ and prox_ need a group's norm before they update it: for tensors whose groups span
 // tasks (Rows, RunPart, runs with A > 1) a first pass computes the norms (the sums kernel on
 // those tasks only), unless the caller passes them (sharded parameters: global norms).
@@ -68,7 +74,7 @@ inline void for_each_segment(const Layout& layout, int64_t chunk, const Seg& seg
 // One tensor of a call, as the kernels read it.
 struct Item {
   int64_t numel = 0;
-  int64_t A = 1, G = 0, K = 0;  // memory geometry of its groups; G == 0: no group term
+  int64_t A = 1, G = 0, K = 0;  // memory geometry of its groups (_geometry.py); G == 0: no group term, or empty
   int64_t group_base = 0;       // its first entry in the group vectors
   bool whole_groups = false;    // each of its tasks holds whole groups: norms computed in-task
 };
@@ -81,13 +87,16 @@ struct Task {
   int64_t begin, end;  // Flat: the chunk (begin); Runs: runs [begin, end); RunPart: run begin; Rows: rows
   int64_t lo, hi;      // RunPart: elements [lo, hi) of the run; Rows: positions [lo, hi) of each row
   int64_t slot;        // its first slot (group partial): Runs one per run, RunPart one, Rows one per group
+  int64_t partial;     // its first partial pair: one per segment of a flat chunk, else one
 };
 
 struct Schedule {
-  Layout flat;                      // the items without groups, end to end
-  std::vector<int64_t> flat_items;  // flat layout entry -> item
-  std::vector<Task> tasks;          // the flat chunks first, then each item's tasks
+  Layout flat;                         // the items without groups, end to end
+  std::vector<int64_t> flat_items;     // flat layout entry -> item
+  std::vector<Task> tasks;             // the flat chunks first, then each item's tasks
+  std::vector<int64_t> partial_items;  // partial pair -> its item, in task order
   int64_t nslots = 0;
+  int64_t npartials() const { return static_cast<int64_t>(partial_items.size()); }
 };
 
 inline Schedule make_schedule(std::vector<Item>& items) {
@@ -98,7 +107,11 @@ inline Schedule make_schedule(std::vector<Item>& items) {
       s.flat_items.push_back(static_cast<int64_t>(k));
     }
   }
-  for (int64_t c = 0; c < s.flat.chunks(); ++c) s.tasks.push_back({Mode::kFlat, -1, c, c + 1, 0, 0, 0});
+  for (int64_t c = 0; c < s.flat.chunks(); ++c) {
+    s.tasks.push_back({Mode::kFlat, -1, c, c + 1, 0, 0, 0, s.npartials()});
+    for_each_segment(s.flat, c,
+                     [&](int64_t entry, int64_t, int64_t) { s.partial_items.push_back(s.flat_items[entry]); });
+  }
   for (size_t k = 0; k < items.size(); ++k) {
     Item& it = items[k];
     if (it.numel == 0 || it.G == 0) continue;
@@ -109,14 +122,17 @@ inline Schedule make_schedule(std::vector<Item>& items) {
         const int64_t per = std::max<int64_t>(1, kChunk / it.K);
         for (int64_t r = 0; r < runs; r += per) {
           const int64_t e = std::min(runs, r + per);
-          s.tasks.push_back({Mode::kRuns, item, r, e, 0, it.K, s.nslots});
+          s.tasks.push_back({Mode::kRuns, item, r, e, 0, it.K, s.nslots, s.npartials()});
+          s.partial_items.push_back(item);
           s.nslots += e - r;
         }
         it.whole_groups = it.A == 1;
       } else {
         for (int64_t r = 0; r < runs; ++r) {
           for (int64_t lo = 0; lo < it.K; lo += kChunk) {
-            s.tasks.push_back({Mode::kRunPart, item, r, r + 1, lo, std::min(it.K, lo + kChunk), s.nslots});
+            s.tasks.push_back({Mode::kRunPart, item, r, r + 1, lo, std::min(it.K, lo + kChunk), s.nslots,
+                               s.npartials()});
+            s.partial_items.push_back(item);
             s.nslots += 1;
           }
         }
@@ -130,7 +146,8 @@ inline Schedule make_schedule(std::vector<Item>& items) {
       for (int64_t lo = 0; lo < row; lo += window) {
         const int64_t hi = std::min(row, lo + window);
         for (int64_t a = 0; a < it.A; a += per) {
-          s.tasks.push_back({Mode::kRows, item, a, std::min(it.A, a + per), lo, hi, s.nslots});
+          s.tasks.push_back({Mode::kRows, item, a, std::min(it.A, a + per), lo, hi, s.nslots, s.npartials()});
+          s.partial_items.push_back(item);
           s.nslots += (hi - lo) / it.K;
         }
       }

@@ -1,4 +1,5 @@
-// fastreg_cpu::sums: [Σ|s|, Σs², Σ_g ‖s_g‖] and the groups' squared norms, one pass (see fastreg_cpu.h).
+// fastreg_cpu::sums: per tensor [Σ|s|, Σs², Σ_g ‖s_g‖] and the groups' squared norms, one pass (see
+// fastreg_cpu.h); s = d, or the shrunk d of each row of a Prox table.
 
 #include "fastreg_cpu.h"
 
@@ -6,24 +7,31 @@ namespace fastreg_cpu {
 
 using namespace detail;
 
-std::tuple<at::Tensor, at::Tensor> sums(at::TensorList params, at::TensorList centers, int64_t group_dim,
-                                        double threshold) {
+std::tuple<at::Tensor, at::Tensor> sums(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
+                                        at::IntArrayRef group_sizes, const std::optional<at::Tensor>& shrink) {
   const at::ScalarType dtype = check_group(params, centers, "sums");
-  TORCH_CHECK(threshold >= 0.0, "fastreg_cpu::sums: threshold must be >= 0, got ", threshold);
   Prepared p;
   std::vector<at::Tensor> read;
   read.reserve(params.size());
   for (const auto& t : params) read.push_back(t.numel() ? readable(t, p) : t);
-  add_items(p, params, centers, group_dim, read);
+  add_items(p, params, centers, group_dims, group_sizes, read);
   p.schedule = make_schedule(p.items);
+  const int64_t count = static_cast<int64_t>(params.size());
+  const std::optional<Table> k =
+      shrink.has_value() ? std::optional<Table>(read_table(*shrink, dtype, count, Prox::kCount, "shrink"))
+                         : std::nullopt;
   std::vector<double> partials, slots;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastreg_cpu::sums", [&] {
+    using T = scalar_t;
+    const auto w = typed<T>(p.w);
+    const auto c = typed<T>(p.c);
     with_center(!centers.empty(), [&](auto center) {
       constexpr bool kCenter = decltype(center)::value;
-      if (threshold > 0.0) {  // the sums of the shrunk values
-        run_sums<scalar_t, kCenter, true>(p, threshold, partials, slots);
+      const auto diff_of = diff_loaders<T, kCenter>(w, c);
+      if (k.has_value()) {  // the sums of the shrunk values
+        run_sums<T>(p, [&](int64_t item) { return shrunk_of(diff_of(item), *k, item); }, partials, slots);
       } else {
-        run_sums<scalar_t, kCenter, false>(p, threshold, partials, slots);
+        run_sums<T>(p, diff_of, partials, slots);
       }
     });
   });

@@ -7,13 +7,15 @@ accumulation, ``span.h`` the vectorized loops, ``terms.h`` the term slots and ma
 ``schedule.h`` the chunk schedule, ``prepare.h`` tensor preparation, ``passes.h`` the passes).
 Fake (meta) implementations are registered here. One call handles every tensor of a
 (device, dtype) group: the tensors are laid end to end and cut into ``CHUNK_ELEMS``-element
-chunks that ``at::parallel_for`` runs, each into its own partial, summed in a fixed order
-(bitwise the same for any thread count). fp64 accumulates in fp64; fp32/fp16/bf16 in float over
-blocks of 4 values per vector lane, then in double (worst case 7 float roundings: <= 4.2e-7
-relative). The inner loops use ATen's ``Vectorized<T>`` at the ISA the build targets.
+chunks that ``at::parallel_for`` runs, each into its own partials (one per tensor it touches),
+added per tensor in a fixed order (bitwise the same for any thread count). Every tensor has its
+own structure (``group_dims`` / ``group_sizes``) and its own row of each coefficient table. fp64
+accumulates in fp64; fp32/fp16/bf16 in float over blocks of 4 values per vector lane, then in
+double (worst case 7 float roundings: <= 4.2e-7 relative). The inner loops use ATen's
+``Vectorized<T>`` at the ISA the build targets.
 
 Mirrors, checked at load
-    The slots of the sums and coefficient vectors are named in ``backends/_terms.py``; the C++
+    The slots of the sums and coefficient tables are named in ``backends/_terms.py``; the C++
     kernels' copy (``csrc/terms.h``), reported by ``fastreg_cpu::term_layout()``, must agree
     with it, else the backend is unavailable with the disagreement as its reason. The schedule's
     constants come from ``fastreg_cpu::constants()`` (``constants()``, ``CHUNK_ELEMS``): no
@@ -37,7 +39,7 @@ import torch
 from fastreg.backends import _build, _terms
 from fastreg.backends._build import BuildError, compiler, cpu_isa  # noqa: F401  (part of this module's API)
 from fastreg.backends._geometry import acc_dtype as _acc_dtype
-from fastreg.backends._geometry import group_sizes
+from fastreg.backends._geometry import as_groups, group_count
 
 NAME = "cpu"
 DEVICE_TYPES = ("cpu",)
@@ -78,22 +80,54 @@ def unavailable_reason():
     return _state["reason"]
 
 
-def sums(params, centers, group_dim, threshold=0.0, workspace=None):
-    return _kernels().sums(_as_list(params), _as_list(centers), group_dim, float(threshold))
+def sums(params, centers, groups, shrink=None, workspace=None):
+    params = _as_list(params)
+    dims, sizes = _structure(params, groups)
+    return _kernels().sums(params, _as_list(centers), dims, sizes, _shrink_table(shrink, params))
 
 
-def grads(params, centers, group_dim, coeffs, group_scale, workspace=None):
-    return _kernels().grads(_as_list(params), _as_list(centers), group_dim, coeffs, group_scale)
+def grads(params, centers, groups, coeffs, group_scale, workspace=None):
+    params = _as_list(params)
+    dims, sizes = _structure(params, groups)
+    return _kernels().grads(params, _as_list(centers), dims, sizes, _table(coeffs, params, _terms.Gradient),
+                            group_scale)
 
 
-def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace=None, want_sums=True):
-    result = _kernels().add_grad_(_as_list(params), _as_list(grads_), _as_list(centers), group_dim, coeffs,
-                                  group_norms, want_sums)
+def add_grad_(params, grads_, centers, groups, coeffs, group_norms, workspace=None, want_sums=True):
+    params = _as_list(params)
+    dims, sizes = _structure(params, groups)
+    result = _kernels().add_grad_(params, _as_list(grads_), _as_list(centers), dims, sizes,
+                                  _table(coeffs, params, _terms.Gradient), group_norms, want_sums)
     return result if want_sums else None
 
 
-def prox_(params, centers, group_dim, coeffs, group_norms, workspace=None):
-    _kernels().prox_(_as_list(params), _as_list(centers), group_dim, coeffs, group_norms)
+def prox_(params, centers, groups, coeffs, group_norms, workspace=None):
+    params = _as_list(params)
+    dims, sizes = _structure(params, groups)
+    _kernels().prox_(params, _as_list(centers), dims, sizes, _table(coeffs, params, _terms.Prox), group_norms)
+
+
+def _structure(params, groups):
+    """Every param's ``(group_dims, group_sizes)`` entries, as the ops take them (``groups``: a
+    ``_geometry.Groups`` or one group_dim for every param)."""
+    groups = as_groups(params, groups)
+    return list(groups.dims), list(groups.sizes)
+
+
+def _table(coeffs, params, kind):
+    """``coeffs`` (a table, or a vector for every param) as the contiguous ``(T, len(kind))``
+    acc-dtype table the ops read."""
+    return _terms.as_table(coeffs, len(params), kind).to(_acc_dtype(params[0].dtype)).contiguous()
+
+
+def _shrink_table(shrink, params):
+    """``sums``' shrink: ``None`` (s = d), or a Prox table (per param THRESHOLD and NONNEG) from a
+    table or a float threshold for every param."""
+    if shrink is None or (not isinstance(shrink, torch.Tensor) and shrink == 0):
+        return None
+    if not isinstance(shrink, torch.Tensor):
+        shrink = torch.tensor([float(shrink)], dtype=_acc_dtype(params[0].dtype))
+    return _table(shrink.detach(), params, _terms.Prox)
 
 
 def constants():
@@ -203,25 +237,25 @@ def _register_fakes():
     if _fakes_registered:
         return
 
-    def sums_like(params, group_dim):
+    def sums_like(params, group_dims, group_sizes):
         acc = _acc_dtype(params[0].dtype)
-        return (params[0].new_empty((_terms.SUMS,), dtype=acc),
-                params[0].new_empty((sum(group_sizes(params, group_dim)),), dtype=acc))
+        entries = sum(group_count(p, d, k) for p, d, k in zip(params, group_dims, group_sizes))
+        return (params[0].new_empty((len(params), _terms.SUMS), dtype=acc), params[0].new_empty((entries,), dtype=acc))
 
     @torch.library.register_fake("fastreg_cpu::sums")
-    def _sums_fake(params, centers, group_dim, threshold):
-        return sums_like(params, group_dim)
+    def _sums_fake(params, centers, group_dims, group_sizes, shrink):
+        return sums_like(params, group_dims, group_sizes)
 
     @torch.library.register_fake("fastreg_cpu::grads")
-    def _grads_fake(params, centers, group_dim, coeffs, group_scale):
+    def _grads_fake(params, centers, group_dims, group_sizes, coeffs, group_scale):
         return [torch.empty_like(p) for p in params]
 
     @torch.library.register_fake("fastreg_cpu::add_grad_")
-    def _add_grad_fake(params, grads_, centers, group_dim, coeffs, group_norms, want_sums=True):
-        return sums_like(params, group_dim)
+    def _add_grad_fake(params, grads_, centers, group_dims, group_sizes, coeffs, group_norms, want_sums=True):
+        return sums_like(params, group_dims, group_sizes)
 
     @torch.library.register_fake("fastreg_cpu::prox_")
-    def _prox_fake(params, centers, group_dim, coeffs, group_norms):
+    def _prox_fake(params, centers, group_dims, group_sizes, coeffs, group_norms):
         return None
 
     _fakes_registered = True
