@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fastreg.backends import _build, _terms, cpu
+from fastreg.backends._geometry import WHOLE, Groups, group_sizes
 
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -65,9 +66,10 @@ def coeffs(a, b, dtype):
     return torch.tensor([a, b], dtype=acc(dtype))
 
 
-# The L1/L2 part of the contract, in the two-coefficient form these tests were written in.
+# The L1/L2 part of the contract, in the two-coefficient form these tests were written in (a
+# short vector is every tensor's row); sums are per tensor: (T, 2).
 def l1l2_sums(params):
-    return cpu.sums(params, None, -1)[0][:2]
+    return cpu.sums(params, None, -1)[0][:, :2]
 
 
 def l1l2_grads(params, c):
@@ -75,7 +77,7 @@ def l1l2_grads(params, c):
 
 
 def l1l2_add_grad_(params, targets, c):
-    return cpu.add_grad_(params, targets, None, -1, torch.cat([c, c.new_zeros(1)]), None)[0][:2]
+    return cpu.add_grad_(params, targets, None, -1, torch.cat([c, c.new_zeros(1)]), None)[0][:, :2]
 
 
 def l1l2_prox_(params, c):
@@ -83,9 +85,9 @@ def l1l2_prox_(params, c):
 
 
 def ref_sums(params):
-    a = sum((p.double().abs().sum() for p in params), torch.zeros((), dtype=torch.float64))
-    s = sum((p.double().square().sum() for p in params), torch.zeros((), dtype=torch.float64))
-    return torch.stack([a, s])
+    """Per tensor [Σ|w|, Σw²]: (T, 2)."""
+    return torch.tensor([[p.double().abs().sum().item(), p.double().square().sum().item()] for p in params],
+                        dtype=torch.float64).reshape(len(params), 2)
 
 
 def ref_grad(p, c):
@@ -111,7 +113,7 @@ def make(sizes, dtype, seed=0, scale=1.0):
 
 def assert_sums(got, params, rtol):
     want = ref_sums(params)
-    assert got.shape == (2,) and got.dtype == acc(params[0].dtype)
+    assert got.shape == (len(params), 2) and got.dtype == acc(params[0].dtype)
     err = ((got.double() - want).abs() / want.clamp_min(1e-300)).max().item()
     assert err <= rtol, f"relative error {err:.3g} > {rtol:.3g} (got {got.tolist()}, want {want.tolist()})"
 
@@ -204,7 +206,7 @@ def test_special_values(ops):
     assert x[2].isnan()  # NaN weights stay NaN, never silently zeroed
     assert x[3] == float("inf") and x[4] == -float("inf") and x[5] == 0 and x[6] == -1.25
     s = l1l2_sums([torch.tensor([1.0, -2.0]), torch.tensor([float("inf")])])
-    assert s[0] == float("inf") and s[1] == float("inf")
+    assert s[0].tolist() == [3.0, 5.0] and s[1, 0] == float("inf") and s[1, 1] == float("inf")
 
 
 def test_identity_prox_and_zero_coefficients(ops):
@@ -244,7 +246,7 @@ def test_chunk_boundaries(ops, case, dtype):
     total = sum(p.numel() for p in params)
     sums = l1l2_sums(params)
     if total == 0:
-        assert sums.tolist() == [0.0, 0.0]
+        assert sums.tolist() == [[0.0, 0.0]] * len(params)
     else:
         assert_sums(sums, params, rtol=1e-6)
     c = coeffs(0.1, 0.2, dtype)
@@ -285,6 +287,43 @@ def test_thread_count_invariance(ops, threads, dtype):
         for k in (1, 3, 4):
             assert all(torch.equal(a, b) for a, b in zip(first[k], other[k]))
     assert torch.equal(first[0], first[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_per_tensor_operands_do_not_depend_on_the_thread_count(ops, threads, dtype):
+    """Every tensor its own structure and row of coefficients, prox constraints included: the
+    per-tensor sums of flat chunks spanning many tensors (a partial per segment) and of every
+    task kind, the updates and the shrunk sums are bitwise the same with 1 and 2 threads."""
+    chunk = cpu.CHUNK_ELEMS
+    # Flat: 120 small tensors and a long one. Then Rows (columns; a 1-D tensor's blocks of 10),
+    # Runs (blocks of 8 rows; strided runs, A > 1), RunPart (rows longer than a chunk), a whole
+    # tensor and an empty one with groups.
+    sizes = [777] * 120 + [chunk * 2 + 3, (257, 1031), 50, (96, 64), (4, 8, 100), (3, chunk + 7), (40, 30), 0]
+    params = make(sizes, dtype)
+    groups = Groups((-1,) * 121 + (1, 0, 0, 1, 0, WHOLE, 0), (1,) * 121 + (1, 10, 8, 2, 1, 1, 1))
+    count = len(params)
+    gradient = torch.rand(count, len(_terms.Gradient), generator=torch.Generator().manual_seed(1))
+    prox = _terms.as_table(torch.tensor([0.0, 1.0]), count, _terms.Prox).clone()
+    prox[:, :3] = torch.rand(count, 3, generator=torch.Generator().manual_seed(2)) * torch.tensor([0.5, 1.0, 2.0])
+    prox[:, _terms.Prox.DENOMINATOR] += 1
+    prox[::3, _terms.Prox.NONNEG] = 1
+    prox[1::3, _terms.Prox.MAX_NORM] = 3.0
+    results = []
+    for n in (1, 2, 1):
+        torch.set_num_threads(n)
+        targets = [torch.ones_like(p) for p in params]
+        shrunk = [p.clone() for p in params]
+        sums = cpu.sums(params, None, groups, prox)
+        added = cpu.add_grad_(params, targets, None, groups, gradient.to(acc(dtype)), None)
+        cpu.prox_(shrunk, None, groups, prox.to(acc(dtype)), None)
+        results.append((sums, added, targets, shrunk))
+    first = results[0]
+    assert first[0][0].shape == (count, 3)
+    for other in results[1:]:
+        for k in (0, 1):
+            assert torch.equal(first[k][0], other[k][0]) and torch.equal(first[k][1], other[k][1])
+        for k in (2, 3):
+            assert all(torch.equal(a, b) for a, b in zip(first[k], other[k]))
 
 
 def test_repeatable(ops):
@@ -390,16 +429,27 @@ def test_opcheck(ops, op, dtype):
     params = make([(3, 4), 0, 70_000, 5], dtype)
     params[0] = params[0].t()  # a non-contiguous one too
     params[2] = params[2].reshape(70, 1000)  # a tensor with groups
-    c2, c3 = coeffs(0.1, 0.2, dtype), torch.tensor([0.1, 0.2, 0.3], dtype=acc(dtype))
+    count = len(params)
+    gradient = torch.tensor([[0.1, 0.2, 0.3]] * count, dtype=acc(dtype))
+    gradient[1:, _terms.Gradient.L1] = 0.05  # a row per tensor
+    prox = _terms.as_table(torch.tensor([0.1, 1.2, 0.3], dtype=acc(dtype)), count, _terms.Prox).clone()
+    prox[2, _terms.Prox.MAX_NORM] = 1.5
+    prox[3, _terms.Prox.NONNEG] = 1
+    shrink = prox.clone()
+    shrink[:, _terms.Prox.THRESHOLD] = 0.25
+    # One group_dim for every tensor, and a structure per tensor (blocks of columns, the whole
+    # tensor, blocks of 10 rows, one group of a 1-D tensor's 5 elements).
+    structures = [Groups.uniform(params, d) for d in (-1, 0, 1)] + [Groups((1, WHOLE, 0, 0), (1, 1, 10, 5))]
     for centers in ([], [p.clone() for p in params]):
-        for group_dim in (-1, 0, 1):
-            n = sum(p.shape[group_dim] for p in params if p.ndim >= 2) if group_dim >= 0 else 0
+        for groups in structures:
+            dims, sizes = list(groups.dims), list(groups.sizes)
+            n = sum(group_sizes(params, groups))
             vector = torch.rand(n, dtype=acc(dtype)) + 0.5
             args = {
-                "sums": (params, centers, group_dim, 0.25),
-                "grads": (params, centers, group_dim, c2, vector if n else None),
-                "add_grad_": (params, [torch.randn_like(p) for p in params], centers, group_dim, c3, None),
-                "prox_": (params, centers, group_dim, c3, vector if n else None),
+                "sums": (params, centers, dims, sizes, shrink),
+                "grads": (params, centers, dims, sizes, gradient, vector if n else None),
+                "add_grad_": (params, [torch.randn_like(p) for p in params], centers, dims, sizes, gradient, None),
+                "prox_": (params, centers, dims, sizes, prox, vector if n else None),
             }[op]
             result = torch.library.opcheck(getattr(ops, op).default, args)
             assert all(v == "SUCCESS" for v in result.values()), result
@@ -434,7 +484,7 @@ def test_ops_under_torch_compile(ops):
 
     @torch.compile(backend="eager", fullgraph=True)
     def value(ps):
-        return torch.ops.fastreg_cpu.sums(ps, [], 0, 0.0)
+        return torch.ops.fastreg_cpu.sums(ps, [], [0, -1], [1, 1], None)  # group_dim 0: the 2-D one
 
     compiled, eager = value(params), cpu.sums(params, None, 0)
     assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
@@ -617,7 +667,7 @@ def test_second_process_loads_the_cached_build(ops):
     assert result["reason"] is None and result["built_now"] is False
     assert result["library"] == library
     assert result["seconds"] < 2.0
-    assert result["value"] == [7.0, 25.0, 0.0]
+    assert result["value"] == [[7.0, 25.0, 0.0]]
 
 
 def test_disagreeing_term_slots_make_the_backend_unavailable(ops):
