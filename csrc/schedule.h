@@ -21,9 +21,9 @@
 //           tensor's element groups): a block of rows of its (A, G*K) memory view, over a window
 //           of at most kRowMax positions, with one double accumulator per position, folded into
 //           per-group slots at the end.
-// Every task but a flat chunk is one item's. Partials: one (Σ|s|, Σs²) pair per task, or per
-// segment of a flat chunk (Task::partial, the first; Schedule::partial_items, whose each is),
-// so that finish_sums adds every item's own partials in task order.
+// Every task but a flat chunk is one item's. Partials: one (Σ|s|, Σs²) pair per task, or one per
+// segment of a flat chunk (Task::partial is a task's first pair, Schedule::partial_items the
+// item of each pair), so that finish_sums adds each item's own partials in task order.
 // add_grad_ and prox_ need a group's norm before they update it: for tensors whose groups span
 // tasks (Rows, RunPart, runs with A > 1) a first pass computes the norms (the sums kernel on
 // those tasks only), unless the caller passes them (sharded parameters: global norms).
