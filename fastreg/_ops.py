@@ -33,8 +33,6 @@ from fastreg.backends import _workspace
 from fastreg.backends._geometry import NO_GROUPS, Groups, acc_dtype, as_groups, group_sizes, logical_groups
 from fastreg.backends._terms import SUMS, Gradient, Sum, as_table
 
-# sums_backward's coefficients: the element-wise terms' (L1, L2); the group term comes as a scale.
-_ELEMENTWISE = int(Gradient.GROUP)
 
 
 @torch.library.custom_op("fastreg::sums", mutates_args=())
@@ -78,7 +76,8 @@ def _(params, centers, group_dims, group_sizes_, backend, workspace):
 def sums_backward(params: list[torch.Tensor], centers: list[torch.Tensor], group_dims: list[int],
                   group_sizes: list[int], coeffs: torch.Tensor, group_scale: Optional[torch.Tensor], backend: str,
                   workspace: int) -> list[torch.Tensor]:
-    """``coeffs[t,0]·sign(d) + (2·coeffs[t,1] + group_scale[g])·d`` for every tensor of the group."""
+    """``coeffs[t,0]·sign(d) + (2·coeffs[t,1] + group_scale[g])·d`` for every tensor of the group
+    (``coeffs``: a Gradient table; its GROUP column is not read)."""
     _check_traced_group(params, centers)
     return _dispatch.backend_for(backend, params[0].device).grads(params, centers or None,
                                                                    Groups(tuple(group_dims), tuple(group_sizes)),
@@ -133,9 +132,9 @@ def _unpack(ctx):
 def _sums_backward(ctx, grad_sums, grad_group_sq):
     params, centers, group_sq, groups, backend = _unpack(ctx)
     coeffs, scale = _backward_coeffs(grad_sums, params, groups, group_sq, grad_group_sq)
-    # A list input takes a list of gradients: none for the centers (constants).
-    elementwise = coeffs[:, :_ELEMENTWISE].contiguous()
-    return (sums_backward(params, centers, list(groups.dims), list(groups.sizes), elementwise, scale, backend,
+    # A list input takes a list of gradients: none for the centers (constants). The kernels read
+    # each row's L1 and L2; the group term comes as the per-group scale.
+    return (sums_backward(params, centers, list(groups.dims), list(groups.sizes), coeffs.contiguous(), scale, backend,
                           ctx.workspace),
             [None] * len(centers), None, None, None, None)
 
@@ -172,7 +171,9 @@ def _sums_backward_backward(ctx, grad_outputs):
             per_group.append(logical_groups((d * v).to(acc), dim, size).sum(dim=1))
             start += n
         grad_scale = torch.cat(per_group) if per_group else scale.new_zeros(0)
-    grad_coeffs = torch.stack([sign_dot, 2 * value_dot], dim=1).to(coeffs.dtype)
+    # The GROUP column of coeffs is not read (the group term is in the scale): its gradient is 0.
+    grad_coeffs = torch.stack([sign_dot, 2 * value_dot, torch.zeros_like(sign_dot)], dim=1)[:, :coeffs.shape[1]]
+    grad_coeffs = grad_coeffs.to(coeffs.dtype)
     return grad_params, [None] * len(centers), None, None, grad_coeffs, grad_scale, None, None
 
 
@@ -228,9 +229,8 @@ class _EagerSums(torch.autograd.Function):
         coeffs, scale = _backward_coeffs(grad_sums, params, groups, group_sq, grad_group_sq)
         if torch.is_grad_enabled():  # create_graph=True: the op carries the second derivative
             handle = 0 if ctx.workspace is None else ctx.workspace.handle
-            elementwise = coeffs[:, :_ELEMENTWISE].contiguous()
-            grads = sums_backward(params, centers, list(groups.dims), list(groups.sizes), elementwise, scale, backend,
-                                  handle)
+            grads = sums_backward(params, centers, list(groups.dims), list(groups.sizes), coeffs.contiguous(), scale,
+                                  backend, handle)
         else:
             grads = _dispatch.backend_for(backend, params[0].device).grads(params, centers or None, groups,
                                                                             coeffs, scale, workspace=ctx.workspace)

@@ -61,12 +61,14 @@ DEFAULTS = {Gradient: (0.0, 0.0, 0.0), Prox: (0.0, 1.0, 0.0, 0.0, float("inf"), 
 
 
 def as_table(coeffs, count, kind):
-    """``coeffs`` as a ``(count, len(kind))`` table: a table as it is, a vector (one setting for
-    every tensor, possibly without the trailing slots, which take their ``DEFAULTS``) as a
-    broadcast view."""
-    if coeffs.ndim == 2:
-        return coeffs
+    """``coeffs`` as a ``(count, len(kind))`` table: a table as it is (with fewer columns, the
+    trailing slots take their ``DEFAULTS``), a vector as every tensor's row (a broadcast view)."""
     width = len(kind)
+    if coeffs.ndim == 2:
+        if coeffs.shape[1] >= width:
+            return coeffs
+        missing = coeffs.new_tensor(DEFAULTS[kind][coeffs.shape[1]:]).expand(coeffs.shape[0], -1)
+        return torch.cat([coeffs, missing], dim=1)
     if coeffs.numel() < width:
         coeffs = torch.cat([coeffs, coeffs.new_tensor(DEFAULTS[kind][coeffs.numel():])])
     return coeffs[:width].expand(count, width)
