@@ -70,12 +70,20 @@ def _mirror_error():
         ("Sum", "ABS"): k.SUM_ABS, ("Sum", "SQUARE"): k.SUM_SQUARE, ("Sum", "GROUP_NORM"): k.SUM_GROUP_NORM,
         ("Gradient", "L1"): k.GRADIENT_L1, ("Gradient", "L2"): k.GRADIENT_L2, ("Gradient", "GROUP"): k.GRADIENT_GROUP,
         ("Prox", "THRESHOLD"): k.PROX_THRESHOLD, ("Prox", "DENOMINATOR"): k.PROX_DENOMINATOR,
-        ("Prox", "GROUP_THRESHOLD"): k.PROX_GROUP_THRESHOLD,
+        ("Prox", "GROUP_THRESHOLD"): k.PROX_GROUP_THRESHOLD, ("Prox", "MIN_NORM"): k.PROX_MIN_NORM,
+        ("Prox", "MAX_NORM"): k.PROX_MAX_NORM, ("Prox", "NONNEG"): k.PROX_NONNEG,
     }
     try:
         _terms.check_mirror(NAME, {key: slot.value for key, slot in mirrored.items()})
     except RuntimeError as exc:
         return str(exc)
+    # The rows the kernels step over: a table row per tensor, a sums row per tensor.
+    widths = {"Sum": (k.SUMS, _terms.SUMS), "Gradient": (k.GRADIENT_SLOTS, _terms.GRADIENT_SLOTS),
+              "Prox": (k.PROX_SLOTS, _terms.PROX_SLOTS)}
+    wrong = [f"{name} rows of {ours.value} (expected {theirs})" for name, (ours, theirs) in widths.items()
+             if ours.value != theirs]
+    if wrong:
+        return f"fastreg: the {NAME} backend's term rows disagree with fastreg.backends._terms: " + ", ".join(wrong)
     return None
 
 
@@ -120,29 +128,29 @@ def _capturing(device):
 # The contract (fastreg/backends/__init__.py)
 # --------------------------------------------------------------------------------------
 
-def sums(params, centers, group_dim, threshold=0.0, workspace=None):
+def sums(params, centers, groups, shrink=None, workspace=None):
     device = _device_of(params)
     with _on(device):
-        return launch.sums(params, centers, group_dim, threshold, workspace, _capturing(device))
+        return launch.sums(params, centers, groups, shrink, workspace, _capturing(device))
 
 
-def grads(params, centers, group_dim, coeffs, group_scale, workspace=None):
+def grads(params, centers, groups, coeffs, group_scale, workspace=None):
     device = _device_of(params)
     with _on(device):
-        return launch.grads(params, centers, group_dim, coeffs, group_scale, workspace, _capturing(device))
+        return launch.grads(params, centers, groups, coeffs, group_scale, workspace, _capturing(device))
 
 
-def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace=None, want_sums=True):
+def add_grad_(params, grads_, centers, groups, coeffs, group_norms, workspace=None, want_sums=True):
     device = _device_of(params)
     with _on(device):
-        return launch.add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace,
+        return launch.add_grad_(params, grads_, centers, groups, coeffs, group_norms, workspace,
                                 _capturing(device), want_sums)
 
 
-def prox_(params, centers, group_dim, coeffs, group_norms, workspace=None):
+def prox_(params, centers, groups, coeffs, group_norms, workspace=None):
     device = _device_of(params)
     with _on(device):
-        launch.prox_(params, centers, group_dim, coeffs, group_norms, workspace, _capturing(device))
+        launch.prox_(params, centers, groups, coeffs, group_norms, workspace, _capturing(device))
 
 
 def launch_configs():

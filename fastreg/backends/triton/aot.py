@@ -40,7 +40,7 @@ def launch_configs():
                       f"{'aligned' if aligned else 'unaligned'}"
                 for center in (False, True):
                     for shrink in (False, True):
-                        signature = dict(tables, partials=acc_ptr, slots=acc_ptr, threshold=acc_ptr, chunk="i64")
+                        signature = dict(tables, partials=acc_ptr, slots=acc_ptr, shrink=acc_ptr, chunk="i64")
                         constexprs = dict(common, HAS_CENTER=center, SHRINK=shrink)
                         configs.append((f"sums-{tag}{'-centered' if center else ''}{'-shrunk' if shrink else ''}",
                                         kernels._sums_kernel, signature, constexprs, options))
@@ -60,6 +60,6 @@ def launch_configs():
                         dict(slots=acc_ptr, ginfo="*i64", gmap="*i64", group_sq=acc_ptr),
                         dict(GROUP_BLOCK=tuning.GROUP_BLOCK), finish_options))
         configs.append((f"finish-{acc_ptr[1:]}", kernels._finish_kernel,
-                        dict(partials=acc_ptr, nparts="i64", group_sq=acc_ptr, ngroups="i64", out=acc_ptr),
-                        dict(BLOCK=tuning.FINISH_BLOCK), finish_options))
+                        dict(partials=acc_ptr, group_sq=acc_ptr, finfo="*i64", ntensors="i64", out=acc_ptr),
+                        dict(TENSORS=tuning.FINISH_TENSORS, BLOCK=tuning.FINISH_BLOCK), finish_options))
     return configs

@@ -60,10 +60,17 @@ SUM_SQUARE = tl.constexpr(1)  # Sum.SQUARE
 SUM_GROUP_NORM = tl.constexpr(2)  # Sum.GROUP_NORM
 GRADIENT_L1 = tl.constexpr(0)  # Gradient.L1
 GRADIENT_L2 = tl.constexpr(1)  # Gradient.L2
-GRADIENT_GROUP = tl.constexpr(2)  # Gradient.GROUP (applied through group_coef, formed on the host side)
+GRADIENT_GROUP = tl.constexpr(2)  # Gradient.GROUP (applied through group_coef, formed by the launcher)
 PROX_THRESHOLD = tl.constexpr(0)  # Prox.THRESHOLD
 PROX_DENOMINATOR = tl.constexpr(1)  # Prox.DENOMINATOR
 PROX_GROUP_THRESHOLD = tl.constexpr(2)  # Prox.GROUP_THRESHOLD (applied through group_coef)
+PROX_MIN_NORM = tl.constexpr(3)  # Prox.MIN_NORM (applied through group_coef)
+PROX_MAX_NORM = tl.constexpr(4)  # Prox.MAX_NORM (applied through group_coef)
+PROX_NONNEG = tl.constexpr(5)  # Prox.NONNEG
+# The widths of the coefficient tables' rows (row t: params[t]'s coefficients).
+SUMS = tl.constexpr(3)  # len(Sum): the per-tensor sums' row
+GRADIENT_SLOTS = tl.constexpr(3)  # len(Gradient)
+PROX_SLOTS = tl.constexpr(6)  # len(Prox)
 
 
 @triton.jit
@@ -93,10 +100,11 @@ def _program(meta, MODE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr)
 
 @triton.jit
 def _geometry(info, t):
-    """Tensor ``t``'s (numel, G, K, L, group base, runs)."""
-    row = info + 6 * t
+    """Tensor ``t``'s (numel, G, K, L, group base, runs, param): ``param`` is its index in the
+    call (the row of the coefficient tables); ``t`` counts the non-empty tensors only."""
+    row = info + 7 * t
     return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
-            tl.load(row + 5))
+            tl.load(row + 5), tl.load(row + 6))
 
 
 @triton.jit
@@ -131,31 +139,47 @@ def _load_d(w, c, offs, mask, ACC: tl.constexpr, HAS_CENTER: tl.constexpr, MASKE
 
 
 @triton.jit
-def _magnitude(x, threshold, SHRINK: tl.constexpr):
-    """|s|: |d|, or max(|d| - threshold, 0) (NaN propagates)."""
+def _shrinking(shrink, param, ACC: tl.constexpr, SHRINK: tl.constexpr):
+    """(threshold, nonneg) of the tensor whose row of the prox table ``shrink`` is ``param``
+    (unread without SHRINK: ``shrink`` is then a placeholder)."""
+    threshold = 0.0
+    nonneg = 0.0
     if SHRINK:
-        return tl.maximum(tl.abs(x) - threshold, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        row = shrink + param * PROX_SLOTS
+        threshold = tl.load(row + PROX_THRESHOLD).to(ACC)
+        nonneg = tl.load(row + PROX_NONNEG).to(ACC)
+    return threshold, nonneg
+
+
+@triton.jit
+def _magnitude(x, threshold, nonneg, SHRINK: tl.constexpr):
+    """|s|: |d|, or max(|d| - threshold, 0), or max(d - threshold, 0) where ``nonneg`` (the
+    shrunk values are then >= 0); NaN propagates. The tensor's ``nonneg`` is uniform over a
+    program: a select, not a branch."""
+    if SHRINK:
+        magnitude = tl.where(nonneg != 0, x, tl.abs(x))
+        return tl.maximum(magnitude - threshold, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return tl.abs(x)
 
 
 @triton.jit
 def _sums_kernel(
     w_ptrs, c_ptrs,  # int64[T]: data pointers (c_ptrs = w_ptrs without centers)
-    info,  # int64[5T]: per-tensor geometry
+    info,  # int64[7T]: per-tensor geometry
     meta,  # int64[5P]: per-program (tensor, x0, x1, y0, slot)
     partials,  # acc[2P]: (Σ|s|, Σs²) per program
     slots,  # acc[...]: group partials
-    threshold,  # acc[1]
+    shrink,  # acc[T, PROX_SLOTS]: the prox table whose THRESHOLD and NONNEG shrink (SHRINK only)
     chunk,  # elements per FLAT program (a runtime value: one compiled kernel for every chunk)
     DTYPE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr, HAS_CENTER: tl.constexpr,
     SHRINK: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, RUN_TILE: tl.constexpr,
     VEC: tl.constexpr,
 ):
     pid, t, x0, x1, y0, slot = _program(meta, MODE, ALIGNED, VEC)
-    numel, G, K, L, group_base, nruns = _geometry(info, t)
+    numel, G, K, L, group_base, nruns, param = _geometry(info, t)
     w = _operand(w_ptrs, t, DTYPE, ALIGNED)
     c = _operand(c_ptrs, t, DTYPE, ALIGNED)
-    thr = tl.load(threshold).to(ACC)
+    thr, nonneg = _shrinking(shrink, param, ACC, SHRINK)
     if MODE == MODE_FLAT:  # elements [x0, x0 + chunk) of the tensor
         lanes = tl.arange(0, BLOCK)
         count = tl.minimum(numel - x0, chunk)
@@ -163,12 +187,12 @@ def _sums_kernel(
         acc_sq = tl.zeros([BLOCK], dtype=ACC)
         full = count - count % BLOCK
         for i in range(0, full, BLOCK):
-            s = _magnitude(_load_d(w, c, x0 + i + lanes, None, ACC, HAS_CENTER, False), thr, SHRINK)
+            s = _magnitude(_load_d(w, c, x0 + i + lanes, None, ACC, HAS_CENTER, False), thr, nonneg, SHRINK)
             acc_abs += s
             acc_sq += s * s
         if full < count:
             offs = full + lanes
-            s = _magnitude(_load_d(w, c, x0 + offs, offs < count, ACC, HAS_CENTER, True), thr, SHRINK)
+            s = _magnitude(_load_d(w, c, x0 + offs, offs < count, ACC, HAS_CENTER, True), thr, nonneg, SHRINK)
             acc_abs += s
             acc_sq += s * s
         tl.store(partials + 2 * pid, tl.sum(acc_abs, axis=0))
@@ -184,7 +208,7 @@ def _sums_kernel(
             kk = k + cols
             mask = run_ok[:, None] & (kk < y0)[None, :]
             offs = _row_start(runs, K, ALIGNED, VEC)[:, None] + kk[None, :]
-            s = _magnitude(_load_d(w, c, offs, mask, ACC, HAS_CENTER, True), thr, SHRINK)
+            s = _magnitude(_load_d(w, c, offs, mask, ACC, HAS_CENTER, True), thr, nonneg, SHRINK)
             acc_abs += s
             acc_sq += s * s
         tl.store(partials + 2 * pid, tl.sum(tl.sum(acc_abs, axis=1), axis=0))
@@ -200,7 +224,7 @@ def _sums_kernel(
         acc_sq = tl.zeros([BLOCK], dtype=tl.float64)  # one column's squares over many rows
         for a in range(x0, x1):
             offs = _row_start(a, L, ALIGNED, VEC) + cols
-            s = _magnitude(_load_d(w, c, offs, col_ok, ACC, HAS_CENTER, True), thr, SHRINK)
+            s = _magnitude(_load_d(w, c, offs, col_ok, ACC, HAS_CENTER, True), thr, nonneg, SHRINK)
             acc_abs += s
             acc_sq += (s * s).to(tl.float64)
         tl.store(partials + 2 * pid, tl.sum(acc_abs, axis=0))
@@ -227,31 +251,45 @@ def _group_sq_kernel(slots, ginfo, gmap, group_sq, GROUP_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _finish_kernel(partials, nparts, group_sq, ngroups, out, BLOCK: tl.constexpr):
-    """out = [Σ|s|, Σs², Σ_g sqrt(group_sq)]: one program, fixed order, float64."""
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
-    acc_abs = tl.zeros([BLOCK], dtype=tl.float64)
-    acc_sq = tl.zeros([BLOCK], dtype=tl.float64)
-    acc_norm = tl.zeros([BLOCK], dtype=tl.float64)
-    for i in range(0, nparts, BLOCK):
-        offs = i + lanes
-        mask = offs < nparts
-        acc_abs += tl.load(partials + 2 * offs, mask=mask, other=0.0).to(tl.float64)
-        acc_sq += tl.load(partials + 2 * offs + 1, mask=mask, other=0.0).to(tl.float64)
-    for i in range(0, ngroups, BLOCK):
-        offs = i + lanes
-        acc_norm += tl.sqrt(tl.load(group_sq + offs, mask=offs < ngroups, other=0.0).to(tl.float64))
-    tl.store(out + SUM_ABS, tl.sum(acc_abs, axis=0).to(out.dtype.element_ty))
-    tl.store(out + SUM_SQUARE, tl.sum(acc_sq, axis=0).to(out.dtype.element_ty))
-    tl.store(out + SUM_GROUP_NORM, tl.sum(acc_norm, axis=0).to(out.dtype.element_ty))
+def _finish_kernel(partials, group_sq, finfo, ntensors, out, TENSORS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = [Σ|s|, Σs², Σ_g sqrt(group_sq[g])] of params[t], for the TENSORS tensors of this
+    program: each adds its own partial pairs (``finfo``: first, count) and its own groups
+    (first, count), BLOCK at a time, in float64. The order depends on the tables only: bitwise
+    deterministic."""
+    t = tl.program_id(0).to(tl.int64) * TENSORS + tl.arange(0, TENSORS).to(tl.int64)
+    ok = t < ntensors
+    row = finfo + 4 * t
+    part0 = tl.load(row, mask=ok, other=0)
+    nparts = tl.load(row + 1, mask=ok, other=0)
+    group0 = tl.load(row + 2, mask=ok, other=0)
+    ngroups = tl.load(row + 3, mask=ok, other=0)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)[None, :]
+    acc_abs = tl.zeros([TENSORS, BLOCK], dtype=tl.float64)
+    acc_sq = tl.zeros([TENSORS, BLOCK], dtype=tl.float64)
+    acc_norm = tl.zeros([TENSORS, BLOCK], dtype=tl.float64)
+    for i in range(0, tl.max(nparts, axis=0), BLOCK):
+        mask = i + lanes < nparts[:, None]
+        pair = partials + 2 * (part0[:, None] + i + lanes)
+        acc_abs += tl.load(pair, mask=mask, other=0.0).to(tl.float64)
+        acc_sq += tl.load(pair + 1, mask=mask, other=0.0).to(tl.float64)
+    for i in range(0, tl.max(ngroups, axis=0), BLOCK):
+        mask = i + lanes < ngroups[:, None]
+        acc_norm += tl.sqrt(tl.load(group_sq + group0[:, None] + i + lanes, mask=mask, other=0.0).to(tl.float64))
+    out_row = out + SUMS * t
+    tl.store(out_row + SUM_ABS, tl.sum(acc_abs, axis=1).to(out.dtype.element_ty), mask=ok)
+    tl.store(out_row + SUM_SQUARE, tl.sum(acc_sq, axis=1).to(out.dtype.element_ty), mask=ok)
+    tl.store(out_row + SUM_GROUP_NORM, tl.sum(acc_norm, axis=1).to(out.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _apply(x, coef, c1, den, c_val, old, OP: tl.constexpr, F64: tl.constexpr, MODE: tl.constexpr,
+def _apply(x, coef, c1, den, nonneg, c_val, old, OP: tl.constexpr, F64: tl.constexpr, MODE: tl.constexpr,
            PROMOTE: tl.constexpr):
     """The element-wise result of op OP for d = x (see ``_elementwise_kernel``); one return."""
-    if OP == OP_PROX:  # c + shrunk / den (MODE_FLAT) or c + shrunk * factor (groups)
-        shrunk = _sign(x) * tl.maximum(tl.abs(x) - c1, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if OP == OP_PROX:  # c + s / den (MODE_FLAT) or c + s * factor (groups), s the shrunk d
+        positive = nonneg != 0  # NONNEG: s = max(d - c1, 0), else sign(d) * max(|d| - c1, 0)
+        magnitude = tl.where(positive, x, tl.abs(x))
+        sign = tl.where(positive, 1.0, _sign(x)).to(x.dtype)
+        shrunk = sign * tl.maximum(magnitude - c1, 0.0, propagate_nan=tl.PropagateNan.ALL)
         if MODE == MODE_FLAT:
             if F64:
                 r = shrunk / den
@@ -282,7 +320,7 @@ def _store_as(value, DTYPE: tl.constexpr):
 def _elementwise_kernel(
     w_ptrs, c_ptrs, out_ptrs,  # int64[T]
     info, meta,
-    coeffs,  # acc[3]: OP_GRADS / OP_ADD_GRAD: the Gradient slots; OP_PROX: the Prox slots
+    coeffs,  # acc[T, SLOTS]: OP_GRADS / OP_ADD_GRAD: the Gradient table; OP_PROX: the Prox table
     group_coef,  # acc[groups]: the coefficient of d (grads/add_grad) or the factor (prox) per group
     partials,  # acc[2P]: add_grad's (Σ|d|, Σd²) per FLAT program
     chunk,  # elements per FLAT program
@@ -292,16 +330,20 @@ def _elementwise_kernel(
     BLOCK: tl.constexpr, RUN_TILE: tl.constexpr, VEC: tl.constexpr, F64: tl.constexpr,
 ):
     pid, t, x0, x1, y0, slot = _program(meta, MODE, ALIGNED, VEC)
-    numel, G, K, L, group_base, nruns = _geometry(info, t)
+    numel, G, K, L, group_base, nruns, param = _geometry(info, t)
     w = _operand(w_ptrs, t, DTYPE, ALIGNED)
     c = _operand(c_ptrs, t, DTYPE, ALIGNED)
     out = _operand(out_ptrs, t, OUT_DTYPE, ALIGNED)
-    if OP == OP_PROX:
-        c1 = tl.load(coeffs + PROX_THRESHOLD).to(ACC)
-        second = tl.load(coeffs + PROX_DENOMINATOR).to(ACC)
-    else:
-        c1 = tl.load(coeffs + GRADIENT_L1).to(ACC)
-        second = tl.load(coeffs + GRADIENT_L2).to(ACC)
+    if OP == OP_PROX:  # this tensor's row of the Prox table
+        row = coeffs + param * PROX_SLOTS
+        c1 = tl.load(row + PROX_THRESHOLD).to(ACC)
+        second = tl.load(row + PROX_DENOMINATOR).to(ACC)
+        nonneg = tl.load(row + PROX_NONNEG).to(ACC)
+    else:  # this tensor's row of the Gradient table
+        row = coeffs + param * GRADIENT_SLOTS
+        c1 = tl.load(row + GRADIENT_L1).to(ACC)
+        second = tl.load(row + GRADIENT_L2).to(ACC)
+        nonneg = 0.0
     flat_coef = 2 * second  # grads / add_grad: 2·c2 (prox uses `second` as the denominator)
     if MODE == MODE_FLAT:
         lanes = tl.arange(0, BLOCK)
@@ -314,8 +356,8 @@ def _elementwise_kernel(
             x = _load_d(w, c, offs, None, ACC, HAS_CENTER, False)
             c_val = tl.load(c + offs).to(ACC) if (HAS_CENTER and OP == OP_PROX) else 0.0
             old = tl.load(out + offs) if OP == OP_ADD_GRAD else 0.0
-            tl.store(out + offs, _store_as(_apply(x, flat_coef, c1, second, c_val, old, OP, F64, MODE,
-                                        PROMOTE), OUT_DTYPE))
+            tl.store(out + offs, _store_as(_apply(x, flat_coef, c1, second, nonneg, c_val, old, OP, F64, MODE,
+                                                  PROMOTE), OUT_DTYPE))
             if REDUCE:
                 acc_abs += tl.abs(x)
                 acc_sq += x * x
@@ -326,8 +368,8 @@ def _elementwise_kernel(
             x = _load_d(w, c, offs, mask, ACC, HAS_CENTER, True)
             c_val = tl.load(c + offs, mask=mask, other=0.0).to(ACC) if (HAS_CENTER and OP == OP_PROX) else 0.0
             old = tl.load(out + offs, mask=mask, other=0.0) if OP == OP_ADD_GRAD else 0.0
-            tl.store(out + offs, _store_as(_apply(x, flat_coef, c1, second, c_val, old, OP, F64, MODE,
-                                        PROMOTE), OUT_DTYPE), mask=mask)
+            tl.store(out + offs, _store_as(_apply(x, flat_coef, c1, second, nonneg, c_val, old, OP, F64, MODE,
+                                                  PROMOTE), OUT_DTYPE), mask=mask)
             if REDUCE:
                 acc_abs += tl.abs(x)
                 acc_sq += x * x
@@ -348,8 +390,8 @@ def _elementwise_kernel(
             x = _load_d(w, c, offs, mask, ACC, HAS_CENTER, True)
             c_val = tl.load(c + offs, mask=mask, other=0.0).to(ACC) if (HAS_CENTER and OP == OP_PROX) else 0.0
             old = tl.load(out + offs, mask=mask, other=0.0) if OP == OP_ADD_GRAD else 0.0
-            tl.store(out + offs, _store_as(_apply(x, coef, c1, second, c_val, old, OP, F64, MODE,
-                                        PROMOTE), OUT_DTYPE), mask=mask)
+            tl.store(out + offs, _store_as(_apply(x, coef, c1, second, nonneg, c_val, old, OP, F64, MODE,
+                                                  PROMOTE), OUT_DTYPE), mask=mask)
     else:  # MODE_ROWS: one coefficient per position (its group's), loaded once
         if ALIGNED:
             L = tl.multiple_of(L, VEC)  # so that the mask is constant over each vector
@@ -362,8 +404,8 @@ def _elementwise_kernel(
             x = _load_d(w, c, offs, col_ok, ACC, HAS_CENTER, True)
             c_val = tl.load(c + offs, mask=col_ok, other=0.0).to(ACC) if (HAS_CENTER and OP == OP_PROX) else 0.0
             old = tl.load(out + offs, mask=col_ok, other=0.0) if OP == OP_ADD_GRAD else 0.0
-            tl.store(out + offs, _store_as(_apply(x, coef, c1, second, c_val, old, OP, F64, MODE,
-                                        PROMOTE), OUT_DTYPE), mask=col_ok)
+            tl.store(out + offs, _store_as(_apply(x, coef, c1, second, nonneg, c_val, old, OP, F64, MODE,
+                                                  PROMOTE), OUT_DTYPE), mask=col_ok)
 
 
 _TL_DTYPES = {  # torch dtype -> the kernels' DTYPE / ACC / OUT_DTYPE / PROMOTE constexprs

@@ -25,8 +25,8 @@ the tables (``tables._tables``), forms the per-group coefficients, and launches:
 
 import torch
 
-from fastreg.backends._geometry import acc_dtype, group_sizes
-from fastreg.backends._terms import SUMS, Gradient, Prox
+from fastreg.backends._geometry import acc_dtype, as_groups, group_sizes
+from fastreg.backends._terms import SUMS, Gradient, Prox, as_table, prox_group_factor
 
 from . import kernels, tables, tuning
 from .kernels import _TL_DTYPES, MODE_FLAT, OP_ADD_GRAD, OP_GRADS, OP_PROX
@@ -44,13 +44,15 @@ def _acc_zeros(plan, n):
     return torch.zeros(max(n, 1), dtype=acc_dtype(plan.dtype), device=plan.device)
 
 
-def _stage1(plan, threshold, shrink, partials, launches):
-    """Stage 1 of the sums over ``launches``: partials (in place) and the slots."""
+def _stage1(plan, shrink, partials, launches):
+    """Stage 1 of the sums over ``launches``: partials (in place) and the slots; ``shrink``: a
+    prox table (its THRESHOLD and NONNEG shrink the values), or ``None``."""
     slots = torch.empty(max(plan.nslots, 1), dtype=acc_dtype(plan.dtype), device=plan.device)
     for launch in launches:
         kernels._sums_kernel[(launch.programs,)](plan.w_ptrs, plan.c_ptrs, plan.info, launch.meta,
-                                                 partials[2 * launch.partial_base:], slots, threshold, plan.chunk,
-                                                 SHRINK=shrink, **_constants(plan, launch))
+                                                 partials[2 * launch.partial_base:], slots,
+                                                 plan.zero if shrink is None else shrink, plan.chunk,
+                                                 SHRINK=shrink is not None, **_constants(plan, launch))
     return slots
 
 
@@ -64,55 +66,68 @@ def _group_sq(plan, slots):
 
 
 def _finish(plan, partials, group_sq):
-    out = torch.empty(SUMS, dtype=acc_dtype(plan.dtype), device=plan.device)
-    kernels._finish_kernel[(1,)](partials, plan.programs, group_sq, plan.ngroups, out, BLOCK=tuning.FINISH_BLOCK,
-                                 num_warps=tuning.FINISH_WARPS, enable_fp_fusion=tuning.ENABLE_FP_FUSION)
+    """The per-tensor sums ``(T, SUMS)`` from the partial pairs and the groups' squared norms."""
+    out = torch.empty(plan.ntensors, SUMS, dtype=acc_dtype(plan.dtype), device=plan.device)
+    programs = -(-plan.ntensors // tuning.FINISH_TENSORS)
+    kernels._finish_kernel[(programs,)](partials, group_sq, plan.finfo, plan.ntensors, out,
+                                        TENSORS=tuning.FINISH_TENSORS, BLOCK=tuning.FINISH_BLOCK,
+                                        num_warps=tuning.FINISH_WARPS, enable_fp_fusion=tuning.ENABLE_FP_FUSION)
     return out, group_sq[:plan.ngroups]
 
 
-def _empty_result(params, group_dim):
+def _empty_result(params, groups):
     acc = acc_dtype(params[0].dtype)
-    n = sum(group_sizes(params, group_dim))
-    return torch.zeros(SUMS, dtype=acc, device=params[0].device), torch.zeros(n, dtype=acc, device=params[0].device)
+    n = sum(group_sizes(params, groups))
+    return (torch.zeros(len(params), SUMS, dtype=acc, device=params[0].device),
+            torch.zeros(n, dtype=acc, device=params[0].device))
 
 
 def _grouped_launches(plan):
     return [launch for launch in plan.launches if launch.mode != MODE_FLAT]
 
 
-def sums(params, centers, group_dim, threshold, workspace, capturing):
+def _table(coeffs, plan, kind):
+    """``coeffs`` (a table, or a vector for every tensor) as a contiguous ``(T, len(kind))`` acc
+    table on the device: row ``t`` is what the kernels of ``params[t]`` load."""
+    table = as_table(coeffs, plan.ntensors, kind).to(device=plan.device, dtype=acc_dtype(plan.dtype))
+    return table.contiguous()
+
+
+def _shrink_table(shrink, plan):
+    """``sums``' ``shrink`` as a prox table (only THRESHOLD and NONNEG are read), or ``None``
+    for no shrinking. A float (the sharded prox's lr * l1) is every tensor's threshold: a
+    zero fill and a column fill, no host-to-device copy, nothing kept."""
+    if isinstance(shrink, torch.Tensor):
+        return _table(shrink, plan, Prox)
+    if not shrink:
+        return None
+    table = torch.zeros(plan.ntensors, len(Prox), dtype=acc_dtype(plan.dtype), device=plan.device)
+    table[:, Prox.THRESHOLD] = float(shrink)
+    return table
+
+
+def _per_group(table, plan, slot):
+    """Column ``slot`` of a coefficient table, one entry per group: its tensor's row."""
+    return table[:, slot].index_select(0, plan.group_owner)
+
+
+def sums(params, centers, groups, shrink, workspace, capturing):
+    groups = as_groups(params, groups)
     if not any(p.numel() for p in params):
-        return _empty_result(params, group_dim)
-    plan = tables._tables(params, centers, group_dim, workspace, capturing)
-    shrink = isinstance(threshold, torch.Tensor) or threshold != 0
-    if isinstance(threshold, torch.Tensor):
-        threshold = threshold.reshape(1).to(acc_dtype(plan.dtype))
-    elif shrink:  # a float (the sharded prox's lr * l1): one fill kernel, no copy, nothing kept
-        threshold = torch.full((1,), float(threshold), dtype=acc_dtype(plan.dtype), device=plan.device)
-    else:
-        threshold = plan.zero
+        return _empty_result(params, groups)
+    plan = tables._tables(params, centers, groups, workspace, capturing)
     partials = _acc_zeros(plan, 2 * plan.programs)
-    slots = _stage1(plan, threshold, shrink, partials, plan.launches)
+    slots = _stage1(plan, _shrink_table(shrink, plan), partials, plan.launches)
     return _finish(plan, partials, _group_sq(plan, slots))
 
 
-def _coeffs(coeffs, plan):
-    acc = acc_dtype(plan.dtype)
-    if coeffs.dtype == acc and coeffs.device == plan.device and coeffs.numel() >= 3 and coeffs.is_contiguous():
-        return coeffs  # the usual case: the caller's (3,) vector as is
-    coeffs = coeffs.to(device=plan.device, dtype=acc).reshape(-1)
-    if coeffs.numel() < 3:
-        coeffs = torch.cat([coeffs, coeffs.new_zeros(3 - coeffs.numel())])
-    return coeffs.contiguous()
-
-
-def _norms(plan, threshold, shrink, given, partials, want_sums=True):
-    """The groups' norms (of d, or of the shrunk values), from a stage-1 pass over the tensors
-    with groups (its sums land in ``partials``); ``given`` norms replace the computed ones, and
-    then, unless the sums are wanted, no pass is made."""
+def _norms(plan, shrink, given, partials, want_sums=True):
+    """The groups' norms (of d, or of the values ``shrink`` shrinks), from a stage-1 pass over
+    the tensors with groups (its sums land in ``partials``); ``given`` norms replace the computed
+    ones, and then, unless the sums are wanted, no pass is made."""
     if given is not None and not want_sums:
         return given.to(device=plan.device, dtype=acc_dtype(plan.dtype))[:plan.ngroups], _acc_zeros(plan, plan.ngroups)
-    group_sq = _group_sq(plan, _stage1(plan, threshold, shrink, partials, _grouped_launches(plan)))
+    group_sq = _group_sq(plan, _stage1(plan, shrink, partials, _grouped_launches(plan)))
     if given is not None:
         return given.to(device=plan.device, dtype=acc_dtype(plan.dtype))[:plan.ngroups], group_sq
     return group_sq[:plan.ngroups].sqrt(), group_sq
@@ -130,17 +145,19 @@ def _elementwise(plan, op, targets, coeffs, group_coef, out_dtype, partials):
             F64=acc == torch.float64, **_constants(plan, launch))
 
 
-def grads(params, centers, group_dim, coeffs, group_scale, workspace, capturing):
+def grads(params, centers, groups, coeffs, group_scale, workspace, capturing):
+    groups = as_groups(params, groups)
     outputs = [torch.empty_like(p) for p in params]
     if not any(p.numel() for p in params):
         return outputs
     pointers = list(map(torch.Tensor.data_ptr, outputs))
-    plan = tables._tables(params, centers, group_dim, workspace, capturing, tables._misaligned(pointers))
-    coeffs = _coeffs(coeffs, plan)
+    plan = tables._tables(params, centers, groups, workspace, capturing, tables._misaligned(pointers))
+    coeffs = _table(coeffs, plan, Gradient)
     group_coef = plan.zero  # unused without groups
-    if plan.grouped:  # the coefficient of d per group: 2·c2 + scale_g
-        scale = 0 if group_scale is None else group_scale.to(device=plan.device, dtype=coeffs.dtype)
-        group_coef = (2 * coeffs[Gradient.L2] + scale).expand(plan.ngroups).contiguous()
+    if plan.grouped:  # the coefficient of d per group: 2·L2 of its tensor + scale_g
+        group_coef = 2 * _per_group(coeffs, plan, Gradient.L2)
+        if group_scale is not None:
+            group_coef = group_coef + group_scale.to(device=plan.device, dtype=coeffs.dtype)
     targets, copy_back = tables._targets_of(plan, params, outputs, pointers, workspace, capturing)
     _elementwise(plan, OP_GRADS, targets.table, coeffs, group_coef, plan.dtype, group_coef)
     for target, work in copy_back:
@@ -148,20 +165,21 @@ def grads(params, centers, group_dim, coeffs, group_scale, workspace, capturing)
     return outputs
 
 
-def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace, capturing, want_sums=True):
+def add_grad_(params, grads_, centers, groups, coeffs, group_norms, workspace, capturing, want_sums=True):
+    groups = as_groups(params, groups)
     if not any(p.numel() for p in params):
-        return _empty_result(params, group_dim) if want_sums else None
+        return _empty_result(params, groups) if want_sums else None
     pointers = list(map(torch.Tensor.data_ptr, grads_))
-    plan = tables._tables(params, centers, group_dim, workspace, capturing, tables._misaligned(pointers))
-    coeffs = _coeffs(coeffs, plan)
+    plan = tables._tables(params, centers, groups, workspace, capturing, tables._misaligned(pointers))
+    coeffs = _table(coeffs, plan, Gradient)
     partials = _acc_zeros(plan, 2 * plan.programs)
     group_sq = _acc_zeros(plan, plan.ngroups)
     group_coef = plan.zero  # unused without groups
     if plan.grouped:  # norms first (a pass over the tensors with groups), then the update
-        norms, group_sq = _norms(plan, plan.zero, False, group_norms, partials, want_sums)
+        norms, group_sq = _norms(plan, None, group_norms, partials, want_sums)
         positive = norms > 0
-        group = torch.where(positive, coeffs[Gradient.GROUP] / torch.where(positive, norms, 1), 0)
-        group_coef = (2 * coeffs[Gradient.L2] + group).to(coeffs.dtype).contiguous()
+        group = torch.where(positive, _per_group(coeffs, plan, Gradient.GROUP) / torch.where(positive, norms, 1), 0)
+        group_coef = (2 * _per_group(coeffs, plan, Gradient.L2) + group).to(coeffs.dtype)
     targets, copy_back = tables._targets_of(plan, params, grads_, pointers, workspace, capturing)
     _elementwise(plan, OP_ADD_GRAD, targets.table, coeffs, group_coef, grads_[0].dtype, partials)
     for target, work in copy_back:
@@ -169,19 +187,18 @@ def add_grad_(params, grads_, centers, group_dim, coeffs, group_norms, workspace
     return _finish(plan, partials, group_sq) if want_sums else None
 
 
-def prox_(params, centers, group_dim, coeffs, group_norms, workspace, capturing):
+def prox_(params, centers, groups, coeffs, group_norms, workspace, capturing):
+    groups = as_groups(params, groups)
     if not any(p.numel() for p in params):
         return None
-    plan = tables._tables(params, centers, group_dim, workspace, capturing)
-    coeffs = _coeffs(coeffs, plan)
+    plan = tables._tables(params, centers, groups, workspace, capturing)
+    coeffs = _table(coeffs, plan, Prox)
     group_coef = plan.zero  # unused without groups
-    if plan.grouped:  # the factor max(0, 1 - group_threshold / ‖s_g‖) / denominator per group
+    if plan.grouped:  # the factor on the shrunk values per group, from its tensor's row
         partials = _acc_zeros(plan, 2 * plan.programs)
-        norms, _ = _norms(plan, coeffs.narrow(0, Prox.THRESHOLD, 1), True, group_norms, partials, want_sums=False)
-        positive = norms > 0
-        factor = torch.clamp(1 - coeffs[Prox.GROUP_THRESHOLD] / torch.where(positive, norms, 1), min=0)
-        factor = factor / coeffs[Prox.DENOMINATOR]
-        group_coef = torch.where(positive, factor, 0).to(coeffs.dtype).contiguous()
+        norms, _ = _norms(plan, coeffs, group_norms, partials, want_sums=False)
+        group_coef = prox_group_factor(norms, *(_per_group(coeffs, plan, slot) for slot in (
+            Prox.GROUP_THRESHOLD, Prox.DENOMINATOR, Prox.MIN_NORM, Prox.MAX_NORM))).to(coeffs.dtype)
     # In place: the target of each param is what its w is read from (the param, or a copy).
     _elementwise(plan, OP_PROX, plan.w_ptrs, coeffs, group_coef, plan.dtype, group_coef)
     for param, read in plan.copies:

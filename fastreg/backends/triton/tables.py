@@ -52,14 +52,16 @@ write targets get a pointer table per call (``_Targets``, ``_targets_of``).
   this host).
 """
 
+import itertools
+
 import torch
 
-from fastreg.backends._geometry import acc_dtype, group_sizes, has_groups, memory_geometry
+from fastreg.backends._geometry import NO_GROUPS, acc_dtype, group_owners, group_sizes, memory_geometry
 
 from . import tuning
 from .kernels import MODE_FLAT, MODE_ROWS, MODE_RUNS
 
-TENSOR_FIELDS = 6  # per tensor: (numel, G, K, L = G*K, group base, runs = numel / K)
+TENSOR_FIELDS = 7  # per tensor: (numel, G, K, L = G*K, group base, runs = numel / K, index in the call)
 INT32_MAX = 2**31 - 1  # group indices are computed in int32 (int64 division is a slow subroutine call)
 
 
@@ -80,8 +82,8 @@ class _Tables:
     tensor whose address the tables hold (see "Ownership")."""
 
     __slots__ = ("data", "host", "pointers", "owners", "zero", "w_ptrs", "c_ptrs", "info", "launches", "ginfo",
-                 "gmap", "group_programs", "programs", "nslots", "ngroups", "chunk", "grouped", "has_center",
-                 "dtype", "device", "direct", "reads", "copies", "index")
+                 "gmap", "finfo", "group_owner", "group_programs", "programs", "nslots", "ngroups", "ntensors",
+                 "chunk", "grouped", "has_center", "dtype", "device", "direct", "reads", "copies", "index")
 
     def addresses(self):
         """Every device address written into the tables (w's and c's data pointers); each lies
@@ -161,17 +163,18 @@ def _signature(tensors):
             tuple(map(torch.Tensor.stride, tensors)))
 
 
-def _tables(params, centers, group_dim, workspace, capturing, misaligned=()):
-    """The tables for ``params`` (and ``centers``): from ``workspace`` when every tensor is where
-    it was, else built (and cached there when they read no copy); ``misaligned``: indices whose
-    write target is not 16-byte aligned. See "Ownership"."""
+def _tables(params, centers, groups, workspace, capturing, misaligned=()):
+    """The tables for ``params`` (and ``centers``) with the structures ``groups`` (a
+    ``Groups``): from ``workspace`` when every tensor is where it was, else built (and cached
+    there when they read no copy); ``misaligned``: indices whose write target is not 16-byte
+    aligned. See "Ownership"."""
     if workspace is None:
         if capturing:
             raise _no_workspace_under_capture()
-        return _build_tables(params, centers, group_dim, misaligned)
+        return _build_tables(params, centers, groups, misaligned)
     device, dtype = params[0].device, params[0].dtype
     params_at, centers_at = _signature(params), None if centers is None else _signature(centers)
-    setting = (device, dtype, _stream_key(device), group_dim, misaligned, tuning.BLOCK, tuning.BLOCK_FP64,
+    setting = (device, dtype, _stream_key(device), groups, misaligned, tuning.BLOCK, tuning.BLOCK_FP64,
                tuning.MAX_CHUNK, tuning.TARGET_PROGRAMS, tuning.RUN_TILE, tuning.MIN_RUN, tuning.RUN_LONG,
                tuning.GROUP_BLOCK)
     key = (*setting, params_at, centers_at)
@@ -180,7 +183,7 @@ def _tables(params, centers, group_dim, workspace, capturing, misaligned=()):
         if capturing:
             _keep_for_graph(workspace, tables)
         return tables
-    tables = _build_tables(params, centers, group_dim, misaligned)
+    tables = _build_tables(params, centers, groups, misaligned)
     if capturing:  # uploaded only when the graph replays: never where an eager call looks
         workspace.keep_for_capture(tables)
     elif tables.direct:  # tables reading copies are valid for this call only
@@ -191,13 +194,13 @@ def _tables(params, centers, group_dim, workspace, capturing, misaligned=()):
     return tables
 
 
-def _build_tables(params, centers, group_dim, misaligned):
+def _build_tables(params, centers, groups, misaligned):
     dtype, device = params[0].dtype, params[0].device
     block = tuning.block(dtype)
-    sizes = group_sizes(params, group_dim)
-    records, base, direct = [], 0, True
+    sizes = group_sizes(params, groups)
+    group_bases = list(itertools.accumulate(sizes, initial=0))  # each param's first group-vector entry
+    records, direct = [], True
     for i, p in enumerate(params):
-        group_base, base = base, base + sizes[i]
         if not p.numel():
             continue
         # Owned by the tables: a detached alias of the parameter (its storage stays valid even if
@@ -211,29 +214,30 @@ def _build_tables(params, centers, group_dim, misaligned):
                 c = torch.empty_like(w).copy_(c)  # in w's memory order
                 direct = False
         direct = direct and w is alias
-        grouped = has_groups(p, group_dim)
-        A, G, K = memory_geometry(w, group_dim) if grouped else (1, 1, p.numel())
+        dim = groups.dims[i]
+        grouped = dim != NO_GROUPS
+        A, G, K = memory_geometry(w, dim, groups.sizes[i]) if grouped else (1, 1, p.numel())
         mode = MODE_FLAT if not grouped else (MODE_RUNS if K >= tuning.MIN_RUN or G == 1 else MODE_ROWS)
         run_tile = block if K >= tuning.RUN_LONG * block else min(tuning.RUN_TILE, block)
         operands = (w,) if c is None else (w, c)
         aligned = i not in misaligned and _aligned(operands, mode, (A, G, K))
-        records.append((i, p, w, c, mode, run_tile, (A, G, K), group_base, aligned, w is alias))
+        records.append((i, p, w, c, mode, run_tile, (A, G, K), group_bases[i], aligned, w is alias))
 
     total = sum(r[1].numel() for r in records)
     chunk = _chunk(total, block)
-    tensors, by_launch, ginfo, gmap, nslots = [], {}, [], [], 0
-    for t, (_, p, _, _, mode, run_tile, (A, G, K), group_base, aligned, _) in enumerate(records):
+    tensors, by_launch, ginfo, gmap, nslots, programs_of = [], {}, [], [], 0, {}
+    for t, (i, p, _, _, mode, run_tile, (A, G, K), group_base, aligned, _) in enumerate(records):
         numel, L = p.numel(), G * K
         if mode != MODE_FLAT and max(A * G, L) > INT32_MAX:
             raise NotImplementedError(f"fastreg triton backend: a tensor of shape {tuple(p.shape)} has more than 2**31 "
                                       "runs or a row longer than 2**31 elements along its group dimension")
-        tensors += [numel, G, K, L, group_base, A * G]
-        rows = by_launch.setdefault((mode, run_tile if mode == MODE_RUNS else 0, aligned), [])
+        tensors += [numel, G, K, L, group_base, A * G, i]
+        launch_key = (mode, run_tile if mode == MODE_RUNS else 0, aligned)
+        rows = by_launch.setdefault(launch_key, [])
+        first, slot_base = len(rows), nslots
         if mode == MODE_FLAT:
             rows += [(t, start, 0, 0, 0) for start in range(0, numel, chunk)]
-            continue
-        slot_base = nslots
-        if mode == MODE_RUNS:
+        elif mode == MODE_RUNS:
             runs, per_tile = A * G, block // run_tile
             k_chunk = min(-(-K // run_tile) * run_tile, chunk)
             k_pieces = -(-K // k_chunk)
@@ -250,25 +254,35 @@ def _build_tables(params, centers, group_dim, misaligned):
                      for rb in range(row_blocks) for p0 in range(0, L, block)]
             nslots += row_blocks * L
             ginfo.append((slot_base, row_blocks, L, K, K, G, group_base))
-        gmap += [(len(ginfo) - 1, b) for b in range(-(-G // tuning.GROUP_BLOCK))]
+        if mode != MODE_FLAT:
+            gmap += [(len(ginfo) - 1, b) for b in range(-(-G // tuning.GROUP_BLOCK))]
+        programs_of[i] = (launch_key, first, len(rows) - first)  # its launch's rows first, first + 1, ...
 
     ntensors = len(records)
     w_ptrs = [r[2].data_ptr() for r in records]
     c_ptrs = [(r[3] if r[3] is not None else r[2]).data_ptr() for r in records]
     values = w_ptrs + c_ptrs + tensors
-    launches, partial_base = [], 0
-    for (mode, run_tile, aligned), rows in sorted(by_launch.items()):
+    launches, partial_base, bases = [], 0, {}
+    for key, rows in sorted(by_launch.items()):
         start = len(values)
         values += [v for row in rows for v in row]
-        launches.append(_Launch(mode, run_tile, aligned, (start, len(values)), len(rows), partial_base))
+        launches.append(_Launch(*key, (start, len(values)), len(rows), partial_base))
+        bases[key] = partial_base
         partial_base += len(rows)
     ginfo_start = len(values)
     values += [v for row in ginfo for v in row]
     gmap_start = len(values)
     values += [v for row in gmap for v in row]
+    finfo_start = len(values)
+    for i, n in enumerate(sizes):  # every param, empty ones too (no pairs: zero sums)
+        key, first, count = programs_of.get(i, (None, 0, 0))
+        values += [bases[key] + first if count else 0, count, group_bases[i], n]
+    owner_start = len(values)
 
     tables = _Tables()
-    tables.data, tables.host = _upload(torch.tensor(values, dtype=torch.int64), device)
+    # The group -> param index (the rows of the coefficient tables the per-group coefficients use).
+    owners = group_owners(sizes, "cpu")
+    tables.data, tables.host = _upload(torch.cat([torch.tensor(values, dtype=torch.int64), owners]), device)
     tables.pointers = w_ptrs + c_ptrs
     tables.owners = [r[2] for r in records] + [r[3] for r in records if r[3] is not None]
     tables.zero = torch.zeros(1, dtype=acc_dtype(dtype), device=device)  # threshold 0, unused group_coef
@@ -279,11 +293,13 @@ def _build_tables(params, centers, group_dim, misaligned):
         launch.meta = tables.data[launch.meta[0]:launch.meta[1]]
     tables.launches = launches
     tables.ginfo = tables.data[ginfo_start:gmap_start]
-    tables.gmap = tables.data[gmap_start:]
+    tables.gmap = tables.data[gmap_start:finfo_start]
+    tables.finfo = tables.data[finfo_start:owner_start]
+    tables.group_owner = tables.data[owner_start:]
     tables.group_programs = len(gmap)
     tables.programs, tables.nslots, tables.chunk = partial_base, nslots, chunk
-    tables.grouped = group_dim >= 0 and any(sizes)
-    tables.ngroups = base if tables.grouped else 0
+    tables.ngroups, tables.ntensors = group_bases[-1], len(params)
+    tables.grouped = tables.ngroups > 0
     tables.has_center = centers is not None
     tables.dtype, tables.device, tables.direct = dtype, device, direct
     tables.index = [r[0] for r in records]  # record -> param index
