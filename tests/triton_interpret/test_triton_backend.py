@@ -18,6 +18,7 @@ import torch
 
 import fastreg
 from fastreg import _dispatch
+from fastreg.backends._geometry import as_groups
 from fastreg.backends._workspace import Workspace
 
 B = _dispatch.backend("triton")
@@ -26,7 +27,7 @@ kernels, tables, tuning = B.kernels, B.tables, B.tuning
 CHUNK = 1024  # MAX_CHUNK in these tests (conftest.py shrinks every tile)
 BLOCK = 256
 BLOCK_FP64 = 128
-FINISH_BLOCK = 16  # stage 2 then loops once per 16 programs
+FINISH_BLOCK = 16  # stage 2 then loops once per 16 programs of a tensor
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = ["fp32", "fp16", "bf16", "fp64"]
@@ -90,12 +91,14 @@ def ref_prox(w, threshold, denominator):
 
 
 def assert_sums(got, params, dtype):
-    """``got``: a backend's (sums, group_sq) without groups, or its sums."""
+    """``got``: a backend's (sums, group_sq) without groups, or its sums: one row per tensor."""
     sums = got[0] if isinstance(got, tuple) else got
     acc = acc_of(dtype)
-    assert sums.shape == (3,) and sums.dtype == acc
+    assert sums.shape == (len(params), 3) and sums.dtype == acc
     rtol = 1e-13 if acc == torch.float64 else 2e-6
-    torch.testing.assert_close(sums[:2].double(), ref_sums(params), rtol=rtol, atol=1e-300)
+    expected = torch.stack([ref_sums([p]) for p in params])
+    torch.testing.assert_close(sums[:, :2].double(), expected, rtol=rtol, atol=1e-300)
+    torch.testing.assert_close(sums[:, :2].double().sum(dim=0), ref_sums(params), rtol=rtol, atol=1e-300)
 
 
 def assert_within(got, ref, scale, ulps, dtype):
@@ -225,7 +228,7 @@ def test_sums_noncontiguous(dtype):
 def test_sums_all_empty():
     for dtype in DTYPES:
         got, group_sq = B.sums([torch.empty(0, dtype=dtype), torch.empty(3, 0, dtype=dtype)], None, 1)
-        assert got.dtype == acc_of(dtype) and torch.equal(got, torch.zeros(3, dtype=acc_of(dtype)))
+        assert got.dtype == acc_of(dtype) and torch.equal(got, torch.zeros(2, 3, dtype=acc_of(dtype)))
         assert torch.equal(group_sq, torch.zeros(0, dtype=acc_of(dtype)))  # 3x0 along dim 1: no groups
 
 
@@ -244,7 +247,7 @@ def test_sums_fp32_accuracy():
     # 64 chunks of shifted N(0.5, 1) data: partials and stage 2 must keep ~1e-7.
     x = randn((64 * CHUNK + 3,), torch.float32, 11, scale=1.0) + 0.5
     ref = ref_sums([x])
-    got = sums([x])[0][:2].double()
+    got = sums([x])[0][0, :2].double()
     assert ((got - ref).abs() / ref).max() < 5e-7
 
 
@@ -337,7 +340,7 @@ def test_add_grad_layouts(dtype):
 
 def test_add_grad_all_empty():
     got, _ = add_grad_([torch.empty(0)], [torch.empty(0)], coeffs(torch.float32, 1.0, 1.0))
-    assert torch.equal(got, torch.zeros(3))
+    assert torch.equal(got, torch.zeros(1, 3))
 
 
 def test_add_grad_fp64_gradient_of_an_fp32_weight_is_not_read_as_fp32():
@@ -370,7 +373,7 @@ def test_prox_values_and_exact_zeros(dtype):
 def test_nan_propagates():
     nan = float("nan")
     w = torch.tensor([nan, 1.0, -nan, 0.1, 0.0])
-    assert torch.isnan(sums([w])[0][:2]).all()
+    assert torch.isnan(sums([w])[0][0, :2]).all()
     assert torch.isnan(grads([w], coeffs(torch.float32, 0.5, 0.5))[0][[0, 2]]).all()
     prox_([w], coeffs(torch.float32, 0.5, 2.0))
     assert torch.isnan(w[[0, 2]]).all() and torch.equal(w[[1, 3, 4]], torch.tensor([0.25, 0.0, 0.0]))
@@ -507,7 +510,7 @@ def test_alignment_is_per_tensor(monkeypatch):
     assert_sums(sums(aligned + [odd]), aligned + [odd], torch.float32)
     flags = [kw["ALIGNED"] for kw in counters["_sums_kernel"].kwargs]
     assert sorted(flags) == [False, True]
-    plan = tables._tables(aligned + [odd], None, -1, None, False)
+    plan = tables._tables(aligned + [odd], None, as_groups(aligned + [odd], -1), None, False)
     by_flag = {launch.aligned: launch.programs for launch in plan.launches}
     assert by_flag[False] == -(-odd.numel() // plan.chunk)
     assert by_flag[True] == sum(-(-p.numel() // plan.chunk) for p in aligned)

@@ -163,7 +163,7 @@ def _every_call(params, centers, ws, check, modes=EVERY_MODE):
         B.sums(params, centers, group_dim, workspace=ws)
         check()
         B.sums(params, centers, group_dim, 0.125, workspace=ws)
-        B.sums(params, centers, group_dim, torch.tensor(0.25), workspace=ws)
+        B.sums(params, centers, group_dim, torch.tensor([0.25]), workspace=ws)
         check()
         B.grads(params, centers, group_dim, coeffs(dtype, 0.1, 0.2), None, workspace=ws)
         check()
@@ -211,7 +211,7 @@ def test_tables_hold_aliases_not_the_parameters_data(live_operands):
     assert_owned(ws)
     got, _ = B.sums([p], None, 0, workspace=ws)
     assert ws.builds == 2
-    torch.testing.assert_close(got[0].double(), p.detach().double().abs().sum(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[0, 0].double(), p.detach().double().abs().sum(), rtol=1e-6, atol=0)
     gc.collect()
     assert old.expired()  # the new tables replaced the old ones: the swapped-out storage is freed
     assert len(ws.entries) == 1
@@ -228,10 +228,10 @@ def test_a_center_copied_into_its_params_order_lives_through_the_launch(with_wor
     params = [randn((24, 6), BF16, 1).t(), randn((3, 2, 3, 3), BF16, 2).to(memory_format=torch.channels_last)]
     centers = [randn((6, 24), BF16, 3), randn((3, 2, 3, 3), BF16, 4)]  # contiguous
     d = [(p.double() - c.double()) for p, c in zip(params, centers)]
-    expected = sum(x.abs().sum() for x in d)
+    expected = torch.stack([x.abs().sum() for x in d])
     for group_dim in (-1, 0, 1):
         got, _ = B.sums(params, centers, group_dim, workspace=ws)
-        torch.testing.assert_close(got[0].double(), expected, rtol=1e-5, atol=0)
+        torch.testing.assert_close(got[:, 0].double(), expected, rtol=1e-5, atol=0)
     grads = [torch.zeros_like(p, dtype=F32) for p in params]
     B.add_grad_(params, grads, centers, 1, coeffs(BF16, 1.0, 0.0), None, workspace=ws)
     for g, x in zip(grads, d):
@@ -309,7 +309,7 @@ def test_tables_built_during_capture_are_kept_apart(monkeypatch):
     params = [randn((40, 20), F32, 1), randn((300,), F32, 2)]
     grads = [torch.zeros_like(p) for p in params]
     c = coeffs(F32, 0.1, 0.2, 0.3)
-    expected = sum(p.double().abs().sum() for p in params)
+    expected = torch.stack([p.double().abs().sum() for p in params])
 
     monkeypatch.setattr(B, "_capturing", lambda device: True)
     got, _ = B.sums(params, None, 0, workspace=ws)
@@ -321,11 +321,11 @@ def test_tables_built_during_capture_are_kept_apart(monkeypatch):
     assert sum(isinstance(t, tables._Tables) for t in captured) == 2
     assert sum(isinstance(t, tables._Targets) for t in captured) == 1
     assert_owned(ws)
-    torch.testing.assert_close(got[0].double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[:, 0].double(), expected, rtol=1e-6, atol=0)
 
     monkeypatch.setattr(B, "_capturing", lambda device: False)
     got, _ = B.sums(params, None, 0, workspace=ws)  # eager: builds its own, into entries
-    torch.testing.assert_close(got[0].double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[:, 0].double(), expected, rtol=1e-6, atol=0)
     assert len(ws.entries) == 1 and ws.builds == 3
     eager = next(iter(ws.entries.values()))
     assert all(eager is not t for t in captured) and len(ws.captured) == len(captured)
@@ -361,7 +361,7 @@ def test_a_cached_table_is_not_reused_for_another_view_of_the_same_memory():
     for p in (w, w.t(), w):
         expected = (p.double() - center.double()).abs().sum()
         got, _ = B.sums([p], [center], -1, workspace=ws)
-        torch.testing.assert_close(got[0].double(), expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(got[0, 0].double(), expected, rtol=1e-6, atol=0)
         g = torch.zeros(30, 30)
         B.add_grad_([p], [g], None, -1, coeffs(F32, 0.0, 0.5), None, workspace=ws)
         assert torch.equal(g, p)
@@ -417,7 +417,7 @@ def test_a_cached_table_is_not_reused_for_a_non_dense_view_at_the_same_address()
     B.sums([w], None, -1, workspace=ws)
     w.data = base[:, :4]  # same address, same shape, not dense
     got, _ = B.sums([w], None, -1, workspace=ws)
-    torch.testing.assert_close(got[0].double(), w.detach().double().abs().sum(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[0, 0].double(), w.detach().double().abs().sum(), rtol=1e-6, atol=0)
     outside = base[:, 4:].clone()
     with torch.no_grad():
         B.prox_([w], None, -1, coeffs(F32, 0.5, 1.0, 0.0), None, workspace=ws)
