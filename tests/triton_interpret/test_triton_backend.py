@@ -18,7 +18,7 @@ import torch
 
 import fastreg
 from fastreg import _dispatch
-from fastreg.backends._geometry import as_groups
+from fastreg.backends._geometry import NO_GROUPS, WHOLE, Groups, as_groups
 from fastreg.backends._workspace import Workspace
 
 B = _dispatch.backend("triton")
@@ -203,12 +203,18 @@ def test_term_slots_mirror_fastreg_terms(monkeypatch):
     assert B._MIRROR_ERROR is None and B._mirror_error() is None
     for enum, name, value in layout():
         assert getattr(kernels, f"{enum.upper()}_{name}").value == value
+    l2 = kernels.GRADIENT_L2
     monkeypatch.setattr(kernels, "GRADIENT_L2", kernels.GRADIENT_GROUP)
     reason = B._mirror_error()
     assert reason is not None and "Gradient.L2 = 2 (expected 1)" in reason and "triton" in reason
     monkeypatch.setattr(B, "_MIRROR_ERROR", reason)
     assert B.unavailable_reason() == reason
     assert _dispatch.unavailable_reason("triton") == reason
+    # The widths of the coefficient rows the kernels step over are mirrored too.
+    monkeypatch.setattr(kernels, "GRADIENT_L2", l2)
+    monkeypatch.setattr(kernels, "PROX_SLOTS", kernels.GRADIENT_SLOTS)
+    reason = B._mirror_error()
+    assert reason is not None and "Prox rows of 3 (expected 6)" in reason
 
 
 # ------------------------------------------------------------------------------- sums
@@ -563,6 +569,21 @@ def test_plan_cache_reused_and_keyed():
     halves = [p[: (p.numel() + 1) // 2] for p in params]  # same pointers, other sizes
     assert_sums(sums(halves, ws), halves, torch.float32)
     assert ws.builds == 3
+
+
+def test_plan_cache_keyed_by_structure():
+    # The same tensors with another structure (block size, dim, whole) get their own tables.
+    ws = Workspace()
+    params = [randn((12, 40), torch.float32, 1), randn((30,), torch.float32, 2)]
+    structures = [Groups((0, NO_GROUPS), (1, 1)), Groups((0, NO_GROUPS), (3, 1)), Groups((1, 0), (4, 5)),
+                  Groups((WHOLE, WHOLE), (1, 1)), Groups((0, NO_GROUPS), (3, 1))]
+    for i, groups in enumerate(structures):
+        _, group_sq = B.sums(params, None, groups, workspace=ws)
+        assert ws.builds == min(i + 1, 4)
+        expected = torch.cat([(p.double().movedim(d, 0).reshape(p.shape[d] // k, -1) if d >= 0 else
+                               p.double().reshape(1, -1)).square().sum(dim=1)
+                              for p, d, k in zip(params, groups.dims, groups.sizes) if d != NO_GROUPS])
+        torch.testing.assert_close(group_sq.double(), expected, rtol=2e-6, atol=0)
 
 
 def test_nothing_cached_without_a_workspace(monkeypatch):

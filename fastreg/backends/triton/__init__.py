@@ -3,10 +3,12 @@
 The contract is in ``fastreg/backends/__init__.py``; where this backend sits among the layers,
 in ``ARCHITECTURE.md``. In short: every tensor of a call is cut into programs (CUDA blocks) of
 about ``chunk`` elements, each walking its tensor in one of three modes (flat, runs of a group,
-rows of groups); a program finds its tensor, range and pointers in int64 device tables built on
-the host (a host loop and one host-to-device copy, cached in the caller's workspace). The sums
-are two-stage, deterministic and atomic-free; the coefficients stay on the device, so a step
-can be captured in a CUDA graph. No tensor count limit, no host sync, 64-bit offsets.
+rows of groups) chosen from the tensor's own structure (``_geometry.Groups``); a program finds
+its tensor, range and pointers in int64 device tables built on the host (a host loop and one
+host-to-device copy, cached in the caller's workspace) and its coefficients in its tensor's row
+of the call's coefficient tables. The sums are two-stage, per tensor (``(T, 3)``),
+deterministic and atomic-free; the coefficients stay on the device, so a step can be captured
+in a CUDA graph. No tensor count limit, no host sync, 64-bit offsets.
 
 The modules, in reading order (each docstring holds the design of its part):
 
@@ -14,7 +16,8 @@ The modules, in reading order (each docstring holds the design of its part):
                 reads them there at call time, so set them there (``backend.tuning.BLOCK = ...``).
 ``kernels.py``  the ``@triton.jit`` kernels, with the modes (``MODE_FLAT`` / ``MODE_RUNS`` /
                 ``MODE_ROWS``), the ops (``OP_GRADS`` / ``OP_ADD_GRAD`` / ``OP_PROX``) and the
-                term slots (mirroring ``fastreg.backends._terms``) as named constexprs.
+                term slots and row widths (mirroring ``fastreg.backends._terms``) as named
+                constexprs.
 ``tables.py``   the device tables a call's kernels read, their cache in the workspace, and who
                 owns what they point at ("Ownership", "CUDA-graph capture").
 ``launch.py``   the launchers: the four contract calls as launches over the tables.
@@ -63,8 +66,9 @@ else:
 
 
 def _mirror_error():
-    """``None`` when the kernels' term slots agree with ``fastreg.backends._terms``, else the
-    disagreement (then the backend is unavailable, with this as the reason)."""
+    """``None`` when the kernels' term slots and row widths agree with
+    ``fastreg.backends._terms``, else the disagreement (then the backend is unavailable, with
+    this as the reason)."""
     k = kernels
     mirrored = {
         ("Sum", "ABS"): k.SUM_ABS, ("Sum", "SQUARE"): k.SUM_SQUARE, ("Sum", "GROUP_NORM"): k.SUM_GROUP_NORM,

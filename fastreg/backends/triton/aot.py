@@ -22,7 +22,7 @@ def launch_configs():
     current tuning constants, as ``(name, kernel, signature, constexprs, options)`` for an
     ahead-of-time compile (``triton.compile(ASTSource(kernel, signature, constexprs), ...)``):
     each dtype, mode and tile, aligned and unaligned, with and without centers and
-    thresholds, every gradient dtype. Used by tests/backends/test_triton_compile.py."""
+    shrinking (sums of the shrunk values), every gradient dtype, and the stage-2 kernels. Used by tests/backends/test_triton_compile.py."""
     configs = []
     options = dict(num_warps=tuning.NUM_WARPS, enable_fp_fusion=tuning.ENABLE_FP_FUSION)
     finish_options = dict(num_warps=tuning.FINISH_WARPS, enable_fp_fusion=tuning.ENABLE_FP_FUSION)

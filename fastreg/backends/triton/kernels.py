@@ -1,41 +1,53 @@
 """The Triton kernels: every term's maths on the device, a few launches per call.
 
 Four kernels: ``_sums_kernel`` (stage 1 of the sums: one ``[Σ|s|, Σs²]`` pair per program and
-the group partials), ``_group_sq_kernel`` and ``_finish_kernel`` (stage 2), and
-``_elementwise_kernel`` (``grads``, ``add_grad_`` and ``prox_``, one op per specialization),
-with their ``@triton.jit`` helpers. The launchers are in ``launch.py``, the tables the kernels
-read in ``tables.py``. Importing this module needs triton.
+the group partials), ``_group_sq_kernel`` and ``_finish_kernel`` (stage 2: the groups' squared
+norms, then every tensor's own sums), and ``_elementwise_kernel`` (``grads``, ``add_grad_`` and
+``prox_``, one op per specialization), with their ``@triton.jit`` helpers. The launchers are in
+``launch.py``, the tables the kernels read in ``tables.py``. Importing this module needs triton.
 
 * **Modes.** Every tensor of a call is cut into programs (CUDA blocks) of about ``chunk``
-  elements, in one of three modes, chosen per tensor (``tables.py``); a launch runs one mode:
+  elements, in one of three modes, chosen per tensor from its own structure (``tables.py``); a
+  launch runs one mode:
 
-  ``MODE_FLAT``  a tensor without a group term: a contiguous chunk, walked in ``BLOCK`` tiles,
-                 all but the last unmasked (vectorised loads).
-  ``MODE_RUNS``  a tensor whose groups are runs of ``K >= MIN_RUN`` contiguous elements
-                 (``group_dim=0`` on a contiguous weight): a ``[BLOCK // RUN_TILE, RUN_TILE]``
-                 tile of whole runs (rows) walked along ``K``; one partial per run.
-  ``MODE_ROWS``  a tensor whose runs are short (``group_dim=1`` on a Linear weight: ``K = 1``):
-                 a ``BLOCK``-wide window of positions of its ``(A, G*K)`` memory view, walked
+  ``MODE_FLAT``  a tensor without groups: a contiguous chunk, walked in ``BLOCK`` tiles, all
+                 but the last unmasked (vectorised loads).
+  ``MODE_RUNS``  a tensor whose groups are runs of ``K >= MIN_RUN`` contiguous elements (blocks
+                 of rows of a contiguous weight), or a tensor of one group (``WHOLE``: one run
+                 of ``numel``): a ``[BLOCK // RUN_TILE, RUN_TILE]`` tile of whole runs (rows)
+                 walked along ``K``; one partial per run.
+  ``MODE_ROWS``  a tensor whose runs are short (blocks of ``k`` columns of a Linear weight:
+                 ``K = k``; a 1-D tensor's groups of ``k`` elements: ``A = 1``): a
+                 ``BLOCK``-wide window of positions of its ``(A, G*K)`` memory view, walked
                  down ``chunk // BLOCK`` rows; one float64 partial per position.
 
   A program reads its tensor, range and partials' slot from its row of the launch's table
   (``_program``), the tensor's pointers from the pointer tables (cast to the dtype with
   ``tl.pointer_type``: the pattern of Triton's grouped-GEMM tutorial) and its geometry from its
-  row of the per-tensor table (``_geometry``).
+  row of the per-tensor table (``_geometry``), which also names its index in the call: the row
+  of the coefficient tables it reads (empty tensors have no programs, so the two differ).
 * **Ops.** ``_elementwise_kernel`` computes ``OP_GRADS`` (out = gradient), ``OP_ADD_GRAD``
   (out += gradient, and the sums of its ``MODE_FLAT`` tensors) or ``OP_PROX`` (w = the proximal
-  step); the term maths is ``_apply``, the one place for it.
+  step, ``NONNEG`` included); the term maths is ``_apply``, the one place for it.
+* **Per-tensor coefficients.** Every coefficient operand is a ``(T, SLOTS)`` table: a program
+  loads its own tensor's row (``coeffs + param * GRADIENT_SLOTS + GRADIENT_L1``), so tensors with
+  different settings share one launch. What depends on a group's norm (the group term's
+  coefficient, the prox factor with its norm bounds) is formed per group by the launcher from
+  the row of the group's own tensor, and read as ``group_coef``.
 * **Named constants.** Triton lets a ``@triton.jit`` function read a module global only when
   it is a ``tl.constexpr`` instance (``MODE_FLAT = tl.constexpr(0)``; the annotated form
-  ``MODE_FLAT: tl.constexpr = 0`` is refused by the compiler), so the modes, the ops and the
-  term slots are such instances: folded at compile time, as a literal would be, and passed as
-  they are by the host (``MODE=MODE_RUNS``). The term slots mirror ``fastreg.backends._terms``;
-  the package checks the mirror when it loads (``unavailable_reason()`` names a disagreement).
+  ``MODE_FLAT: tl.constexpr = 0`` is refused by the compiler), so the modes, the ops, the term
+  slots and the tables' row widths are such instances: folded at compile time, as a literal
+  would be, and passed as they are by the host (``MODE=MODE_RUNS``). The slots and widths mirror
+  ``fastreg.backends._terms``; the package checks the mirror when it loads
+  (``unavailable_reason()`` names a disagreement).
 * **64-bit offsets.** ``tl.program_id(0)`` is widened to int64 first; table entries are int64,
   so offsets and masks are int64: tensors above 2**31 elements are fine.
 * **Deterministic sums, no atomics.** Stage 1 writes one ``[Σ|s|, Σs²]`` pair per program and
   the group partials into their own slots; ``_group_sq_kernel`` adds each group's slots in a
-  fixed order in float64, and ``_finish_kernel`` adds the pairs and ``Σ_g sqrt(group_sq)``.
+  fixed order in float64, and ``_finish_kernel`` gives every tensor its own row of sums: the
+  pairs of its programs (consecutive, in one launch) and ``Σ_g sqrt(group_sq)`` of its groups,
+  in float64, in an order fixed by the tables.
 * **Coefficients** are loaded inside the kernels from device tensors (the per-group ones are
   formed on the device by the launchers): no host sync, so a step can be CUDA-graph captured.
 """
@@ -67,7 +79,7 @@ PROX_GROUP_THRESHOLD = tl.constexpr(2)  # Prox.GROUP_THRESHOLD (applied through 
 PROX_MIN_NORM = tl.constexpr(3)  # Prox.MIN_NORM (applied through group_coef)
 PROX_MAX_NORM = tl.constexpr(4)  # Prox.MAX_NORM (applied through group_coef)
 PROX_NONNEG = tl.constexpr(5)  # Prox.NONNEG
-# The widths of the coefficient tables' rows (row t: params[t]'s coefficients).
+# The widths of the rows of the per-tensor tables (row t: params[t]'s), mirrored too.
 SUMS = tl.constexpr(3)  # len(Sum): the per-tensor sums' row
 GRADIENT_SLOTS = tl.constexpr(3)  # len(Gradient)
 PROX_SLOTS = tl.constexpr(6)  # len(Prox)

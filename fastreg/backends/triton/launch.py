@@ -2,21 +2,29 @@
 
 ``sums`` / ``grads`` / ``add_grad_`` / ``prox_`` here are the contract's (see
 ``fastreg/backends/__init__.py``) once the package's face has checked the device, made it
-current and asked whether a CUDA graph is being captured (``capturing``). Each finds or builds
-the tables (``tables._tables``), forms the per-group coefficients, and launches:
+current and asked whether a CUDA graph is being captured (``capturing``). Each takes the
+structures as a ``Groups`` (``_geometry.as_groups``: an int is one group_dim for every tensor),
+finds or builds the tables (``tables._tables``), makes its coefficients a contiguous ``(T,
+SLOTS)`` acc table on the device (``_terms.as_table``: a vector is every tensor's row), forms the
+per-group coefficients, and launches:
 
 ``sums``       stage 1 (``_sums_kernel``, one launch per mode, tile and alignment present),
-               the group reduction (``_group_sq_kernel``, with groups), ``_finish_kernel``.
+               the group reduction (``_group_sq_kernel``, with groups), ``_finish_kernel``
+               (one row of sums per tensor: ``(T, 3)``).
 ``grads``      ``_elementwise_kernel`` with ``OP_GRADS`` into fresh outputs.
 ``add_grad_``  with groups, a stage-1 pass over the tensors with groups for the norms first;
                then ``_elementwise_kernel`` with ``OP_ADD_GRAD`` (which also sums the
                ``MODE_FLAT`` tensors) and ``_finish_kernel``.
-``prox_``      with groups, the norms of the shrunk values first; then ``_elementwise_kernel``
-               with ``OP_PROX``, in place.
+``prox_``      with groups, the norms of the shrunk values first (stage 1 with the prox table
+               as ``shrink``: each tensor's THRESHOLD and NONNEG); then
+               ``_elementwise_kernel`` with ``OP_PROX``, in place.
 
 * **Coefficients** stay on the device: the per-group coefficients (``group_coef``) are formed
   with tensor ops, never ``.item()``: no host sync, so a step can be CUDA-graph captured (with a
-  workspace: see "CUDA-graph capture" in ``tables.py``).
+  workspace: see "CUDA-graph capture" in ``tables.py``). Each group takes its own tensor's row:
+  the tables hold the group -> tensor index (``group_owner``), and a column of a coefficient
+  table is gathered with it (``_per_group``); the prox factor is ``_terms.prox_group_factor``
+  (the terms and the norm bounds in one exact step) on those columns.
 * **Floating-point fusion** is set explicitly on every launch: ``enable_fp_fusion=True``
   (``a * b + c`` is one FMA, rounded once, as in the C++ kernels), so a change of Triton's
   default (off from Triton 3.10) changes no result.

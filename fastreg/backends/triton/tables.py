@@ -2,11 +2,17 @@
 
 A call's ``_Tables`` (``_build_tables``) is one int64 device tensor holding, for the tensors of
 one (device, dtype) group: the pointer tables of ``w`` and ``c`` (one data pointer per tensor;
-the kernels cast them to the dtype); the per-tensor geometry (``TENSOR_FIELDS`` a tensor); for
-each launch, one row per program (its tensor, its range, its partials' slot); and the rows
-``_group_sq_kernel`` reads. There is no limit on tensors per launch; one launch (``_Launch``)
-per mode (``kernels.MODE_*``, chosen per tensor), tile and alignment present in the call. The
-write targets get a pointer table per call (``_Targets``, ``_targets_of``).
+the kernels cast them to the dtype); the per-tensor geometry (``TENSOR_FIELDS`` a tensor, from
+its own structure: ``_geometry.memory_geometry(w, dims[i], sizes[i])``, with its index in the
+call, the row of the coefficient tables its programs read); for each launch, one row per
+program (its tensor, its range, its partials' slot); the rows ``_group_sq_kernel`` reads; one
+row per param for ``_finish_kernel`` (its first partial pair and their count: a tensor's
+programs are consecutive rows of one launch; its first group-vector entry and their count);
+and the group -> param index (``group_owner``, ``_geometry.group_owners``) by which the
+launchers give each group its own tensor's coefficients. There is no limit on tensors per
+launch; one launch (``_Launch``) per mode (``kernels.MODE_*``, chosen per tensor), tile and
+alignment present in the call. The write targets get a pointer table per call (``_Targets``,
+``_targets_of``).
 
 * **Chunk per launch.** ``chunk`` is the smallest power of two (between ``BLOCK`` and
   ``MAX_CHUNK``) that cuts the call into at most ``TARGET_PROGRAMS`` programs: a 2M-parameter
@@ -22,16 +28,17 @@ write targets get a pointer table per call (``_Targets``, ``_targets_of``).
   centers, and every copy made for the kernels; ``addresses()`` lists those addresses. No
   module of the backend keeps a tensor or a table. Tables are cached only in the ``workspace``
   the caller passes (each kernel group of a ``Penalty`` owns one: a small LRU that dies with
-  it), keyed by the operands' pointers, shapes and strides, the group dim, the tuning constants
-  and the current stream; while an entry holds the storages its key's addresses cannot be given
-  to other tensors. Keying by stream
+  it), keyed by the operands' pointers, shapes and strides, the structures (the ``Groups``: every
+  tensor's dim and block size), the tuning constants and the current stream; while an entry
+  holds the storages its key's addresses cannot be given to other tensors. Keying by stream
   orders a table's upload before every use. Without a workspace the tables live for the call.
   Tables that read copies (non-dense parameters, centers in another memory order) are never
   cached: the copies are made for each call and live as long as its tables; in-place results on
   a copy are copied back explicitly. The write targets (gradients, outputs: new pointers every
-  step) get a ``_Targets`` table per call, owned by the call. The zero threshold and placeholder
-  are owned by the tables; a float threshold becomes a device tensor per call (``torch.full``: a
-  fill kernel, no host-to-device copy, nothing kept). On CUDA, tables are uploaded from pinned
+  step) get a ``_Targets`` table per call, owned by the call. The placeholder (an operand a
+  specialization does not read) is owned by the tables; coefficient tables are the caller's (or
+  a contiguous copy per call); a float ``shrink`` becomes a prox table per call (a zero fill and
+  a column fill: no host-to-device copy, nothing kept). On CUDA, tables are uploaded from pinned
   memory with a non_blocking copy (the caching host allocator keeps the pinned block until the
   copy has run), and a table freed after the call is reused only by later work on the stream.
 * **CUDA-graph capture.** A captured upload happens only when the graph replays, and the graph
@@ -285,7 +292,7 @@ def _build_tables(params, centers, groups, misaligned):
     tables.data, tables.host = _upload(torch.cat([torch.tensor(values, dtype=torch.int64), owners]), device)
     tables.pointers = w_ptrs + c_ptrs
     tables.owners = [r[2] for r in records] + [r[3] for r in records if r[3] is not None]
-    tables.zero = torch.zeros(1, dtype=acc_dtype(dtype), device=device)  # threshold 0, unused group_coef
+    tables.zero = torch.zeros(1, dtype=acc_dtype(dtype), device=device)  # unused shrink / group_coef
     tables.w_ptrs = tables.data[:ntensors]
     tables.c_ptrs = tables.data[ntensors:2 * ntensors]
     tables.info = tables.data[2 * ntensors:2 * ntensors + TENSOR_FIELDS * ntensors]
