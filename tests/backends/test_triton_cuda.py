@@ -75,9 +75,10 @@ def coeffs(dtype, first, second, third=0.0):
     return torch.tensor([first, second, third], dtype=acc_of(dtype), device=CUDA)
 
 
-# The L1/L2 contract calls (no centers, no groups; ``ws``: the workspace, or None).
+# The L1/L2 contract calls (no centers, no groups; ``ws``: the workspace, or None); the sums are
+# the call's [Σ|w|, Σw²]: the per-tensor rows, added in float64.
 def sums(params, ws=None):
-    return B.sums(params, None, -1, workspace=ws)[0][:2]
+    return B.sums(params, None, -1, workspace=ws)[0][:, :2].double().sum(dim=0)
 
 
 def grads(params, c, ws=None):
@@ -85,7 +86,7 @@ def grads(params, c, ws=None):
 
 
 def add_grad_(params, targets, c, ws=None):
-    return B.add_grad_(params, targets, None, -1, c, None, workspace=ws)[0][:2]
+    return B.add_grad_(params, targets, None, -1, c, None, workspace=ws)[0][:, :2].double().sum(dim=0)
 
 
 def prox_(params, c, ws=None):
@@ -186,8 +187,8 @@ def test_groups_and_centers_match_float64_reference(dtype):
     for group_dim in (0, 1):
         result, group_sq = B.sums(params, centers, group_dim)
         rtol = 1e-12 if dtype == torch.float64 else 1e-6
-        torch.testing.assert_close(result.double().cpu(), ref.sums(cpu_params, cpu_centers, group_dim), rtol=rtol,
-                                   atol=0)
+        torch.testing.assert_close(result.double().sum(dim=0).cpu(), ref.sums(cpu_params, cpu_centers, group_dim),
+                                   rtol=rtol, atol=0)
         torch.testing.assert_close(group_sq.double().cpu(), ref.group_sq(cpu_params, group_dim, cpu_centers),
                                    rtol=rtol, atol=0)
         targets = [torch.zeros_like(p, dtype=torch.float32) for p in params]  # fp32 gradients of any weights
@@ -230,7 +231,7 @@ def test_a_center_copy_outlives_the_launch():
         for group_dim in (-1, 0, 1):
             for _ in range(3):
                 got, _ = B.sums(params, centers, group_dim, workspace=ws)
-                torch.testing.assert_close(got[0].double().cpu(), expected, rtol=1e-6, atol=0)
+                torch.testing.assert_close(got[0, 0].double().cpu(), expected, rtol=1e-6, atol=0)
 
 
 def test_parameters_are_freed_with_their_penalty():

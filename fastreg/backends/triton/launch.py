@@ -96,9 +96,12 @@ def _grouped_launches(plan):
 
 def _table(coeffs, plan, kind):
     """``coeffs`` (a table, or a vector for every tensor) as a contiguous ``(T, len(kind))`` acc
-    table on the device: row ``t`` is what the kernels of ``params[t]`` load."""
-    table = as_table(coeffs, plan.ntensors, kind).to(device=plan.device, dtype=acc_dtype(plan.dtype))
-    return table.contiguous()
+    table on the device: row ``t`` is what the kernels of ``params[t]`` load. A vector without
+    its trailing slots takes them from the tables' device copy of the defaults: no host copy."""
+    coeffs = coeffs.to(device=plan.device, dtype=acc_dtype(plan.dtype))
+    if coeffs.ndim == 1 and coeffs.numel() < len(kind):
+        coeffs = torch.cat([coeffs, plan.defaults[kind][coeffs.numel():]])
+    return as_table(coeffs, plan.ntensors, kind).contiguous()
 
 
 def _shrink_table(shrink, plan):

@@ -36,9 +36,10 @@ alignment present in the call. The write targets get a pointer table per call (`
   cached: the copies are made for each call and live as long as its tables; in-place results on
   a copy are copied back explicitly. The write targets (gradients, outputs: new pointers every
   step) get a ``_Targets`` table per call, owned by the call. The placeholder (an operand a
-  specialization does not read) is owned by the tables; coefficient tables are the caller's (or
-  a contiguous copy per call); a float ``shrink`` becomes a prox table per call (a zero fill and
-  a column fill: no host-to-device copy, nothing kept). On CUDA, tables are uploaded from pinned
+  specialization does not read) and the device copy of the slots' defaults (which complete a
+  short coefficient vector) are owned by the tables; coefficient tables are the caller's (or a
+  contiguous copy per call); a float ``shrink`` becomes a prox table per call (a zero fill and a
+  column fill: no host-to-device copy, nothing kept). On CUDA, tables are uploaded from pinned
   memory with a non_blocking copy (the caching host allocator keeps the pinned block until the
   copy has run), and a table freed after the call is reused only by later work on the stream.
 * **CUDA-graph capture.** A captured upload happens only when the graph replays, and the graph
@@ -64,6 +65,7 @@ import itertools
 import torch
 
 from fastreg.backends._geometry import NO_GROUPS, acc_dtype, group_owners, group_sizes, memory_geometry
+from fastreg.backends._terms import DEFAULTS, Gradient, Prox
 
 from . import tuning
 from .kernels import MODE_FLAT, MODE_ROWS, MODE_RUNS
@@ -88,9 +90,10 @@ class _Tables:
     and the group-reduction rows; the launches and buffer sizes; and, in ``owners``, every
     tensor whose address the tables hold (see "Ownership")."""
 
-    __slots__ = ("data", "host", "pointers", "owners", "zero", "w_ptrs", "c_ptrs", "info", "launches", "ginfo",
-                 "gmap", "finfo", "group_owner", "group_programs", "programs", "nslots", "ngroups", "ntensors",
-                 "chunk", "grouped", "has_center", "dtype", "device", "direct", "reads", "copies", "index")
+    __slots__ = ("data", "host", "pointers", "owners", "zero", "defaults", "defaults_host", "w_ptrs", "c_ptrs",
+                 "info", "launches", "ginfo", "gmap", "finfo", "group_owner", "group_programs", "programs", "nslots",
+                 "ngroups", "ntensors", "chunk", "grouped", "has_center", "dtype", "device", "direct", "reads",
+                 "copies", "index")
 
     def addresses(self):
         """Every device address written into the tables (w's and c's data pointers); each lies
@@ -293,6 +296,12 @@ def _build_tables(params, centers, groups, misaligned):
     tables.pointers = w_ptrs + c_ptrs
     tables.owners = [r[2] for r in records] + [r[3] for r in records if r[3] is not None]
     tables.zero = torch.zeros(1, dtype=acc_dtype(dtype), device=device)  # unused shrink / group_coef
+    # Every slot's default (_terms.DEFAULTS), uploaded with the tables: a short coefficient vector
+    # is completed from them on the device (a per-call torch.tensor would be a synchronising copy,
+    # and a captured one would be refused).
+    defaults = torch.tensor([*DEFAULTS[Gradient], *DEFAULTS[Prox]], dtype=acc_dtype(dtype))
+    uploaded, tables.defaults_host = _upload(defaults, device)
+    tables.defaults = {Gradient: uploaded[:len(Gradient)], Prox: uploaded[len(Gradient):]}
     tables.w_ptrs = tables.data[:ntensors]
     tables.c_ptrs = tables.data[ntensors:2 * ntensors]
     tables.info = tables.data[2 * ntensors:2 * ntensors + TENSOR_FIELDS * ntensors]
