@@ -65,7 +65,8 @@ import itertools
 import torch
 
 from fastreg.backends._geometry import NO_GROUPS, acc_dtype, group_owners, group_sizes, memory_geometry
-from fastreg.backends._terms import DEFAULTS, Gradient, Prox
+from fastreg.backends import _terms
+from fastreg.backends._terms import Gradient, Prox
 
 from . import tuning
 from .kernels import MODE_FLAT, MODE_ROWS, MODE_RUNS
@@ -299,7 +300,7 @@ def _build_tables(params, centers, groups, misaligned):
     # Every slot's default (_terms.DEFAULTS), uploaded with the tables: a short coefficient vector
     # is completed from them on the device (a per-call torch.tensor would be a synchronising copy,
     # and a captured one would be refused).
-    defaults = torch.tensor([*DEFAULTS[Gradient], *DEFAULTS[Prox]], dtype=acc_dtype(dtype))
+    defaults = torch.tensor([*_terms.DEFAULTS[Gradient], *_terms.DEFAULTS[Prox]], dtype=acc_dtype(dtype))
     uploaded, tables.defaults_host = _upload(defaults, device)
     tables.defaults = {Gradient: uploaded[:len(Gradient)], Prox: uploaded[len(Gradient):]}
     tables.w_ptrs = tables.data[:ntensors]
