@@ -28,7 +28,11 @@ def test_penalty_benchmark_every_term(tmp_path):
     _run(["bench", "--quick", "--cases", "mlp", "--penalty", "all", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())
     rows = [r for r in data["results"] if r["median_ms"] is not None]
-    assert {r["penalty"] for r in rows} == {"l2", "l1", "group-rows", "group-cols", "l2-center"}
+    assert {r["penalty"] for r in rows} == {"l2", "l1", "group-rows", "group-cols", "l2-center", "l2-2-settings",
+                                            "l2-10-settings"}
+    # one Penalty with S param groups, and one Penalty per setting, against the same reference
+    assert {r["contender"] for r in rows if r["penalty"] == "l2-10-settings"} >= {
+        "hand-loop", "fastreg-cpu", "fastreg-cpu-add-to-grad", "fastreg-cpu-per-setting"}
     for r in rows:
         if r["rel_err"] is not None:
             assert abs(r["rel_err"]) < 1e-6, r

@@ -97,6 +97,10 @@ def test_pruning_removes_zero_neurons_and_keeps_the_predictions(pruning_run):
     assert group["pruned_params"] < group["params"] == none["params"] == none["pruned_params"]
     assert group["same_predictions"] and group["pruned_test_acc"] == group["test_acc"]
     assert sum(group["hidden_sizes"]) == group["neurons"] - group["zero_neurons"]
+    # Coupled neuron groups (row + bias [+ out column]): zero neurons whose bias is zero too.
+    coupled = data["results"]["coupled"]
+    assert coupled["zero_neurons"] > 0 and coupled["removed_neurons_with_nonzero_bias"] == 0
+    assert group["removed_neurons_with_nonzero_bias"] == group["zero_neurons"]  # rows alone leave the bias
     assert "| run | test acc | zero hidden neurons |" in (out / "results.md").read_text()
 
 
@@ -109,7 +113,9 @@ def test_finetune_compares_no_penalty_l2_and_l2_sp(finetune_run):
     out, data = finetune_run
     assert (out / "finetune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     methods = {r["method"] for r in data["results"]}
-    assert methods == {"none", "l2", "l2-sp"}
+    assert methods == {"none", "l2", "l2-sp", "l2-sp-beta"}
+    # The paper's recipe (body and head in two param groups) logs each group's value.
+    assert len(next(r for r in data["results"] if r["method"] == "l2-sp-beta")["last_values"]) == 2
     by_method = {r["method"]: r for r in data["results"]}
     # L2-SP keeps the body nearest its pretrained weights; L2 toward 0 moves it furthest.
     assert (by_method["l2-sp"]["distance"]["mean"] < by_method["none"]["distance"]["mean"]

@@ -465,8 +465,11 @@ def test_opcheck():
               randn((7, 3), torch.float32, 96).requires_grad_()]
     centers = [torch.zeros_like(p) for p in params]
     ws = Workspace()
-    for args in ((params, [], -1, "triton", 0), (params, centers, 1, "triton", ws.handle)):
-        torch.library.opcheck(torch.ops.fastreg.sums.default, args)
+    # (group_dims, group_sizes): none; columns of the 2-D one; blocks and a whole tensor
+    for centers_, dims, sizes, handle in (([], [-1, -1], [1, 1], 0),
+                                          (centers, [-1, 1], [1, 1], ws.handle),
+                                          (centers, [-2, 0], [1, 7], ws.handle)):
+        torch.library.opcheck(torch.ops.fastreg.sums.default, (params, centers_, dims, sizes, "triton", handle))
 
 
 # ------------------------------------------------------------------ launches and plans
