@@ -44,10 +44,10 @@ def parse_args(argv=None):
                         + ", ".join(c.name for c in CASES))
     parser.add_argument("--contenders", help="comma-separated contender names or glob patterns, e.g. "
                         "'seed-loop,fastreg-*' (default: all; see --list)")
-    parser.add_argument("--penalty", choices=PENALTIES + ("both", "all"), default=None,
-                        help="which penalty: l2, l1, group-rows, group-cols (group lasso + L2), l2-center "
-                             "(toward reference weights), l2-2-settings, l2-10-settings (param groups in one "
-                             "Penalty), both (l2 and l1) or all (default: all; --quick: l2)")
+    parser.add_argument("--penalty", type=_penalties, default=None,
+                        help="which penalties, comma-separated: l2, l1, group-rows, group-cols (group lasso + L2), "
+                             "l2-center (toward reference weights), l2-2-settings, l2-10-settings (param groups in "
+                             "one Penalty), both (l2 and l1) or all (default: all; --quick: l2)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="parameter dtype (default fp32)")
     parser.add_argument("--grad-dtype", choices=("same", "fp32"), default="same",
                         help="dtype of p.grad: same as the parameter (default) or fp32 (fp32 gradient accumulation "
@@ -65,6 +65,18 @@ def parse_args(argv=None):
                              "bench/results/local/... (git-ignored) for --quick and partial runs)")
     parser.add_argument("--list", action="store_true", help="list the cases and contenders, and exit")
     return parser.parse_args(argv)
+
+
+def _penalties(text):
+    """``--penalty``: one name, ``both``, ``all``, or names separated by commas."""
+    if text in ("both", "all"):
+        return text
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in PENALTIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown penalty {', '.join(unknown)}; choose from {', '.join(PENALTIES)}, "
+                                         "both, all")
+    return names
 
 
 def select_cases(args):
@@ -249,8 +261,8 @@ def main(argv=None):
         print("contenders: " + ", ".join(f"{c.name} ({c.label})" for c in all_contenders(fastreg.available_backends())))
         return 0
     device = resolve_device(args.device)
-    which = args.penalty or ("l2" if args.quick else "all")
-    penalties = {"all": PENALTIES, "both": ("l2", "l1")}.get(which, (which,))
+    which = args.penalty or (("l2",) if args.quick else "all")
+    penalties = {"all": PENALTIES, "both": ("l2", "l1")}[which] if isinstance(which, str) else which
     contenders = select_contenders(args, all_contenders(fastreg.available_backends()))
     cases = select_cases(args)
     if not any(c.is_baseline for c in contenders):

@@ -63,9 +63,9 @@ class AttachHandle:
         """``"prox"``: the values after the latest proximal step, computed once when first read."""
         if self.mode == "prox" and self._value_step != self._steps:
             with torch.no_grad():
-                values = self.penalty.values()
-            self._values = [v.detach() for v in values.values()]
-            self._value = sum(self._values[1:], self._values[0]) if self._values else None
+                totals = self.penalty._value_list()
+            self._values = [None if v is None else v.detach() for v in totals]
+            self._value = self.penalty._total(totals)
             self._value_step = self._steps
 
     @property

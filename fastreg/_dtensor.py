@@ -42,9 +42,10 @@ def check_placements(name, tensor, group_dim, group_size=1):
                 f"dimension(s) {sorted(dims - {group_dim})}; the group term supports sharding along one of them"
             )
         if group_dim in dims and group_size > 1:
-            shards = [size for p, size in zip(tensor.placements, tensor.device_mesh.shape)
-                      if isinstance(p, Shard) and p.dim % tensor.ndim == group_dim]
-            per_rank = -(-tensor.shape[group_dim] // shards[0])
+            per_rank = tensor.shape[group_dim]
+            for p, size in zip(tensor.placements, tensor.device_mesh.shape):  # nested chunks (strided sharding)
+                if isinstance(p, Shard) and p.dim % tensor.ndim == group_dim:
+                    per_rank = -(-per_rank // size)
             if per_rank % group_size:
                 raise NotImplementedError(
                     f"fastreg: parameter {name!r} is sharded along its group dimension {group_dim} in pieces of "

@@ -65,7 +65,7 @@ def _groups_cell(info, plan, coefficients):
     m, c = info.member, coefficients[info.group]
     if m.coupling is None and is_zero(c.group) and not c.constrained:
         return "-"
-    return structure_text(m, plan.couplings)
+    return structure_text(m, plan.couplings, constrained=c.constrained)
 
 
 def _group_name(index, param_groups):

@@ -125,6 +125,7 @@ class Coupling:
     slices: list  # (name, dim)
     length: int
     group: int  # the param group its coefficient comes from
+    slice_groups: list = field(default_factory=list)  # the param group of each slice
 
 
 class Call(tuple):
@@ -136,21 +137,31 @@ class Plan:
         self.backend = _dispatch.requested_backend(backend)
         self.param_groups = groups
         self._fixed = [{key: group[key] for key in _settings.STRUCTURE_KEYS} for group in groups]
+        self._group_count = len(groups)
         self.info, members = [], []
-        seen = {}
+        seen, mapped = {}, {}
         for index, group in enumerate(groups):
             where = _where(index, group)
-            entries = select(group["source"], group["exclude"])
+            candidates = select(group["source"], group["exclude"])
+            entries = candidates
             belongs = group.get("belongs")
             if belongs is not None:  # rules: every group selects from the same module
-                entries = [e for e in entries if belongs(e.name, e.tensor) == index]
+                entries = [e for e in candidates if belongs(e.name, e.tensor) == index]
             included = [e for e in entries if e.included]
             for e in included:
                 if id(e.tensor) in seen:
                     raise ValueError(f"fastreg: parameter {e.name!r} is in {seen[id(e.tensor)]} and in {where}; "
                                      "a parameter belongs to one param group")
                 seen[id(e.tensor)] = where
-            centers, notes = _centers(group["center"], entries, included)
+            center = group["center"]
+            if _is_sequence(center) and len(groups) > 1 and belongs is None and center is groups[0].get("center") \
+                    and all(g.get("center") is center for g in groups):
+                raise ValueError("fastreg: a sequence of centers cannot be shared by several param groups (it is "
+                                 "aligned with one group's parameters); give each group its own 'center', or a "
+                                 "mapping from names")
+            centers, notes = _centers(center, candidates, included)
+            if isinstance(center, Mapping) and center:
+                mapped.setdefault(id(center), [center, False])[1] |= any(c is not None for c in centers)
             notes = dict(zip((id(e.tensor) for e in included), notes))
             for e, center in zip(included, centers):
                 structure = _structure(e.name, e.tensor, group["group_dim"], group["group_size"])
@@ -163,6 +174,14 @@ class Plan:
                     info.center, info.group, info.member = notes[id(e.tensor)], index, by_tensor[id(e.tensor)]
                 self.info.append(info)
             group["params"] = [e.tensor for e in included]
+        self._params_fixed = [(g["params"], len(g["params"])) for g in groups]
+        for center, used in mapped.values():
+            if not used and members and not torch.compiler.is_compiling():
+                # Most likely names relative to another module (a param group of a submodule names
+                # its parameters relative to it): every parameter would be pulled toward 0.
+                warn(f"fastreg: the center mapping names none of the regularized parameters (e.g. "
+                     f"{members[0].name!r}; the mapping has {next(iter(center))!r}); they are pulled toward 0",
+                     UserWarning)
         if not torch.compiler.is_compiling():  # data pointers do not exist while tracing
             check_no_overlap([(m.name, _dtensor.local(m.tensor)) for m in members])
         self.couplings = _couplings(coupled, members)
@@ -177,12 +196,19 @@ class Plan:
 
     def check_unchanged(self):
         """Structure settings are fixed at construction: a change is an error naming its group."""
+        if len(self.param_groups) != self._group_count:
+            raise ValueError(f"fastreg: the Penalty was built with {self._group_count} param groups and now has "
+                             f"{len(self.param_groups)}; build a new Penalty for other parameters")
         for index, (group, fixed) in enumerate(zip(self.param_groups, self._fixed)):
             for key, value in fixed.items():
                 if group.get(key, value) is not value:
                     raise ValueError(f"fastreg: {key} of {_where(index, group)} changed after the Penalty was built; "
                                      f"only {', '.join(_settings.COEFFICIENT_KEYS)} can change between calls "
                                      "(build a new Penalty for a new structure)")
+            params, (fixed_list, fixed_length) = group.get("params"), self._params_fixed[index]
+            if params is not fixed_list or len(params) != fixed_length:
+                raise ValueError(f"fastreg: the params of {_where(index, group)} changed after the Penalty was built; "
+                                 "build a new Penalty for other parameters")
 
     def _regroup(self):
         """The kernel groups (and what they depend on) from the parameters as they are now."""
@@ -219,9 +245,10 @@ class Plan:
             if m.structure[0] >= 0 and local.shape[m.structure[0]] % m.structure[1]:
                 raise ValueError(f"fastreg: parameter {m.name!r} changed shape to {tuple(m.tensor.shape)}, which "
                                  f"its group_size {m.structure[1]} does not divide; build a new Penalty")
-            if m.coupling is not None:
-                raise ValueError(f"fastreg: parameter {m.name!r} of a coupling changed after the Penalty was built; "
-                                 "build a new Penalty")
+            if m.coupling is not None and local.shape[m.structure[0]] != self.couplings[m.coupling].length:
+                raise ValueError(f"fastreg: parameter {m.name!r} of coupled[{m.coupling}] now has "
+                                 f"{local.shape[m.structure[0]]} slices along dim {m.structure[0]}, the coupling "
+                                 f"{self.couplings[m.coupling].length}; build a new Penalty")
             c = m.center
             if c is None:
                 continue
@@ -270,7 +297,10 @@ class Plan:
         self.check_unchanged()
         if len(self.param_groups) == 1 and "rule" not in self.param_groups[0]:
             return [_settings.coefficients(self.param_groups[0])]
-        return [_settings.coefficients(group, _where(i, group)) for i, group in enumerate(self.param_groups)]
+        coefficients = [_settings.coefficients(group, _where(i, group)) for i, group in enumerate(self.param_groups)]
+        for index, coupling in enumerate(self.couplings):
+            _check_coupling(index, coupling, coefficients, self.param_groups)
+        return coefficients
 
     def call(self, coefficients, op=None, lr=None):
         """``Call``: per kernel group (in ``kernel_groups()`` order), ``(groups, table)``: the
@@ -318,12 +348,13 @@ def _structure(name, tensor, group_dim, group_size):
     return group_dim, group_size
 
 
-def structure_text(m, couplings):
-    """What ``explain()`` shows of a parameter's groups (its shape as it is now)."""
+def structure_text(m, couplings, constrained=False):
+    """What ``explain()`` shows of a parameter's groups (its shape as it is now); a constrained
+    parameter without groups is constrained as one whole group."""
     if m.coupling is not None:
         c = couplings[m.coupling]
         return f"coupled #{m.coupling} ({c.length} groups along dim {m.structure[0]})"
-    dim, size = m.structure
+    dim, size = m.constraint_structure if constrained and m.structure[0] == NO_GROUPS else m.structure
     if dim == NO_GROUPS:
         return "none (ndim < 2)"
     if dim == WHOLE:
@@ -338,13 +369,21 @@ def _couplings(coupled, members):
     gives it the structure ``(dim, 1)``."""
     if coupled is None:
         return []
-    by_name = {m.name: m for m in members}
+    by_name, ambiguous = {}, set()
+    for m in members:
+        if m.name in by_name:
+            ambiguous.add(m.name)
+        by_name[m.name] = m
     couplings = []
     for index, slices in enumerate(coupled):
         if not isinstance(slices, (list, tuple)) or not slices:
             raise TypeError(f"fastreg: coupled[{index}] must be a non-empty list of (parameter name, dim) pairs")
         length = None
         for name, dim in slices:
+            if name in ambiguous:
+                raise ValueError(f"fastreg: coupled[{index}] names {name!r}, which several param groups hold (a "
+                                 "param group names its parameters relative to its own params); pass (name, "
+                                 "tensor) pairs with unique names in the param groups")
             m = by_name.get(name)
             if m is None:
                 raise ValueError(f"fastreg: coupled[{index}] names {name!r}, which is not a regularized parameter "
@@ -366,11 +405,28 @@ def _couplings(coupled, members):
             length = n
             m.coupling, m.structure = index, (dim, 1)
             m.constraint_structure = m.structure
-        coupling = Coupling(list(slices), length, by_name[slices[0][0]].group)
+        coupling = Coupling(list(slices), length, by_name[slices[0][0]].group,
+                            [by_name[name].group for name, _ in slices])
         for name, _ in slices:
             by_name[name].coupling_group = coupling.group
         couplings.append(coupling)
     return couplings
+
+
+def _check_coupling(index, coupling, coefficients, param_groups):
+    """The slices of a coupling share one group norm: its exact proximal step needs them to share
+    l2 (the denominator) and the norm bounds too (l1 and nonneg may differ: they act per element)."""
+    first = coefficients[coupling.slice_groups[0]]
+    for g in coupling.slice_groups[1:]:
+        c = coefficients[g]
+        same_l2 = c.l2 is first.l2 or (not isinstance(c.l2, torch.Tensor) and not isinstance(first.l2, torch.Tensor)
+                                        and c.l2 == first.l2)
+        if not same_l2 or (c.min_norm, c.max_norm) != (first.min_norm, first.max_norm):
+            one = _where(coupling.slice_groups[0], param_groups[coupling.slice_groups[0]])
+            other = _where(g, param_groups[g])
+            raise ValueError(f"fastreg: coupled[{index}] joins parameters of {one} and {other}, whose l2 or norm "
+                             "constraints differ; a group's proximal step is exact only with one l2 and one norm "
+                             "bound for all its slices")
 
 
 def _active_groups(kg, group_on, constrained, coupling_on):
@@ -426,8 +482,9 @@ def _kernel_groups(members):
         m = members[i]
         t, center = m.tensor, m.center
         if _dtensor.is_sharded(t):
-            dim = m.structure[0]
-            _dtensor.check_placements(m.name, t, dim, m.structure[1])
+            # A tensor without groups may still be constrained (as one whole group) in prox_.
+            dim, size = m.structure if m.structure[0] != NO_GROUPS else m.constraint_structure
+            _dtensor.check_placements(m.name, t, dim, size)
             key = (t.device, t.dtype, center is not None, _dtensor.is_counted(t), _dtensor.groups_span_ranks(t, dim))
             part = meshes.setdefault(t.device_mesh, {})
             group = part.get(key)
@@ -477,12 +534,6 @@ def _centers(center, entries, included):
             else:  # e.g. a new head: pulled toward 0
                 centers.append(None)
                 notes.append("none (not in mapping)")
-        if included and center and all(c is None for c in centers) and not torch.compiler.is_compiling():
-            # Most likely names relative to another module (a param group of a submodule names
-            # its parameters relative to it): every parameter would be pulled toward 0.
-            warn(f"fastreg: the center mapping names none of the regularized parameters (e.g. "
-                 f"{included[0].name!r}; the mapping has {next(iter(center))!r}); they are pulled toward 0",
-                 UserWarning)
         return centers, notes
     if isinstance(center, Sequence) or (hasattr(center, "__iter__") and not isinstance(center, torch.Tensor)):
         given = list(center)
@@ -498,6 +549,11 @@ def _centers(center, entries, included):
         return centers, ["given"] * len(included)
     raise TypeError(f"fastreg: center must be None, {INIT!r}, a mapping or a sequence of tensors, "
                     f"got {type(center).__name__}")
+
+
+def _is_sequence(center):
+    return center is not None and not isinstance(center, (str, Mapping, torch.Tensor)) and (
+        isinstance(center, Sequence) or hasattr(center, "__iter__"))
 
 
 def _like(local):

@@ -124,6 +124,15 @@ def _matcher(selector, index):
                     f"(name, tensor) -> bool, got {type(selector).__name__}")
 
 
+def hashable(key):
+    """A ``values()`` key as something a set can hold (a callable selector by identity)."""
+    try:
+        hash(key)
+        return key
+    except TypeError:
+        return id(key)
+
+
 def key_of(index, group):
     """What ``values()`` calls a group: its rule's selector as written, else its index."""
     rule = group.get("rule")
@@ -190,8 +199,11 @@ def norm_bounds(group, where):
 
 
 def _number(name, value, where):
-    if isinstance(value, torch.Tensor) and value.ndim == 0:
-        value = value.item()
+    # Python numbers only: constraints are read at every call, and a tensor's value would cost a
+    # host sync (and a graph break under torch.compile) each time.
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"fastreg: {name} ({where}) must be a Python number, got a tensor; assign a new number "
+                        "through reg.param_groups to change it")
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or value == math.inf:
         raise ValueError(f"fastreg: {name} ({where}) must be a finite number >= 0, got {value!r}")
     return float(value)

@@ -131,6 +131,10 @@ class Penalty:
             g.pop("source", None)
             g.pop("belongs", None)
         self.param_groups = groups
+        keys = [_settings.key_of(i, g) for i, g in enumerate(groups)]
+        if len(set(map(_settings.hashable, keys))) != len(keys):
+            raise ValueError("fastreg: two rules have the same selector; values() keys each param group by its "
+                             "selector, so selectors must differ (merge the rules)")
         self._plan.coefficients()  # bad coefficients are an error now, not at the first step
         self._attached = weakref.WeakKeyDictionary()  # optimizer -> its live attach handle
 
@@ -138,11 +142,14 @@ class Penalty:
         values = [g[key] for g in self.param_groups]
         same = all(v is values[0] or (not isinstance(v, torch.Tensor) and v == values[0]) for v in values)
         if not same:
-            raise AttributeError(f"fastreg: the param groups have different {key}; read reg.param_groups[i][{key!r}]")
+            raise AttributeError(f"fastreg: the param groups have different {key}; use reg.param_groups[i][{key!r}]")
         return values[0] if values else self.defaults[key]
 
     def _set_all(self, key, value):
+        """``reg.l2 = v``: every param group's, only when they all share one value (else a
+        no-decay group would silently start decaying: set ``reg.param_groups[i][key]``)."""
         _coefficients.check(key, value)
+        self._common(key)
         for g in self.param_groups:
             g[key] = value
 
@@ -181,8 +188,11 @@ class Penalty:
         """Each param group's value, from the same pass: ``{key: 0-dim tensor}``, the key being
         the group's index, or its rule's selector as written; they add up to ``reg()``.
         Differentiable, like ``reg()``."""
-        totals = _operations.values(self._plan.current(), self.coefficients())
-        return self._keyed(totals)
+        return self._keyed(self._value_list())
+
+    def _value_list(self):
+        """Each param group's value (None for one without tensors), in group order."""
+        return _operations.values(self._plan.current(), self.coefficients())
 
     def _keyed(self, totals):
         zero = torch.zeros((), dtype=self._plan.result_dtype)
@@ -203,9 +213,12 @@ class Penalty:
 
     def _add_to_grad(self):
         """``(value, per-group values)`` of ``add_to_grad_``."""
-        plan = self._plan.current()
-        totals = _operations.add_to_grad(plan, self.coefficients())
-        return _operations.total(plan, totals).detach(), totals
+        totals = _operations.add_to_grad(self._plan.current(), self.coefficients())
+        return self._total(totals).detach(), totals
+
+    def _total(self, totals):
+        """The penalty from per-group values, in group order."""
+        return _operations.total(self._plan, totals)
 
     def prox_(self, lr):
         """The proximal step of the penalty and its constraints for step size ``lr``, in place,

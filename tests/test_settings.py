@@ -380,3 +380,73 @@ def test_a_center_mapping_that_names_no_parameter_warns():
     model = _mlp()
     with pytest.warns(UserWarning, match="names none of the regularized parameters"):
         fastreg.Penalty([{"params": model[2], "l2": 0.1, "center": {"2.weight": model[2].weight.detach()}}])
+
+
+# ------------------------------------------------------------------------------------------
+# What a demanding user runs into (each found in review)
+
+
+def test_a_coupling_across_param_groups_needs_one_l2_and_one_norm_bound():
+    a, b = torch.ones(3, 1, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64)
+    groups = [{"params": [("a", a)], "l1": 0.1}, {"params": [("b", b)], "l2": 1.0}]
+    with pytest.raises(ValueError, match=r"coupled\[0\] joins parameters of param group 0 and param group 1"):
+        fastreg.Penalty(groups, group=0.5, coupled=[[("a", 0), ("b", 1)]])
+    groups[1]["l2"] = 0.0  # one l2 (l1 may differ: it acts per element)
+    reg = fastreg.Penalty(groups, group=0.5, coupled=[[("a", 0), ("b", 1)]])
+    reg.prox_(1.0)
+    s = torch.full((3,), 0.9, dtype=torch.float64)  # a's l1 shrinks its slice; b's is 1
+    norms = (s.square() + 1).sqrt()
+    torch.testing.assert_close(a[:, 0], s * (1 - 0.5 / norms), rtol=1e-12, atol=0)
+
+
+def test_coupled_names_held_by_several_param_groups_are_an_error():
+    model = _mlp()
+    with pytest.raises(ValueError, match="several param groups hold"):
+        fastreg.Penalty([{"params": model[0]}, {"params": model[2]}], group=0.1, coupled=[[("weight", 0)]])
+
+
+def test_a_coupled_parameter_may_change_dtype():
+    model = _mlp()
+    coupled = [[("0.weight", 0), ("0.bias", 0), ("2.weight", 1)]]
+    reg = fastreg.Penalty(model, group=0.3, coupled=coupled)
+    model[2].bias.data = model[2].bias.data.float()
+    model[0].bias.data = model[0].bias.data.float()
+    w1, b1, w2 = (p.detach().double() for p in (model[0].weight, model[0].bias, model[2].weight))
+    expected = 0.3 * torch.cat([w1, b1[:, None], w2.t()], dim=1).norm(dim=1).sum()
+    torch.testing.assert_close(reg().double(), expected, rtol=1e-6, atol=0)
+
+
+def test_param_groups_are_fixed_except_their_coefficients():
+    model = _mlp()
+    reg = fastreg.Penalty([{"params": [model[0].weight]}, {"params": [model[2].weight], "l2": 0.0}], l2=0.1)
+    with pytest.raises(AttributeError, match="different l2"):
+        reg.l2 = 0.05  # would make the no-decay group decay
+    reg.param_groups[0]["params"].append(model[0].bias)
+    with pytest.raises(ValueError, match="params of param group 0 changed"):
+        reg()
+    reg.param_groups[0]["params"].pop()
+    reg.param_groups.append({"params": [model[2].bias], "l2": 0.1})
+    with pytest.raises(ValueError, match="built with 2 param groups and now has 3"):
+        reg()
+
+
+def test_a_sequence_center_aligns_with_the_module_under_rules():
+    model = _mlp()
+    centers = [p.detach() + 1 for p in model.parameters()]
+    reg = fastreg.Penalty(model, l2=0.1, center=centers, rules=[("2.*", {"l2": 0.2})])
+    expected = sum((0.2 if n.startswith("2.") else 0.1) * 1.0 * p.numel() for n, p in model.named_parameters())
+    torch.testing.assert_close(reg().item(), expected, rtol=1e-12, atol=0)
+
+
+def test_constraints_take_python_numbers_and_selectors_are_unique():
+    model = _mlp()
+    with pytest.raises(TypeError, match="must be a Python number"):
+        fastreg.Penalty(model, max_norm=torch.tensor(1.0))
+    with pytest.raises(ValueError, match="same selector"):
+        fastreg.Penalty(model, rules=[("0.*", {"l2": 0.1}), ("0.*", {"l1": 0.1})])
+
+
+def test_explain_shows_a_constrained_bias_as_one_whole_group():
+    model = _mlp()
+    text = fastreg.Penalty(model, unit_norm=True).explain()
+    assert "1 (whole tensor)" in text and "none (ndim < 2)" not in text
