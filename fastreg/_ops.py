@@ -30,7 +30,8 @@ import torch
 
 from fastreg import _dispatch
 from fastreg.backends import _workspace
-from fastreg.backends._geometry import NO_GROUPS, Groups, acc_dtype, as_groups, group_sizes, logical_groups
+from fastreg.backends._geometry import (NO_GROUPS, Groups, acc_dtype, as_groups, group_sizes, logical_groups,
+                                        scale_groups)
 from fastreg.backends._terms import SUMS, Gradient, Sum, as_table
 
 
@@ -167,7 +168,7 @@ def _sums_backward_backward(ctx, grad_outputs):
             dim, size = groups.dims[i], groups.sizes[i]
             if dim == NO_GROUPS:
                 continue
-            grad_params[i] = grad_params[i] + _by_group(v, dim, size, scale[start:start + n].to(v.dtype))
+            grad_params[i] = grad_params[i] + scale_groups(v, dim, size, scale[start:start + n].to(v.dtype))
             per_group.append(logical_groups((d * v).to(acc), dim, size).sum(dim=1))
             start += n
         grad_scale = torch.cat(per_group) if per_group else scale.new_zeros(0)
@@ -175,13 +176,6 @@ def _sums_backward_backward(ctx, grad_outputs):
     grad_coeffs = torch.stack([sign_dot, 2 * value_dot, torch.zeros_like(sign_dot)], dim=1)[:, :coeffs.shape[1]]
     grad_coeffs = grad_coeffs.to(coeffs.dtype)
     return grad_params, [None] * len(centers), None, None, grad_coeffs, grad_scale, None, None
-
-
-def _by_group(x, dim, size, per_group):
-    """``per_group[g] · x_g`` for every element (differentiable torch ops)."""
-    if dim < 0:  # WHOLE
-        return x * per_group[0]
-    return (x.movedim(dim, -1) * per_group.repeat_interleave(size)).movedim(-1, dim)
 
 
 sums_backward.register_autograd(_sums_backward_backward, setup_context=_sums_backward_setup_context)

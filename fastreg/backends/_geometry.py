@@ -119,6 +119,16 @@ def logical_groups(tensor, dim, size=1):
     return tensor.movedim(dim, 0).reshape(groups, math.prod(tensor.shape) // max(groups, 1))
 
 
+def scale_groups(x, dim, size, per_group):
+    """``per_group[g] · x_g`` for every element of ``x`` (structure ``(dim, size)``; torch ops,
+    differentiable): the torch backend's update and the op's second derivative."""
+    if dim == WHOLE:
+        return x * per_group[0]
+    if size > 1:
+        per_group = per_group.repeat_interleave(size)
+    return (x.movedim(dim, -1) * per_group).movedim(-1, dim)
+
+
 ROW_ELEMS = 4096  # rows reduced by one thread each: bitwise the same for any thread count
 
 

@@ -27,8 +27,8 @@ import torch
 from torch._utils import _flatten_dense_tensors
 from torch.nn.utils.rnn import pad_sequence
 
-from fastreg.backends._geometry import (NO_GROUPS, ROW_ELEMS, WHOLE, acc_dtype, as_groups, fixed_order_sum,
-                                        group_sizes, logical_groups)
+from fastreg.backends._geometry import (NO_GROUPS, ROW_ELEMS, acc_dtype, as_groups, fixed_order_sum, group_sizes,
+                                        logical_groups, scale_groups)
 from fastreg.backends._terms import SUMS, Gradient, Prox, as_table, prox_group_factor
 
 NAME = "torch"
@@ -205,19 +205,10 @@ def _differences(params, centers, acc):
     return ds
 
 
-def _by_group(d, dim, size, per_group):
-    """``per_group[g] * d_g`` for every element (``per_group``: one value per group)."""
-    if dim == WHOLE:
-        return d * per_group[0]
-    if size > 1:
-        per_group = per_group.repeat_interleave(size)
-    return (d.movedim(dim, -1) * per_group).movedim(-1, dim)
-
-
 def _gradient(d, c1, two_c2, dim, size, per_group):
     grad = torch.sign(d).mul_(c1).add_(d * two_c2)
     if per_group is not None:
-        grad.add_(_by_group(d, dim, size, per_group))
+        grad.add_(scale_groups(d, dim, size, per_group))
     return grad
 
 
@@ -289,7 +280,7 @@ def prox_(params, centers, groups, coeffs, group_norms, workspace=None):
                     n = (n.double().sum(dim=1) if n.ndim == 2 else n.double()).sqrt().to(acc)
                 factor = prox_group_factor(n, row[Prox.GROUP_THRESHOLD], row[Prox.DENOMINATOR], row[Prox.MIN_NORM],
                                            row[Prox.MAX_NORM])
-                s = _by_group(s, dim, size, factor)
+                s = scale_groups(s, dim, size, factor)
             else:
                 s = s / row[Prox.DENOMINATOR]
             if c is not None:
