@@ -297,3 +297,37 @@ def _center_worker(rank):
 
 def test_centers_on_sharded_parameters(tmp_path):
     _run(_center_worker, tmp_path)
+
+
+def _settings_worker(rank):
+    # Param groups over sharded parameters: each group's global value comes from the one
+    # collective, and a constrained 1-D tensor is constrained as a whole across its shards.
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    full = _full_params()
+    names = sorted(full)
+    first, rest = names[: len(names) // 2], names[len(names) // 2:]
+
+    def groups(tensors):
+        return [{"params": [(n, tensors[n]) for n in first], "l1": L1, "group": GROUP, "group_dim": 1},
+                {"params": [(n, tensors[n]) for n in rest], "l2": L2, "group": GROUP / 2}]
+
+    expected = {k: v.detach() for k, v in fastreg.Penalty(groups(full)).values().items()}
+    params = _sharded_params(mesh)
+    values = fastreg.Penalty(groups(params)).values()
+    for key in expected:
+        torch.testing.assert_close(values[key].detach(), expected[key], rtol=1e-12, atol=0)
+
+    params = _sharded_params(mesh)
+    vectors = [n for n in names if full[n].ndim == 1 and not n.startswith("replicated")]
+    fastreg.Penalty([(n, params[n]) for n in vectors], unit_norm=True).prox_(LR)
+    for n in vectors:
+        local = params[n].to_local().detach()
+        squared = local.square().sum()
+        dist.all_reduce(squared)
+        torch.testing.assert_close(squared.sqrt().item(), 1.0, rtol=1e-12, atol=0, msg=n)
+
+
+def test_param_groups_and_constraints_on_sharded_parameters(tmp_path):
+    _run(_settings_worker, tmp_path)
