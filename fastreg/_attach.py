@@ -16,7 +16,7 @@ import weakref
 
 import torch
 
-from fastreg import _operations
+from fastreg import _operations, _preconditioners
 
 MODES = ("grad", "prox")
 
@@ -86,7 +86,10 @@ class AttachHandle:
         return f"AttachHandle(mode={self.mode!r}, {state}, steps={self._steps})"
 
 
-def attach(penalty, optimizer, mode):
+METRICS = ("optimizer", "euclidean")
+
+
+def attach(penalty, optimizer, mode, metric="optimizer"):
     if not isinstance(optimizer, torch.optim.Optimizer):
         inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps one
         if not isinstance(inner, torch.optim.Optimizer):
@@ -95,6 +98,11 @@ def attach(penalty, optimizer, mode):
     if mode not in MODES:
         raise ValueError(f"fastreg: attach mode must be 'grad' (add the gradient before each step) or 'prox' "
                          f"(a proximal step after each step), got {mode!r}")
+    if metric not in METRICS:
+        raise ValueError(f"fastreg: attach metric must be 'optimizer' (the proximal step in the optimizer's own "
+                         f"metric) or 'euclidean', got {metric!r}")
+    if mode == "prox" and metric == "optimizer":
+        _preconditioners.check_supported(optimizer)
     existing = penalty._attached.get(optimizer)
     if existing is not None and existing.attached:
         raise RuntimeError(f"fastreg: this penalty is already attached to this optimizer (mode={existing.mode!r}); "
@@ -119,7 +127,12 @@ def attach(penalty, optimizer, mode):
                 if not (lr > 0 and math.isfinite(lr)):
                     raise ValueError(f"fastreg: attach(mode='prox') needs finite lr >= 0 in every param group, "
                                      f"got {lr!r}")
-                _operations.prox(plan.current(), penalty.coefficients(), lr)
+                step_metric = None
+                if metric == "optimizer" and not isinstance(optimizer, torch.optim.SGD):
+                    plan = plan.current()
+                    step_metric = {id(t): _preconditioners.metric(optimizer, group, t) for t in plan.tensors}
+                    lr = _preconditioners.step_size(optimizer, group, plan.tensors[0]) if plan.tensors else lr
+                _operations.prox(plan.current(), penalty.coefficients(), lr, step_metric)
             handle._steps += 1
 
         handle._hook = optimizer.register_step_post_hook(after_step)

@@ -68,17 +68,35 @@ def add_to_grad(plan, coefficients):
     return totals
 
 
-def prox(plan, coefficients, lr):
-    """The proximal step for step size ``lr``, in place, under no_grad."""
+def prox(plan, coefficients, lr, metric=None):
+    """The proximal step for step size ``lr``, in place, under no_grad. ``metric``: None
+    (Euclidean), or ``{id(parameter): D}`` (a diagonal preconditioner per parameter; a parameter
+    absent from it gets D = 1): the step ``argmin ½‖x − y‖²_D + lr·R(x)``."""
+    if metric is not None:
+        _check_metric_step(plan, coefficients)
     call = plan.call(coefficients, PROX, lr)
     with torch.no_grad():
         plan.check_in_place_once()
         coupled = _coupled_norms(plan, call, coefficients, shrink=True)
         for kg, (groups, table) in zip(plan.local, call):
             norms = coupled[id(kg)][1] if id(kg) in coupled else None
-            _ops.prox_(plan.backend, kg.tensors, kg.centers, groups, table, norms, kg.workspace)
+            step_metric = None if metric is None else [metric.get(id(t)) for t in kg.tensors]
+            _ops.prox_(plan.backend, kg.tensors, kg.centers, groups, table, norms, kg.workspace, step_metric)
         for part in plan.meshes:
             _sharded.prox(plan, part, call)
+
+
+def _check_metric_step(plan, coefficients):
+    """What the step in a metric does not offer yet: errors naming why, never another step."""
+    if plan.meshes:
+        raise NotImplementedError("fastreg: the proximal step in an optimizer's metric does not support sharded "
+                                  "parameters yet; use metric='euclidean'")
+    if plan.couplings:
+        raise NotImplementedError("fastreg: the proximal step in an optimizer's metric does not support coupled "
+                                  "groups yet; use metric='euclidean'")
+    if any(c.min_norm > 0 for c in coefficients):
+        raise ValueError("fastreg: a lower norm bound (min_max_norm / unit_norm) has no exact proximal step in an "
+                         "optimizer's metric (a non-convex trust-region problem); use metric='euclidean'")
 
 
 def _coupling_pieces(plan, groups_of):

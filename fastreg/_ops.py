@@ -252,12 +252,20 @@ def add_grad_(backend, params, grads, centers, groups, coeffs, group_norms=None,
     return result
 
 
-def prox_(backend, params, centers, groups, coeffs, group_norms=None, workspace=None):
-    """The proximal step, in place on ``params``; bumps their version counters."""
+def prox_(backend, params, centers, groups, coeffs, group_norms=None, workspace=None, metric=None):
+    """The proximal step, in place on ``params``; bumps their version counters. ``metric``: one
+    tensor per param (its diagonal preconditioner D, broadcastable to it) for the step in that
+    metric, or None (Euclidean). A backend without the metric step in its kernels
+    (``METRIC_PROX`` false) hands it to the torch backend, whose step is the reference."""
     kernels = _dispatch.backend_for(backend, params[0].device)
+    if metric is not None and not getattr(kernels, "METRIC_PROX", False):
+        kernels = _dispatch.backend("torch")
     if not kernels.VERSIONS_BUMPED:
         _check_writable(params)
-    kernels.prox_(params, centers, groups, coeffs, group_norms, workspace=workspace)
+    if metric is not None:
+        kernels.prox_(params, centers, groups, coeffs, group_norms, workspace=workspace, metric=metric)
+    else:
+        kernels.prox_(params, centers, groups, coeffs, group_norms, workspace=workspace)
     if not kernels.VERSIONS_BUMPED:
         torch.autograd.graph.increment_version(params)
 

@@ -220,9 +220,18 @@ class Penalty:
         """The penalty from per-group values, in group order."""
         return _operations.total(self._plan, totals)
 
-    def prox_(self, lr):
+    def prox_(self, lr, metric=None):
         """The proximal step of the penalty and its constraints for step size ``lr``, in place,
         under no_grad.
+
+        ``metric``: None (the Euclidean step below), or each parameter's diagonal preconditioner
+        ``D`` (a mapping from parameters, or their names, to positive tensors of their shape;
+        or a sequence aligned with ``named_parameters()``): the step ``argmin ½‖x − y‖²_D +
+        lr·R(x)`` whose fixed points under an adaptive optimizer solve ``loss + R``
+        (``attach(optimizer, mode="prox")`` passes the optimizer's own D). Closed forms per
+        coordinate (threshold ``lr·l1/D``, divisor ``1 + 2·lr·l2/D``); a group's norm solved by a
+        safeguarded Newton iteration to float64 precision; ``max_norm`` and ``nonneg`` in the
+        same metric (a lower norm bound → ``ValueError``).
 
         With ``s = sign(d)·max(|d| − lr·l1, 0)`` (``max(d − lr·l1, 0)`` with ``nonneg``):
         ``w = c + f_g·s`` with ``f_g = clip((‖s_g‖ − lr·group)/(1 + 2·lr·l2), lo, hi)/‖s_g‖``
@@ -233,9 +242,10 @@ class Penalty:
         is *not* also in the loss. Sharded parameters are updated shard by shard; only strided
         groups of sharded parameters need communication (one all-reduce).
         """
-        _operations.prox(self._plan.current(), self.coefficients(), _checked_lr(lr))
+        plan = self._plan.current()
+        _operations.prox(plan, self.coefficients(), _checked_lr(lr), _checked_metric(plan, metric))
 
-    def attach(self, optimizer, mode="grad"):
+    def attach(self, optimizer, mode="grad", metric="optimizer"):
         """Apply the penalty inside ``optimizer.step()``: no line in the training loop.
 
         ``mode="grad"``: right before every step, ``add_to_grad_()`` — after gradient clipping
@@ -244,13 +254,18 @@ class Penalty:
         ``mode="prox"``: right after every step, ``prox_`` with the learning rate each
         parameter's own param group has at that step (schedulers, per-group lrs; a group at
         lr 0 is left alone). Every selected parameter must be in one of the optimizer's groups.
+        ``metric="optimizer"`` (the default) steps in the optimizer's own diagonal metric (Adam,
+        AdamW, Adagrad, RMSprop; SGD's is the identity), whose fixed points solve ``loss +
+        penalty`` (``fastreg._preconditioners``); ``metric="euclidean"`` is the plain step
+        (AdamW's decoupled style: its fixed points are a gradient-reweighted penalty under an
+        adaptive optimizer).
 
         Works with anything that ends in ``optimizer.step()`` (Hugging Face ``Trainer``,
         Lightning, accelerate's wrapped optimizers). Returns a handle: ``handle.remove()``,
         ``handle.last_value`` (the penalty at the latest step, detached; None before the first)
         and ``handle.last_values`` (each param group's, as ``values()``).
         """
-        return _attach.attach(self, optimizer, mode)
+        return _attach.attach(self, optimizer, mode, metric)
 
     # Inspection.
 
@@ -261,6 +276,42 @@ class Penalty:
 
     def __repr__(self):
         return _explain.describe(self._plan, self.param_groups)
+
+
+def _checked_metric(plan, metric):
+    """``metric`` as ``{id(parameter): D}`` (None: Euclidean), checked against each parameter."""
+    if metric is None:
+        return None
+    named = list(zip(plan.names, plan.tensors))
+    if isinstance(metric, dict):
+        by_id = {id(t): (n, t) for n, t in named}
+        by_name = dict(named)
+        pairs = []
+        for key, value in metric.items():
+            tensor = by_name.get(key) if isinstance(key, str) else (key if id(key) in by_id else None)
+            if tensor is None:
+                raise ValueError(f"fastreg: metric names {key if isinstance(key, str) else 'a tensor'!r}, which is not "
+                                 "a regularized parameter of this penalty")
+            pairs.append((tensor, value))
+    else:
+        values = list(metric)
+        if len(values) != len(named):
+            raise ValueError(f"fastreg: metric has {len(values)} tensors; expected one per regularized parameter "
+                             f"({len(named)})")
+        pairs = [(t, v) for (_, t), v in zip(named, values)]
+    name_of = {id(t): n for n, t in named}
+    checked = {}
+    for tensor, value in pairs:
+        if value is None:
+            continue
+        name = name_of[id(tensor)]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise TypeError(f"fastreg: the metric of parameter {name!r} must be a floating-point tensor")
+        if value.device != tensor.device or torch.broadcast_shapes(value.shape, tensor.shape) != tensor.shape:
+            raise ValueError(f"fastreg: the metric of parameter {name!r} has shape {tuple(value.shape)} on "
+                             f"{value.device}; the parameter {tuple(tensor.shape)} on {tensor.device}")
+        checked[id(tensor)] = value
+    return checked
 
 
 def _checked_lr(lr):

@@ -1,0 +1,85 @@
+"""The proximal step in a diagonal metric (an optimizer's preconditioner D): for one group,
+``argmin ½‖x − y‖²_D + t1‖x‖₁ + t2‖x‖² + t3‖x‖`` subject to ``‖x‖ <= hi`` (and ``x >= 0``), the
+torch backend's closed forms and root-finding against scipy's SLSQP in float64 (as
+tests/test_prox_exact.py does for D = I), and D = I against the Euclidean step bitwise-close."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastreg.backends import torch as torch_backend
+from fastreg.backends._geometry import NO_GROUPS, WHOLE, Groups
+from fastreg.backends._terms import Prox
+
+optimize = pytest.importorskip("scipy.optimize")
+
+TERMS = {"l1": (0.3, 0.0, 0.0), "l2": (0.0, 0.4, 0.0), "group": (0.0, 0.0, 0.8), "all": (0.3, 0.4, 0.8)}
+CONSTRAINTS = {"free": (math.inf, False), "max_norm": (0.7, False), "nonneg": (math.inf, True),
+               "nonneg+max_norm": (0.7, True)}
+
+
+def _row(t1, t2, t3, hi, nonneg):
+    row = torch.zeros(len(Prox), dtype=torch.float64)
+    row[Prox.THRESHOLD], row[Prox.DENOMINATOR], row[Prox.GROUP_THRESHOLD] = t1, 1 + 2 * t2, t3
+    row[Prox.MAX_NORM], row[Prox.NONNEG] = hi, float(nonneg)
+    return row
+
+
+def _objective(x, y, d, t1, t2, t3):
+    return 0.5 * np.sum(d * (x - y) ** 2) + t1 * np.abs(x).sum() + t2 * np.sum(x * x) + t3 * np.linalg.norm(x)
+
+
+def _solve(y, d, t1, t2, t3, hi, nonneg, starts):
+    n = len(y)
+
+    def f(z):
+        x = z[:n] - z[n:]
+        return 0.5 * np.sum(d * (x - y) ** 2) + t1 * z.sum() + t2 * np.sum(x * x) + t3 * math.sqrt(np.sum(x * x) + 1e-30)
+
+    constraints = [{"type": "ineq", "fun": lambda z: hi ** 2 - np.sum((z[:n] - z[n:]) ** 2)}] if hi < math.inf else []
+    bounds = [(0, None)] * n + [(0, 0) if nonneg else (0, None)] * n
+    best = None
+    for start in starts:
+        z0 = np.concatenate([np.maximum(start, 0), np.zeros(n) if nonneg else np.maximum(-start, 0)])
+        x = optimize.minimize(f, z0, method="SLSQP", bounds=bounds, constraints=constraints,
+                              options={"ftol": 1e-15, "maxiter": 2000}).x
+        x = x[:n] - x[n:]
+        norm = np.linalg.norm(x)
+        if norm > hi:
+            x = x * hi / norm  # the solver's small violations removed
+        if best is None or _objective(x, y, d, t1, t2, t3) < _objective(best, y, d, t1, t2, t3):
+            best = x
+    return best
+
+
+@pytest.mark.parametrize("terms, constraint", list(itertools.product(TERMS, CONSTRAINTS)))
+def test_the_metric_step_is_the_argmin(terms, constraint):
+    t1, t2, t3 = TERMS[terms]
+    hi, nonneg = CONSTRAINTS[constraint]
+    rng = np.random.default_rng(3)
+    for scale in (0.3, 1.0, 3.0):
+        y = rng.normal(size=5) * scale
+        d = np.exp(rng.normal(size=5))  # a preconditioner spanning an order of magnitude
+        w = torch.tensor(y)[None, :].clone()
+        torch_backend.prox_([w], None, Groups((WHOLE,), (1,)), _row(t1, t2, t3, hi, nonneg), None,
+                            metric=[torch.tensor(d)[None, :]])
+        x = w[0].numpy()
+        best = _objective(x, y, d, t1, t2, t3)
+        numeric = _solve(y, d, t1, t2, t3, hi, nonneg, [x + rng.normal(size=5) * 0.3 for _ in range(3)] + [y])
+        assert best <= _objective(numeric, y, d, t1, t2, t3) + 1e-10
+        np.testing.assert_allclose(x, numeric, atol=2e-4)
+        assert np.linalg.norm(x) <= hi * (1 + 1e-12) and (not nonneg or (x >= 0).all())
+
+
+@pytest.mark.parametrize("dim", [NO_GROUPS, 0, 1, WHOLE])
+def test_an_identity_metric_is_the_euclidean_step(dim):
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, dtype=torch.float64) * 2
+    v = w.clone()
+    row = _row(0.1, 0.1, 0.8, 0.9, False)
+    torch_backend.prox_([w], None, Groups((dim,), (2 if dim == 0 else 1,)), row, None)
+    torch_backend.prox_([v], None, Groups((dim,), (2 if dim == 0 else 1,)), row, None, metric=[torch.ones_like(v)])
+    torch.testing.assert_close(v, w, rtol=1e-13, atol=1e-15)
