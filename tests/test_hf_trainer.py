@@ -76,3 +76,18 @@ def test_attach_prox_in_trainer_gives_exact_zeros(tmp_path):
     initial = tiny_bert().bert.embeddings.word_embeddings.weight
     assert (embeddings == 0).sum() == (initial == 0).sum()  # excluded by the "embeddings" preset (padding row only)
     assert handle.last_value is not None
+
+
+def test_attach_prox_with_adamw_in_trainer_steps_in_its_metric(tmp_path):
+    # AdamW inside the real Trainer: the proximal step in AdamW's own metric (threshold
+    # lr·l1/D per coordinate) gives exact zeros, and differs from the Euclidean step by name.
+    results = {}
+    for metric in ("optimizer", "euclidean"):
+        model = tiny_bert()
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+        reg = fastreg.Penalty(model, l1=1e-3, exclude=["bias_and_norm", "embeddings"])
+        reg.attach(adamw, mode="prox", metric=metric)
+        train(model, adamw, tmp_path / metric)
+        results[metric] = fastreg.sparsity(model, exclude=["bias_and_norm", "embeddings"])
+    assert results["optimizer"].zeros > 0.05 * results["optimizer"].numel
+    assert results["optimizer"].zeros != results["euclidean"].zeros
