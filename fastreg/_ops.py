@@ -254,8 +254,7 @@ def add_grad_(backend, params, grads, centers, groups, coeffs, group_norms=None,
 
 def prox_(backend, params, centers, groups, coeffs, group_norms=None, workspace=None, metric=None):
     """The proximal step, in place on ``params``; bumps their version counters. ``metric``: one
-    tensor per param (its diagonal preconditioner D, broadcastable to it) for the step in that
-    metric, or None (Euclidean). A backend without the metric step in its kernels
+    ``_terms.Metric`` (or None: D = 1) per param for the step in that metric, or None (Euclidean). A backend without the metric step in its kernels
     (``METRIC_PROX`` false) hands it to the torch backend, whose step is the reference."""
     kernels = _dispatch.backend_for(backend, params[0].device)
     if metric is not None and not getattr(kernels, "METRIC_PROX", False):

@@ -21,6 +21,8 @@ have no metric that makes the fixed point right: a ``ValueError`` saying so.
 
 import torch
 
+from fastreg.backends._terms import Metric
+
 SUPPORTED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.RMSprop)
 
 
@@ -48,7 +50,8 @@ def step_size(optimizer, group, param):
 
 
 def metric(optimizer, group, param):
-    """The tensor D of ``param`` (None: the Euclidean step), from the state its last step left."""
+    """The ``Metric`` of ``param`` (None: the Euclidean step): the optimizer's state as it is,
+    with the scalars that make it D (nothing is copied)."""
     if isinstance(optimizer, torch.optim.SGD):
         return None
     state = optimizer.state.get(param)
@@ -56,17 +59,12 @@ def metric(optimizer, group, param):
         raise ValueError(f"fastreg: {type(optimizer).__name__} has no state for a parameter of shape "
                          f"{tuple(param.shape)} yet (no step has updated it): the metric step needs it")
     eps = group["eps"]
-    with torch.no_grad():
-        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-            correction = 1 - group["betas"][1] ** _step(state, param)
-            return (v / correction).sqrt().add_(eps)
-        if isinstance(optimizer, torch.optim.Adagrad):
-            return state["sum"].sqrt().add_(eps)
-        v = state["square_avg"]
-        if group.get("centered"):
-            v = v - state["grad_avg"] * state["grad_avg"]
-        return v.sqrt().add_(eps)
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+        return Metric(v, 1 / (1 - group["betas"][1] ** _step(state, param)), eps)
+    if isinstance(optimizer, torch.optim.Adagrad):
+        return Metric(state["sum"], 1.0, eps)
+    return Metric(state["square_avg"], 1.0, eps, centered=state["grad_avg"] if group.get("centered") else None)
 
 
 def _step(state, param):

@@ -19,6 +19,7 @@ import torch
 
 from fastreg import _attach, _coefficients, _dispatch, _explain, _one_call, _operations, _settings
 from fastreg._plan import Plan
+from fastreg.backends._terms import Metric
 
 
 def available_backends():
@@ -310,7 +311,7 @@ def _checked_metric(plan, metric):
         if value.device != tensor.device or torch.broadcast_shapes(value.shape, tensor.shape) != tensor.shape:
             raise ValueError(f"fastreg: the metric of parameter {name!r} has shape {tuple(value.shape)} on "
                              f"{value.device}; the parameter {tuple(tensor.shape)} on {tensor.device}")
-        checked[id(tensor)] = value
+        checked[id(tensor)] = Metric(value.detach(), root=False)
     return checked
 
 

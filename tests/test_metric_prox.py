@@ -12,7 +12,7 @@ import torch
 
 from fastreg.backends import torch as torch_backend
 from fastreg.backends._geometry import NO_GROUPS, WHOLE, Groups
-from fastreg.backends._terms import Prox
+from fastreg.backends._terms import Metric, Prox
 
 optimize = pytest.importorskip("scipy.optimize")
 
@@ -65,7 +65,7 @@ def test_the_metric_step_is_the_argmin(terms, constraint):
         d = np.exp(rng.normal(size=5))  # a preconditioner spanning an order of magnitude
         w = torch.tensor(y)[None, :].clone()
         torch_backend.prox_([w], None, Groups((WHOLE,), (1,)), _row(t1, t2, t3, hi, nonneg), None,
-                            metric=[torch.tensor(d)[None, :]])
+                            metric=[Metric(torch.tensor(d)[None, :], root=False)])
         x = w[0].numpy()
         best = _objective(x, y, d, t1, t2, t3)
         numeric = _solve(y, d, t1, t2, t3, hi, nonneg, [x + rng.normal(size=5) * 0.3 for _ in range(3)] + [y])
@@ -81,5 +81,28 @@ def test_an_identity_metric_is_the_euclidean_step(dim):
     v = w.clone()
     row = _row(0.1, 0.1, 0.8, 0.9, False)
     torch_backend.prox_([w], None, Groups((dim,), (2 if dim == 0 else 1,)), row, None)
-    torch_backend.prox_([v], None, Groups((dim,), (2 if dim == 0 else 1,)), row, None, metric=[torch.ones_like(v)])
+    torch_backend.prox_([v], None, Groups((dim,), (2 if dim == 0 else 1,)), row, None,
+                        metric=[Metric(torch.ones_like(v), root=False)])
     torch.testing.assert_close(v, w, rtol=1e-13, atol=1e-15)
+
+
+def test_prox_takes_a_metric_per_parameter_by_tensor_name_or_position():
+    import fastreg
+
+    torch.manual_seed(1)
+    a, b = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    d_a, d_b = torch.rand(4, 3, dtype=torch.float64) + 0.5, torch.rand(5, dtype=torch.float64) + 0.5
+    results = []
+    for metric in ({"a": d_a, "b": d_b}, {a: d_a, b: d_b}, [d_a, d_b]):
+        x, y = a.clone(), b.clone()
+        reg = fastreg.Penalty([("a", x), ("b", y)], l1=0.2)
+        reg.prox_(0.5, metric=metric if not isinstance(metric, dict) or "a" in metric else {x: d_a, y: d_b})
+        results.append((x, y))
+    for x, y in results:  # per coordinate: the threshold lr·l1/D
+        torch.testing.assert_close(x, torch.sign(a) * (a.abs() - 0.1 / d_a).clamp(min=0), rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(y, torch.sign(b) * (b.abs() - 0.1 / d_b).clamp(min=0), rtol=1e-13, atol=1e-15)
+    reg = fastreg.Penalty([("a", a)], l1=0.2)
+    with pytest.raises(ValueError, match="metric of parameter 'a' has shape"):
+        reg.prox_(0.5, metric={"a": torch.ones(3, 4, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="lower norm bound"):
+        fastreg.Penalty([("a", a)], unit_norm=True).prox_(0.5, metric={"a": d_a})

@@ -26,6 +26,7 @@ Adding a term: a slot here, its sum and gradient in each backend's term maths (`
 """
 
 from enum import IntEnum
+from typing import NamedTuple
 
 import torch
 
@@ -54,6 +55,27 @@ class Prox(IntEnum):
 SUMS = len(Sum)
 GRADIENT_SLOTS = len(Gradient)
 PROX_SLOTS = len(Prox)
+
+
+class Metric(NamedTuple):
+    """One tensor's diagonal metric for ``prox_(..., metric=...)``, read where it lives (an
+    optimizer's state is never copied): ``D = √((v − centered²)·scale) + eps``, or ``D = v``
+    with ``root=False`` (a metric given as it is)."""
+
+    v: torch.Tensor
+    scale: float = 1.0
+    eps: float = 0.0
+    root: bool = True
+    centered: torch.Tensor | None = None  # RMSprop(centered=True): its running mean of g
+
+    def tensor(self, dtype):
+        """D as a tensor of ``dtype`` (the torch backend's reference step builds it)."""
+        v = self.v.to(dtype)
+        if not self.root:
+            return v
+        if self.centered is not None:
+            v = v - self.centered.to(dtype).square()
+        return (v * self.scale).sqrt_().add_(self.eps)
 
 
 # The value of each slot when a caller gives fewer (a short vector is a uniform table).

@@ -310,11 +310,12 @@ def prox_(params, centers, groups, coeffs, group_norms, workspace=None, metric=N
 
 
 def _metric_prox(p, c, d_metric, row, dim, size):
+    """One tensor's step in the metric ``d_metric`` (a ``_terms.Metric``, or None: D = 1)."""
     acc = row.dtype
     y = p.to(torch.float64, copy=True)
     if c is not None:
         y.sub_(c)
-    D = torch.ones_like(y) if d_metric is None else d_metric.to(torch.float64).expand_as(y)
+    D = torch.ones_like(y) if d_metric is None else d_metric.tensor(torch.float64).expand_as(y)
     t1, c2 = row[Prox.THRESHOLD].double(), row[Prox.DENOMINATOR].double() - 1
     nonneg = row[Prox.NONNEG] != 0
     magnitude = torch.where(nonneg, y.clamp(min=0), y.abs())
