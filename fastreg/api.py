@@ -308,11 +308,18 @@ def _checked_metric(plan, metric):
         name = name_of[id(tensor)]
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise TypeError(f"fastreg: the metric of parameter {name!r} must be a floating-point tensor")
-        if value.device != tensor.device or torch.broadcast_shapes(value.shape, tensor.shape) != tensor.shape:
+        if value.device != tensor.device or not _broadcasts_to(value.shape, tensor.shape):
             raise ValueError(f"fastreg: the metric of parameter {name!r} has shape {tuple(value.shape)} on "
                              f"{value.device}; the parameter {tuple(tensor.shape)} on {tensor.device}")
         checked[id(tensor)] = Metric(value.detach(), root=False)
     return checked
+
+
+def _broadcasts_to(shape, target):
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
 
 
 def _checked_lr(lr):
