@@ -123,3 +123,17 @@ def test_finetune_compares_no_penalty_l2_and_l2_sp(finetune_run):
     for r in data["results"]:
         assert 0.2 < r["new_acc"]["mean"] <= 1 and 0.2 < r["old_acc"]["mean"] <= 1
     assert "| fine-tuning |" in (out / "results.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def adam_run(tmp_path_factory):
+    return _run_example("digits_adam", tmp_path_factory)
+
+
+def test_adam_prox_in_its_metric_gives_exact_zeros_where_the_loss_term_does_not(adam_run):
+    out, data = adam_run
+    assert all(c["ok"] for c in data["checks"]), data["checks"]
+    results = data["results"]
+    assert results["loss"]["zero_weights"] == 0 < results["metric"]["zero_weights"]
+    assert results["group"]["zero_neurons"] > 0
+    assert "| run | test acc |" in (out / "results.md").read_text()
