@@ -103,11 +103,13 @@ class Coefficients(NamedTuple):
 
     def prox_vector(self, lr, dtype, device):
         """The ``Prox`` vector of ``prox_`` for step ``lr``: ``[lr·l1, 1 + 2·lr·l2, lr·group,
-        min_norm, max_norm, nonneg]``."""
+        min_norm, max_norm, nonneg]``, computed in ``dtype`` (a float32 tensor coefficient of
+        float64 parameters must not round the step to float32)."""
+        l1, l2, group = (c.to(dtype) if isinstance(c, torch.Tensor) else c for c in (self.l1, self.l2, self.group))
         values = [None] * len(Prox)
-        values[int(Prox.THRESHOLD)] = lr * self.l1
-        values[int(Prox.DENOMINATOR)] = 1 + 2 * lr * self.l2
-        values[int(Prox.GROUP_THRESHOLD)] = lr * self.group
+        values[int(Prox.THRESHOLD)] = lr * l1
+        values[int(Prox.DENOMINATOR)] = 1 + 2 * lr * l2
+        values[int(Prox.GROUP_THRESHOLD)] = lr * group
         values[int(Prox.MIN_NORM)] = self.min_norm
         values[int(Prox.MAX_NORM)] = self.max_norm
         values[int(Prox.NONNEG)] = float(self.nonneg)

@@ -199,6 +199,14 @@ class Plan:
         if len(self.param_groups) != self._group_count:
             raise ValueError(f"fastreg: the Penalty was built with {self._group_count} param groups and now has "
                              f"{len(self.param_groups)}; build a new Penalty for other parameters")
+        allowed = set(_settings.SETTING_KEYS) | {"params", "rule"}
+        for index, group in enumerate(self.param_groups):
+            unknown = set(group) - allowed
+            missing = set(_settings.SETTING_KEYS) - set(group)
+            if unknown or missing:
+                raise ValueError(f"fastreg: {_where(index, group)} has "
+                                 + (f"unknown keys {sorted(unknown)}" if unknown else f"no {sorted(missing)}")
+                                 + f"; its settings are {', '.join(_settings.SETTING_KEYS)}")
         for index, (group, fixed) in enumerate(zip(self.param_groups, self._fixed)):
             for key, value in fixed.items():
                 if group.get(key, value) is not value:
@@ -375,9 +383,13 @@ def _couplings(coupled, members):
             ambiguous.add(m.name)
         by_name[m.name] = m
     couplings = []
+    if not isinstance(coupled, (list, tuple)):
+        raise TypeError("fastreg: coupled must be a list of couplings, each a list of (parameter name, dim) pairs")
     for index, slices in enumerate(coupled):
-        if not isinstance(slices, (list, tuple)) or not slices:
-            raise TypeError(f"fastreg: coupled[{index}] must be a non-empty list of (parameter name, dim) pairs")
+        if (not isinstance(slices, (list, tuple)) or not slices
+                or not all(isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], str) for s in slices)):
+            raise TypeError(f"fastreg: coupled[{index}] must be a non-empty list of (parameter name, dim) pairs, got "
+                            f"{slices!r} (coupled is a list of such lists)")
         length = None
         for name, dim in slices:
             if name in ambiguous:
@@ -391,7 +403,7 @@ def _couplings(coupled, members):
             if _dtensor.is_sharded(m.tensor):
                 raise NotImplementedError(f"fastreg: parameter {name!r} is sharded; couplings of sharded parameters "
                                           "are not supported")
-            if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim < max(m.tensor.ndim, 1):
+            if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim < m.tensor.ndim:
                 raise ValueError(f"fastreg: coupled[{index}] slices {name!r} along dim {dim!r}; it has "
                                  f"{m.tensor.ndim} dims")
             if m.coupling is not None:

@@ -59,6 +59,8 @@ def metric(optimizer, group, param):
         raise ValueError(f"fastreg: {type(optimizer).__name__} has no state for a parameter of shape "
                          f"{tuple(param.shape)} yet (no step has updated it): the metric step needs it")
     eps = group["eps"]
+    if not eps > 0:  # D = √v + eps must stay positive where v is 0
+        raise ValueError(f"fastreg: the proximal step in {type(optimizer).__name__}'s metric needs eps > 0, got {eps!r}")
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
         return Metric(v, 1 / (1 - group["betas"][1] ** _step(state, param)), eps)

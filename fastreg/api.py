@@ -306,11 +306,15 @@ def _checked_metric(plan, metric):
         if value is None:
             continue
         name = name_of[id(tensor)]
+        if id(tensor) in checked:
+            raise ValueError(f"fastreg: metric gives parameter {name!r} twice (by tensor and by name)")
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise TypeError(f"fastreg: the metric of parameter {name!r} must be a floating-point tensor")
         if value.device != tensor.device or not _broadcasts_to(value.shape, tensor.shape):
             raise ValueError(f"fastreg: the metric of parameter {name!r} has shape {tuple(value.shape)} on "
                              f"{value.device}; the parameter {tuple(tensor.shape)} on {tensor.device}")
+        if not bool(((value > 0) & torch.isfinite(value)).all()):  # one read; the metric step is not a hot path
+            raise ValueError(f"fastreg: the metric of parameter {name!r} must be positive and finite everywhere")
         checked[id(tensor)] = Metric(value.detach(), root=False)
     return checked
 

@@ -106,3 +106,16 @@ def test_prox_takes_a_metric_per_parameter_by_tensor_name_or_position():
         reg.prox_(0.5, metric={"a": torch.ones(3, 4, dtype=torch.float64)})
     with pytest.raises(ValueError, match="lower norm bound"):
         fastreg.Penalty([("a", a)], unit_norm=True).prox_(0.5, metric={"a": d_a})
+
+
+def test_a_metric_must_be_positive_and_given_once():
+    import fastreg
+
+    p = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    reg = fastreg.Penalty([("p", p)], l1=0.1)
+    for bad in (-torch.ones(1, 3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64),
+                torch.full((1, 3), torch.inf, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="positive and finite"):
+            reg.prox_(0.1, metric={"p": bad})
+    with pytest.raises(ValueError, match="twice"):
+        reg.prox_(0.1, metric={"p": torch.ones(1, 3, dtype=torch.float64), p: torch.ones(1, 3, dtype=torch.float64)})

@@ -450,3 +450,19 @@ def test_explain_shows_a_constrained_bias_as_one_whole_group():
     model = _mlp()
     text = fastreg.Penalty(model, unit_norm=True).explain()
     assert "1 (whole tensor)" in text and "none (ndim < 2)" not in text
+
+
+def test_fuzz_findings_float32_tensor_coefficients_and_user_mistakes():
+    # A float32 0-dim coefficient must not round float64 parameters' proximal step to float32.
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    l2 = torch.tensor(0.6133)
+    fastreg.Penalty([w], l2=l2).prox_(0.1)
+    expected = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) / (1 + 2 * 0.1 * l2.double())
+    torch.testing.assert_close(w, expected, rtol=1e-15, atol=0)
+    model = _mlp()
+    with pytest.raises(TypeError, match="list of such lists"):
+        fastreg.Penalty(model, group=0.1, coupled=[("0.weight", 0), ("0.bias", 0)])
+    reg = fastreg.Penalty(model, l2=0.1)
+    reg.param_groups[0]["weight_decay"] = 1.0  # a typo must not be a silent no-op
+    with pytest.raises(ValueError, match=r"unknown keys \['weight_decay'\]"):
+        reg()
