@@ -41,7 +41,7 @@ def values(plan, coefficients):
 
 def value(plan, coefficients):
     """The penalty, differentiable with respect to every selected parameter."""
-    return _or_zero(plan, _total(values(plan, coefficients)))
+    return total(plan, values(plan, coefficients))
 
 
 def add_to_grad(plan, coefficients):
@@ -189,17 +189,13 @@ def _bad_grad(name, p, g):
     raise TypeError(f"fastreg: parameter {name!r} has a .grad of dtype {g.dtype}; gradients must be floating-point")
 
 
-def _total(totals):
-    """The sum of the groups' values, in group order, on the first one's device."""
-    total = None
-    for v in totals:
-        total = add_values(total, v)
-    return total
-
-
 def total(plan, totals):
-    """The penalty from per-group values (a zero of the result dtype when there are none)."""
-    return _or_zero(plan, _total(totals))
+    """The penalty from per-group values: their sum in group order, on the first one's device
+    (a zero of the result dtype when there are none)."""
+    result = None
+    for v in totals:
+        result = add_values(result, v)
+    return _or_zero(plan, result)
 
 
 def _or_zero(plan, value):
