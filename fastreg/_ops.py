@@ -32,7 +32,7 @@ from fastreg import _dispatch
 from fastreg.backends import _workspace
 from fastreg.backends._geometry import (NO_GROUPS, Groups, acc_dtype, as_groups, group_sizes, logical_groups,
                                         scale_groups)
-from fastreg.backends._terms import SUMS, Gradient, Sum, as_table
+from fastreg.backends._terms import SUMS, Gradient, MetricOperand, Prox, Sum, as_table
 
 
 
@@ -254,19 +254,38 @@ def add_grad_(backend, params, grads, centers, groups, coeffs, group_norms=None,
 
 def prox_(backend, params, centers, groups, coeffs, group_norms=None, workspace=None, metric=None):
     """The proximal step, in place on ``params``; bumps their version counters. ``metric``: one
-    ``_terms.Metric`` (or None: D = 1) per param for the step in that metric, or None (Euclidean). A backend without the metric step in its kernels
-    (``METRIC_PROX`` false) hands it to the torch backend, whose step is the reference."""
+    ``_terms.Metric`` (or None: D = 1) per param for the step in that metric, or None (Euclidean).
+    The backend takes it as ``MetricOperand``s, one call per metric dtype (in a fixed order); a
+    backend without the metric step in its kernels (``METRIC_PROX`` false) hands it to the torch
+    backend, whose step is the reference."""
     kernels = _dispatch.backend_for(backend, params[0].device)
     if metric is not None and not getattr(kernels, "METRIC_PROX", False):
         kernels = _dispatch.backend("torch")
     if not kernels.VERSIONS_BUMPED:
         _check_writable(params)
-    if metric is not None:
-        kernels.prox_(params, centers, groups, coeffs, group_norms, workspace=workspace, metric=metric)
-    else:
+    if metric is None:
         kernels.prox_(params, centers, groups, coeffs, group_norms, workspace=workspace)
+    else:
+        groups = as_groups(params, groups)
+        table = as_table(coeffs, len(params), Prox)
+        for index in _metric_dtype_calls(metric, params):
+            subset = (lambda items: None if items is None else [items[i] for i in index])
+            sub = [params[i] for i in index]
+            operand = MetricOperand.of(subset(metric), sub, acc_dtype(params[0].dtype))
+            kernels.prox_(sub, subset(centers), groups.subset(index), table[index], None, workspace=workspace,
+                          metric=operand)
     if not kernels.VERSIONS_BUMPED:
         torch.autograd.graph.increment_version(params)
+
+
+def _metric_dtype_calls(metric, params):
+    """The indices of each backend call of a metric step: one call per dtype of the metric
+    tensors (a param without a metric joins the first), all of them when there is one."""
+    dtypes = sorted({m.v.dtype for m in metric if m is not None}, key=str) or [None]
+    calls = {dtype: [] for dtype in dtypes}
+    for i, m in enumerate(metric):
+        calls[dtypes[0] if m is None else m.v.dtype].append(i)
+    return [index for index in calls.values() if index]
 
 
 def _check_writable(tensors):

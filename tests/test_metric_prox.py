@@ -12,7 +12,7 @@ import torch
 
 from fastreg.backends import torch as torch_backend
 from fastreg.backends._geometry import NO_GROUPS, WHOLE, Groups
-from fastreg.backends._terms import Metric, Prox
+from fastreg.backends._terms import Metric, MetricOperand, Prox
 
 optimize = pytest.importorskip("scipy.optimize")
 
@@ -26,6 +26,10 @@ def _row(t1, t2, t3, hi, nonneg):
     row[Prox.THRESHOLD], row[Prox.DENOMINATOR], row[Prox.GROUP_THRESHOLD] = t1, 1 + 2 * t2, t3
     row[Prox.MAX_NORM], row[Prox.NONNEG] = hi, float(nonneg)
     return row
+
+
+def _operand(metric, param):
+    return MetricOperand.of([metric], [param], torch.float64)
 
 
 def _objective(x, y, d, t1, t2, t3):
@@ -65,7 +69,7 @@ def test_the_metric_step_is_the_argmin(terms, constraint):
         d = np.exp(rng.normal(size=5))  # a preconditioner spanning an order of magnitude
         w = torch.tensor(y)[None, :].clone()
         torch_backend.prox_([w], None, Groups((WHOLE,), (1,)), _row(t1, t2, t3, hi, nonneg), None,
-                            metric=[Metric(torch.tensor(d)[None, :], root=False)])
+                            metric=_operand(Metric(torch.tensor(d)[None, :], root=False), w))
         x = w[0].numpy()
         best = _objective(x, y, d, t1, t2, t3)
         numeric = _solve(y, d, t1, t2, t3, hi, nonneg, [x + rng.normal(size=5) * 0.3 for _ in range(3)] + [y])
@@ -82,7 +86,7 @@ def test_an_identity_metric_is_the_euclidean_step(dim):
     row = _row(0.1, 0.1, 0.8, 0.9, False)
     torch_backend.prox_([w], None, Groups((dim,), (2 if dim == 0 else 1,)), row, None)
     torch_backend.prox_([v], None, Groups((dim,), (2 if dim == 0 else 1,)), row, None,
-                        metric=[Metric(torch.ones_like(v), root=False)])
+                        metric=_operand(Metric(torch.ones_like(v), root=False), v))
     torch.testing.assert_close(v, w, rtol=1e-13, atol=1e-15)
 
 

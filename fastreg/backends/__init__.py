@@ -17,6 +17,9 @@ Every backend module defines
     ``None`` when the backend can run here, else a one-line reason (cached by the module;
     may trigger a JIT build on first call).
 
+``METRIC_PROX: bool``
+    Whether ``prox_`` takes ``metric=`` (else ``fastreg._ops`` runs the torch backend's step).
+
 and four kernels, which every penalty term runs through (a new term extends them; it does not
 add functions). Each takes one *call*: a non-empty list ``params`` of ``T`` tensors sharing one
 device and one floating dtype; any of them may be empty or non-contiguous. Every tensor has its
@@ -58,6 +61,18 @@ coefficient tables: ``(T, len(Gradient))`` or ``(T, len(Prox))`` acc tensors on 
     DENOMINATOR, MIN_NORM, MAX_NORM)`` (the exact proximal step of the terms and the norm
     constraint; 0 where ``‖s_g‖ = 0``), and ``w = c + s / DENOMINATOR`` for the others.
     Exact zeros of ``d``. ``group_norms``: ``‖s_g‖`` to use, or ``None``.
+
+    With ``metric`` (a ``_terms.MetricOperand``; backends with ``METRIC_PROX = True``; then
+    ``group_norms`` is None): the step in the diagonal metric ``D`` of each tensor
+    (``_terms.metric_values``: ``√((v − m²)·SCALE) + EPS``, or ``v``, or 1), ``w = c + x``
+    with ``x = argmin ½‖x − d‖²_D + the terms + the constraint``, per coordinate
+    ``u = sign(d)·max(D|d| − THRESHOLD, 0)`` (NONNEG: ``max(D·d − THRESHOLD, 0)``) and
+    ``a = D + DENOMINATOR − 1``: ``x = u/a`` without groups; per group, 0 when ``‖u_g‖ <=
+    GROUP_THRESHOLD``, else ``x = u/(a + μ_g)`` with ``μ_g`` the root of ``μ·‖u/(a + μ)‖ =
+    GROUP_THRESHOLD`` (0 without a group term), raised to the root of ``‖u/(a + μ)‖ = MAX_NORM``
+    where the norm is over it (``MIN_NORM`` is 0: the plan refuses a lower bound). The torch
+    backend's ``_metric_prox`` is the reference. ``v`` is read in the same pass as ``w`` and
+    ``c``; a group's root is found in passes over that group alone.
 
 Every kernel also takes ``workspace=None``: a ``fastreg.backends._workspace.Workspace`` owned
 by the caller's kernel group, where a backend may keep per-call plans (device tables) between

@@ -57,6 +57,20 @@ GRADIENT_SLOTS = len(Gradient)
 PROX_SLOTS = len(Prox)
 
 
+class MetricSlot(IntEnum):
+    """The columns of a metric table (``MetricOperand.table``), one row per tensor: how its
+    ``D`` is formed from the metric tensor ``v`` (and RMSprop's running mean ``m``)."""
+
+    SCALE = 0  # D = √((v − m²)·SCALE) + EPS  (Adam: SCALE = 1/(1 − β₂ᵗ), its bias correction)
+    EPS = 1
+    ROOT = 2  # 1: the formula above; 0: D = v (a metric given as it is)
+    IDENTITY = 3  # 1: D = 1 (no metric for this tensor: the Euclidean step; v is not read)
+    CENTERED = 4  # 1: m is given (RMSprop(centered=True)); 0: m = 0
+
+
+METRIC_SLOTS = len(MetricSlot)
+
+
 class Metric(NamedTuple):
     """One tensor's diagonal metric for ``prox_(..., metric=...)``, read where it lives (an
     optimizer's state is never copied): ``D = √((v − centered²)·scale) + eps``, or ``D = v``
@@ -68,14 +82,40 @@ class Metric(NamedTuple):
     root: bool = True
     centered: torch.Tensor | None = None  # RMSprop(centered=True): its running mean of g
 
-    def tensor(self, dtype):
-        """D as a tensor of ``dtype`` (the torch backend's reference step builds it)."""
-        v = self.v.to(dtype)
-        if not self.root:
-            return v
-        if self.centered is not None:
-            v = v - self.centered.to(dtype).square()
-        return (v * self.scale).sqrt_().add_(self.eps)
+
+class MetricOperand(NamedTuple):
+    """The metric of a kernel call, as the kernels take it: ``v[t]`` (the metric tensor of
+    ``params[t]``; the param itself where ``IDENTITY``, never read), ``centered[t]`` (a tensor
+    or None) and ``table`` ``(T, len(MetricSlot))`` in the acc dtype on the device. The ``v``
+    and ``centered`` tensors of a call share one dtype (``fastreg._ops`` splits a call where
+    they differ); they have their param's shape, any layout."""
+
+    v: list
+    centered: list
+    table: torch.Tensor
+
+    @classmethod
+    def of(cls, metrics, params, acc):
+        """From one ``Metric`` (or None: D = 1) per param."""
+        rows = [(1.0, 0.0, 0.0, 1.0, 0.0) if m is None else
+                (float(m.scale), float(m.eps), float(bool(m.root)), 0.0, float(m.centered is not None))
+                for m in metrics]
+        table = torch.tensor(rows, dtype=acc).reshape(len(params), METRIC_SLOTS).to(params[0].device)
+        return cls([p if m is None else m.v for m, p in zip(metrics, params)],
+                   [None if m is None else m.centered for m in metrics], table)
+
+
+def metric_values(v, centered, row, dtype):
+    """``D`` of one tensor as a ``dtype`` tensor (``row``: its metric table row): the formula
+    every backend's kernel follows; the torch backend's reference step uses it as written."""
+    if row[MetricSlot.IDENTITY] != 0:
+        return torch.ones(v.shape, dtype=dtype, device=v.device)
+    d = v.to(dtype)
+    if row[MetricSlot.ROOT] == 0:
+        return d
+    if centered is not None and row[MetricSlot.CENTERED] != 0:
+        d = d - centered.to(dtype).square()
+    return (d * row[MetricSlot.SCALE].to(dtype)).sqrt_().add_(row[MetricSlot.EPS].to(dtype))
 
 
 # The value of each slot when a caller gives fewer (a short vector is a uniform table).
@@ -98,7 +138,8 @@ def as_table(coeffs, count, kind):
 
 def layout():
     """Every named slot as ``(enum, name, value)``, for comparing with a backend's mirror."""
-    return [(enum.__name__, member.name, int(member)) for enum in (Sum, Gradient, Prox) for member in enum]
+    return [(enum.__name__, member.name, int(member)) for enum in (Sum, Gradient, Prox, MetricSlot)
+            for member in enum]
 
 
 def check_mirror(backend, mirrored):

@@ -29,7 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from fastreg.backends._geometry import (NO_GROUPS, ROW_ELEMS, WHOLE, acc_dtype, as_groups, fixed_order_sum, group_sizes,
                                         logical_groups, scale_groups)
-from fastreg.backends._terms import SUMS, Gradient, Prox, as_table, prox_group_factor
+from fastreg.backends._terms import SUMS, Gradient, Prox, as_table, metric_values, prox_group_factor
 
 NAME = "torch"
 DEVICE_TYPES = None
@@ -269,8 +269,9 @@ def prox_(params, centers, groups, coeffs, group_norms, workspace=None, metric=N
     centers_ = centers if centers is not None else [None] * len(params)
     if metric is not None:
         with torch.autocast(params[0].device.type, enabled=False):
-            for i, (p, c, d_metric) in enumerate(zip(params, centers_, metric)):
-                _metric_prox(p, c, d_metric, table[i], groups.dims[i], groups.sizes[i])
+            for i, (p, c) in enumerate(zip(params, centers_)):
+                D = metric_values(metric.v[i], metric.centered[i], metric.table[i], torch.float64)
+                _metric_prox(p, c, D, table[i], groups.dims[i], groups.sizes[i])
         return
     norms = (_split_group_vector(group_norms.to(acc), params, groups) if group_norms is not None
              else [None] * len(params))
@@ -309,13 +310,12 @@ def prox_(params, centers, groups, coeffs, group_norms, workspace=None, metric=N
 # metric is a non-convex trust-region problem: the plan refuses it.
 
 
-def _metric_prox(p, c, d_metric, row, dim, size):
-    """One tensor's step in the metric ``d_metric`` (a ``_terms.Metric``, or None: D = 1)."""
+def _metric_prox(p, c, D, row, dim, size):
+    """One tensor's step in the metric ``D`` (float64, ``p``'s shape)."""
     acc = row.dtype
     y = p.to(torch.float64, copy=True)
     if c is not None:
         y.sub_(c)
-    D = torch.ones_like(y) if d_metric is None else d_metric.tensor(torch.float64).expand_as(y)
     t1, c2 = row[Prox.THRESHOLD].double(), row[Prox.DENOMINATOR].double() - 1
     nonneg = row[Prox.NONNEG] != 0
     magnitude = torch.where(nonneg, y.clamp(min=0), y.abs())
