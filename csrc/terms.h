@@ -48,6 +48,13 @@ struct Prox {
   static constexpr int kCount = 6;
 };
 
+// The columns of a metric table (prox_ in a metric, metric_prox.cpp): D = sqrt((v - m²)·SCALE) + EPS,
+// or v (ROOT = 0), or 1 (IDENTITY = 1); m given where CENTERED = 1.
+struct MetricSlot {
+  enum Slot : int { SCALE = 0, EPS = 1, ROOT = 2, IDENTITY = 3, CENTERED = 4 };
+  static constexpr int kCount = 5;
+};
+
 // Every slot by name, as fastreg_cpu::term_layout() reports it ("Sum.ABS=0,...").
 struct NamedSlot {
   const char* term;
@@ -67,6 +74,11 @@ constexpr NamedSlot kSlots[] = {
     {"Prox", "MIN_NORM", Prox::MIN_NORM},
     {"Prox", "MAX_NORM", Prox::MAX_NORM},
     {"Prox", "NONNEG", Prox::NONNEG},
+    {"MetricSlot", "SCALE", MetricSlot::SCALE},
+    {"MetricSlot", "EPS", MetricSlot::EPS},
+    {"MetricSlot", "ROOT", MetricSlot::ROOT},
+    {"MetricSlot", "IDENTITY", MetricSlot::IDENTITY},
+    {"MetricSlot", "CENTERED", MetricSlot::CENTERED},
 };
 
 // The accumulators (Acc::finish, rows_sums) and the partials hold the first two sums as a pair

@@ -76,6 +76,9 @@ def _mirror_error():
         ("Prox", "THRESHOLD"): k.PROX_THRESHOLD, ("Prox", "DENOMINATOR"): k.PROX_DENOMINATOR,
         ("Prox", "GROUP_THRESHOLD"): k.PROX_GROUP_THRESHOLD, ("Prox", "MIN_NORM"): k.PROX_MIN_NORM,
         ("Prox", "MAX_NORM"): k.PROX_MAX_NORM, ("Prox", "NONNEG"): k.PROX_NONNEG,
+        ("MetricSlot", "SCALE"): k.METRIC_SCALE, ("MetricSlot", "EPS"): k.METRIC_EPS,
+        ("MetricSlot", "ROOT"): k.METRIC_ROOT, ("MetricSlot", "IDENTITY"): k.METRIC_IDENTITY,
+        ("MetricSlot", "CENTERED"): k.METRIC_CENTERED,
     }
     try:
         _terms.check_mirror(NAME, {key: slot.value for key, slot in mirrored.items()})
@@ -83,7 +86,7 @@ def _mirror_error():
         return str(exc)
     # The rows the kernels step over: a table row per tensor, a sums row per tensor.
     widths = {"Sum": (k.SUMS, _terms.SUMS), "Gradient": (k.GRADIENT_SLOTS, _terms.GRADIENT_SLOTS),
-              "Prox": (k.PROX_SLOTS, _terms.PROX_SLOTS)}
+              "Prox": (k.PROX_SLOTS, _terms.PROX_SLOTS), "MetricSlot": (k.METRIC_SLOTS, _terms.METRIC_SLOTS)}
     wrong = [f"{name} rows of {ours.value} (expected {theirs})" for name, (ours, theirs) in widths.items()
              if ours.value != theirs]
     if wrong:

@@ -79,10 +79,16 @@ PROX_GROUP_THRESHOLD = tl.constexpr(2)  # Prox.GROUP_THRESHOLD (applied through 
 PROX_MIN_NORM = tl.constexpr(3)  # Prox.MIN_NORM (applied through group_coef)
 PROX_MAX_NORM = tl.constexpr(4)  # Prox.MAX_NORM (applied through group_coef)
 PROX_NONNEG = tl.constexpr(5)  # Prox.NONNEG
+METRIC_SCALE = tl.constexpr(0)  # MetricSlot.SCALE
+METRIC_EPS = tl.constexpr(1)  # MetricSlot.EPS
+METRIC_ROOT = tl.constexpr(2)  # MetricSlot.ROOT
+METRIC_IDENTITY = tl.constexpr(3)  # MetricSlot.IDENTITY
+METRIC_CENTERED = tl.constexpr(4)  # MetricSlot.CENTERED
 # The widths of the rows of the per-tensor tables (row t: params[t]'s), mirrored too.
 SUMS = tl.constexpr(3)  # len(Sum): the per-tensor sums' row
 GRADIENT_SLOTS = tl.constexpr(3)  # len(Gradient)
 PROX_SLOTS = tl.constexpr(6)  # len(Prox)
+METRIC_SLOTS = tl.constexpr(5)  # len(MetricSlot)
 
 
 @triton.jit
