@@ -22,6 +22,10 @@
 //         Tensor? group_norms) -> ()
 //       w = c + f_g·s (params with groups: f_g = prox_group_factor(‖s_g‖, ...), terms.h, with the
 //       row's norm bounds), c + s/den (others)
+//   metric_prox_(Tensor(a!)[] params, Tensor[] centers, Tensor[] metric, Tensor?[] centered,
+//                int[] group_dims, int[] group_sizes, Tensor coeffs, Tensor metric_table) -> ()
+//       the step in the diagonal metric D of each param (metric_table: its MetricSlot row,
+//       metric[t] its v, centered[t] RMSprop's running mean): see metric_prox.cpp
 //   term_layout() -> str   the slots of the sums and coefficient tables (terms.h), by name
 //   constants() -> str     the schedule's constants (schedule.h), by name
 // The slots of the coefficient tables and of the sums are named in terms.h (Gradient, Prox,
@@ -40,7 +44,7 @@
 //               each item's group geometry from its structure, coefficient tables
 //   passes.h    the passes over a schedule (sums, element-wise updates, group norms first),
 //               finish_sums (per-tensor sums), with_center
-// and one translation unit per op (sums.cpp, grads.cpp, add_grad.cpp, prox.cpp: ninja compiles
+// and one translation unit per op (sums.cpp, grads.cpp, add_grad.cpp, prox.cpp, metric_prox.cpp: ninja compiles
 // them in parallel), which prepares the tensors, picks the dtype and center instantiation, and
 // runs the passes. fastreg/backends/cpu.py lists every file here (HEADER_FILES, SOURCE_FILES):
 // they all enter the hash that names the build.
@@ -70,6 +74,9 @@ std::tuple<at::Tensor, at::Tensor> add_grad_(at::TensorList params, at::TensorLi
                                              bool want_sums);
 void prox_(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims, at::IntArrayRef group_sizes,
            const at::Tensor& coeffs, const std::optional<at::Tensor>& group_norms);
+void metric_prox_(at::TensorList params, at::TensorList centers, at::TensorList metric,
+                  const c10::List<std::optional<at::Tensor>>& centered, at::IntArrayRef group_dims,
+                  at::IntArrayRef group_sizes, const at::Tensor& coeffs, const at::Tensor& metric_table);
 std::string term_layout();
 std::string constants();
 

@@ -38,6 +38,8 @@ TORCH_LIBRARY(fastreg_cpu, m) {
         "Tensor coeffs, Tensor? group_norms, bool want_sums=True) -> (Tensor, Tensor)");
   m.def("prox_(Tensor(a!)[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor coeffs, "
         "Tensor? group_norms) -> ()");
+  m.def("metric_prox_(Tensor(a!)[] params, Tensor[] centers, Tensor[] metric, Tensor?[] centered, "
+        "int[] group_dims, int[] group_sizes, Tensor coeffs, Tensor metric_table) -> ()");
   m.def("term_layout() -> str", &fastreg_cpu::term_layout);
   m.def("constants() -> str", &fastreg_cpu::constants);
 }
@@ -47,4 +49,5 @@ TORCH_LIBRARY_IMPL(fastreg_cpu, CPU, m) {
   m.impl("grads", &fastreg_cpu::grads);
   m.impl("add_grad_", &fastreg_cpu::add_grad_);
   m.impl("prox_", &fastreg_cpu::prox_);
+  m.impl("metric_prox_", &fastreg_cpu::metric_prox_);
 }

@@ -44,10 +44,11 @@ from fastreg.backends._geometry import as_groups, group_count
 NAME = "cpu"
 DEVICE_TYPES = ("cpu",)
 VERSIONS_BUMPED = False  # the C++ kernels write through raw pointers: fastreg._ops bumps
+METRIC_PROX = True  # prox_(..., metric=...): csrc/metric_prox.cpp
 
 # One translation unit per op (ninja compiles them in parallel) and the shared headers: every
 # file in csrc/, since all of them enter the hash that names the build.
-SOURCE_FILES = ("library.cpp", "sums.cpp", "grads.cpp", "add_grad.cpp", "prox.cpp")
+SOURCE_FILES = ("library.cpp", "sums.cpp", "grads.cpp", "add_grad.cpp", "prox.cpp", "metric_prox.cpp")
 HEADER_FILES = ("fastreg_cpu.h", "vec.h", "traits.h", "span.h", "terms.h", "schedule.h", "prepare.h", "passes.h")
 EXTENSION = _build.Extension("fastreg_cpu", SOURCE_FILES, HEADER_FILES, what="the C++ CPU kernels")
 # CHUNK_ELEMS (elements per flat chunk, kChunk in csrc/schedule.h) is read from the extension:
@@ -101,10 +102,14 @@ def add_grad_(params, grads_, centers, groups, coeffs, group_norms, workspace=No
     return result if want_sums else None
 
 
-def prox_(params, centers, groups, coeffs, group_norms, workspace=None):
+def prox_(params, centers, groups, coeffs, group_norms, workspace=None, metric=None):
     params = _as_list(params)
     dims, sizes = _structure(params, groups)
-    _kernels().prox_(params, _as_list(centers), dims, sizes, _table(coeffs, params, _terms.Prox), group_norms)
+    if metric is None:
+        _kernels().prox_(params, _as_list(centers), dims, sizes, _table(coeffs, params, _terms.Prox), group_norms)
+    else:
+        _kernels().metric_prox_(params, _as_list(centers), list(metric.v), list(metric.centered), dims, sizes,
+                                _table(coeffs, params, _terms.Prox), metric.table)
 
 
 def _structure(params, groups):
@@ -258,6 +263,10 @@ def _register_fakes():
     def _prox_fake(params, centers, group_dims, group_sizes, coeffs, group_norms):
         return None
 
+    @torch.library.register_fake("fastreg_cpu::metric_prox_")
+    def _metric_prox_fake(params, centers, metric, centered, group_dims, group_sizes, coeffs, metric_table):
+        return None
+
     _fakes_registered = True
 
 
@@ -270,3 +279,4 @@ class _Ops:
         self.grads = namespace.grads.default
         self.add_grad_ = namespace.add_grad_.default
         self.prox_ = namespace.prox_.default
+        self.metric_prox_ = namespace.metric_prox_.default

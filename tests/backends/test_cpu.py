@@ -326,6 +326,33 @@ def test_per_tensor_operands_do_not_depend_on_the_thread_count(ops, threads, dty
             assert all(torch.equal(a, b) for a, b in zip(first[k], other[k]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_metric_step_does_not_depend_on_the_thread_count(ops, threads, dtype):
+    """metric_prox_: flat tensors cut into chunks, groups of every geometry (rows, columns,
+    blocks, whole), an fp32 metric for bf16 params: bitwise the same with 1 and 2 threads."""
+    chunk = cpu.CHUNK_ELEMS
+    params = make([777] * 40 + [chunk * 2 + 3, (257, 1031), (96, 64), (4, 8, 100), (3, chunk + 7)], dtype)
+    groups = Groups((-1,) * 41 + (1, 0, 1, WHOLE), (1,) * 41 + (1, 8, 2, 1))
+    count = len(params)
+    prox = _terms.as_table(torch.tensor([0.0, 1.0]), count, _terms.Prox).clone()
+    prox[:, :3] = torch.rand(count, 3, generator=torch.Generator().manual_seed(2)) * torch.tensor([0.01, 0.5, 0.5])
+    prox[:, _terms.Prox.DENOMINATOR] += 1
+    prox[::3, _terms.Prox.NONNEG] = 1
+    prox[1::3, _terms.Prox.MAX_NORM] = 3.0
+    g = torch.Generator().manual_seed(3)
+    metric = [_terms.Metric(torch.rand(p.shape, generator=g) * 1e-2, 1.5, 1e-3) for p in params]
+    operand = _terms.MetricOperand.of(metric, params, torch.float32)
+    results = []
+    for n in (1, 2, 1):
+        torch.set_num_threads(n)
+        stepped = [p.clone() for p in params]
+        cpu.prox_(stepped, None, groups, prox, None, metric=operand)
+        results.append(stepped)
+    assert any(bool((s == 0).any()) for s in results[0]), "the step must make exact zeros"
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 def test_repeatable(ops):
     params = make([123_457, 5, (300, 301)], torch.float32)
     assert torch.equal(l1l2_sums(params), l1l2_sums(params))
@@ -424,7 +451,7 @@ def test_noncontiguous_grads(ops, param_layout, grad_layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("op", ["sums", "grads", "add_grad_", "prox_"])
+@pytest.mark.parametrize("op", ["sums", "grads", "add_grad_", "prox_", "metric_prox_"])
 def test_opcheck(ops, op, dtype):
     params = make([(3, 4), 0, 70_000, 5], dtype)
     params[0] = params[0].t()  # a non-contiguous one too
@@ -440,6 +467,10 @@ def test_opcheck(ops, op, dtype):
     # One group_dim for every tensor, and a structure per tensor (blocks of columns, the whole
     # tensor, blocks of 10 rows, one group of a 1-D tensor's 5 elements).
     structures = [Groups.uniform(params, d) for d in (-1, 0, 1)] + [Groups((1, WHOLE, 0, 0), (1, 1, 10, 5))]
+    # metric_prox_: √(v·scale) + eps, RMSprop's centered form, v as given (ROOT 0), none
+    # (columns: _terms.MetricSlot; centered given for params[1] only)
+    metric_table = torch.tensor([[2.0, 1e-3, 1, 0, 0], [1.0, 1e-3, 1, 0, 1], [1.0, 1e-3, 0, 0, 0], [1.0, 0, 1, 1, 0]],
+                                dtype=acc(dtype))
     for centers in ([], [p.clone() for p in params]):
         for groups in structures:
             dims, sizes = list(groups.dims), list(groups.sizes)
@@ -450,6 +481,9 @@ def test_opcheck(ops, op, dtype):
                 "grads": (params, centers, dims, sizes, gradient, vector if n else None),
                 "add_grad_": (params, [torch.randn_like(p) for p in params], centers, dims, sizes, gradient, None),
                 "prox_": (params, centers, dims, sizes, prox, vector if n else None),
+                "metric_prox_": (params, centers, [torch.rand_like(p) + 0.5 for p in params],
+                                 [None, torch.rand_like(params[1]) * 0.1, None, None], dims, sizes, prox,
+                                 metric_table),
             }[op]
             result = torch.library.opcheck(getattr(ops, op).default, args)
             assert all(v == "SUCCESS" for v in result.values()), result
