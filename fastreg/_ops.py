@@ -269,11 +269,10 @@ def prox_(backend, params, centers, groups, coeffs, group_norms=None, workspace=
         groups = as_groups(params, groups)
         table = as_table(coeffs, len(params), Prox)
         for index in _metric_dtype_calls(metric, params):
-            subset = (lambda items: None if items is None else [items[i] for i in index])
             sub = [params[i] for i in index]
-            operand = MetricOperand.of(subset(metric), sub, acc_dtype(params[0].dtype))
-            kernels.prox_(sub, subset(centers), groups.subset(index), table[index], None, workspace=workspace,
-                          metric=operand)
+            operand = MetricOperand.of([metric[i] for i in index], sub, acc_dtype(params[0].dtype))
+            kernels.prox_(sub, None if centers is None else [centers[i] for i in index], groups.subset(index),
+                          table[index], None, workspace=workspace, metric=operand)
     if not kernels.VERSIONS_BUMPED:
         torch.autograd.graph.increment_version(params)
 

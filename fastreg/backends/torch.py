@@ -29,7 +29,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from fastreg.backends._geometry import (NO_GROUPS, ROW_ELEMS, WHOLE, acc_dtype, as_groups, fixed_order_sum, group_sizes,
                                         logical_groups, scale_groups)
-from fastreg.backends._terms import SUMS, Gradient, Prox, as_table, metric_values, prox_group_factor
+from fastreg.backends._terms import (SUMS, Gradient, Prox, as_table, metric_multiplier, metric_shrink, metric_step,
+                                      metric_values, prox_group_factor)
 
 NAME = "torch"
 DEVICE_TYPES = None
@@ -296,18 +297,8 @@ def prox_(params, centers, groups, coeffs, group_norms, workspace=None, metric=N
 
 
 # ------------------------------------------------------------------------------------------
-# The proximal step in a diagonal metric (an optimizer's preconditioner)
-#
-# w = argmin_x ½‖x − y‖²_D + lr·R(x), D = diag(D_i) > 0 (Adam: √v̂ + ε), per coordinate:
-#   u = sign(y)·max(D|y| − t1, 0)   (NONNEG: max(D·y − t1, 0))    = D·soft(y, t1/D)
-#   no groups:  x = u / (D + c2)                                   (c2 = DENOMINATOR − 1 = 2·lr·l2)
-#   a group:    x = u / (D + c2 + μ), with μ = t3/‖x‖: zero iff ‖u‖ <= t3, else the root of
-#               μ·f(μ) = t3, f(μ) = ‖u/(D + c2 + μ)‖ (increasing in μ from 0 to ‖u‖);
-#               with MAX_NORM = h and f(μ) > h at that root, the root of f(μ) = h instead
-#               (the bound's multiplier adds to μ).
-# Each is the stationarity condition of the problem (the L1 part is separable and keeps y's
-# sign), so the step is exact; with D = 1 it is the Euclidean step. A lower norm bound in a
-# metric is a non-convex trust-region problem: the plan refuses it.
+# The proximal step in a diagonal metric (an optimizer's preconditioner): the maths is in
+# _terms (metric_shrink, metric_multiplier), shared with the step of coupled groups (fastreg._ops).
 
 
 def _metric_prox(p, c, D, row, dim, size):
@@ -316,85 +307,13 @@ def _metric_prox(p, c, D, row, dim, size):
     y = p.to(torch.float64, copy=True)
     if c is not None:
         y.sub_(c)
-    t1, c2 = row[Prox.THRESHOLD].double(), row[Prox.DENOMINATOR].double() - 1
-    nonneg = row[Prox.NONNEG] != 0
-    magnitude = torch.where(nonneg, y.clamp(min=0), y.abs())
-    u = (D * magnitude - t1).clamp(min=0)
-    u = torch.where(nonneg | (y >= 0), u, -u)
-    a = D + c2
+    u, a = metric_shrink(y, D, row)
     if dim == NO_GROUPS:
         x = u / a
     else:
-        u_rows, a_rows = logical_groups(u, dim, size), logical_groups(a, dim, size)
-        mu = _metric_multiplier(u_rows, a_rows, row[Prox.GROUP_THRESHOLD].double(), row[Prox.MAX_NORM].double())
-        zero = ~torch.isfinite(mu)  # ‖u‖ <= t3: the group is exactly zero
-        x_rows = torch.where(zero[:, None], 0.0, u_rows / (a_rows + torch.where(zero, 0.0, mu)[:, None]))
-        x = x_rows.reshape(-1) if dim == WHOLE else _from_rows(x_rows, u, dim, size)
-        x = x.reshape(u.shape)
+        mu = metric_multiplier(logical_groups(u, dim, size), logical_groups(a, dim, size),
+                               row[Prox.GROUP_THRESHOLD].double(), row[Prox.MAX_NORM].double())
+        x = metric_step(u, a, mu, dim, size)
     if c is not None:
         x = x + c.double()
     p.copy_(x.to(acc).to(p.dtype) if acc != p.dtype else x)
-
-
-def _from_rows(rows, like, dim, size):
-    """The inverse of ``logical_groups``: a ``like``-shaped tensor from its ``(G, n)`` rows."""
-    moved = like.movedim(dim, 0)
-    return rows.reshape(moved.shape).movedim(0, dim)
-
-
-def _metric_multiplier(u, a, t3, hi, iterations=60):
-    """Per group (rows of ``u`` and ``a = D + c2``), the μ of ``x = u/(a + μ)``; inf for a group
-    that is exactly zero. Safeguarded Newton in float64 on a bracket from ``min a`` and ``max a``."""
-    norm_u = u.norm(dim=1)
-    empty = u.shape[1] == 0
-    a_min = a.min(dim=1).values if not empty else torch.ones_like(norm_u)
-    a_max = a.max(dim=1).values if not empty else torch.ones_like(norm_u)
-    zero = norm_u <= t3
-    safe_gap = torch.where(zero, 1.0, norm_u - t3)
-
-    def f_and_slope(mu):
-        q = a + mu[:, None]
-        f = (u / q).norm(dim=1)
-        slope = -((u * u) / (q * q * q)).sum(dim=1) / torch.where(f > 0, f, 1.0)
-        return f, slope
-
-    mu = torch.zeros_like(norm_u)
-    if t3 > 0:  # μ·f(μ) = t3 on [t3·a_min/(‖u‖ − t3), t3·a_max/(‖u‖ − t3)]
-        mu = _newton(lambda m: _times_f(m, f_and_slope, t3), t3 * a_min / safe_gap, t3 * a_max / safe_gap,
-                     iterations)
-    if torch.isfinite(hi):
-        f, _ = f_and_slope(mu)
-        over = (f > hi) & ~zero
-        if bool(over.any()):  # f(μ) = h on [max(μ, ‖u‖/h − a_max), ‖u‖/h − a_min]
-            lower = torch.maximum(mu, norm_u / hi - a_max)
-            upper = torch.maximum(lower, norm_u / hi - a_min)
-            bound = _newton(lambda m: _minus_f(m, f_and_slope, hi), lower, upper, iterations)
-            mu = torch.where(over, bound, mu)
-    return torch.where(zero, torch.inf, mu)
-
-
-def _times_f(mu, f_and_slope, t3):
-    f, slope = f_and_slope(mu)
-    return mu * f - t3, f + mu * slope  # increasing in μ
-
-
-def _minus_f(mu, f_and_slope, hi):
-    f, slope = f_and_slope(mu)
-    return hi - f, -slope  # increasing in μ
-
-
-def _newton(fn, lower, upper, iterations):
-    """The root of an increasing ``fn`` (value, slope) in ``[lower, upper]``, per entry: Newton
-    steps that stay inside the bracket, bisection otherwise; stops when no entry moves."""
-    x = (lower + upper) / 2
-    for _ in range(iterations):
-        value, slope = fn(x)
-        lower = torch.where(value < 0, x, lower)
-        upper = torch.where(value > 0, x, upper)
-        step = x - value / torch.where(slope > 0, slope, 1.0)
-        inside = (step > lower) & (step < upper) & (slope > 0)
-        new = torch.where(inside, step, (lower + upper) / 2)
-        if bool(((new - x).abs() <= 4 * torch.finfo(torch.float64).eps * new.abs()).all()):
-            return new
-        x = new
-    return x
