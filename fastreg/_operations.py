@@ -77,13 +77,39 @@ def prox(plan, coefficients, lr, metric=None):
     call = plan.call(coefficients, PROX, lr)
     with torch.no_grad():
         plan.check_in_place_once()
+        if metric is not None:
+            _metric_prox(plan, call, metric)
+            return
         coupled = _coupled_norms(plan, call, coefficients, shrink=True)
         for kg, (groups, table) in zip(plan.local, call):
             norms = coupled[id(kg)][1] if id(kg) in coupled else None
-            step_metric = None if metric is None else [metric.get(id(t)) for t in kg.tensors]
-            _ops.prox_(plan.backend, kg.tensors, kg.centers, groups, table, norms, kg.workspace, step_metric)
+            _ops.prox_(plan.backend, kg.tensors, kg.centers, groups, table, norms, kg.workspace)
         for part in plan.meshes:
             _sharded.prox(plan, part, call)
+
+
+def _metric_prox(plan, call, metric):
+    """The step in a metric: each kernel group's tensors in one fused call, except the slices of
+    active couplings, stepped together per coupling (``_ops.coupled_metric_prox_``)."""
+    slices = [[] for _ in plan.couplings]
+    for kg, (groups, table) in zip(plan.local, call):
+        index = []
+        for i, (m, t) in enumerate(zip(kg.members, kg.tensors)):
+            if m.coupling is not None and groups.dims[i] != NO_GROUPS:
+                slices[m.coupling].append((t, None if kg.centers is None else kg.centers[i], metric.get(id(t)),
+                                           table[i], groups.dims[i], groups.sizes[i]))
+            else:
+                index.append(i)
+        if len(index) == len(kg.tensors):
+            _ops.prox_(plan.backend, kg.tensors, kg.centers, groups, table, None, kg.workspace,
+                       [metric.get(id(t)) for t in kg.tensors])
+        elif index:
+            tensors = [kg.tensors[i] for i in index]
+            _ops.prox_(plan.backend, tensors, None if kg.centers is None else [kg.centers[i] for i in index],
+                       groups.subset(index), table[index], None, kg.workspace, [metric.get(id(t)) for t in tensors])
+    for coupling in slices:
+        if coupling:
+            _ops.coupled_metric_prox_(coupling)
 
 
 def _check_metric_step(plan, coefficients):
@@ -91,9 +117,6 @@ def _check_metric_step(plan, coefficients):
     if plan.meshes:
         raise NotImplementedError("fastreg: the proximal step in an optimizer's metric does not support sharded "
                                   "parameters yet; use metric='euclidean'")
-    if plan.couplings:
-        raise NotImplementedError("fastreg: the proximal step in an optimizer's metric does not support coupled "
-                                  "groups yet; use metric='euclidean'")
     if any(c.min_norm > 0 for c in coefficients):
         raise ValueError("fastreg: a lower norm bound (min_max_norm / unit_norm) has no exact proximal step in an "
                          "optimizer's metric (a non-convex trust-region problem); use metric='euclidean'")

@@ -32,7 +32,8 @@ from fastreg import _dispatch
 from fastreg.backends import _workspace
 from fastreg.backends._geometry import (NO_GROUPS, Groups, acc_dtype, as_groups, group_sizes, logical_groups,
                                         scale_groups)
-from fastreg.backends._terms import SUMS, Gradient, MetricOperand, Prox, Sum, as_table
+from fastreg.backends._terms import (SUMS, Gradient, MetricOperand, Prox, Sum, as_table, metric_multiplier,
+                                     metric_shrink, metric_step, metric_values)
 
 
 
@@ -275,6 +276,38 @@ def prox_(backend, params, centers, groups, coeffs, group_norms=None, workspace=
                           table[index], None, workspace=workspace, metric=operand)
     if not kernels.VERSIONS_BUMPED:
         torch.autograd.graph.increment_version(params)
+
+
+def coupled_metric_prox_(slices):
+    """The step in a metric of one coupling: ``slices`` are ``(param, center, metric, row, dim,
+    size)`` (``metric`` a ``_terms.Metric`` or None, ``row`` the param's Prox row), whose groups
+    along ``dim`` together form the coupling's groups. Each group's multiplier is the root for
+    all its slices at once (their ``u`` and ``a`` side by side), so the slices cannot go through
+    separate kernel calls: torch ops in float64 (``_terms``' reference maths), the parameters
+    written with ``copy_`` (version counters bumped by torch)."""
+    with torch.autocast(slices[0][0].device.type, enabled=False):
+        shrunk = []
+        for p, c, metric, row, dim, size in slices:
+            y = p.to(torch.float64, copy=True)
+            if c is not None:
+                y.sub_(c)
+            D = (torch.ones_like(y) if metric is None else
+                 metric_values(metric.v, metric.centered, _metric_row(metric, y), torch.float64))
+            shrunk.append(metric_shrink(y, D, row.double()))
+        row = slices[0][3].double()
+        u_rows = torch.cat([logical_groups(u, dim, size) for (u, _), (*_, dim, size) in zip(shrunk, slices)], dim=1)
+        a_rows = torch.cat([logical_groups(a, dim, size) for (_, a), (*_, dim, size) in zip(shrunk, slices)], dim=1)
+        mu = metric_multiplier(u_rows, a_rows, row[Prox.GROUP_THRESHOLD], row[Prox.MAX_NORM])
+        for (u, a), (p, c, _, _, dim, size) in zip(shrunk, slices):
+            x = metric_step(u, a, mu, dim, size)
+            if c is not None:
+                x = x + c.double()
+            p.copy_(x.to(acc_dtype(p.dtype)))
+
+
+def _metric_row(metric, like):
+    """A ``Metric``'s row of a metric table (``MetricSlot`` columns), float64 on ``like``'s device."""
+    return MetricOperand.of([metric], [like], torch.float64).table[0]
 
 
 def _metric_dtype_calls(metric, params):

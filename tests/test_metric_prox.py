@@ -123,3 +123,34 @@ def test_a_metric_must_be_positive_and_given_once():
             reg.prox_(0.1, metric={"p": bad})
     with pytest.raises(ValueError, match="twice"):
         reg.prox_(0.1, metric={"p": torch.ones(1, 3, dtype=torch.float64), p: torch.ones(1, 3, dtype=torch.float64)})
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.6])
+def test_a_coupled_group_steps_in_the_metric_as_one_group(backend, max_norm):
+    """A neuron (its row of w1, its bias, its column of w2) is one group in the metric: the same
+    step as one tensor holding the three slices side by side (the float64 reference of
+    tests/backends/test_metric.py), with its exact zeros; an uncoupled tensor of the same
+    Penalty steps on its own."""
+    import fastreg
+    from backends.test_metric import _reference
+
+    g = torch.Generator().manual_seed(5)
+    w1, b1, w2 = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in ((6, 4), (6,), (3, 6)))
+    w1[2], b1[2], w2[:, 2] = 1e-3, -1e-3, 2e-3  # a neuron the group term removes
+    other = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    D = {name: torch.exp(torch.randn(t.shape, generator=g, dtype=torch.float64))
+         for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("other", other))}
+    joined = torch.cat([w1, b1[:, None], w2.t()], dim=1)  # neuron j = row j
+    joined_D = torch.cat([D["w1"], D["b1"][:, None], D["w2"].t()], dim=1)
+    lr, l1, l2, group = 0.5, 0.02, 0.05, 0.4
+    row = torch.tensor([lr * l1, 1 + 2 * lr * l2, lr * group, 0.0, max_norm or math.inf, 0.0], dtype=torch.float64)
+    expected = _reference(joined, None, Metric(joined_D, root=False), row, 0, 1)
+    expected_other = _reference(other, None, Metric(D["other"], root=False), row, 0, 1)
+    params = [("w1", w1), ("b1", b1), ("w2", w2), ("other", other)]
+    reg = fastreg.Penalty(params, l1=l1, l2=l2, group=group, max_norm=max_norm,
+                          coupled=[[("w1", 0), ("b1", 0), ("w2", 1)]], backend=backend)
+    reg.prox_(lr, metric=D)
+    torch.testing.assert_close(torch.cat([w1, b1[:, None], w2.t()], dim=1), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(other, expected_other, rtol=1e-10, atol=1e-12)
+    assert torch.equal(expected[2], torch.zeros(8, dtype=torch.float64))
+    assert not bool(w1[2].any() or b1[2] or w2[:, 2].any())
