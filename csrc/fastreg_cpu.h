@@ -26,6 +26,8 @@
 //                int[] group_dims, int[] group_sizes, Tensor coeffs, Tensor metric_table) -> ()
 //       the step in the diagonal metric D of each param (metric_table: its MetricSlot row,
 //       metric[t] its v, centered[t] RMSprop's running mean): see metric_prox.cpp
+//   gradient_routes(Tensor[] params) -> int[]   inside a backward, where the engine puts each
+//       param's gradient (deferral.cpp): the graph, p.grad with no one watching, or nowhere
 //   term_layout() -> str   the slots of the sums and coefficient tables (terms.h), by name
 //   constants() -> str     the schedule's constants (schedule.h), by name
 // The slots of the coefficient tables and of the sums are named in terms.h (Gradient, Prox,
@@ -77,6 +79,7 @@ void prox_(at::TensorList params, at::TensorList centers, at::IntArrayRef group_
 void metric_prox_(at::TensorList params, at::TensorList centers, at::TensorList metric,
                   const c10::List<std::optional<at::Tensor>>& centered, at::IntArrayRef group_dims,
                   at::IntArrayRef group_sizes, const at::Tensor& coeffs, const at::Tensor& metric_table);
+std::vector<int64_t> gradient_routes(at::TensorList params);
 std::string term_layout();
 std::string constants();
 

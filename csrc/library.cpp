@@ -40,6 +40,7 @@ TORCH_LIBRARY(fastreg_cpu, m) {
         "Tensor? group_norms) -> ()");
   m.def("metric_prox_(Tensor(a!)[] params, Tensor[] centers, Tensor[] metric, Tensor?[] centered, "
         "int[] group_dims, int[] group_sizes, Tensor coeffs, Tensor metric_table) -> ()");
+  m.def("gradient_routes(Tensor[] params) -> int[]", &fastreg_cpu::gradient_routes);
   m.def("term_layout() -> str", &fastreg_cpu::term_layout);
   m.def("constants() -> str", &fastreg_cpu::constants);
 }

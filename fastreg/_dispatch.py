@@ -42,6 +42,21 @@ def unavailable_reason(name):
         return f"{type(exc).__name__}: {exc}"
 
 
+# Where the engine puts a param's gradient (csrc/deferral.cpp's values): through the graph, into
+# p.grad with no one watching, or nowhere (this backward does not need it).
+ROUTE_GRAPH, ROUTE_DEFERRED, ROUTE_UNUSED = 0, 1, 2
+
+
+def gradient_routes(params):
+    """Inside a backward, where the engine will put each param's gradient (see
+    ``fastreg.backends.cpu.gradient_routes``: the engine's state is visible from C++ only), or
+    None where that cannot be known here."""
+    try:
+        return backend("cpu").gradient_routes(params)
+    except ImportError:
+        return None
+
+
 def available_backends():
     return [name for name in BACKENDS if unavailable_reason(name) is None]
 

@@ -24,6 +24,7 @@ The in-place primitives (``add_grad_``, ``prox_``) bump the version counters of 
 when the backend's kernels write through raw pointers, as a PyTorch in-place op would.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -221,6 +222,9 @@ class _EagerSums(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sums, grad_group_sq):
         params, centers, group_sq, groups, backend = _unpack(ctx)
+        if _defer_to_end_of_backward(params, centers, group_sq, groups, backend, grad_sums, grad_group_sq,
+                                     ctx.workspace):
+            return (None, None, None, None, *([None] * (len(params) + len(centers))))
         coeffs, scale = _backward_coeffs(grad_sums, params, groups, group_sq, grad_group_sq)
         if torch.is_grad_enabled():  # create_graph=True: the op carries the second derivative
             handle = 0 if ctx.workspace is None else ctx.workspace.handle
@@ -230,6 +234,73 @@ class _EagerSums(torch.autograd.Function):
             grads = _dispatch.backend_for(backend, params[0].device).grads(params, centers or None, groups,
                                                                             coeffs, scale, workspace=ctx.workspace)
         return (None, None, None, None, *grads, *([None] * len(centers)))
+
+
+# ------------------------------------------------------------------------------------------
+# The deferred backward: the penalty's gradient added to p.grad at the end of the backward.
+#
+# Handed to autograd, the penalty's gradient of a parameter is a fresh tensor that the engine
+# then adds to the task's gradient of the same leaf (or, when the penalty's backward runs first
+# under zero_grad(set_to_none=True), the task's gradient is added into it): about six passes
+# over the parameters' bytes. Added at the end of the backward, after every AccumulateGrad has
+# adopted the task's gradient as p.grad, it is one add_grad_ (read w, read and write g): what
+# add_to_grad_ costs. The value p.grad ends with is the same sum (rounded once instead of twice).
+# It is taken only when no one can observe the difference (csrc/deferral.cpp says where the
+# engine puts each gradient), that is when, for every param of the kernel group:
+#   - the engine will accumulate its gradient into p.grad (a leaf, this is backward() and the
+#     param is among its inputs — not autograd.grad, which returns gradients instead), or this
+#     backward does not need it at all (backward(inputs=...) without it: no gradient, as before);
+#   - no hook watches it: no tensor hook, retain_grad, post-accumulate-grad hook, or hook on its
+#     AccumulateGrad node (DDP's reducer, FSDP, ...);
+#   - it is a plain tensor (not a DTensor or other subclass) and the backward builds no graph
+#     (create_graph=False), and the penalty's group_sq output is unused (sharded and coupled
+#     values use it);
+#   - the C++ extension that reads the engine's state is loaded (else: the graph, as before).
+# Each condition is tested in tests/test_deferred_backward.py against plain autograd.
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _defer_to_end_of_backward(params, centers, group_sq, groups, backend, grad_sums, grad_group_sq, workspace):
+    """True when the penalty's gradient will be added at the end of this backward (queued here)."""
+    if grad_sums is None or grad_group_sq is not None or torch.is_grad_enabled():
+        return False
+    if not all(type(p) in _PLAIN_TYPES for p in params):
+        return False
+    routes = _dispatch.gradient_routes(params)
+    if routes is None or _dispatch.ROUTE_GRAPH in routes:
+        return False
+    index = [i for i, route in enumerate(routes) if route == _dispatch.ROUTE_DEFERRED]
+    if not index:
+        return True  # this backward needs none of these gradients
+    coeffs = grad_sums.to(group_sq.dtype)
+    norms = group_sq.sqrt() if group_sq.numel() else None
+    if len(index) < len(params):
+        sizes = group_sizes(params, groups)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        if norms is not None:
+            norms = torch.cat([norms[starts[i]:starts[i] + sizes[i]] for i in index])
+        params, groups, coeffs = [params[i] for i in index], groups.subset(index), coeffs[index]
+        centers = [centers[i] for i in index] if centers else centers
+    torch.autograd.Variable._execution_engine.queue_callback(
+        functools.partial(_add_deferred, backend, params, centers or None, groups, coeffs, norms, workspace))
+    return True
+
+
+def _add_deferred(backend, params, centers, groups, coeffs, norms, workspace):
+    """The end of the backward: ``p.grad += the penalty's gradient`` for every param, ``p.grad``
+    as the engine left it (created, zeros, where the task did not reach the param; a sparse one
+    made dense, as adding a dense gradient to it in the graph would)."""
+    with torch.no_grad():
+        grads = []
+        for p in params:
+            g = p.grad
+            if g is None:
+                g = p.grad = torch.zeros_like(p)
+            elif g.layout != torch.strided:
+                g = p.grad = g.to_dense()
+            grads.append(g)
+        add_grad_(backend, params, grads, centers, groups, coeffs, norms, workspace, want_sums=False)
 
 
 def plain_sums(backend, params, centers, groups, shrink=None, workspace=None):

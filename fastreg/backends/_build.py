@@ -382,6 +382,11 @@ class Extension:
         self._build(config)
         return config, True
 
+    def is_built(self):
+        """Whether a finished build is cached for this configuration (loading it takes milliseconds)."""
+        config = self.config()
+        return os.path.isfile(config["marker"]) and os.path.isfile(config["library"])
+
     def remove_cached(self):
         """Delete the cached build (under the build lock), so that the next ``load`` builds."""
         config = self.config()

@@ -48,7 +48,7 @@ METRIC_PROX = True  # prox_(..., metric=...): csrc/metric_prox.cpp
 
 # One translation unit per op (ninja compiles them in parallel) and the shared headers: every
 # file in csrc/, since all of them enter the hash that names the build.
-SOURCE_FILES = ("library.cpp", "sums.cpp", "grads.cpp", "add_grad.cpp", "prox.cpp", "metric_prox.cpp")
+SOURCE_FILES = ("library.cpp", "sums.cpp", "grads.cpp", "add_grad.cpp", "prox.cpp", "metric_prox.cpp", "deferral.cpp")
 HEADER_FILES = ("fastreg_cpu.h", "vec.h", "traits.h", "span.h", "terms.h", "schedule.h", "prepare.h", "passes.h")
 EXTENSION = _build.Extension("fastreg_cpu", SOURCE_FILES, HEADER_FILES, what="the C++ CPU kernels")
 # CHUNK_ELEMS (elements per flat chunk, kChunk in csrc/schedule.h) is read from the extension:
@@ -110,6 +110,26 @@ def prox_(params, centers, groups, coeffs, group_norms, workspace=None, metric=N
     else:
         _kernels().metric_prox_(params, _as_list(centers), list(metric.v), list(metric.centered), dims, sizes,
                                 _table(coeffs, params, _terms.Prox), metric.table)
+
+
+# ------------------------------------------------------------------------------------------
+# Not a kernel: what the autograd engine will do with each param's gradient (csrc/deferral.cpp),
+# for fastreg._ops' deferred backward. The engine's state is only visible from C++.
+
+def gradient_routes(params):
+    """Inside a backward, per param (``fastreg._dispatch.ROUTE_*``): 1 (the engine accumulates its
+    gradient into ``p.grad`` with no hook watching), 2 (this backward does not need it) or 0 (it
+    must go through the graph); ``None`` when the extension is not loaded. Never builds inside a backward:
+    the extension is loaded here only when it is already built (the cpu backend builds it on first
+    use; ``python -m fastreg build`` on a GPU machine), checked once per process."""
+    if not _state["tried"]:
+        if "cached_build" not in _state:
+            _state["cached_build"] = EXTENSION.is_built()
+        if not _state["cached_build"]:
+            return None
+    if unavailable_reason() is not None:
+        return None
+    return _ops.gradient_routes(params)
 
 
 def _structure(params, groups):
@@ -280,3 +300,4 @@ class _Ops:
         self.add_grad_ = namespace.add_grad_.default
         self.prox_ = namespace.prox_.default
         self.metric_prox_ = namespace.metric_prox_.default
+        self.gradient_routes = namespace.gradient_routes.default

@@ -1,0 +1,206 @@
+"""The deferred backward (fastreg._ops, "The deferred backward"): the penalty's gradient added to
+``p.grad`` at the end of the backward instead of through the graph, taken only where no one can
+tell. Each condition of the fast path, against plain autograd on a plain-torch penalty: where it
+is taken (the spy counts it), and where it must not be (hooks, autograd.grad, create_graph,
+...), the gradients, the hooks' inputs and the memory the user holds are those of autograd."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import fastreg
+from fastreg import _dispatch, _ops
+
+L1, L2, GROUP = 1e-2, 3e-3, 2e-2
+
+pytestmark = pytest.mark.skipif(_dispatch.unavailable_reason("cpu") is not None,
+                                reason="the deferred backward reads the engine's state through the C++ extension")
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def _reference_penalty(model):
+    total = 0
+    for p in model.parameters():
+        total = total + L1 * p.abs().sum() + L2 * p.square().sum()
+        if p.ndim == 2:
+            total = total + GROUP * p.norm(dim=1).sum()
+    return total
+
+
+X = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def _task(model):
+    return model(X).square().mean()
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    """Counts the deferred additions (the end-of-backward callbacks that ran)."""
+    ran = []
+    original = _ops._add_deferred
+
+    def spy(*args):
+        ran.append(len(args[1]))
+        return original(*args)
+
+    monkeypatch.setattr(_ops, "_add_deferred", spy)
+    return ran
+
+
+def _pair(backend="cpu"):
+    """Two identical models: one with the fastreg penalty, one with the plain-torch one."""
+    ours, theirs = _model(), _model()
+    return ours, theirs, fastreg.Penalty(ours, l1=L1, l2=L2, group=GROUP, backend=backend)
+
+
+def _assert_same_grads(ours, theirs):
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-15, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_taken_for_a_plain_backward_with_and_without_existing_grads(deferred, backend):
+    ours, theirs, reg = _pair(backend)
+    for _ in range(2):  # the second step accumulates into the existing p.grad, as autograd does
+        held = [p.grad for p in ours.parameters()]
+        (_task(ours) + reg()).backward()
+        (_task(theirs) + _reference_penalty(theirs)).backward()
+        _assert_same_grads(ours, theirs)
+        if held[0] is not None:  # accumulation in place: the same tensors, as autograd keeps them
+            assert all(h is p.grad for h, p in zip(held, ours.parameters()))
+    assert deferred == [4, 4]
+
+
+def test_set_to_none_and_retain_graph(deferred):
+    ours, theirs, reg = _pair()
+    loss, ref_loss = _task(ours) + reg(), _task(theirs) + _reference_penalty(theirs)
+    loss.backward(retain_graph=True)
+    ref_loss.backward(retain_graph=True)
+    ours.zero_grad(set_to_none=True)
+    theirs.zero_grad(set_to_none=True)
+    loss.backward()
+    ref_loss.backward()
+    _assert_same_grads(ours, theirs)
+    assert deferred == [4, 4]
+
+
+def test_parameters_the_task_does_not_reach_get_the_penalty_gradient(deferred):
+    ours, theirs, reg = _pair()
+    (ours[0](X).square().mean() + reg()).backward()  # the last layer is not in the task
+    (theirs[0](X).square().mean() + _reference_penalty(theirs)).backward()
+    _assert_same_grads(ours, theirs)
+    assert deferred == [4]
+
+
+def test_backward_inputs_fills_only_the_inputs(deferred):
+    ours, theirs, reg = _pair()
+    (_task(ours) + reg()).backward(inputs=[ours[0].weight, ours[2].bias])
+    (_task(theirs) + _reference_penalty(theirs)).backward(inputs=[theirs[0].weight, theirs[2].bias])
+    _assert_same_grads(ours, theirs)
+    assert ours[0].bias.grad is None
+    assert deferred == [2]
+
+
+def test_autograd_grad_returns_the_whole_gradient_and_leaves_grad_alone(deferred):
+    ours, theirs, reg = _pair()
+    got = torch.autograd.grad(_task(ours) + reg(), list(ours.parameters()))
+    expected = torch.autograd.grad(_task(theirs) + _reference_penalty(theirs), list(theirs.parameters()))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-15)
+    assert all(p.grad is None for p in ours.parameters())
+    assert deferred == []
+
+
+def test_create_graph_keeps_the_penalty_in_the_graph(deferred):
+    ours, theirs, reg = _pair()
+    v = [torch.randn_like(p) for p in ours.parameters()]
+
+    def hvp(model, penalty):
+        grads = torch.autograd.grad(_task(model) + penalty, list(model.parameters()), create_graph=True)
+        return torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v)), list(model.parameters()))
+
+    for a, b in zip(hvp(ours, reg()), hvp(theirs, _reference_penalty(theirs))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    (_task(ours) + reg()).backward(create_graph=True)
+    (_task(theirs) + _reference_penalty(theirs)).backward(create_graph=True)
+    _assert_same_grads(ours, theirs)
+    assert deferred == []
+
+
+@pytest.mark.parametrize("hook", ["tensor", "post_accumulate", "node_post", "node_pre"])
+def test_a_watched_gradient_goes_through_the_graph(deferred, hook):
+    ours, theirs, reg = _pair()
+    seen = {}
+    for tag, model in (("ours", ours), ("theirs", theirs)):
+        w = model[0].weight
+
+        def record(*args, tag=tag):
+            seen[tag] = [a.clone() for a in args if isinstance(a, torch.Tensor)] + [
+                g.clone() for a in args if isinstance(a, tuple) for g in a if g is not None]
+
+        if hook == "tensor":
+            w.register_hook(record)
+        elif hook == "post_accumulate":
+            w.register_post_accumulate_grad_hook(lambda p, tag=tag: seen.__setitem__(tag, [p.grad.clone()]))
+        else:
+            node = torch.autograd.graph.get_gradient_edge(w).node
+            (node.register_hook if hook == "node_post" else node.register_prehook)(record)
+        model.keep = node if hook.startswith("node") else None  # the node lives as long as the model
+    (_task(ours) + reg()).backward()
+    (_task(theirs) + _reference_penalty(theirs)).backward()
+    _assert_same_grads(ours, theirs)
+    for a, b in zip(seen["ours"], seen["theirs"]):  # the hook saw task + penalty, as in autograd
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    assert deferred == []
+
+
+def test_memory_the_user_holds_is_never_written(deferred):
+    """A task gradient the user still holds (the engine copies it rather than adopt it): the
+    penalty is added to p.grad, never into the held tensor."""
+    held = torch.ones(8, 6, dtype=torch.float64)
+
+    class Hand(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w.sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return held  # the same tensor every time, still referenced here
+
+    ours, theirs, reg = _pair()
+    (Hand.apply(ours[0].weight) + reg()).backward()
+    (Hand.apply(theirs[0].weight) + _reference_penalty(theirs)).backward()
+    assert torch.equal(held, torch.ones(8, 6, dtype=torch.float64))
+    assert ours[0].weight.grad is not held
+    _assert_same_grads(ours, theirs)
+    assert deferred == [4]
+
+
+def test_reentrant_checkpointing(deferred):
+    ours, theirs, reg = _pair()
+
+    def run(model):  # reentrant checkpointing needs an input that requires grad
+        return checkpoint(lambda x: model[1](model[0](x)), X.clone().requires_grad_(), use_reentrant=True)
+
+    ours[2](run(ours)).square().mean().add(reg()).backward()
+    theirs[2](run(theirs)).square().mean().add(_reference_penalty(theirs)).backward()
+    _assert_same_grads(ours, theirs)
+    assert deferred == [4]
+
+
+def test_without_the_extension_the_graph_is_used(deferred, monkeypatch):
+    monkeypatch.setattr(_dispatch, "gradient_routes", lambda params: None)
+    ours, theirs, reg = _pair()
+    (_task(ours) + reg()).backward()
+    (_task(theirs) + _reference_penalty(theirs)).backward()
+    _assert_same_grads(ours, theirs)
+    assert deferred == []
