@@ -168,7 +168,8 @@ _cache = {}  # (values, dtype, device) -> vector: small constants, no user tenso
 
 def capturing(device):
     """Whether a CUDA graph is being captured on ``device``'s current stream."""
-    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return device_type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def show(coefficient):

@@ -41,7 +41,21 @@ def values(plan, coefficients):
 
 def value(plan, coefficients):
     """The penalty, differentiable with respect to every selected parameter."""
+    if _one_node_per_group(plan, coefficients):
+        result = None
+        for kg, (groups, table) in zip(plan.local, plan.call(coefficients, GRAD)):
+            result = add_values(result, _ops.penalty_value(kg.tensors, kg.centers, groups, table, plan.backend,
+                                                           kg.workspace, plan.result_dtype))
+        return _or_zero(plan, result)
     return total(plan, values(plan, coefficients))
+
+
+def _one_node_per_group(plan, coefficients):
+    """Whether the value can be one autograd node per kernel group (``_ops.penalty_value``):
+    eager, no couplings or sharded parameters (their values need the group norms outside the
+    node), no coefficient that needs a gradient."""
+    return (not torch.compiler.is_compiling() and not plan.couplings and not plan.meshes
+            and not any(isinstance(c, torch.Tensor) and c.requires_grad for co in coefficients for c in co.terms()))
 
 
 def add_to_grad(plan, coefficients):

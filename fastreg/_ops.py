@@ -222,18 +222,71 @@ class _EagerSums(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sums, grad_group_sq):
         params, centers, group_sq, groups, backend = _unpack(ctx)
-        if _defer_to_end_of_backward(params, centers, group_sq, groups, backend, grad_sums, grad_group_sq,
-                                     ctx.workspace):
-            return (None, None, None, None, *([None] * (len(params) + len(centers))))
-        coeffs, scale = _backward_coeffs(grad_sums, params, groups, group_sq, grad_group_sq)
-        if torch.is_grad_enabled():  # create_graph=True: the op carries the second derivative
-            handle = 0 if ctx.workspace is None else ctx.workspace.handle
-            grads = sums_backward(params, centers, list(groups.dims), list(groups.sizes), coeffs.contiguous(), scale,
-                                  backend, handle)
-        else:
-            grads = _dispatch.backend_for(backend, params[0].device).grads(params, centers or None, groups,
-                                                                            coeffs, scale, workspace=ctx.workspace)
+        grads = _param_gradients(params, centers, group_sq, groups, backend, ctx.workspace, grad_sums, grad_group_sq)
         return (None, None, None, None, *grads, *([None] * len(centers)))
+
+
+def _param_gradients(params, centers, group_sq, groups, backend, workspace, grad_sums, grad_group_sq):
+    """The backward of the sums of one kernel group: the gradient of each param to hand autograd
+    (None for all where it is added at the end of the backward instead)."""
+    if _defer_to_end_of_backward(params, centers, group_sq, groups, backend, grad_sums, grad_group_sq, workspace):
+        return [None] * len(params)
+    coeffs, scale = _backward_coeffs(grad_sums, params, groups, group_sq, grad_group_sq)
+    if torch.is_grad_enabled():  # create_graph=True: the op carries the second derivative
+        handle = 0 if workspace is None else workspace.handle
+        return sums_backward(params, centers, list(groups.dims), list(groups.sizes), coeffs.contiguous(), scale,
+                             backend, handle)
+    return _dispatch.backend_for(backend, params[0].device).grads(params, centers or None, groups, coeffs, scale,
+                                                                  workspace=workspace)
+
+
+def penalty_value(params, centers, groups, table, backend, workspace, dtype):
+    """The penalty of one kernel group, ``Σ_t Σ_k table[t, k]·sums[t, k]`` (``table``: the
+    ``Gradient`` table of the call, each tensor's [l1, l2, group]; a zero coefficient drops its
+    term), as one autograd node in eager mode, in ``dtype``. For a plan without couplings or
+    sharded parameters whose coefficients need no gradient: the value formed per class with torch
+    ops (``fastreg._coefficients``) costs a dozen small ops and autograd nodes per call, which is
+    the whole cost of a small model's penalty."""
+    return _EagerValue.apply(backend, groups, len(params), workspace, table, dtype, *params, *(centers or []))
+
+
+def _weighted_total(sums, table, dtype):
+    """``Σ table·sums`` with the zero coefficients' terms dropped (never inf·0), in float64."""
+    products = sums.double() * table
+    return torch.where(table != 0, products, 0).sum().to(dtype)
+
+
+class _EagerValue(torch.autograd.Function):
+    """The value of one kernel group and its backward in one node: the kernels' sums, weighted by
+    the coefficient table inside (see ``penalty_value``); the backward is ``_EagerSums``'
+    with ``grad_sums = table · grad``."""
+
+    @staticmethod
+    def forward(ctx, backend, groups, count, workspace, table, dtype, *tensors):
+        params, centers = list(tensors[:count]), list(tensors[count:])
+        result, group_sq = _dispatch.backend_for(backend, params[0].device).sums(params, centers or None, groups,
+                                                                                  workspace=workspace)
+        table = table.double()
+        ctx.save_for_backward(*tensors, group_sq)
+        ctx.split = (count, groups, backend)
+        ctx.workspace, ctx.table = workspace, table
+        return _weighted_total(result, table, dtype)
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        params, centers, group_sq, groups, backend = _unpack(ctx)
+        if torch.is_grad_enabled():
+            # create_graph=True: the second derivative of the group term needs group_sq's own
+            # dependence on the params, which this node's forward did not record: the value is
+            # formed again through the differentiable sums, and differentiated with a graph.
+            with torch.enable_grad():
+                sums_, _ = penalty_sums(params, centers, groups, backend, ctx.workspace)
+                again = _weighted_total(sums_, ctx.table, grad_value.dtype)
+            grads = torch.autograd.grad(again, params, grad_value, create_graph=True, allow_unused=True)
+            return (None, None, None, None, None, None, *grads, *([None] * len(centers)))
+        grad_sums = (ctx.table * grad_value.double()).to(group_sq.dtype)
+        grads = _param_gradients(params, centers, group_sq, groups, backend, ctx.workspace, grad_sums, None)
+        return (None, None, None, None, None, None, *grads, *([None] * len(centers)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -296,7 +349,7 @@ def _add_deferred(backend, params, centers, groups, coeffs, norms, workspace):
         for p in params:
             g = p.grad
             if g is None:
-                g = p.grad = torch.zeros_like(p)
+                g = p.grad = torch.zeros_like(p, dtype=getattr(p, "grad_dtype", None) or p.dtype)
             elif g.layout != torch.strided:
                 g = p.grad = g.to_dense()
             grads.append(g)
