@@ -8,7 +8,9 @@ accelerate's ``AcceleratedOptimizer``, ``torch.amp.GradScaler.step``) applies th
   before ``step()``, so the penalty's gradient is not clipped — the same as ``weight_decay``.
   ``GradScaler.step`` unscales first and does not call ``step()`` on inf/NaN: no hook then.
 * ``"prox"``: the post-hook applies the proximal step per param group, with that group's
-  learning rate at that step.
+  learning rate at that step. A fused optimizer (``fused=True``) is stepped by
+  ``GradScaler.step`` even on inf/NaN, with ``optimizer.found_inf`` set, and its kernel skips
+  the update: the post-hook then skips the proximal step too.
 """
 
 import math
@@ -119,6 +121,8 @@ def attach(penalty, optimizer, mode, metric="optimizer"):
         subplans = _plans_by_param_group(penalty, optimizer)
 
         def after_step(opt, args, kwargs):
+            if _skipped_by_grad_scaler(opt):
+                return
             for group, plan in subplans:
                 lr = group["lr"]
                 lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
@@ -138,6 +142,14 @@ def attach(penalty, optimizer, mode, metric="optimizer"):
         handle._hook = optimizer.register_step_post_hook(after_step)
     penalty._attached[optimizer] = handle
     return handle
+
+
+def _skipped_by_grad_scaler(optimizer):
+    """True when ``GradScaler.step`` stepped an optimizer that scales itself (``fused=True``:
+    ``_step_supports_amp_scaling``) on inf/NaN gradients: ``optimizer.found_inf`` is set for that
+    call only, and the optimizer's kernel skipped its update (one host sync to read it)."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    return isinstance(found_inf, torch.Tensor) and bool(found_inf.item() != 0)
 
 
 def _plans_by_param_group(penalty, optimizer):
