@@ -123,6 +123,7 @@ def attach(penalty, optimizer, mode, metric="optimizer"):
         def after_step(opt, args, kwargs):
             if _skipped_by_grad_scaler(opt):
                 return
+            steps = []  # every group's step checked (lr, metric) before any is taken: no half-done step
             for group, plan in subplans:
                 lr = group["lr"]
                 lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
@@ -136,6 +137,8 @@ def attach(penalty, optimizer, mode, metric="optimizer"):
                     plan = plan.current()
                     step_metric = {id(t): _preconditioners.metric(optimizer, group, t) for t in plan.tensors}
                     lr = _preconditioners.step_size(optimizer, group, plan.tensors[0]) if plan.tensors else lr
+                steps.append((plan, lr, step_metric))
+            for plan, lr, step_metric in steps:
                 _operations.prox(plan.current(), penalty.coefficients(), lr, step_metric)
             handle._steps += 1
 
