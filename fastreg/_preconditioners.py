@@ -55,7 +55,10 @@ def metric(optimizer, group, param):
     if isinstance(optimizer, torch.optim.SGD):
         return None
     state = optimizer.state.get(param)
-    if not state:
+    # No metric before the parameter's first step. Adagrad makes its state (sum = 0, step = 0) in
+    # its constructor: D would be eps, a threshold lr·l1/eps that zeroes the parameter; a fused
+    # Adam whose first step GradScaler skipped keeps step = 0 (a bias correction of 1/0).
+    if not state or _step(state, param) == 0:
         raise ValueError(f"fastreg: {type(optimizer).__name__} has no state for a parameter of shape "
                          f"{tuple(param.shape)} yet (no step has updated it): the metric step needs it")
     eps = group["eps"]
