@@ -141,6 +141,18 @@ def make_centers(params, seed):
     return centers
 
 
+def make_adam_second_moment(params, seed, grad_std):
+    """An Adam-like second moment per parameter, for the metric prox step: ``v = g²`` with ``g``
+    N(0, ``grad_std``) drawn in float32 on the CPU (positive, spanning orders of magnitude as
+    Adam's ``exp_avg_sq`` does), in the parameter's dtype and device."""
+    generator = torch.Generator().manual_seed(seed + 2)
+    second_moments = []
+    for p in params:
+        g = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, grad_std, generator=generator)
+        second_moments.append(g.square_().clamp_(min=torch.finfo(torch.float32).tiny).to(device=p.device, dtype=p.dtype))
+    return second_moments
+
+
 def has_groups(case):
     return any(len(shape) >= 2 for _, shape in case.shapes)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 import fastreg
-from bench.contenders import BYTE_MODEL, FWD_BWD, LAMBDA, MODES
+from bench import contenders
+from bench.contenders import BYTE_MODEL, FWD_BWD, LAMBDA, METRIC_PROX, MODES, PROX
 
 MARKDOWN_FILE, JSON_FILE, PLOT_FILE = "results.md", "results.json", "speedup.png"
 PENALTY_TITLES = {
@@ -25,6 +26,8 @@ PENALTY_TITLES = {
     "l2-center": "Σ(w - c)² (L2-SP, toward reference weights c)",
     "l2-2-settings": "Σ_i 2^-(i mod 2)·Σw_i² (2 param groups in one Penalty; vs one Penalty per setting)",
     "l2-10-settings": "Σ_i 2^-(i mod 10 mod 4)·Σw_i² (10 param groups in one Penalty; vs one Penalty per setting)",
+    "metric-prox-l1": "one proximal step of Σ|w| in Adam's metric D: w ← sign(w)·max(D·|w| − lr·λ, 0)/D",
+    "metric-prox-l2-center": "one proximal step of Σ(w - c)² in Adam's metric D: w ← c + D·(w - c)/(D + 2·lr·λ)",
 }
 
 
@@ -119,6 +122,10 @@ def _speedup(x):
     return "" if x is None else f"{x:.3g}x"
 
 
+def _share(x):
+    return "" if x is None else f"{x:.0%}"
+
+
 def _err(x):
     if x is None:
         return ""
@@ -132,7 +139,8 @@ def _abs_err(x):
 
 
 def add_derived(rows):
-    """Fill ``gbps`` and ``speedup_vs_seed`` (same case, penalty and mode; add_to_grad_ is fwd+bwd)."""
+    """Fill ``gbps``, ``speedup_vs_seed`` (same case, penalty and mode; add_to_grad_ is fwd+bwd)
+    and ``of_flat_sum`` (GB/s / the flat torch.sum's GB/s, same case, penalty and mode)."""
     seed = {(r["case"], r["penalty"], r["mode"]): r["median_ms"]
             for r in rows if r["is_baseline"] and r["median_ms"] is not None}
     for r in rows:
@@ -140,6 +148,10 @@ def add_derived(rows):
         r["gbps"] = r["bytes"] / (ms * 1e-3) / 1e9 if ms else None
         base = seed.get((r["case"], r["penalty"], r["mode"]))
         r["speedup_vs_seed"] = base / ms if base and ms else None
+    flat = {(r["case"], r["penalty"], r["mode"]): r["gbps"] for r in rows if r["contender"] == "flat-sum" and r["gbps"]}
+    for r in rows:
+        reference = flat.get((r["case"], r["penalty"], r["mode"]))
+        r["of_flat_sum"] = r["gbps"] / reference if reference and r["gbps"] else None
     return rows
 
 
@@ -170,6 +182,12 @@ def markdown(rows, meta, cases, penalties):
         "- x seed: the baseline's median / this median, same penalty and mode (add_to_grad_ vs its fwd+bwd); the "
         "baseline is the seed article's loop for l2 / l1, the hand-written loop for the group and center terms",
         "- rel err: (value - exact) / exact, exact computed in float64; grad err: max|p.grad - exact| / max|exact|",
+        (f"- metric-prox-*: one proximal step in Adam's metric D = √(v / (1 - β₂ᵗ)) + ε (v = g², g ~ N(0, "
+         f"{contenders.ADAM_GRAD_STD:g}); β₂ = {contenders.ADAM_BETA2}, t = {contenders.ADAM_STEP}, ε = "
+         f"{contenders.ADAM_EPS:g}), lr = {contenders.METRIC_LR:g}, each contender on its own copy of the weights "
+         "(every call steps again, as training would); of torch.sum: GB/s / the flat torch.sum's over the same bytes; "
+         "x loop: the hand loop's median / this median; prox err: max|w - exact| / max|exact| after the first step, "
+         "exact in float64"),
         "",
         "| case | tensors | params |",
         "|---|---:|---:|",
@@ -183,6 +201,9 @@ def markdown(rows, meta, cases, penalties):
         lines.insert(lines.index("| case | tensors | params |") - 1,
                      "- host µs: the host's time inside one call (Python and launches), without waiting for the GPU")
     for penalty in penalties:
+        if penalty in METRIC_PROX:
+            lines += _prox_section(rows, penalty, titles, host)
+            continue
         lines += [
             "",
             f"## {penalty}: {PENALTY_TITLES[penalty]}",
@@ -212,6 +233,28 @@ def markdown(rows, meta, cases, penalties):
     return "\n".join(lines) + "\n"
 
 
+def _prox_section(rows, penalty, titles, host):
+    """The table of a metric prox term: one mode, against the hand loop and torch.sum."""
+    lines = [
+        "",
+        f"## {penalty}: {PENALTY_TITLES[penalty]}",
+        "",
+        "| case | contender | ms | GB/s | of torch.sum | x loop " + ("| host µs " if host else "") + "| prox err | notes |",
+        "|---|---|---:|---:|---:|---:|" + ("---:|" if host else "") + "---:|---|",
+    ]
+    for (case, _), by_mode in _grouped(rows, penalty).items():
+        r = by_mode.get(PROX)
+        if r is None:
+            continue
+        cells = [titles.get(case, case), r["label"], _ms(r["median_ms"]), _gbps(r["gbps"]), _share(r.get("of_flat_sum")),
+                 _speedup(r["speedup_vs_seed"])]
+        if host:
+            cells.append(f"{r['host_ms'] * 1e3:.0f}" if r.get("host_ms") else "-")
+        cells += [_abs_err(r.get("prox_err")), f"skipped: {r['skipped']}" if r["skipped"] else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_json(path, meta, cases, references, rows):
     data = {
         "meta": meta,
@@ -235,13 +278,19 @@ def plot_speedups(path, rows, cases, penalties, title):
     import matplotlib.pyplot as plt
 
     labels = list(dict.fromkeys(r["label"] for r in rows if not r["is_baseline"]))
-    colors = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
+    palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")  # the metric prox terms add labels
+    colors = {label: palette(i % palette.N) for i, label in enumerate(labels)}
     case_names = [c.name for c in cases]
     fig, axes = plt.subplots(len(penalties), len(MODES), squeeze=False,
                              figsize=(6.5 * len(MODES), 3.8 * len(penalties)))
     for i, penalty in enumerate(penalties):
-        for j, mode in enumerate(MODES):
+        modes = (PROX,) if penalty in METRIC_PROX else MODES
+        for j in range(len(MODES)):
             ax = axes[i][j]
+            if j >= len(modes):
+                ax.axis("off")
+                continue
+            mode = modes[j]
             speedup = {(r["case"], r["label"]): r["speedup_vs_seed"] for r in rows
                        if r["penalty"] == penalty and r["mode"] == mode and r["speedup_vs_seed"]
                        and not r["is_baseline"]}
@@ -259,7 +308,7 @@ def plot_speedups(path, rows, cases, penalties, title):
             ax.set_xticks(range(len(case_names)))
             ax.set_xticklabels([c.title for c in cases], fontsize=8)
             ax.set_title(f"{penalty} {mode}", fontsize=10)
-            ax.set_ylabel("speedup vs seed loop")
+            ax.set_ylabel("speedup vs hand loop" if penalty in METRIC_PROX else "speedup vs seed loop")
             ax.grid(axis="y", which="both", alpha=0.3)
     handles = {}
     for ax in axes.flat:

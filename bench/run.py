@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 import fastreg
 from bench import report
-from bench.cases import CASES, CASES_BY_NAME, float64_reference, has_groups, make_centers, make_params
-from bench.contenders import (FWD_BWD, GRAD_PASSES, LAMBDA, PENALTIES, SETTINGS, all_contenders,
-                              gradient_error, passes)
+from bench.cases import (CASES, CASES_BY_NAME, float64_reference, has_groups, make_adam_second_moment, make_centers,
+                         make_params)
+from bench.contenders import (ADAM_GRAD_STD, FWD_BWD, GRAD_PASSES, LAMBDA, METRIC_PROX, PENALTIES, PROX, SETTINGS,
+                              all_contenders, gradient_error, metric_prox_error, passes)
 from bench.timing import FULL_BUDGET, QUICK_BUDGET, Budget, DeviceClock, measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -47,7 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--penalty", type=_penalties, default=None,
                         help="which penalties, comma-separated: l2, l1, group-rows, group-cols (group lasso + L2), "
                              "l2-center (toward reference weights), l2-2-settings, l2-10-settings (param groups in "
-                             "one Penalty), both (l2 and l1) or all (default: all; --quick: l2)")
+                             "one Penalty), metric-prox-l1, metric-prox-l2-center (one proximal step in Adam's metric), "
+                             "both (l2 and l1) or all (default: all; --quick: l2)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="parameter dtype (default fp32)")
     parser.add_argument("--grad-dtype", choices=("same", "fp32"), default="same",
                         help="dtype of p.grad: same as the parameter (default) or fp32 (fp32 gradient accumulation "
@@ -146,7 +148,7 @@ def _row(case, penalty, contender, mode, params):
         "numel": numel, "itemsize": itemsize, "passes": moves,
         "bytes": numel * ((moves - grad_moves) * itemsize + grad_moves * grad_itemsize),
         "median_ms": None, "times_ms": [], "warmup_calls": 0,
-        "value": None, "reference_value": None, "rel_err": None, "grad_err": None,
+        "value": None, "reference_value": None, "rel_err": None, "grad_err": None, "prox_err": None,
         "setup_s": None, "skipped": None, "host_ms": None,
     }
 
@@ -158,9 +160,10 @@ def _skip_reason(contender, case, args):
 
 
 def _check(prepared, params, penalty, session, extras):
-    """The value and the gradient error; returns (value, grad_err, calls already made per mode)."""
+    """The value, the gradient error and the prox step's error; returns (value, {"grad_err": ...,
+    "prox_err": ...}, calls already made per mode)."""
     prior_calls = {mode: 0 for mode in prepared.calls}
-    value = grad_err = None
+    value = grad_err = prox_err = None
     if prepared.value_mode is not None:
         value = float(prepared.calls[prepared.value_mode]().detach())
         prior_calls[prepared.value_mode] += 1
@@ -171,7 +174,13 @@ def _check(prepared, params, penalty, session, extras):
         prior_calls[FWD_BWD] += 1
         session.clock.synchronize()
         grad_err = gradient_error(params, penalty, extras)
-    return value, grad_err, prior_calls
+    if PROX in prepared.calls:  # one step from the case's weights, against the float64 step
+        prepared.calls[PROX]()
+        prior_calls[PROX] += 1
+        session.clock.synchronize()
+        if prepared.outputs is not None:
+            prox_err = metric_prox_error(params, prepared.outputs, penalty, extras)
+    return value, {"grad_err": grad_err, "prox_err": prox_err}, prior_calls
 
 
 def _failure(exc):
@@ -184,13 +193,13 @@ def run_contender(case, penalty, contender, params, reference, session, extras):
     A contender that fails (a backend that cannot run these tensors, out of memory) is reported
     as skipped, with the reason, and the run goes on.
     """
-    rows = [_row(case, penalty, contender, mode, params) for mode in contender.modes]
+    rows = [_row(case, penalty, contender, mode, params) for mode in contender.modes_for(penalty)]
     progress = session.progress
     reason = _skip_reason(contender, case, session.args)
     if reason is None:
         try:
             prepared = contender.prepare(params, penalty, session.clock, extras)
-            value, grad_err, prior_calls = _check(prepared, params, penalty, session, extras)
+            value, errors, prior_calls = _check(prepared, params, penalty, session, extras)
         except Exception as exc:
             reason = _failure(exc)
     if reason is not None:
@@ -199,15 +208,17 @@ def run_contender(case, penalty, contender, params, reference, session, extras):
         progress.update(len(rows))
         return rows
 
-    exact = LAMBDA * reference[penalty]
+    exact = LAMBDA * reference[penalty] if penalty in reference else None
     for row in rows:
         mode = row["mode"]
         progress.set_postfix_str(f"{case.name} {penalty} {contender.name} {mode}")
-        if value is not None:
+        if value is not None and exact is not None:
             row.update(value=value, reference_value=exact, rel_err=(value - exact) / exact if exact else None)
         row["setup_s"] = prepared.setup_s
         if mode == FWD_BWD:
-            row["grad_err"] = grad_err
+            row["grad_err"] = errors["grad_err"]
+        if mode == PROX:
+            row["prox_err"] = errors["prox_err"]
         try:
             timing = measure(prepared.calls[mode], session.clock, session.budget, prior_calls[mode])
             row.update(median_ms=timing.median_ms, times_ms=timing.times_ms, warmup_calls=timing.warmup_calls,
@@ -229,7 +240,10 @@ def run_case(case, penalties, contenders, session):
         else:
             p.grad = torch.zeros_like(p)
     penalties = [p for p in penalties if applies(p, case)]
-    extras = {"centers": make_centers(params, session.args.seed) if "l2-center" in penalties else None}
+    seed = session.args.seed
+    extras = {"centers": make_centers(params, seed) if {"l2-center", "metric-prox-l2-center"} & set(penalties) else None,
+              "adam_v": make_adam_second_moment(params, seed, ADAM_GRAD_STD) if set(METRIC_PROX) & set(penalties)
+              else None}
     reference = float64_reference(params, extras["centers"])
     rows = []
     for penalty in penalties:
@@ -246,7 +260,7 @@ def run_case(case, penalties, contenders, session):
 
 def applies(penalty, case):
     """The group terms need tensors with groups; the group and center terms run on the model cases."""
-    if penalty in ("group-rows", "group-cols", "l2-center", *SETTINGS):
+    if penalty in ("group-rows", "group-cols", "l2-center", "metric-prox-l2-center", *SETTINGS):
         return has_groups(case) and case.name in MODEL_CASES
     return True
 
@@ -274,7 +288,7 @@ def main(argv=None):
     meta = report.machine_info(device)
     meta.update(dtype=args.dtype, grad_dtype=args.grad_dtype, quick=args.quick, seed=args.seed, budget=dataclasses.asdict(budget),
                 penalties=list(penalties), contenders=[c.name for c in contenders], case_runtime_s={})
-    tasks = sum(len(c.modes) for case in cases for p in penalties if applies(p, case)
+    tasks = sum(len(c.modes_for(p)) for case in cases for p in penalties if applies(p, case)
                 for c in contenders if p in c.penalties)
     rows, references = [], {}
     started = time.perf_counter()
