@@ -29,7 +29,7 @@ def test_penalty_benchmark_every_term(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     rows = [r for r in data["results"] if r["median_ms"] is not None]
     assert {r["penalty"] for r in rows} == {"l2", "l1", "group-rows", "group-cols", "l2-center", "l2-2-settings",
-                                            "l2-10-settings"}
+                                            "l2-10-settings", "metric-prox-l1", "metric-prox-l2-center"}
     # one Penalty with S param groups, and one Penalty per setting, against the same reference
     assert {r["contender"] for r in rows if r["penalty"] == "l2-10-settings"} >= {
         "hand-loop", "fastreg-cpu", "fastreg-cpu-add-to-grad", "fastreg-cpu-per-setting"}
@@ -40,6 +40,30 @@ def test_penalty_benchmark_every_term(tmp_path):
             assert r["grad_err"] < 1e-6, r
     assert (tmp_path / "speedup.png").stat().st_size > 1000
     assert "group-cols: Σ‖columns‖ + Σw²" in (tmp_path / "results.md").read_text()
+    _check_metric_prox(data, (tmp_path / "results.md").read_text())
+
+
+def _check_metric_prox(data, text):
+    """One proximal step in Adam's metric: GB/s over w, v (and c) read and w written, against the
+    flat torch.sum over as many bytes and the per-tensor loop, each checked against float64."""
+    expected = {"flat-sum", "metric-prox-loop", "metric-prox-foreach", "fastreg-cpu-prox-metric",
+                "fastreg-cpu-attach-adam", "fastreg-torch-prox-metric", "fastreg-torch-attach-adam"}
+    for penalty, passes in (("metric-prox-l1", 3), ("metric-prox-l2-center", 4)):
+        rows = [r for r in data["results"] if r["penalty"] == penalty]
+        assert not [r for r in rows if r["skipped"]], penalty
+        assert {r["contender"] for r in rows} >= expected, penalty
+        for r in rows:
+            assert r["mode"] == "prox" and r["passes"] == passes and r["bytes"] == r["numel"] * passes * 4, r
+            assert r["gbps"] > 0 and r["of_flat_sum"] > 0, r
+            if r["contender"] == "flat-sum":
+                continue
+            assert r["speedup_vs_seed"] > 0, r  # against the loop
+            # fastreg's metric step with an L2 term reads 2·lr·l2 back as DENOMINATOR − 1 from a
+            # float32 table (cancellation: about 1e-4 relative here); the others agree to float32.
+            loose = penalty == "metric-prox-l2-center" and r["contender"].startswith("fastreg")
+            assert r["prox_err"] < (1e-3 if loose else 1e-6), r
+    assert "| case | contender | ms | GB/s | of torch.sum | x loop | prox err | notes |" in text
+    assert "## metric-prox-l1: one proximal step of Σ|w| in Adam's metric" in text
 
 
 def test_training_step_benchmark(tmp_path):
