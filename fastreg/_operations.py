@@ -88,7 +88,8 @@ def prox(plan, coefficients, lr, metric=None):
     absent from it gets D = 1): the step ``argmin ½‖x − y‖²_D + lr·R(x)``."""
     if metric is not None:
         _check_metric_step(plan, coefficients)
-    call = plan.call(coefficients, PROX, lr)
+    # The metric step's tables in float64: it reads 2·lr·l2 as DENOMINATOR − 1.
+    call = plan.call(coefficients, PROX, lr, None if metric is None else torch.float64)
     with torch.no_grad():
         plan.check_in_place_once()
         if metric is not None:

@@ -310,12 +310,14 @@ class Plan:
             _check_coupling(index, coupling, coefficients, self.param_groups)
         return coefficients
 
-    def call(self, coefficients, op=None, lr=None):
+    def call(self, coefficients, op=None, lr=None, table_dtype=None):
         """``Call``: per kernel group (in ``kernel_groups()`` order), ``(groups, table)``: the
         structure each tensor has in this operation (a tensor's group term is off where its
         coefficient is a Python zero; a norm constraint needs its groups in ``prox_`` only), and
         the coefficient table: ``Gradient`` rows (``op=GRAD``), ``Prox`` rows for step ``lr``
-        (``op=PROX``), or None (the value: its coefficients stay outside the op)."""
+        (``op=PROX``), or None (the value: its coefficients stay outside the op). The tables are
+        in each kernel group's acc dtype, or ``table_dtype`` (the metric step reads ``2·lr·l2``
+        as ``DENOMINATOR − 1``, which float32 would round away)."""
         group_on = [not _coefficients.is_zero(c.group) for c in coefficients]
         constrained = [c.constrained for c in coefficients] if op == PROX else [False] * len(coefficients)
         coupling_on = [group_on[c.group] for c in self.couplings]
@@ -330,7 +332,7 @@ class Plan:
             groups, index = cached
             table = None
             if op is not None:
-                rows = [_class_row(coefficients, cls, op, lr, kg) for cls, _, _ in kg.classes]
+                rows = [_class_row(coefficients, cls, op, lr, kg, table_dtype) for cls, _, _ in kg.classes]
                 table = _table(rows, index, len(kg.tensors))
             out.append((groups, table))
         return Call(out)
@@ -465,7 +467,7 @@ def _class_index(kg):
     return torch.tensor(index, device=kg.device)
 
 
-def _class_row(coefficients, cls, op, lr, kg):
+def _class_row(coefficients, cls, op, lr, kg, dtype=None):
     """One class's coefficient vector: its param group's, with the group term of its coupling's
     param group for coupled slices, and off where its own group term does not count."""
     group, counts, coupling_group = cls
@@ -477,8 +479,8 @@ def _class_row(coefficients, cls, op, lr, kg):
     else:
         coefficients = own
     if op == PROX:
-        return coefficients.prox_vector(lr, kg.acc_dtype, kg.device)
-    return coefficients.gradient_vector(kg.acc_dtype, kg.device)
+        return coefficients.prox_vector(lr, dtype or kg.acc_dtype, kg.device)
+    return coefficients.gradient_vector(dtype or kg.acc_dtype, kg.device)
 
 
 def _table(rows, index, count):

@@ -154,3 +154,17 @@ def test_a_coupled_group_steps_in_the_metric_as_one_group(backend, max_norm):
     torch.testing.assert_close(other, expected_other, rtol=1e-10, atol=1e-12)
     assert torch.equal(expected[2], torch.zeros(8, dtype=torch.float64))
     assert not bool(w1[2].any() or b1[2] or w2[:, 2].any())
+
+
+def test_a_small_l2_keeps_its_precision_in_float32(backend):
+    """2·lr·l2 = 2e-7 next to D ~ 1e-3 in float32: the metric step reads it exactly (a float32
+    table would hold 1 + 2e-7 to within 6e-8, a 30% error on the L2 term)."""
+    import fastreg
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(50, 40, generator=g)
+    D = torch.rand(50, 40, generator=g, dtype=torch.float64) * 1e-3 + 1e-4
+    expected = w.double() * D / (D + 2 * 1e-3 * 1e-4)
+    reg = fastreg.Penalty([("w", w)], l2=1e-4, backend=backend)
+    reg.prox_(1e-3, metric={"w": D.float()})
+    torch.testing.assert_close(w.double(), expected.float().double(), rtol=2e-7, atol=0)

@@ -63,7 +63,8 @@ coefficient tables: ``(T, len(Gradient))`` or ``(T, len(Prox))`` acc tensors on 
     Exact zeros of ``d``. ``group_norms``: ``‖s_g‖`` to use, or ``None``.
 
     With ``metric`` (a ``_terms.MetricOperand``; backends with ``METRIC_PROX = True``; then
-    ``group_norms`` is None): the step in the diagonal metric ``D`` of each tensor
+    ``group_norms`` is None; ``coeffs`` in float64, since ``DENOMINATOR − 1 = 2·lr·l2`` is read
+    and float32 would round it away next to 1): the step in the diagonal metric ``D`` of each tensor
     (``_terms.metric_values``: ``√((v − m²)·SCALE) + EPS``, or ``v``, or 1), ``w = c + x``
     with ``x = argmin ½‖x − d‖²_D + the terms + the constraint``, per coordinate
     ``u = sign(d)·max(D|d| − THRESHOLD, 0)`` (NONNEG: ``max(D·d − THRESHOLD, 0)``) and

@@ -206,7 +206,8 @@ def prox_group_factor(norms, group_threshold, denominator, min_norm, max_norm):
 
 def metric_shrink(y, D, row):
     """``(u, a)`` of ``y = w − c`` in the metric ``D`` with a Prox ``row``: ``u`` the shrunk
-    ``D·y`` and ``a = D + DENOMINATOR − 1`` (float64 tensors)."""
+    ``D·y`` and ``a = D + DENOMINATOR − 1`` (float64 tensors; ``row`` in float64 too, since
+    ``DENOMINATOR − 1 = 2·lr·l2`` is often below float32's resolution next to 1)."""
     t1, c2 = row[Prox.THRESHOLD].double(), row[Prox.DENOMINATOR].double() - 1
     nonneg = row[Prox.NONNEG] != 0
     magnitude = torch.where(nonneg, y.clamp(min=0), y.abs())

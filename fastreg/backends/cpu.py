@@ -108,8 +108,10 @@ def prox_(params, centers, groups, coeffs, group_norms, workspace=None, metric=N
     if metric is None:
         _kernels().prox_(params, _as_list(centers), dims, sizes, _table(coeffs, params, _terms.Prox), group_norms)
     else:
-        _kernels().metric_prox_(params, _as_list(centers), list(metric.v), list(metric.centered), dims, sizes,
-                                _table(coeffs, params, _terms.Prox), metric.table)
+        # float64 coefficients: the step reads 2·lr·l2 as DENOMINATOR − 1
+        table = _terms.as_table(coeffs, len(params), _terms.Prox).to(torch.float64).contiguous()
+        _kernels().metric_prox_(params, _as_list(centers), list(metric.v), list(metric.centered), dims, sizes, table,
+                                metric.table)
 
 
 # ------------------------------------------------------------------------------------------

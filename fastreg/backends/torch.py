@@ -266,7 +266,8 @@ def add_grad_(params, grads_, centers, groups, coeffs, group_norms, workspace=No
 def prox_(params, centers, groups, coeffs, group_norms, workspace=None, metric=None):
     groups = as_groups(params, groups)
     acc = acc_dtype(params[0].dtype)
-    table = _rows(coeffs, len(params), Prox, acc)
+    # The metric step reads 2·lr·l2 as DENOMINATOR − 1: its table stays as given (float64).
+    table = _rows(coeffs, len(params), Prox, acc if metric is None else torch.float64)
     centers_ = centers if centers is not None else [None] * len(params)
     if metric is not None:
         with torch.autocast(params[0].device.type, enabled=False):
@@ -303,7 +304,7 @@ def prox_(params, centers, groups, coeffs, group_norms, workspace=None, metric=N
 
 def _metric_prox(p, c, D, row, dim, size):
     """One tensor's step in the metric ``D`` (float64, ``p``'s shape)."""
-    acc = row.dtype
+    acc = acc_dtype(p.dtype)
     y = p.to(torch.float64, copy=True)
     if c is not None:
         y.sub_(c)
