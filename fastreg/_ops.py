@@ -278,11 +278,14 @@ class _EagerValue(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: the second derivative of the group term needs group_sq's own
             # dependence on the params, which this node's forward did not record: the value is
-            # formed again through the differentiable sums, and differentiated with a graph.
+            # formed again through the differentiable sums, and differentiated with a graph — with
+            # respect to aliases of the params, so that this inner differentiation reaches no
+            # hook of theirs (the outer backward runs them, once, on the whole gradient).
             with torch.enable_grad():
-                sums_, _ = penalty_sums(params, centers, groups, backend, ctx.workspace)
+                aliases = [p.view_as(p) for p in params]
+                sums_, _ = penalty_sums(aliases, centers, groups, backend, ctx.workspace)
                 again = _weighted_total(sums_, ctx.table, grad_value.dtype)
-            grads = torch.autograd.grad(again, params, grad_value, create_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(again, aliases, grad_value, create_graph=True, allow_unused=True)
             return (None, None, None, None, None, None, *grads, *([None] * len(centers)))
         grad_sums = (ctx.table * grad_value.double()).to(group_sq.dtype)
         grads = _param_gradients(params, centers, group_sq, groups, backend, ctx.workspace, grad_sums, None)

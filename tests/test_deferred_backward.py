@@ -204,3 +204,19 @@ def test_without_the_extension_the_graph_is_used(deferred, monkeypatch):
     (_task(theirs) + _reference_penalty(theirs)).backward()
     _assert_same_grads(ours, theirs)
     assert deferred == []
+
+
+def test_create_graph_runs_each_hook_once_on_the_whole_gradient(deferred):
+    """The second-derivative path forms the value again inside the backward: that inner
+    differentiation must not reach the params' own hooks (a scaling hook would apply twice)."""
+    ours, theirs, reg = _pair()
+    calls = {"ours": 0, "theirs": 0}
+    for tag, model in (("ours", ours), ("theirs", theirs)):
+        def hook(g, tag=tag):
+            calls[tag] += 1
+            return 2 * g
+        model[0].weight.register_hook(hook)
+    (_task(ours) + reg()).backward(create_graph=True)
+    (_task(theirs) + _reference_penalty(theirs)).backward(create_graph=True)
+    _assert_same_grads(ours, theirs)
+    assert calls == {"ours": 1, "theirs": 1} and deferred == []
