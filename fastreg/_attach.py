@@ -112,7 +112,8 @@ def attach(penalty, optimizer, mode, metric="optimizer"):
     handle = AttachHandle(penalty, optimizer, mode)
     if mode == "grad":
         def before_step(opt, args, kwargs):
-            handle._value, totals = penalty._add_to_grad()
+            scale = _still_scaled(opt)
+            handle._value, totals = penalty._add_to_grad(scale)
             handle._values = [None if v is None else v.detach() for v in totals]
             handle._steps += 1
 
@@ -145,6 +146,15 @@ def attach(penalty, optimizer, mode, metric="optimizer"):
         handle._hook = optimizer.register_step_post_hook(after_step)
     penalty._attached[optimizer] = handle
     return handle
+
+
+def _still_scaled(optimizer):
+    """The scale the optimizer's gradients still carry when its step begins: ``GradScaler.step``
+    hands an optimizer that unscales inside its own kernel (``fused=True``) ``grad_scale`` (a
+    tensor) instead of unscaling first, so the penalty's gradient must be added scaled too. None
+    otherwise (the gradients are already unscaled, or no scaler is in use)."""
+    scale = getattr(optimizer, "grad_scale", None)
+    return scale if isinstance(scale, torch.Tensor) else None
 
 
 def _skipped_by_grad_scaler(optimizer):

@@ -212,9 +212,19 @@ class Penalty:
         """
         return self._add_to_grad()[0]
 
-    def _add_to_grad(self):
-        """``(value, per-group values)`` of ``add_to_grad_``."""
-        totals = _operations.add_to_grad(self._plan.current(), self.coefficients())
+    def _add_to_grad(self, scale=None):
+        """``(value, per-group values)`` of ``add_to_grad_``. ``scale``: a 0-dim tensor the
+        gradients still carry (a fused optimizer's step under ``GradScaler``): the penalty's
+        gradient is added times it; the values returned are the penalty's own."""
+        coefficients = self.coefficients()
+        if scale is None:
+            totals = _operations.add_to_grad(self._plan.current(), coefficients)
+            return self._total(totals).detach(), totals
+        scaled = [c._replace(**{name: getattr(c, name) if _coefficients.is_zero(getattr(c, name))
+                                else getattr(c, name) * scale for name in ("l1", "l2", "group")})
+                  for c in coefficients]
+        totals = [None if v is None else v / scale.to(v.device)
+                  for v in _operations.add_to_grad(self._plan.current(), scaled)]
         return self._total(totals).detach(), totals
 
     def _total(self, totals):

@@ -85,6 +85,31 @@ def test_prox_mode_equals_the_manual_loop_with_a_scheduler_and_two_param_groups(
     assert handle.last_value is not None
 
 
+def test_grad_mode_under_grad_scaler_with_a_fused_optimizer(backend):
+    """A fused optimizer unscales inside its own kernel (GradScaler hands it ``grad_scale``):
+    the pre-hook sees scaled gradients and must add the penalty's gradient scaled too; the
+    value it reports is the penalty's own."""
+    model = _model().float()
+    try:
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, fused=True)
+    except (RuntimeError, ValueError) as exc:  # pragma: no cover - a torch without fused CPU SGD
+        pytest.skip(f"fused SGD: {exc}")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    reg = fastreg.Penalty(model, l1=1e-2, l2=0.5, backend=backend)
+    handle = reg.attach(optimizer)
+    x, y = (t.float() for t in _batches(1)[0])
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+    grads = [p.grad.clone() / scaler.get_scale() for p in model.parameters()]
+    scaler.step(optimizer)
+    scaler.update()
+    for p, g, w0 in zip(model.parameters(), grads, before):
+        torch.testing.assert_close(p.detach(), w0 - LR * (g + 1e-2 * torch.sign(w0) + 2 * 0.5 * w0), rtol=1e-5,
+                                   atol=1e-6)
+    expected = sum(1e-2 * w.abs().sum() + 0.5 * w.square().sum() for w in before)
+    torch.testing.assert_close(handle.last_value, expected, rtol=1e-5, atol=0)
+
+
 def test_a_step_skipped_by_grad_scaler_runs_no_hook(backend):
     model = _model().float()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
