@@ -74,7 +74,10 @@ def add_to_grad(plan, coefficients):
             else:
                 sums, _ = _ops.add_grad_(plan.backend, kg.tensors, grads, kg.centers, groups, table, None,
                                          kg.workspace)
-            add_class_values(totals, kg.classes, sums, coefficients)
+            if len(coefficients) == 1 and not plan.couplings:  # one param group: one weighted sum
+                totals[0] = add_values(totals[0], _ops.weighted_total(sums, table, sums.dtype))
+            else:
+                add_class_values(totals, kg.classes, sums, coefficients)
         _add_coupling_values(totals, plan, coefficients, {key: value[2] for key, value in coupled.items()})
         for part in plan.meshes:
             for g, v in enumerate(_sharded.add_to_grad(plan, part, coefficients, call, grads_of)):

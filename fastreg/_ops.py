@@ -250,7 +250,7 @@ def penalty_value(params, centers, groups, table, backend, workspace, dtype):
     return _EagerValue.apply(backend, groups, len(params), workspace, table, dtype, *params, *(centers or []))
 
 
-def _weighted_total(sums, table, dtype):
+def weighted_total(sums, table, dtype):
     """``Σ table·sums`` with the zero coefficients' terms dropped (never inf·0), in float64."""
     products = sums.double() * table
     return torch.where(table != 0, products, 0).sum().to(dtype)
@@ -270,7 +270,7 @@ class _EagerValue(torch.autograd.Function):
         ctx.save_for_backward(*tensors, group_sq)
         ctx.split = (count, groups, backend)
         ctx.workspace, ctx.table = workspace, table
-        return _weighted_total(result, table, dtype)
+        return weighted_total(result, table, dtype)
 
     @staticmethod
     def backward(ctx, grad_value):
@@ -284,7 +284,7 @@ class _EagerValue(torch.autograd.Function):
             with torch.enable_grad():
                 aliases = [p.view_as(p) for p in params]
                 sums_, _ = penalty_sums(aliases, centers, groups, backend, ctx.workspace)
-                again = _weighted_total(sums_, ctx.table, grad_value.dtype)
+                again = weighted_total(sums_, ctx.table, grad_value.dtype)
             grads = torch.autograd.grad(again, aliases, grad_value, create_graph=True, allow_unused=True)
             return (None, None, None, None, None, None, *grads, *([None] * len(centers)))
         grad_sums = (ctx.table * grad_value.double()).to(group_sq.dtype)

@@ -59,6 +59,9 @@ class KernelGroup:
     workspace: Workspace | None = field(default_factory=lambda: None if torch.compiler.is_compiling() else Workspace())
     classes: list = field(default_factory=list)  # (class, start, end): the rows of each class, in order
     _calls: dict = field(default_factory=dict)  # activity pattern -> (Groups, class index tensor)
+    # (op, activity pattern, dtype) -> (the class rows, the table gathered from them): the last
+    # table, reused while the rows are the same tensors (float coefficients: cached vectors)
+    _tables: dict = field(default_factory=dict)
 
     @property
     def acc_dtype(self):
@@ -333,7 +336,14 @@ class Plan:
             table = None
             if op is not None:
                 rows = [_class_row(coefficients, cls, op, lr, kg, table_dtype) for cls, _, _ in kg.classes]
-                table = _table(rows, index, len(kg.tensors))
+                key = (op, pattern, table_dtype)
+                last = kg._tables.get(key)
+                if last is not None and len(last[0]) == len(rows) and all(a is b for a, b in zip(last[0], rows)):
+                    table = last[1]
+                else:
+                    table = _table(rows, index, len(kg.tensors))
+                    if not torch.compiler.is_compiling() and not _coefficients.capturing(kg.device):
+                        kg._tables[key] = (rows, table)
             out.append((groups, table))
         return Call(out)
 
