@@ -77,8 +77,10 @@ def test_training_step_benchmark(tmp_path):
         assert all(len(r["times_s"]) == 3 for r in rows if r["error"] is None)
         assert all(r["step_ms"] > 0 for r in rows if r["error"] is None)
     text = (tmp_path / "results.md").read_text()
-    assert "| contender | step ms | added ms | spread (IQR) ms | share of step |" in text
-    assert "target: fastreg autograd adds <= 1/5" in text
+    assert "| contender | step ms | added ms | spread (IQR) ms | added CPU ms | CPU spread (IQR) ms | passes " in text
+    assert "target: fastreg autograd adds <= 1/5" in text and "target: fastreg autograd adds <= 1.2x" in text
+    assert all(r["added_cpu_ms"] is not None and len(r["cpu_times_s"]) == 3 for result in data["results"].values()
+               for r in result["rows"] if r["error"] is None)
     assert (tmp_path / "step.png").exists()
     headline = (tmp_path / "headline.md").read_text()
     assert headline.startswith("| model | step without penalty | seed loop L2 |") and "seed MLP" in headline
