@@ -9,10 +9,12 @@ program (its tensor, its range, its partials' slot); the rows ``_group_sq_kernel
 row per param for ``_finish_kernel`` (its first partial pair and their count: a tensor's
 programs are consecutive rows of one launch; its first group-vector entry and their count);
 and the group -> param index (``group_owner``, ``_geometry.group_owners``) by which the
-launchers give each group its own tensor's coefficients. There is no limit on tensors per
-launch; one launch (``_Launch``) per mode (``kernels.MODE_*``, chosen per tensor), tile and
-alignment present in the call. The write targets get a pointer table per call (``_Targets``,
-``_targets_of``).
+launchers give each group its own tensor's coefficients, with the param -> row of the geometry
+(``tensor_of``, -1 for an empty param) by which the metric step's programs find a group's
+tensor. There is no limit on tensors per launch; one launch (``_Launch``) per mode
+(``kernels.MODE_*``, chosen per tensor), tile and alignment present in the call. The write
+targets get a pointer table per call (``_Targets``, ``_targets_of``), and so do the metric
+tensors of the step in a metric (``_metric_of``).
 
 * **Chunk per launch.** ``chunk`` is the smallest power of two (between ``BLOCK`` and
   ``MAX_CHUNK``) that cuts the call into at most ``TARGET_PROGRAMS`` programs: a 2M-parameter
@@ -35,7 +37,9 @@ alignment present in the call. The write targets get a pointer table per call (`
   Tables that read copies (non-dense parameters, centers in another memory order) are never
   cached: the copies are made for each call and live as long as its tables; in-place results on
   a copy are copied back explicitly. The write targets (gradients, outputs: new pointers every
-  step) get a ``_Targets`` table per call, owned by the call. The placeholder (an operand a
+  step) get a ``_Targets`` table per call, owned by the call; so do the metric tensors of a
+  step in a metric (detached aliases of the optimizer's state, or copies in the parameters'
+  order, read only). The placeholder (an operand a
   specialization does not read) and the device copy of the slots' defaults (which complete a
   short coefficient vector) are owned by the tables; coefficient tables are the caller's (or a
   contiguous copy per call); a float ``shrink`` becomes a prox table per call (a zero fill and a
@@ -50,8 +54,8 @@ alignment present in the call. The write targets get a pointer table per call (`
   (nothing could keep its tables alive): call through a ``Penalty``, or pass a ``Workspace``.
 * **Layouts.** Kernels walk memory linearly. A tensor that is dense (contiguous in some
   dimension order, e.g. ``w.t()`` or channels_last) is used as is, its groups located from its
-  strides; centers and gradients in another order, and non-dense tensors, are read through a
-  copy in the parameter's order.
+  strides; centers, gradients and metric tensors in another order, and non-dense tensors, are
+  read through a copy in the parameter's order.
 * **Host time per call** (what a call costs the training loop's thread while the GPU works;
   ``python -m bench.host_overhead`` measures it with the kernels stubbed): a cache hit reads each
   tensor's pointer, shape and strides (C-level maps);
@@ -94,7 +98,7 @@ class _Tables:
     __slots__ = ("data", "host", "pointers", "owners", "zero", "defaults", "defaults_host", "w_ptrs", "c_ptrs",
                  "info", "launches", "ginfo", "gmap", "finfo", "group_owner", "group_programs", "programs", "nslots",
                  "ngroups", "ntensors", "chunk", "grouped", "has_center", "dtype", "device", "direct", "reads",
-                 "copies", "index")
+                 "copies", "index", "tensor_of")
 
     def addresses(self):
         """Every device address written into the tables (w's and c's data pointers); each lies
@@ -288,6 +292,9 @@ def _build_tables(params, centers, groups, misaligned):
     for i, n in enumerate(sizes):  # every param, empty ones too (no pairs: zero sums)
         key, first, count = programs_of.get(i, (None, 0, 0))
         values += [bases[key] + first if count else 0, count, group_bases[i], n]
+    tensor_of_start = len(values)
+    rows = {r[0]: t for t, r in enumerate(records)}
+    values += [rows.get(i, -1) for i in range(len(params))]  # every param's row of the geometry
     owner_start = len(values)
 
     tables = _Tables()
@@ -311,7 +318,8 @@ def _build_tables(params, centers, groups, misaligned):
     tables.launches = launches
     tables.ginfo = tables.data[ginfo_start:gmap_start]
     tables.gmap = tables.data[gmap_start:finfo_start]
-    tables.finfo = tables.data[finfo_start:owner_start]
+    tables.finfo = tables.data[finfo_start:tensor_of_start]
+    tables.tensor_of = tables.data[tensor_of_start:owner_start]
     tables.group_owner = tables.data[owner_start:]
     tables.group_programs = len(gmap)
     tables.programs, tables.nslots, tables.chunk = partial_base, nslots, chunk
@@ -334,6 +342,24 @@ def _aligned(operands, mode, geometry):
     return all(stride % tuning.vector(o.dtype) == 0 for o in operands)
 
 
+def _in_order(tensor, read):
+    """``tensor`` (of ``read``'s shape), or a copy of it, walking memory in ``read``'s order."""
+    if (tensor.is_contiguous() and read.is_contiguous()) or (_is_dense(tensor) and _same_order(tensor, read)):
+        return tensor
+    return torch.empty_like(read, dtype=tensor.dtype).copy_(tensor)
+
+
+def _pointer_table(plan, pointers, owners, workspace, capturing):
+    """A per-call ``_Targets`` holding ``pointers`` and the tensors they point into."""
+    targets = _Targets()
+    targets.pointers = pointers
+    targets.owners = owners
+    targets.table, targets.host = _upload(torch.tensor(pointers, dtype=torch.int64), plan.device)
+    if capturing:  # the graph rereads the pinned table at every replay (a workspace exists: _tables)
+        workspace.captured.append(targets)
+    return targets
+
+
 def _targets_of(plan, params, wanted, pointers, workspace, capturing):
     """(this call's ``_Targets``, copy-backs): ``wanted[k]`` for param k (its data pointer
     ``pointers[k]``), used as is when it walks memory in the order param k is read (the param as
@@ -346,19 +372,35 @@ def _targets_of(plan, params, wanted, pointers, workspace, capturing):
         if target.is_contiguous() and read.is_contiguous():  # the common, cheap case
             table.append(pointers[k])
             continue
-        if not (_is_dense(target) and _same_order(target, read)):
-            work = torch.empty_like(read, dtype=target.dtype)
-            work.copy_(target)
+        work = _in_order(target, read)
+        if work is not target:
             copy_back.append((target, work))
-            target = work
-        table.append(target.data_ptr())
-    targets = _Targets()
-    targets.pointers = table
-    targets.owners = list(wanted) + [work for _, work in copy_back]
-    targets.table, targets.host = _upload(torch.tensor(table, dtype=torch.int64), plan.device)
-    if capturing:  # the graph rereads the pinned table at every replay (a workspace exists: _tables)
-        workspace.captured.append(targets)
-    return targets, copy_back
+        table.append(work.data_ptr())
+    owners = list(wanted) + [work for _, work in copy_back]
+    return _pointer_table(plan, table, owners, workspace, capturing), copy_back
+
+
+def _metric_of(plan, params, metric, workspace, capturing):
+    """(this call's ``_Targets`` of the metric tensors: ``v`` of every tensor of the plan, then
+    ``m``, each in the memory order its param is read; their dtype; whether they all start on 16
+    bytes). A param's own ``v`` (``IDENTITY``: never read) and a missing ``m`` take the address
+    the kernels read ``w`` at (they never load from there), and keep what is read there too."""
+    own = [v is p for v, p in zip(metric.v, params)]
+    dtype = next((v.dtype for v, mine in zip(metric.v, own) if not mine), plan.dtype)
+    v_ptrs, m_ptrs, owners = [], [], []
+    aligned = True
+    for t, (k, read) in enumerate(zip(plan.index, plan.reads)):
+        read = params[k] if read is None else read
+        for values, table in ((None if own[k] else metric.v[k], v_ptrs), (metric.centered[k], m_ptrs)):
+            if values is None:
+                table.append(plan.pointers[t])
+                owners.append(plan.owners[t])  # (the tables' alias of the param, or their copy)
+                continue
+            values = _in_order(values.detach(), read)  # read only: a copy is not copied back
+            owners.append(values)
+            table.append(values.data_ptr())
+            aligned = aligned and table[-1] % tuning.ALIGN_BYTES == 0
+    return _pointer_table(plan, v_ptrs + m_ptrs, owners, workspace, capturing), dtype, aligned
 
 
 def _misaligned(pointers):
