@@ -1,9 +1,10 @@
 """The Triton kernels: every term's maths on the device, a few launches per call.
 
-Four kernels: ``_sums_kernel`` (stage 1 of the sums: one ``[Σ|s|, Σs²]`` pair per program and
+Five kernels: ``_sums_kernel`` (stage 1 of the sums: one ``[Σ|s|, Σs²]`` pair per program and
 the group partials), ``_group_sq_kernel`` and ``_finish_kernel`` (stage 2: the groups' squared
-norms, then every tensor's own sums), and ``_elementwise_kernel`` (``grads``, ``add_grad_`` and
-``prox_``, one op per specialization), with their ``@triton.jit`` helpers. The launchers are in
+norms, then every tensor's own sums), ``_elementwise_kernel`` (``grads``, ``add_grad_`` and
+``prox_``, one op per specialization), and ``_metric_prox_kernel`` (``prox_`` in a diagonal
+metric), with their ``@triton.jit`` helpers. The launchers are in
 ``launch.py``, the tables the kernels read in ``tables.py``. Importing this module needs triton.
 
 * **Modes.** Every tensor of a call is cut into programs (CUDA blocks) of about ``chunk``
@@ -50,6 +51,17 @@ norms, then every tensor's own sums), and ``_elementwise_kernel`` (``grads``, ``
   in float64, in an order fixed by the tables.
 * **Coefficients** are loaded inside the kernels from device tensors (the per-group ones are
   formed on the device by the launchers): no host sync, so a step can be CUDA-graph captured.
+* **The step in a diagonal metric** (``prox_(..., metric=...)``) is ``_metric_prox_kernel``: it
+  reads ``w``, ``c`` and the metric tensors ``v`` (and ``m``) of one element together and forms
+  ``D`` there (``_metric_terms``), so nothing of the size of a tensor is written but ``w``. A
+  tensor without groups is walked as in ``MODE_FLAT`` (the same programs). A group's step needs
+  a root of a scalar equation that depends on all its elements, so ``MODE_GROUP`` runs one program
+  per group, looping over the group's elements: a pass for ``‖u‖²``, ``min a`` and ``max a``;
+  safeguarded Newton iterations on the bracket of the torch backend's ``_metric_multiplier``,
+  each a pass over the group (which is then in cache), at most ``NEWTON_STEPS`` and none once
+  the root no longer moves; then the pass that writes ``w``. Its elements, ``A`` runs of ``K``
+  (``_geometry``), are walked ``BLOCK`` at a time as one list: each lane carries its (run,
+  offset) and steps it with an addition and a carry (``_advance``), not a division per element.
 """
 
 import torch
@@ -60,6 +72,13 @@ import triton.language as tl
 MODE_FLAT = tl.constexpr(0)
 MODE_RUNS = tl.constexpr(1)
 MODE_ROWS = tl.constexpr(2)
+
+# The metric step's walk of a tensor with groups (see "The step in a diagonal metric"): one
+# program per group (the others are tables.py's, chosen per tensor; this one per call).
+MODE_GROUP = tl.constexpr(3)
+NEWTON_STEPS = tl.constexpr(40)  # a group's root finding: at most this many passes over it
+NEWTON_TOL_F32 = tl.constexpr(4 * 2.0**-23)  # the root no longer moves: 4 ulps of the acc dtype
+NEWTON_TOL_F64 = tl.constexpr(4 * 2.0**-52)
 
 # What _elementwise_kernel computes (see "Ops").
 OP_GRADS = tl.constexpr(0)
@@ -424,6 +443,254 @@ def _elementwise_kernel(
             old = tl.load(out + offs, mask=col_ok, other=0.0) if OP == OP_ADD_GRAD else 0.0
             tl.store(out + offs, _store_as(_apply(x, coef, c1, second, nonneg, c_val, old, OP, F64, MODE,
                                                   PROMOTE), OUT_DTYPE), mask=col_ok)
+
+
+# ------------------------------------------------------------------------------------------
+# The proximal step in a diagonal metric (the torch backend's _metric_prox is the reference)
+
+
+@triton.jit
+def _metric_row(metric, param, ACC: tl.constexpr):
+    """(scale, eps, root, identity, centered) of the tensor whose row of the metric table is
+    ``param``; the last three as booleans (each uniform over the tensor: selects, not branches)."""
+    row = metric + param * METRIC_SLOTS
+    return (tl.load(row + METRIC_SCALE).to(ACC), tl.load(row + METRIC_EPS).to(ACC), tl.load(row + METRIC_ROOT) != 0,
+            tl.load(row + METRIC_IDENTITY) != 0, tl.load(row + METRIC_CENTERED) != 0)
+
+
+@triton.jit
+def _divide(x, y, F64: tl.constexpr):
+    """x / y rounded to nearest (fp32 '/' is approximate on NVIDIA GPUs; float64's is IEEE)."""
+    if F64:
+        q = x / y
+    else:
+        q = tl.math.div_rn(x, y)
+    return q
+
+
+@triton.jit
+def _sqrt(x, F64: tl.constexpr):
+    """sqrt(x) rounded to nearest (fp32 tl.sqrt is approximate on NVIDIA GPUs; float64's is IEEE)."""
+    if F64:
+        r = tl.sqrt(x)
+    else:
+        r = tl.sqrt_rn(x)
+    return r
+
+
+@triton.jit
+def _metric_terms(w, c, v, m, offs, mask, t1, c2, nonneg, scale, eps, root, identity, centered,
+                  ACC: tl.constexpr, HAS_CENTER: tl.constexpr, MASKED: tl.constexpr, F64: tl.constexpr):
+    """(u, a) at ``offs``: with d = w - c and D the metric (``_terms.metric_values``),
+    ``u = sign(d)·max(D|d| - t1, 0)`` (``nonneg``: ``max(D·d - t1, 0)``) and ``a = D + c2``.
+    ``v`` is not read where ``identity`` (it is then the param itself, maybe of another dtype),
+    ``m`` only where ``centered`` and ``root``: masked loads, so nothing else is touched."""
+    d = _load_d(w, c, offs, mask, ACC, HAS_CENTER, MASKED)
+    if not MASKED:
+        mask = tl.full(offs.shape, True, tl.int1)  # uniform: the loads stay vectorised
+    # The flags are per tensor: selects of the mask (the interpreter cannot broadcast a scalar
+    # boolean into `&`).
+    read = tl.where(identity, False, mask)
+    x = tl.load(v + offs, mask=read, other=1.0).to(ACC)
+    mean = tl.load(m + offs, mask=tl.where(centered & root, read, False), other=0.0).to(ACC)
+    # tl.sqrt: IEEE in float64, within an ulp or two in fp32, where the rounded sqrt_rn's slow-path
+    # subroutine, one call per element, made ptxas spill (a metric needs no last-bit rounding).
+    D = tl.where(identity, 1.0, tl.where(root, tl.sqrt((x - mean * mean) * scale) + eps, x))
+    positive = nonneg != 0
+    magnitude = tl.where(positive, d, tl.abs(d))
+    sign = tl.where(positive, 1.0, _sign(d)).to(ACC)
+    u = sign * tl.maximum(D * magnitude - t1, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return u, D + c2
+
+
+@triton.jit
+def _advance(run, k, step_runs, step_k, K):
+    """Each lane's (run, offset in the run) BLOCK = step_runs·K + step_k elements further along
+    runs of K (``step_k < K`` or ``step_runs = 0``: at most one carry)."""
+    k = k + step_k
+    carry = k >= K
+    return run + step_runs + carry.to(tl.int32), tl.where(carry, k - K, k)
+
+
+@triton.jit
+def _group_terms(w, c, v, m, start, run, k, L, j, n, t1, c2, nonneg, scale, eps, root, identity, centered,
+                 ACC: tl.constexpr, HAS_CENTER: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+    """(u, a, offsets, mask) of the lanes of a group's elements [j, j + BLOCK): each lane's
+    element is (run, k) of runs at a stride of L from ``start``; masked past the group's n."""
+    mask = j + tl.arange(0, BLOCK) < n
+    offs = start + run.to(tl.int64) * L + k
+    u, a = _metric_terms(w, c, v, m, offs, mask, t1, c2, nonneg, scale, eps, root, identity, centered, ACC, HAS_CENTER,
+                         True, F64)
+    return u, a, offs, mask
+
+
+@triton.jit
+def _group_norm(w, c, v, m, start, n, L, K, run0, k0, step_runs, step_k, mu, t1, c2, nonneg, scale, eps, root,
+                identity, centered, ACC: tl.constexpr, HAS_CENTER: tl.constexpr, F64: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """One pass over a group: ``f = ‖u/(a + μ)‖`` and its derivative ``df/dμ = -Σu²/(a + μ)³ / f``
+    (0 for ``f = 0``), summed in the acc dtype."""
+    run, k = run0, k0
+    sq = tl.zeros([BLOCK], dtype=ACC)
+    cube = tl.zeros([BLOCK], dtype=ACC)
+    for j in range(0, n, BLOCK):
+        u, a, _offs, _mask = _group_terms(w, c, v, m, start, run, k, L, j, n, t1, c2, nonneg, scale, eps, root,
+                                          identity, centered, ACC, HAS_CENTER, F64, BLOCK)
+        inverse = 1.0 / (a + mu)  # (masked lanes: u = 0, a > 0)
+        r = u * inverse
+        sq += r * r
+        cube += r * r * inverse
+        run, k = _advance(run, k, step_runs, step_k, K)
+    f = _sqrt(tl.sum(sq, axis=0), F64)
+    return f, -tl.sum(cube, axis=0) / tl.where(f > 0, f, 1.0)
+
+
+@triton.jit
+def _group_root(w, c, v, m, start, n, L, K, run0, k0, step_runs, step_k, lower, upper, target, t1, c2, nonneg,
+                scale, eps, root, identity, centered, BOUND: tl.constexpr, ACC: tl.constexpr,
+                HAS_CENTER: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+    """The μ in [lower, upper] where ``μ·f(μ) = target`` (the group threshold) or, with BOUND,
+    ``f(μ) = target`` (the max norm), f the group's ``_group_norm``: both increasing in μ. As the
+    torch backend's ``_newton``: Newton steps that stay inside the bracket, bisection otherwise,
+    one pass over the group each, until μ no longer moves (at most NEWTON_STEPS)."""
+    if F64:
+        tol = NEWTON_TOL_F64
+    else:
+        tol = NEWTON_TOL_F32
+    mu = (lower + upper) / 2
+    moving = lower <= upper  # (false for a NaN bracket: nothing to find)
+    for _ in range(NEWTON_STEPS):
+        if moving:
+            f, slope_f = _group_norm(w, c, v, m, start, n, L, K, run0, k0, step_runs, step_k, mu, t1, c2, nonneg,
+                                     scale, eps, root, identity, centered, ACC, HAS_CENTER, F64, BLOCK)
+            if BOUND:
+                value = target - f
+                slope = -slope_f
+            else:
+                value = mu * f - target
+                slope = f + mu * slope_f
+            lower = tl.where(value < 0, mu, lower)
+            upper = tl.where(value > 0, mu, upper)
+            step = mu - value / tl.where(slope > 0, slope, 1.0)
+            inside = (step > lower) & (step < upper) & (slope > 0)
+            new = tl.where(inside, step, (lower + upper) / 2)
+            moving = tl.abs(new - mu) > tol * tl.abs(new)
+            mu = new
+    return mu
+
+
+@triton.jit
+def _metric_prox_kernel(
+    w_ptrs, c_ptrs, v_ptrs, m_ptrs,  # int64[T]: data pointers (v, m: the metric tensors, in w's memory order)
+    info,  # int64[7T]: per-tensor geometry
+    meta,  # MODE_FLAT: int64[5P], per-program (tensor, x0, x1, y0, slot); MODE_GROUP: the group -> param index
+    tensor_of,  # int64[params]: each param's row of info (-1: empty); MODE_GROUP only
+    coeffs,  # acc[params, PROX_SLOTS]: the Prox table
+    metric,  # acc[params, METRIC_SLOTS]: the metric table
+    chunk,  # elements per FLAT program
+    DTYPE: tl.constexpr, V_DTYPE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr, HAS_CENTER: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, F64: tl.constexpr,
+):
+    """w = c + x, x the proximal step in the diagonal metric of each tensor (see "The step in a
+    diagonal metric"): MODE_FLAT, ``x = u/a`` per element; MODE_GROUP, one group per program."""
+    if MODE == MODE_FLAT:
+        pid, t, x0, _x1, _y0, _slot = _program(meta, MODE, ALIGNED, VEC)
+        param = tl.load(info + 7 * t + 6)
+    else:
+        pid = tl.program_id(0).to(tl.int64)
+        param = tl.load(meta + pid)
+        t = tl.load(tensor_of + param)
+    if t >= 0:  # (a group of an empty tensor: nothing to do)
+        numel, G, K, L, group_base, nruns, _ = _geometry(info, t)
+        w = _operand(w_ptrs, t, DTYPE, ALIGNED)
+        c = _operand(c_ptrs, t, DTYPE, ALIGNED)
+        v = _operand(v_ptrs, t, V_DTYPE, ALIGNED)
+        m = _operand(m_ptrs, t, V_DTYPE, ALIGNED)
+        row = coeffs + param * PROX_SLOTS
+        t1 = tl.load(row + PROX_THRESHOLD).to(ACC)
+        c2 = tl.load(row + PROX_DENOMINATOR).to(ACC) - 1
+        nonneg = tl.load(row + PROX_NONNEG).to(ACC)
+        scale, eps, root, identity, centered = _metric_row(metric, param, ACC)
+        lanes = tl.arange(0, BLOCK)
+        if MODE == MODE_FLAT:  # elements [x0, x0 + chunk): x = u / a
+            count = tl.minimum(numel - x0, chunk)
+            full = count - count % BLOCK
+            for i in range(0, full, BLOCK):
+                offs = x0 + i + lanes
+                u, a = _metric_terms(w, c, v, m, offs, None, t1, c2, nonneg, scale, eps, root, identity, centered,
+                                     ACC, HAS_CENTER, False, F64)
+                x = _divide(u, a, F64)
+                if HAS_CENTER:
+                    x += tl.load(c + offs).to(ACC)
+                tl.store(w + offs, _store_as(x, DTYPE))
+            if full < count:
+                rel = full + lanes
+                mask = rel < count
+                offs = x0 + rel
+                u, a = _metric_terms(w, c, v, m, offs, mask, t1, c2, nonneg, scale, eps, root, identity, centered,
+                                     ACC, HAS_CENTER, True, F64)
+                x = _divide(u, a, F64)
+                if HAS_CENTER:
+                    x += tl.load(c + offs, mask=mask, other=0.0).to(ACC)
+                tl.store(w + offs, _store_as(x, DTYPE), mask=mask)
+        else:  # MODE_GROUP: group g = pid - group_base, A runs of K at g·K + [0, A)·L, n = A·K elements
+            A = nruns.to(tl.int32) // G.to(tl.int32)  # (int64 division is a slow subroutine call)
+            start = (pid - group_base) * K
+            n = A.to(tl.int64) * K
+            t3 = tl.load(row + PROX_GROUP_THRESHOLD).to(ACC)
+            hi = tl.load(row + PROX_MAX_NORM).to(ACC)
+            # Walked as runs of KW at a stride of LW, each lane's run and offset in int32: one run
+            # (A = 1, up to 2**31 elements) as runs of BLOCK; else the runs themselves, whose K
+            # is below 2**30 (the host keeps L = G·K below 2**31, and A > 1 means G >= 2).
+            single = A == 1
+            KW = tl.where(single, BLOCK, K.to(tl.int32))
+            LW = tl.where(single, BLOCK, L)
+            run0 = lanes // KW  # each lane's first (run, offset in it): one division per lane
+            k0 = lanes % KW
+            step_runs = BLOCK // KW
+            step_k = BLOCK % KW
+            # Pass 1: ‖u‖², and the bracket's ends min a, max a (over every element, as the reference).
+            run, k = run0, k0
+            sq = tl.zeros([BLOCK], dtype=ACC)
+            a_min = tl.full([BLOCK], float("inf"), ACC)
+            a_max = tl.full([BLOCK], float("-inf"), ACC)
+            for j in range(0, n, BLOCK):
+                u, a, _offs, mask = _group_terms(w, c, v, m, start, run, k, LW, j, n, t1, c2, nonneg, scale, eps,
+                                                 root, identity, centered, ACC, HAS_CENTER, F64, BLOCK)
+                sq += u * u
+                a_min = tl.minimum(a_min, tl.where(mask, a, float("inf")))
+                a_max = tl.maximum(a_max, tl.where(mask, a, float("-inf")))
+                run, k = _advance(run, k, step_runs, step_k, KW)
+            norm_u = _sqrt(tl.sum(sq, axis=0), F64)
+            low_a = tl.min(a_min, axis=0)
+            high_a = tl.max(a_max, axis=0)
+            zero = norm_u <= t3  # the group is exactly zero
+            mu = tl.zeros([], dtype=ACC)
+            if not zero:
+                if t3 > 0:  # μ·f(μ) = t3 on [t3·a_min/(‖u‖ − t3), t3·a_max/(‖u‖ − t3)]
+                    gap = norm_u - t3
+                    mu = _group_root(w, c, v, m, start, n, LW, KW, run0, k0, step_runs, step_k, t3 * low_a / gap,
+                                     t3 * high_a / gap, t3, t1, c2, nonneg, scale, eps, root, identity, centered,
+                                     False, ACC, HAS_CENTER, F64, BLOCK)
+                if hi < float("inf"):
+                    f, _slope = _group_norm(w, c, v, m, start, n, LW, KW, run0, k0, step_runs, step_k, mu, t1, c2,
+                                            nonneg, scale, eps, root, identity, centered, ACC, HAS_CENTER, F64, BLOCK)
+                    if f > hi:  # f(μ) = h on [max(μ, ‖u‖/h − a_max), ‖u‖/h − a_min]
+                        lower = tl.maximum(mu, norm_u / hi - high_a)
+                        upper = tl.maximum(lower, norm_u / hi - low_a)
+                        mu = _group_root(w, c, v, m, start, n, LW, KW, run0, k0, step_runs, step_k, lower, upper, hi,
+                                         t1, c2, nonneg, scale, eps, root, identity, centered, True, ACC, HAS_CENTER,
+                                         F64, BLOCK)
+            # The write: x = u / (a + μ), or 0 for a zero group.
+            run, k = run0, k0
+            for j in range(0, n, BLOCK):
+                u, a, offs, mask = _group_terms(w, c, v, m, start, run, k, LW, j, n, t1, c2, nonneg, scale, eps, root,
+                                                identity, centered, ACC, HAS_CENTER, F64, BLOCK)
+                x = tl.where(zero, 0.0, _divide(u, a + mu, F64))
+                if HAS_CENTER:
+                    x += tl.load(c + offs, mask=mask, other=0.0).to(ACC)
+                tl.store(w + offs, _store_as(x, DTYPE), mask=mask)
+                run, k = _advance(run, k, step_runs, step_k, KW)
 
 
 _TL_DTYPES = {  # torch dtype -> the kernels' DTYPE / ACC / OUT_DTYPE / PROMOTE constexprs
