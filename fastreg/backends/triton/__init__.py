@@ -15,9 +15,9 @@ The modules, in reading order (each docstring holds the design of its part):
 ``tuning.py``   the tuning constants (``BLOCK``, ``NUM_WARPS``, ``MAX_CHUNK``, ...): every module
                 reads them there at call time, so set them there (``backend.tuning.BLOCK = ...``).
 ``kernels.py``  the ``@triton.jit`` kernels, with the modes (``MODE_FLAT`` / ``MODE_RUNS`` /
-                ``MODE_ROWS``), the ops (``OP_GRADS`` / ``OP_ADD_GRAD`` / ``OP_PROX``) and the
-                term slots and row widths (mirroring ``fastreg.backends._terms``) as named
-                constexprs.
+                ``MODE_ROWS``, and the metric step's ``MODE_GROUP``), the ops (``OP_GRADS`` /
+                ``OP_ADD_GRAD`` / ``OP_PROX``) and the term slots and row widths (mirroring
+                ``fastreg.backends._terms``) as named constexprs.
 ``tables.py``   the device tables a call's kernels read, their cache in the workspace, and who
                 owns what they point at ("Ownership", "CUDA-graph capture").
 ``launch.py``   the launchers: the four contract calls as launches over the tables.
@@ -42,6 +42,7 @@ from . import tuning  # noqa: F401  (the tuning constants' home: fastreg.backend
 
 NAME = "triton"
 VERSIONS_BUMPED = False  # kernels write through raw pointers: fastreg._ops bumps
+METRIC_PROX = True  # prox_(..., metric=...): the step in a diagonal metric, fused (_metric_prox_kernel)
 
 
 def _interpreting():
@@ -154,10 +155,10 @@ def add_grad_(params, grads_, centers, groups, coeffs, group_norms, workspace=No
                                 _capturing(device), want_sums)
 
 
-def prox_(params, centers, groups, coeffs, group_norms, workspace=None):
+def prox_(params, centers, groups, coeffs, group_norms, workspace=None, metric=None):
     device = _device_of(params)
     with _on(device):
-        launch.prox_(params, centers, groups, coeffs, group_norms, workspace, _capturing(device))
+        launch.prox_(params, centers, groups, coeffs, group_norms, workspace, _capturing(device), metric)
 
 
 def launch_configs():

@@ -12,9 +12,9 @@ import torch
 from fastreg.backends._geometry import acc_dtype
 
 from . import kernels, tuning
-from .kernels import _TL_DTYPES, MODE_FLAT, MODE_ROWS, MODE_RUNS, OP_ADD_GRAD, OP_GRADS, OP_PROX
+from .kernels import _TL_DTYPES, MODE_FLAT, MODE_GROUP, MODE_ROWS, MODE_RUNS, OP_ADD_GRAD, OP_GRADS, OP_PROX
 
-MODE_NAMES = {MODE_FLAT: "flat", MODE_RUNS: "runs", MODE_ROWS: "rows"}  # in the specializations' names
+MODE_NAMES = {MODE_FLAT: "flat", MODE_RUNS: "runs", MODE_ROWS: "rows", MODE_GROUP: "group"}  # in the names
 
 
 def launch_configs():
@@ -22,7 +22,9 @@ def launch_configs():
     current tuning constants, as ``(name, kernel, signature, constexprs, options)`` for an
     ahead-of-time compile (``triton.compile(ASTSource(kernel, signature, constexprs), ...)``):
     each dtype, mode and tile, aligned and unaligned, with and without centers and
-    shrinking (sums of the shrunk values), every gradient dtype, and the stage-2 kernels. Used by tests/backends/test_triton_compile.py."""
+    shrinking (sums of the shrunk values), every gradient dtype, the stage-2 kernels, and the
+    step in a metric for every dtype of the metric tensors (flat, aligned and not, and a program
+    per group). Used by tests/backends/test_triton_compile.py."""
     configs = []
     options = dict(num_warps=tuning.NUM_WARPS, enable_fp_fusion=tuning.ENABLE_FP_FUSION)
     finish_options = dict(num_warps=tuning.FINISH_WARPS, enable_fp_fusion=tuning.ENABLE_FP_FUSION)
@@ -55,6 +57,7 @@ def launch_configs():
                                       F64=acc == torch.float64)
                     configs.append((f"{name}-{tag}{'-centered' if center else ''}", kernels._elementwise_kernel,
                                     signature, constexprs, options))
+        configs += _metric_configs(dtype, options)
     for acc_ptr in ("*fp32", "*fp64"):
         configs.append((f"group_sq-{acc_ptr[1:]}", kernels._group_sq_kernel,
                         dict(slots=acc_ptr, ginfo="*i64", gmap="*i64", group_sq=acc_ptr),
@@ -62,4 +65,26 @@ def launch_configs():
         configs.append((f"finish-{acc_ptr[1:]}", kernels._finish_kernel,
                         dict(partials=acc_ptr, group_sq=acc_ptr, finfo="*i64", ntensors="i64", out=acc_ptr),
                         dict(TENSORS=tuning.FINISH_TENSORS, BLOCK=tuning.FINISH_BLOCK), finish_options))
+    return configs
+
+
+def _metric_configs(dtype, options):
+    """``_metric_prox_kernel`` for ``dtype`` params: every dtype of the metric tensors (an
+    optimizer's state may be kept in another one), the flat mode aligned or not, the mode of a
+    program per group (never aligned), with and without centers."""
+    acc = acc_dtype(dtype)
+    acc_ptr = "*fp64" if acc == torch.float64 else "*fp32"
+    signature = {"w_ptrs": "*i64", "c_ptrs": "*i64", "v_ptrs": "*i64", "m_ptrs": "*i64", "info": "*i64",
+                 "meta": "*i64", "tensor_of": "*i64", "coeffs": acc_ptr, "metric": acc_ptr, "chunk": "i64"}
+    configs = []
+    for v_dtype in _TL_DTYPES:
+        for mode, aligned in ((MODE_FLAT, True), (MODE_FLAT, False), (MODE_GROUP, False)):
+            for center in (False, True):
+                constexprs = {"DTYPE": _TL_DTYPES[dtype], "V_DTYPE": _TL_DTYPES[v_dtype], "ACC": _TL_DTYPES[acc],
+                              "MODE": mode, "HAS_CENTER": center, "ALIGNED": aligned, "BLOCK": tuning.block(dtype),
+                              "VEC": tuning.vector(dtype), "F64": acc == torch.float64}
+                alignment = ("-aligned" if aligned else "-unaligned") if mode == MODE_FLAT else ""
+                name = f"metric_prox-{str(dtype)[6:]}-v{str(v_dtype)[6:]}-{MODE_NAMES[mode]}{alignment}"
+                configs.append((name + ("-centered" if center else ""), kernels._metric_prox_kernel, signature,
+                                constexprs, options))
     return configs

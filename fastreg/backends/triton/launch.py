@@ -17,7 +17,10 @@ per-group coefficients, and launches:
                ``MODE_FLAT`` tensors) and ``_finish_kernel``.
 ``prox_``      with groups, the norms of the shrunk values first (stage 1 with the prox table
                as ``shrink``: each tensor's THRESHOLD and NONNEG); then
-               ``_elementwise_kernel`` with ``OP_PROX``, in place.
+               ``_elementwise_kernel`` with ``OP_PROX``, in place. With ``metric``: the step in
+               that metric (``_metric_prox_kernel``), one launch per ``MODE_FLAT`` launch of the
+               tables (the tensors without groups) and one of a program per group; no norms
+               first (each group's program finds its own).
 
 * **Coefficients** stay on the device: the per-group coefficients (``group_coef``) are formed
   with tensor ops, never ``.item()``: no host sync, so a step can be CUDA-graph captured (with a
@@ -37,7 +40,7 @@ from fastreg.backends._geometry import acc_dtype, as_groups, group_sizes
 from fastreg.backends._terms import SUMS, Gradient, Prox, as_table, prox_group_factor
 
 from . import kernels, tables, tuning
-from .kernels import _TL_DTYPES, MODE_FLAT, OP_ADD_GRAD, OP_GRADS, OP_PROX
+from .kernels import _TL_DTYPES, MODE_FLAT, MODE_GROUP, OP_ADD_GRAD, OP_GRADS, OP_PROX
 
 
 def _constants(plan, launch):
@@ -198,12 +201,17 @@ def add_grad_(params, grads_, centers, groups, coeffs, group_norms, workspace, c
     return _finish(plan, partials, group_sq) if want_sums else None
 
 
-def prox_(params, centers, groups, coeffs, group_norms, workspace, capturing):
+def prox_(params, centers, groups, coeffs, group_norms, workspace, capturing, metric=None):
     groups = as_groups(params, groups)
     if not any(p.numel() for p in params):
         return None
     plan = tables._tables(params, centers, groups, workspace, capturing)
     coeffs = _table(coeffs, plan, Prox)
+    if metric is not None:
+        _metric_prox(plan, params, coeffs, metric, workspace, capturing)
+        for param, read in plan.copies:
+            param.copy_(read)
+        return
     group_coef = plan.zero  # unused without groups
     if plan.grouped:  # the factor on the shrunk values per group, from its tensor's row
         partials = _acc_zeros(plan, 2 * plan.programs)
@@ -215,3 +223,29 @@ def prox_(params, centers, groups, coeffs, group_norms, workspace, capturing):
     for param, read in plan.copies:
         param.copy_(read)
     return None
+
+
+def _metric_prox(plan, params, coeffs, metric, workspace, capturing):
+    """The step in the metric ``metric`` (a ``_terms.MetricOperand``), in place on what the
+    tables read as ``w``: the tensors without groups in the tables' ``MODE_FLAT`` programs, those
+    with groups in one program per group (``MODE_GROUP``: the grid is the group vector, whose
+    entries name their param, ``group_owner``; the groups of an empty param have nothing to do)."""
+    operands, v_dtype, aligned = tables._metric_of(plan, params, metric, workspace, capturing)
+    acc = acc_dtype(plan.dtype)
+    table = metric.table.to(device=plan.device, dtype=acc).contiguous()
+    records = len(plan.index)
+    v_ptrs, m_ptrs = operands.table[:records], operands.table[records:]
+    block = tuning.block(plan.dtype)
+    constants = {"DTYPE": _TL_DTYPES[plan.dtype], "V_DTYPE": _TL_DTYPES[v_dtype], "ACC": _TL_DTYPES[acc],
+                 "BLOCK": block, "VEC": tuning.vector(plan.dtype), "HAS_CENTER": plan.has_center,
+                 "F64": acc == torch.float64, "num_warps": tuning.NUM_WARPS,
+                 "enable_fp_fusion": tuning.ENABLE_FP_FUSION}
+    for launch in plan.launches:
+        if launch.mode == MODE_FLAT:  # the metric tensors' alignment too, for 128-bit loads of them
+            kernels._metric_prox_kernel[(launch.programs,)](
+                plan.w_ptrs, plan.c_ptrs, v_ptrs, m_ptrs, plan.info, launch.meta, plan.tensor_of, coeffs, table,
+                plan.chunk, MODE=MODE_FLAT, ALIGNED=launch.aligned and aligned, **constants)
+    if plan.grouped:
+        kernels._metric_prox_kernel[(plan.ngroups,)](
+            plan.w_ptrs, plan.c_ptrs, v_ptrs, m_ptrs, plan.info, plan.group_owner, plan.tensor_of, coeffs, table,
+            plan.chunk, MODE=MODE_GROUP, ALIGNED=False, **constants)
