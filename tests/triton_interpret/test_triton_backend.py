@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import fastreg
-from fastreg import _dispatch
+from fastreg import _dispatch, _ops
 from fastreg.backends._geometry import NO_GROUPS, WHOLE, Groups, as_groups
+from fastreg.backends._terms import Metric, MetricOperand
 from fastreg.backends._workspace import Workspace
 
 B = _dispatch.backend("triton")
@@ -201,8 +202,9 @@ def test_term_slots_mirror_fastreg_terms(monkeypatch):
     from fastreg.backends._terms import layout
 
     assert B._MIRROR_ERROR is None and B._mirror_error() is None
+    prefixes = {"MetricSlot": "METRIC"}  # (the kernels' METRIC_SCALE, ...; the others: SUM_ABS, ...)
     for enum, name, value in layout():
-        assert getattr(kernels, f"{enum.upper()}_{name}").value == value
+        assert getattr(kernels, f"{prefixes.get(enum, enum.upper())}_{name}").value == value
     l2 = kernels.GRADIENT_L2
     monkeypatch.setattr(kernels, "GRADIENT_L2", kernels.GRADIENT_GROUP)
     reason = B._mirror_error()
@@ -476,7 +478,7 @@ def test_opcheck():
 
 def _count_launches(monkeypatch):
     counters = {name: CountLaunches(getattr(kernels, name)) for name in
-                ("_sums_kernel", "_group_sq_kernel", "_finish_kernel", "_elementwise_kernel")}
+                ("_sums_kernel", "_group_sq_kernel", "_finish_kernel", "_elementwise_kernel", "_metric_prox_kernel")}
     for name, counter in counters.items():
         monkeypatch.setattr(kernels, name, counter)
 
@@ -494,20 +496,30 @@ def test_launches_per_call(monkeypatch):
     params = make_params(torch.float32, sizes=[5, 0, CHUNK * 2 + 1, 300] * 10)
     c = coeffs(torch.float32, 0.5, 0.5)
     sums(params)
-    assert launches() == {"_sums_kernel": 1, "_group_sq_kernel": 0, "_finish_kernel": 1, "_elementwise_kernel": 0}
+    assert launches() == {"_sums_kernel": 1, "_group_sq_kernel": 0, "_finish_kernel": 1, "_elementwise_kernel": 0,
+                          "_metric_prox_kernel": 0}
     grads(params, c)
     assert sum(launches().values()) == 1
     add_grad_(params, [torch.zeros_like(p) for p in params], c)
-    assert launches() == {"_sums_kernel": 0, "_group_sq_kernel": 0, "_finish_kernel": 1, "_elementwise_kernel": 1}
+    assert launches() == {"_sums_kernel": 0, "_group_sq_kernel": 0, "_finish_kernel": 1, "_elementwise_kernel": 1,
+                          "_metric_prox_kernel": 0}
     prox_(params, c)
     assert sum(launches().values()) == 1
     # Groups: one stage-1 launch per mode present (runs, rows), one group reduction, one finish.
     grouped = [randn((40, 300), torch.float32, 1), randn((20, 3), torch.float32, 2), randn((7,), torch.float32, 3)]
     B.sums(grouped, None, 0)
-    assert launches() == {"_sums_kernel": 3, "_group_sq_kernel": 1, "_finish_kernel": 1, "_elementwise_kernel": 0}
+    assert launches() == {"_sums_kernel": 3, "_group_sq_kernel": 1, "_finish_kernel": 1, "_elementwise_kernel": 0,
+                          "_metric_prox_kernel": 0}
     B.add_grad_(grouped, [torch.zeros_like(p) for p in grouped], None, 0, c, None)
     counts = launches()
     assert counts["_sums_kernel"] == 2 and counts["_elementwise_kernel"] == 3  # norms first, then the update
+    # The step in a metric: the flat launch of the tables, and one of a program per group; no norms first.
+    metric = MetricOperand.of([Metric(torch.rand(p.shape) + 0.5, root=False) for p in grouped], grouped,
+                              torch.float32)
+    B.prox_(grouped, None, 0, coeffs(torch.float32, 0.1, 1.1, 0.2), None, metric=metric)
+    assert launches() == {"_sums_kernel": 0, "_group_sq_kernel": 0, "_finish_kernel": 0, "_elementwise_kernel": 0,
+                          "_metric_prox_kernel": 2}
+    assert [kw["MODE"] for kw in counters["_metric_prox_kernel"].kwargs] == [kernels.MODE_FLAT, kernels.MODE_GROUP]
 
 
 def test_alignment_is_per_tensor(monkeypatch):
@@ -653,8 +665,143 @@ def test_launch_configs_cover_what_a_call_launches(monkeypatch):
         B.prox_(params, [p.clone() for p in params], 1, coeffs(dtype, 0.1, 1.1, 0.2), None)
         B.add_grad_(params, [torch.zeros_like(p, dtype=torch.float32) for p in params], None, 1,
                     coeffs(dtype, 0.1, 0.2, 0.3), None)
+        for v_dtype in (dtype, torch.float32):  # the step in a metric: flat (aligned and not), per group
+            metric = [Metric((torch.rand(p.shape) + 0.5).to(v_dtype), root=False) for p in params]
+            table = coeffs(dtype, 0.0, 1.0, 0.2)
+            _ops.prox_("triton", params, None, Groups((0, NO_GROUPS, NO_GROUPS, NO_GROUPS), (1,) * 4), table,
+                       metric=metric)
+    assert counters["_metric_prox_kernel"].launches == 12
     for name, counter in counters.items():
         for kw in counter.kwargs:
             launched = {k: v for k, v in kw.items() if k.isupper()}
             assert any(n == counter.kernel.fn.__name__ and all(c.get(k) == v for k, v in launched.items())
                        for n, c in configs), (name, launched)
+
+
+# ------------------------------------------------------------------- the step in a metric
+
+def _metric_case(dtype, seed):
+    """Params whose groups are walked in every way (one run longer than a tile, A runs of K > or
+    < a tile with carries, K = 1, one element), a param without groups, and an empty one; a
+    metric of every kind, the metric tensors in float32 (of another dtype than bf16 / fp64
+    params) and in other memory orders than their params."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float64)
+
+    def make():  # the same values and layouts at every call
+        params = [randn((2 * BLOCK + 37,), dtype, seed), randn((3, 2, BLOCK + 44), dtype, seed + 1),
+                  randn((4, 6, 40), dtype, seed + 2), randn((40, 6), dtype, seed + 3), randn((9,), dtype, seed + 4),
+                  randn((30, 20), dtype, seed + 5).t(), randn((0, 4), dtype, seed + 6),
+                  randn((700,), dtype, seed + 7), randn((12, 50), dtype, seed + 8)[:, ::2]]
+        params[1][:, 0] *= 1e-3  # params[1]: a group below its threshold, one above its max norm
+        return params
+
+    params = make()
+    groups = Groups((WHOLE, 1, 1, 1, 0, 0, 0, NO_GROUPS, 1), (1, 1, 3, 1, 1, 2, 2, 1, 5))
+    v_dtype = torch.float32
+
+    def state(p, scale=1e-2):  # an optimizer's state: contiguous, whatever the param's layout
+        return (scale * torch.exp(rand(*p.shape) * 2 - 1)).to(v_dtype).contiguous()
+
+    metrics = [Metric(state(p), 1 / (1 - 0.999 ** 3), 1e-3) for p in params]
+    metrics[1] = Metric((rand(*params[1].shape) * 4 + 0.2).to(v_dtype), root=False)
+    m = (0.05 * rand(*params[2].shape)).to(v_dtype)
+    metrics[2] = Metric((state(params[2]).double() + m.double() ** 2).to(v_dtype), 1.0, 1e-3, centered=m)
+    metrics[3] = None  # the Euclidean step for this one
+    metrics[5] = Metric(state(params[5]).t().contiguous().t(), 1.0, 1e-3)  # dense, another order than the param
+    metrics[8] = Metric(state(params[8]).t().contiguous().t(), 1.0, 1e-3)  # the param is not dense
+    centers = [(0.1 * randn(p.shape, dtype, seed + 20 + i)) for i, p in enumerate(params)]
+    centers[1][:, 0] *= 1e-3  # (the group of params[1] below its threshold stays below it)
+    rows = torch.tensor([[0.01, 1.2, 0.3, 0.0, float("inf"), 0.0], [0.0, 1.0, 2.0, 0.0, 1.5, 0.0],
+                         [0.02, 1.0, 0.05, 0.0, 0.5, 1.0], [0.0, 1.4, 0.0, 0.0, 1.0, 0.0],
+                         [0.01, 1.0, 0.1, 0.0, float("inf"), 0.0], [0.0, 1.1, 0.4, 0.0, 3.0, 0.0],
+                         [0.0, 1.0, 0.1, 0.0, float("inf"), 0.0], [0.05, 1.2, 0.0, 0.0, float("inf"), 1.0],
+                         [0.01, 1.0, 0.2, 0.0, float("inf"), 0.0]], dtype=acc_of(dtype))
+    return make, centers, groups, metrics, rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("with_centers", [False, True], ids=["plain", "centered"])
+def test_the_metric_step_walks_every_group_geometry(dtype, with_centers, monkeypatch):
+    """Against the torch backend's reference step; the Triton kernel is what runs (the torch
+    backend's step is not called), the metric tensors are read where they are (copied only when in
+    another memory order than their param), and the groups that vanish are exactly zero."""
+    assert B.METRIC_PROX
+    make, centers, groups, metrics, rows = _metric_case(dtype, 7)
+    centers = centers if with_centers else None
+    expected = make()
+    _ops.prox_("torch", expected, centers, groups, rows, metric=metrics)
+    torch_prox = _dispatch.backend("torch").prox_
+    monkeypatch.setattr(_dispatch.backend("torch"), "prox_", lambda *a, **k: pytest.fail("the torch step ran"))
+    got = make()
+    _ops.prox_("triton", got, centers, groups, rows, metric=metrics)
+    monkeypatch.setattr(_dispatch.backend("torch"), "prox_", torch_prox)
+    rtol, atol = {torch.float32: (2e-5, 1e-6), torch.bfloat16: (2e-2, 1e-2), torch.float64: (1e-10, 1e-12)}[dtype]
+    for i, (x, y) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(x.double(), y.double(), rtol=rtol, atol=atol, msg=lambda m, i=i: f"[{i}] {m}")
+        if centers is None or dtype != torch.bfloat16:  # (c + a small x may round to c in bf16, either way)
+            c = 0 if centers is None else centers[i]
+            assert torch.equal(x == c, y == c), f"[{i}]: the exact zeros of the step must be exact"
+    # Groups that vanish, groups pulled to their max norm, and neither: each kind is tested.
+    d = [(x.double() - (0 if centers is None else centers[i].double())) for i, x in enumerate(got)]
+    assert any(float(row.norm()) == 0 for row in d[1].movedim(1, 0).reshape(2, -1))
+    assert any(float(row.norm()) == pytest.approx(1.5, rel=1e-2) for row in d[1].movedim(1, 0).reshape(2, -1))
+
+
+def test_the_metric_step_reuses_the_cached_tables():
+    ws = Workspace()
+    params = [randn((40, 30), torch.float32, 1), randn((500,), torch.float32, 2)]
+    metrics = [Metric(torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) + 0.5, root=False)
+               for i, p in enumerate(params)]
+    rows = torch.tensor([0.01, 1.1, 0.2])
+    expected = [p.clone() for p in params]
+    for _ in range(2):
+        _ops.prox_("torch", expected, None, 1, rows, metric=metrics)
+        _ops.prox_("triton", params, None, 1, rows, metric=metrics, workspace=ws)
+    assert ws.builds == 1 and ws.hits == 1
+    for x, y in zip(params, expected):
+        torch.testing.assert_close(x, y, rtol=2e-5, atol=1e-6)
+
+
+def test_the_metric_of_a_tensor_without_one_is_never_read():
+    """IDENTITY rows: D = 1 whatever their v holds (the kernels mask its loads), and a metric tensor
+    of another dtype than the param (the call's metric dtype) is fine beside them."""
+    w = randn((50, 30), torch.bfloat16, 1)
+    other = randn((40,), torch.bfloat16, 2)
+    rows = torch.tensor([[0.01, 1.1, 0.3, 0.0, float("inf"), 0.0]] * 2)
+    v = torch.full((40,), 0.25)  # float32 state for a bf16 param
+    euclidean = w.clone()
+    B.prox_([euclidean], None, 0, rows[:1], None)  # the Euclidean step (group factor, in the elementwise kernel)
+    operand = MetricOperand([torch.full((50, 30), float("nan")), v], [None, None],
+                            torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]]))
+    got, got_other = w.clone(), other.clone()
+    B.prox_([got, got_other], None, Groups((0, NO_GROUPS), (1, 1)), rows, None, metric=operand)
+    torch.testing.assert_close(got.double(), euclidean.double(), rtol=1e-2, atol=1e-2)
+    assert torch.equal(got == 0, euclidean == 0)
+    expected = torch.sign(other.double()) * torch.clamp(0.25 * other.double().abs() - 0.01, min=0) / (0.25 + 0.1)
+    torch.testing.assert_close(got_other.double(), expected, rtol=1e-2, atol=1e-3)
+
+
+def test_the_metric_step_of_a_group_is_exact_at_its_bounds():
+    """A group just above its threshold (μ large, the bracket's ends far apart), one just below
+    (exactly zero), one pulled to max_norm (‖x_g‖ = h to the acc dtype's precision)."""
+    g = torch.Generator().manual_seed(3)
+    D = torch.exp(4 * torch.rand(3, 300, generator=g, dtype=torch.float64) - 2)  # D in [e^-2, e^2]
+    y = torch.randn(3, 300, generator=g, dtype=torch.float64)
+    norms = (D * y).norm(dim=1)
+    t3 = float(norms[0]) * (1 - 1e-6)
+    for dtype, rel in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        w = y.clone().to(dtype)
+        w[1] *= float(norms[0] / norms[1]) * (1 - 2e-6)  # below t3: zero
+        w[2] *= 10  # far above: pulled to the bound
+        row = torch.tensor([0.0, 1.0, t3, 0.0, 0.5, 0.0], dtype=acc_of(dtype))
+        expected = w.clone()
+        _ops.prox_("torch", [expected], None, Groups((0,), (1,)), row, metric=[Metric(D.to(dtype), root=False)])
+        _ops.prox_("triton", [w], None, Groups((0,), (1,)), row, metric=[Metric(D.to(dtype), root=False)])
+        assert torch.equal(w[1], torch.zeros_like(w[1]))
+        assert w[2].double().norm().item() == pytest.approx(0.5, rel=rel)
+        # (Just above its threshold a group's x is ~1e-6 of y, with the relative error of ‖u‖ - t3:
+        # the acc dtype's rounding of the inputs, relative to y.)
+        torch.testing.assert_close(w.double(), expected.double(), rtol=100 * rel, atol=rel / 10)
