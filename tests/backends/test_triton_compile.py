@@ -3,8 +3,9 @@ GPUs (sm_80: A100, sm_90: H100/H200) with Triton's own ptxas, no GPU needed.
 
 For each one: it compiles; it spills nothing (``cuobjdump -res-usage``: STACK 0, LOCAL 0); and
 the aligned fp32 / bf16 variants of the flat (ungrouped) mode use 128-bit loads
-(``ld.global.v4``) — the vectorisation the backend's alignment bookkeeping exists for. A kernel
-that would not compile on an H100 fails CI here, in the normal test run.
+(``ld.global.v4``; the metric step's too, with fp32 / bf16 metric tensors) — the vectorisation
+the backend's alignment bookkeeping exists for. A kernel that would not compile on an H100 fails
+CI here, in the normal test run.
 
     python -m pytest -m gpu_compile          # just these
 
@@ -99,7 +100,8 @@ def test_compiles_without_spills(compiled, name, arch):
 
 
 FLAT_ALIGNED_VECTORISED = [name for name in CONFIGS
-                           if re.match(r"(sums|grads|add_grad-\w+|prox)-(float32|bfloat16)-flat-aligned", name)]
+                           if re.match(r"(sums|grads|add_grad-\w+|prox)-(float32|bfloat16)-flat-aligned", name)
+                           or re.match(r"metric_prox-(float32|bfloat16)-v(float32|bfloat16)-flat-aligned", name)]
 
 
 @pytest.mark.parametrize("arch", TARGETS)

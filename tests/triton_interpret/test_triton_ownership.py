@@ -25,6 +25,8 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from fastreg import _dispatch
+from fastreg.backends._geometry import NO_GROUPS, WHOLE, Groups
+from fastreg.backends._terms import Metric, MetricOperand, MetricSlot
 from fastreg.backends._workspace import Workspace
 
 B = _dispatch.backend("triton")
@@ -89,7 +91,7 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-KERNELS = ("_sums_kernel", "_group_sq_kernel", "_finish_kernel", "_elementwise_kernel")
+KERNELS = ("_sums_kernel", "_group_sq_kernel", "_finish_kernel", "_elementwise_kernel", "_metric_prox_kernel")
 
 
 @pytest.fixture
@@ -122,6 +124,47 @@ class _Checked:
             return self.kernel[grid](*args, **kwargs)
 
         return launch
+
+
+class _CheckedMetric:
+    """Wraps ``_metric_prox_kernel``: at every launch, w and (where the metric table says they are
+    read) v and m lie, with their extents, in live tensors of their dtypes; the v of an IDENTITY
+    row and a missing m point at w (never read there)."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            w_ptrs, _, v_ptrs, m_ptrs, info, _, _, _, metric = args[:9]
+            live = _live_ranges()
+            rows = info.reshape(-1, tables.TENSOR_FIELDS)
+            for t, (numel, param) in enumerate(zip(rows[:, 0].tolist(), rows[:, 6].tolist())):
+                flags = metric[param]
+                reads = [(w_ptrs[t], kwargs["DTYPE"], True),
+                         (v_ptrs[t], kwargs["V_DTYPE"], flags[MetricSlot.IDENTITY] == 0),
+                         (m_ptrs[t], kwargs["V_DTYPE"], flags[MetricSlot.CENTERED] != 0)]
+                for address, tl_dtype, read in reads:
+                    address = int(address)
+                    if not read:
+                        assert address == int(w_ptrs[t]), "an unread operand must point at w"
+                        continue
+                    dtype = _torch_dtype(tl_dtype)
+                    end = address + numel * torch.empty((), dtype=dtype).element_size()
+                    assert any(lo <= address and end <= hi for lo, hi in live.get(dtype, [])), (
+                        f"the metric step reads {hex(address)}..{hex(end)} ({dtype}), in no live tensor")
+            self.launches.append(kwargs["MODE"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.fixture
+def live_metric_operands(monkeypatch):
+    """Checks every launch of the metric step against the live tensors; yields the launches made."""
+    launches = []
+    monkeypatch.setattr(kernels, "_metric_prox_kernel", _CheckedMetric(kernels._metric_prox_kernel, launches))
+    yield launches
 
 
 @pytest.fixture
@@ -253,15 +296,19 @@ def test_parameters_are_freed_with_their_workspace(with_workspace, no_kernels):
     grads = [torch.zeros_like(p) for p in params]
     refs = [StorageWeakRef(t.untyped_storage()) for t in params + centers + grads]
     c = coeffs(F32, 0.1, 0.2, 0.3)
+    states = [torch.rand(p.shape) for p in params]  # an optimizer's state: the metric of a step
+    refs += [StorageWeakRef(t.untyped_storage()) for t in states]
+    metric = MetricOperand.of([Metric(v, 1.0, 1e-3) for v in states], params, F32)
     for group_dim in (-1, 0, 1):
         B.sums(params, centers, group_dim, workspace=ws)
         B.grads(params, centers, group_dim, c, None, workspace=ws)
         B.add_grad_(params, grads, centers, group_dim, c, None, workspace=ws)
         B.prox_(params, centers, group_dim, c, None, workspace=ws)
+        B.prox_(params, centers, group_dim, c, None, workspace=ws, metric=metric)
         B.sums(params, None, group_dim, 0.5, workspace=ws)
     if ws is not None:
         assert ws.entries and ws.hits
-    del params, centers, grads, ws
+    del params, centers, grads, ws, states, metric
     gc.collect()
     assert all(r.expired() for r in refs), [i for i, r in enumerate(refs) if not r.expired()]
 
@@ -286,6 +333,7 @@ def test_thousands_of_calls_leave_nothing_behind(no_kernels):
     ws = Workspace()
     params = [randn((40, 20), F32, 1), randn((300,), F32, 2)]
     c = coeffs(F32, 0.1, 0.2, 0.3)
+    metric = MetricOperand.of([Metric(torch.rand(p.shape)) for p in params], params, F32)
     B.sums(params, None, 0, 0.5, workspace=ws)
     before = _containers()
     for i in range(2000):
@@ -294,6 +342,7 @@ def test_thousands_of_calls_leave_nothing_behind(no_kernels):
             B.grads(params, None, 0, c, None, workspace=ws)  # fresh outputs: new target pointers
             B.add_grad_(params, [torch.zeros_like(p) for p in params], None, 0, c, None, workspace=ws)
             B.prox_(params, None, -1, c, None, workspace=ws)
+            B.prox_(params, None, 0, c, None, workspace=ws, metric=metric)  # a metric table per call
     assert _containers() == before
     assert len(ws.entries) <= ws.limit and not ws.captured
     assert ws.builds <= 3  # the tables of (params, dim 0) and (params, dim -1)
@@ -422,3 +471,70 @@ def test_a_cached_table_is_not_reused_for_a_non_dense_view_at_the_same_address()
     with torch.no_grad():
         B.prox_([w], None, -1, coeffs(F32, 0.5, 1.0, 0.0), None, workspace=ws)
     assert torch.equal(base[:, 4:], outside)
+
+
+# ----------------------------------------------------------------- the step in a metric
+
+def _metric_layouts(seed):
+    """bf16 params of every layout with float32 metric tensors (an optimizer's state) in their
+    own order, in another, or of a param read through a copy; an IDENTITY row; a centered one."""
+    params, _, _ = _layouts(BF16, seed)
+    g = torch.Generator().manual_seed(seed)
+
+    def state(shape):
+        return torch.rand(shape, generator=g) + 0.1
+
+    metrics = [Metric(state(p.shape), 1.0, 1e-3) for p in params]
+    metrics[0] = Metric(state(params[0].shape[::-1]).t(), 1.0, 1e-3)  # another order than its param
+    metrics[1] = None  # the Euclidean step: its v is the param (bf16), never read
+    metrics[3] = Metric(state(params[3].shape), 1.0, 1e-3, centered=0.1 * state(params[3].shape))
+    groups = Groups((0, 1, 0, WHOLE, NO_GROUPS, 0, 0), (1, 2, 2, 1, 1, 5, 1))
+    return params, metrics, groups
+
+
+def test_the_metric_step_reads_live_memory(live_metric_operands):
+    """Without a workspace, real kernels: every metric tensor the kernels read is alive at the
+    launch (copies in the param's order included), and nothing else is read for an IDENTITY row."""
+    params, metrics, groups = _metric_layouts(3)
+    expected = [p.clone() for p in params]
+    table = torch.tensor([0.01, 1.1, 0.05])
+    from fastreg import _ops
+
+    _ops.prox_("torch", expected, None, groups, table, metric=metrics)
+    _ops.prox_("triton", params, None, groups, table, metric=metrics)
+    assert live_metric_operands == [kernels.MODE_FLAT, kernels.MODE_GROUP]  # one call: one metric dtype
+    for x, y in zip(params, expected):
+        torch.testing.assert_close(x.double(), y.double(), rtol=2e-2, atol=1e-2)
+
+
+def test_the_metric_tables_are_owned_and_kept_for_a_graph(monkeypatch, no_kernels, live_metric_operands):
+    """A metric table is per call (never in the workspace's cache); under capture it is kept with
+    the workspace, holding every tensor it points into; it keeps no user tensor beyond that."""
+    ws = Workspace()
+    params, metrics, groups = _metric_layouts(5)
+    dense = [0, 1, 3, 4, 5, 6]  # (params[2] is read through a copy: those tables are never cached)
+    params = [params[i] for i in dense]
+    metrics = [metrics[i] for i in dense]
+    groups = groups.subset(dense)
+    operand = MetricOperand.of(metrics, params, F32)
+    table = torch.tensor([0.01, 1.1, 0.05])
+    B.prox_(params, None, groups, table, None, workspace=ws, metric=operand)
+    assert len(ws.entries) == 1 and not ws.captured
+    assert not any(isinstance(t, tables._Targets) for t in ws.entries.values())
+    monkeypatch.setattr(B, "_capturing", lambda device: True)
+    B.prox_(params, None, groups, table, None, workspace=ws, metric=operand)
+    kept = [t for t in ws.captured if isinstance(t, tables._Targets)]
+    assert len(kept) == 1 and len(kept[0].pointers) == 2 * sum(p.numel() > 0 for p in params)
+    assert assert_owned(ws) == 3  # the param tables (cached, and kept for the graph) and the metric table
+    # Those read where they are (a state in another order than its param is read through a copy,
+    # which the table keeps instead; an empty param's is not read).
+    states = [StorageWeakRef(m.v.untyped_storage()) for m, p in zip(metrics, params)
+              if m is not None and p.numel() and tables._in_order(m.v, p) is m.v]
+    assert len(states) == 2
+    del metrics, operand, kept
+    gc.collect()
+    assert not any(r.expired() for r in states)  # kept by the captured table, as long as the workspace
+    ws.clear()
+    gc.collect()
+    assert all(r.expired() for r in states)
+    assert len(live_metric_operands) == 4
