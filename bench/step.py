@@ -16,8 +16,12 @@ Method. Every contender runs in its own worker process (its own allocator, its o
 what a user's training process feels), with the same model, weights and batch; only one works at
 a time, and idle workers' OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``). After warm-up
 rounds, each round asks every contender for one step, in an order rotated from round to round;
-the added time is the median over rounds of (contender's step - its baseline's step in the same
-round), with the interquartile range of those paired differences as the spread.
+the added time is the median over rounds of (the contender's step - the step without a penalty
+that the same process takes right next to it, in alternating order), with the interquartile
+range of those paired differences as the spread, in wall-clock and in the process's CPU time.
+(Pairing across processes — a contender's step minus the baseline process's — is reported too,
+as ``added_across_processes_ms`` in results.json: each process's own allocator and page faults
+make that difference noisier than a penalty's cost on a CPU.)
 
     python -m bench.step            # full: LM, CNN, MLP; writes bench/results/step-<device>-<date>/
     python -m bench.step --quick    # small models, few rounds (CI); writes bench/results/local/
@@ -78,7 +82,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small models, 6 rounds (a CI smoke run)")
-    parser.add_argument("--models", help="comma-separated: lm, cnn, mlp (default: all)")
+    parser.add_argument("--models", help="comma-separated: lm, cnn, mlp, gpt2 (default: all)")
     parser.add_argument("--contenders", help="comma-separated contender names (default: all; baselines are added)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 25; --quick 6)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 3; --quick 2)")
@@ -135,23 +139,44 @@ def _build(contender, spec, device):
     elif method == "one-call":
         def extra():
             return fastreg.penalty(model, l2=L2)
-    elif method == "attach":
-        reg.attach(optimizer)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    decay = [group["weight_decay"] for group in optimizer.param_groups]
+    attached = []
 
-    def step():
+    def switch(on):
+        """The contender's way on, or off (this process's own step without a penalty)."""
+        if method == "attach" and on != bool(attached):
+            attached.append(reg.attach(optimizer)) if on else attached.pop().remove()
+        if method == "weight-decay":
+            for group, value in zip(optimizer.param_groups, decay):
+                group["weight_decay"] = value if on else 0.0
+
+    def timed(on):
+        switch(on)
         synchronize()
         start, cpu_start = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         loss = model.loss(batch)
-        if extra is not None:
+        if on and extra is not None:
             loss = loss + extra()
         loss.backward()
-        if method == "add-to-grad":
+        if on and method == "add-to-grad":
             reg.add_to_grad_()
         optimizer.step()
         synchronize()
         return time.perf_counter() - start, time.process_time() - cpu_start
+
+    calls = [0]
+
+    def step():
+        """``(wall, cpu)`` of a step with the contender's way, then of this process's step without
+        it, taken back to back (in alternating order)."""
+        calls[0] += 1
+        if calls[0] % 2:
+            with_it = timed(True)
+            return (*with_it, *timed(False))
+        without = timed(False)
+        return (*timed(True), *without)
 
     return step
 
@@ -204,10 +229,15 @@ def analyse(times, contenders):
             rows.append(row)
             continue
         wall, cpu = [t[0] for t in mine], [t[1] for t in mine]
-        base_wall, base_cpu = [t[0] for t in base], [t[1] for t in base]
-        added = [1e3 * (a - b) for a, b in zip(wall, base_wall)]
-        added_cpu = [1e3 * (a - b) for a, b in zip(cpu, base_cpu)]
+        base_wall = [t[0] for t in base]
+        # Paired inside the contender's own process: its step with the way, minus its step without
+        # it taken next to it (another process's baseline differs by its own allocator and page
+        # faults, which on a CPU is more than a penalty costs).
+        added = [1e3 * (t[0] - t[2]) for t in mine]
+        added_cpu = [1e3 * (t[1] - t[3]) for t in mine]
+        across = [1e3 * (a - b) for a, b in zip(wall, base_wall)]
         row.update(step_ms=1e3 * statistics.median(wall), baseline_ms=1e3 * statistics.median(base_wall),
+                   added_across_processes_ms=statistics.median(across),
                    added_ms=statistics.median(added), added_q25_ms=_quantile(added, 0.25),
                    added_q75_ms=_quantile(added, 0.75), times_s=wall, cpu_times_s=cpu,
                    added_cpu_ms=statistics.median(added_cpu), added_cpu_q25_ms=_quantile(added_cpu, 0.25),
@@ -327,8 +357,9 @@ def markdown(device, results, args, meta):
              f"- {args.rounds} rounds after {args.warmup} warm-up rounds; each contender in its own process; "
              "`zero_grad(set_to_none=True)`, forward, task loss, backward, `optimizer.step()` (SGD lr 1e-3 momentum "
              f"0.9 unless noted); λ = {L2:g} (L1: {L1:g}); AdamW weight_decay {ADAMW_DECAY:g}",
-             "- added = median over rounds of (contender's step - its baseline's step in the same round); spread = "
-             "interquartile range of those differences; share = added / baseline step; added CPU = the same for the "
+             "- added = median over rounds of (contender's step - the step without a penalty its own process takes "
+             "right next to it); spread = interquartile range of those differences (the no-penalty rows show the noise "
+             "floor); share = added / baseline step; added CPU = the same for the "
              "worker process's CPU time (all its threads: the work itself, less exposed to other processes); passes "
              "= reads and writes of the parameters' bytes it adds (`bench/step.py` PASSES)"]
     for model, data in results.items():
@@ -340,10 +371,10 @@ def markdown(device, results, args, meta):
                 lines.append(f"| {r['label']} | skipped: {r['error']} | | | | | | |")
                 continue
             penalized = r["method"] != "none"
-            spread = f"{_ms(r['added_q25_ms'])} .. {_ms(r['added_q75_ms'])}" if penalized else ""
-            added = _ms(r["added_ms"]) if penalized else "(baseline)"
-            cpu = _ms(r["added_cpu_ms"]) if penalized else ""
-            cpu_spread = f"{_ms(r['added_cpu_q25_ms'])} .. {_ms(r['added_cpu_q75_ms'])}" if penalized else ""
+            spread = f"{_ms(r['added_q25_ms'])} .. {_ms(r['added_q75_ms'])}"
+            added = _ms(r["added_ms"]) + ("" if penalized else " (noise: the same step twice)")
+            cpu = _ms(r["added_cpu_ms"])
+            cpu_spread = f"{_ms(r['added_cpu_q25_ms'])} .. {_ms(r['added_cpu_q75_ms'])}"
             passes = "" if r.get("passes") is None else str(r["passes"])
             share = f"{100 * r['share']:.1f}%" if penalized and r["share"] is not None else ""
             lines.append(f"| {r['label']} | {_ms(r['step_ms'])} | {added} | {spread} | {cpu} | {cpu_spread} | {passes} "
