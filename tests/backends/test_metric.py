@@ -144,3 +144,16 @@ def test_groups_that_vanish_and_groups_at_the_norm_bound(backend):
     assert torch.equal(w[0], torch.zeros(3, dtype=torch.float64))
     assert w[1].norm().item() == pytest.approx(2.0, rel=1e-12)
     assert (w[2] != 0).all()
+
+
+def test_a_small_l2_step_is_not_rounded_away(backend):
+    """2·lr·l2 = 2e-7 next to D ~ 1e-3 for float32 params: the kernels read it from the float64
+    table as it is (a float32 1 + 2e-7 would carry a 30% error into the L2 term)."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(50, 40, generator=g)
+    D = torch.rand(50, 40, generator=g) * 1e-3 + 1e-4
+    expected = (w.double() * D.double() / (D.double() + 2e-7)).float()
+    row = torch.tensor([0.0, 1 + 2e-7, 0.0, 0.0, math.inf, 0.0], dtype=torch.float64)
+    w = w.to(torch.get_default_device())  # (the backend's device: see the backend fixture)
+    _ops.prox_(backend, [w], None, Groups((NO_GROUPS,), (1,)), row, metric=[Metric(D.to(w.device), root=False)])
+    torch.testing.assert_close(w.cpu(), expected, rtol=2e-7, atol=0)

@@ -608,7 +608,7 @@ def _metric_prox_kernel(
         m = _operand(m_ptrs, t, V_DTYPE, ALIGNED)
         row = coeffs + param * PROX_SLOTS
         t1 = tl.load(row + PROX_THRESHOLD).to(ACC)
-        c2 = tl.load(row + PROX_DENOMINATOR).to(ACC) - 1
+        c2 = tl.load(row + PROX_DENOMINATOR).to(ACC)  # the launcher hands 2·lr·l2 here (DENOMINATOR − 1, in float64)
         nonneg = tl.load(row + PROX_NONNEG).to(ACC)
         scale, eps, root, identity, centered = _metric_row(metric, param, ACC)
         lanes = tl.arange(0, BLOCK)

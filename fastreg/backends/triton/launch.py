@@ -206,12 +206,16 @@ def prox_(params, centers, groups, coeffs, group_norms, workspace, capturing, me
     if not any(p.numel() for p in params):
         return None
     plan = tables._tables(params, centers, groups, workspace, capturing)
-    coeffs = _table(coeffs, plan, Prox)
     if metric is not None:
-        _metric_prox(plan, params, coeffs, metric, workspace, capturing)
+        # The metric step needs 2·lr·l2 = DENOMINATOR − 1, which float32 rounds away next to 1:
+        # formed from the float64 table here, its kernel reads it in the DENOMINATOR slot.
+        table64 = as_table(coeffs.to(device=plan.device, dtype=torch.float64), plan.ntensors, Prox).clone()
+        table64[:, Prox.DENOMINATOR] -= 1
+        _metric_prox(plan, params, table64.to(acc_dtype(plan.dtype)).contiguous(), metric, workspace, capturing)
         for param, read in plan.copies:
             param.copy_(read)
         return
+    coeffs = _table(coeffs, plan, Prox)
     group_coef = plan.zero  # unused without groups
     if plan.grouped:  # the factor on the shrunk values per group, from its tensor's row
         partials = _acc_zeros(plan, 2 * plan.programs)
