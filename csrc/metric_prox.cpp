@@ -10,13 +10,15 @@
 //              is over MAX_NORM. One task per group: a pass for ‖u‖, min a and max a, a few
 //              safeguarded Newton steps on the bracket (each a pass over the group, which is in
 //              cache), then the pass that writes.
-// Everything is computed in double from the operands as stored (no copies of the optimizer's
-// state when its layout matches the param's): a group's result depends on that group alone and
-// a flat chunk's on its elements, so the step is bitwise the same for any thread count.
+// Groups are computed in double (the root-finding), tensors without groups in the acc dtype
+// (vectorized: span_loop), from the operands as stored (no copies of the optimizer's state when
+// its layout matches the param's): a group's result depends on that group alone and a flat
+// chunk's on its elements, so the step is bitwise the same for any thread count.
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "fastreg_cpu.h"
 
@@ -160,14 +162,58 @@ void step_group(const MetricItem& it, int64_t g) {
   });
 }
 
+// Elements [begin, end) of an item without groups: the branches of Element hoisted into the
+// template (the kind of D, centers), and the arithmetic in the acc dtype (float for fp32 / fp16 /
+// bf16, as the other kernels), so that the compiler vectorizes the loop: the step is then bound
+// by memory, not by a scalar sqrt and division per element.
+enum class DKind { kOne, kGiven, kRoot, kRootCentered };
+
+template <typename T, typename V, DKind kD, bool kCenter>
+void span_loop(const MetricItem& it, int64_t begin, int64_t end) {
+  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  T* __restrict__ w = static_cast<T*>(it.w);
+  const T* __restrict__ c = static_cast<const T*>(it.c);
+  const V* __restrict__ v = static_cast<const V*>(it.v);
+  const V* __restrict__ m = static_cast<const V*>(it.m);
+  const Acc t1 = static_cast<Acc>(it.t1), c2 = static_cast<Acc>(it.c2), scale = static_cast<Acc>(it.scale),
+            eps = static_cast<Acc>(it.eps);
+  const bool nonneg = it.nonneg;
+  for (int64_t i = begin; i < end; ++i) {
+    const Acc center = kCenter ? static_cast<Acc>(c[i]) : Acc(0);
+    const Acc y = static_cast<Acc>(w[i]) - center;
+    Acc d;
+    if constexpr (kD == DKind::kOne) {
+      d = Acc(1);
+    } else if constexpr (kD == DKind::kGiven) {
+      d = static_cast<Acc>(v[i]);
+    } else if constexpr (kD == DKind::kRoot) {
+      d = std::sqrt(static_cast<Acc>(v[i]) * scale) + eps;
+    } else {
+      const Acc mean = static_cast<Acc>(m[i]);
+      d = std::sqrt((static_cast<Acc>(v[i]) - mean * mean) * scale) + eps;
+    }
+    const Acc magnitude = nonneg ? std::max(y, Acc(0)) : std::abs(y);
+    const Acc shrunk = std::max(d * magnitude - t1, Acc(0));
+    const Acc u = (nonneg || y >= Acc(0)) ? shrunk : -shrunk;
+    w[i] = static_cast<T>(u / (d + c2) + center);
+  }
+}
+
 template <typename T, typename V>
 void step_span(const MetricItem& it, int64_t begin, int64_t end) {
-  const Element<T, V> el{it};
-  for (int64_t i = begin; i < end; ++i) {
-    double u, a;
-    el(i, u, a);
-    el.write(i, u / a);
-  }
+  auto with_kind = [&](auto center) {
+    constexpr bool kCenter = decltype(center)::value;
+    if (it.v == nullptr) {
+      span_loop<T, V, DKind::kOne, kCenter>(it, begin, end);
+    } else if (!it.root) {
+      span_loop<T, V, DKind::kGiven, kCenter>(it, begin, end);
+    } else if (it.m == nullptr) {
+      span_loop<T, V, DKind::kRoot, kCenter>(it, begin, end);
+    } else {
+      span_loop<T, V, DKind::kRootCentered, kCenter>(it, begin, end);
+    }
+  };
+  with_center(it.c != nullptr, with_kind);
 }
 
 // A unit of work: a group of an item (g >= 0), or elements [begin, end) of an item without groups.

@@ -57,7 +57,9 @@ class BuildError(RuntimeError):
 # ------------------------------------------------------------------------------------------
 # Compiler, flags and cache location (shared by every extension).
 
-_BASE_FLAGS_GCC = ["-O3"]
+# -fno-math-errno: sqrt without the errno path, so that loops taking square roots vectorize
+# (csrc/metric_prox.cpp); no kernel reads errno.
+_BASE_FLAGS_GCC = ["-O3", "-fno-math-errno"]
 _ISA_FLAGS_GCC = {
     # ATen's Vectorized<T> picks its width from CPU_CAPABILITY_*; the -m flags let the compiler
     # emit those instructions. Exactly what torch itself requires for its AVX512 / AVX2 kernels.
