@@ -28,6 +28,8 @@
 //       metric[t] its v, centered[t] RMSprop's running mean): see metric_prox.cpp
 //   gradient_routes(Tensor[] params) -> int[]   inside a backward, where the engine puts each
 //       param's gradient (deferral.cpp): the graph, p.grad with no one watching, or nowhere
+//   lock_accumulators(Tensor[] params) -> int, unlock_accumulators(int token) -> ()
+//       hold the locks the engine's AccumulateGrad takes for these params (deferral.cpp)
 //   term_layout() -> str   the slots of the sums and coefficient tables (terms.h), by name
 //   constants() -> str     the schedule's constants (schedule.h), by name
 // The slots of the coefficient tables and of the sums are named in terms.h (Gradient, Prox,
@@ -80,6 +82,8 @@ void metric_prox_(at::TensorList params, at::TensorList centers, at::TensorList 
                   const c10::List<std::optional<at::Tensor>>& centered, at::IntArrayRef group_dims,
                   at::IntArrayRef group_sizes, const at::Tensor& coeffs, const at::Tensor& metric_table);
 std::vector<int64_t> gradient_routes(at::TensorList params);
+int64_t lock_accumulators(at::TensorList params);
+void unlock_accumulators(int64_t token);
 std::string term_layout();
 std::string constants();
 

@@ -41,6 +41,8 @@ TORCH_LIBRARY(fastreg_cpu, m) {
   m.def("metric_prox_(Tensor(a!)[] params, Tensor[] centers, Tensor[] metric, Tensor?[] centered, "
         "int[] group_dims, int[] group_sizes, Tensor coeffs, Tensor metric_table) -> ()");
   m.def("gradient_routes(Tensor[] params) -> int[]", &fastreg_cpu::gradient_routes);
+  m.def("lock_accumulators(Tensor[] params) -> int", &fastreg_cpu::lock_accumulators);
+  m.def("unlock_accumulators(int token) -> ()", &fastreg_cpu::unlock_accumulators);
   m.def("term_layout() -> str", &fastreg_cpu::term_layout);
   m.def("constants() -> str", &fastreg_cpu::constants);
 }

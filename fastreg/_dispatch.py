@@ -57,6 +57,12 @@ def gradient_routes(params):
         return None
 
 
+def accumulators_locked(params):
+    """A context holding the engine's accumulation locks of ``params`` (the deferred backward's
+    write into ``p.grad``); only used where ``gradient_routes`` answered, so the extension is loaded."""
+    return backend("cpu").accumulators_locked(params)
+
+
 def available_backends():
     return [name for name in BACKENDS if unavailable_reason(name) is None]
 

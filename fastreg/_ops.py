@@ -300,18 +300,24 @@ class _EagerValue(torch.autograd.Function):
 # under zero_grad(set_to_none=True), the task's gradient is added into it): about six passes
 # over the parameters' bytes. Added at the end of the backward, after every AccumulateGrad has
 # adopted the task's gradient as p.grad, it is one add_grad_ (read w, read and write g): what
-# add_to_grad_ costs. The value p.grad ends with is the same sum (rounded once instead of twice).
+# add_to_grad_ costs.
 # It is taken only when no one can observe the difference (csrc/deferral.cpp says where the
 # engine puts each gradient), that is when, for every param of the kernel group:
 #   - the engine will accumulate its gradient into p.grad (a leaf, this is backward() and the
 #     param is among its inputs — not autograd.grad, which returns gradients instead), or this
 #     backward does not need it at all (backward(inputs=...) without it: no gradient, as before);
-#   - no hook watches it: no tensor hook, retain_grad, post-accumulate-grad hook, or hook on its
-#     AccumulateGrad node (DDP's reducer, FSDP, ...);
+#   - no hook anywhere in this backward's graph (a tensor hook, retain_grad, post-accumulate-grad
+#     hook, a hook on any node: DDP's reducer, FSDP, a hook on another parameter that reads this
+#     p.grad before the end of the backward), and no anomaly mode (which checks each returned
+#     gradient for NaN);
 #   - it is a plain tensor (not a DTensor or other subclass) and the backward builds no graph
 #     (create_graph=False), and the penalty's group_sq output is unused (sharded and coupled
 #     values use it);
 #   - the C++ extension that reads the engine's state is loaded (else: the graph, as before).
+# The addition holds the locks AccumulateGrad holds for the same params, so a concurrent backward
+# on shared params in another thread (Hogwild-style) never interleaves with it. p.grad ends with
+# the same sum; the rounding differs where p.grad held a gradient before this backward (autograd
+# adds task + penalty, then that into p.grad; here the task's part is added, then the penalty's).
 # Each condition is tested in tests/test_deferred_backward.py against plain autograd.
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -319,8 +325,8 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 def _defer_to_end_of_backward(params, centers, group_sq, groups, backend, grad_sums, grad_group_sq, workspace):
     """True when the penalty's gradient will be added at the end of this backward (queued here)."""
-    if grad_sums is None or grad_group_sq is not None or torch.is_grad_enabled():
-        return False
+    if grad_sums is None or grad_group_sq is not None or torch.is_grad_enabled() or torch.is_anomaly_enabled():
+        return False  # (anomaly mode checks every node's returned gradient for NaN: keep it in the graph)
     if not all(type(p) in _PLAIN_TYPES for p in params):
         return False
     routes = _dispatch.gradient_routes(params)
@@ -347,7 +353,7 @@ def _add_deferred(backend, params, centers, groups, coeffs, norms, workspace):
     """The end of the backward: ``p.grad += the penalty's gradient`` for every param, ``p.grad``
     as the engine left it (created, zeros, where the task did not reach the param; a sparse one
     made dense, as adding a dense gradient to it in the graph would)."""
-    with torch.no_grad():
+    with torch.no_grad(), _dispatch.accumulators_locked(params):  # as AccumulateGrad writes p.grad
         grads = []
         for p in params:
             g = p.grad

@@ -220,3 +220,61 @@ def test_create_graph_runs_each_hook_once_on_the_whole_gradient(deferred):
     (_task(theirs) + _reference_penalty(theirs)).backward(create_graph=True)
     _assert_same_grads(ours, theirs)
     assert calls == {"ours": 1, "theirs": 1} and deferred == []
+
+
+def test_a_hook_anywhere_in_the_graph_keeps_the_graph(deferred):
+    """A hook on another parameter may read this one's p.grad before the backward ends: with a
+    hook anywhere in the graph the penalty's gradient goes through the graph, not to the end."""
+    ours, theirs, reg_all = _pair()
+    reg = fastreg.Penalty(ours[2], l1=L1, l2=L2, group=GROUP, backend="cpu")  # the last layer only
+    seen = {}
+    for tag, model in (("ours", ours), ("theirs", theirs)):
+        model[0].weight.register_post_accumulate_grad_hook(
+            lambda _, tag=tag, model=model: seen.__setitem__(tag, None if model[2].weight.grad is None
+                                                             else model[2].weight.grad.clone()))
+    (_task(ours) + reg()).backward()
+    theirs_penalty = sum(L1 * p.abs().sum() + L2 * p.square().sum() + (GROUP * p.norm(dim=1).sum() if p.ndim == 2
+                                                                       else 0) for p in theirs[2].parameters())
+    (_task(theirs) + theirs_penalty).backward()
+    # (What the hook sees mid-backward depends on the engine's order of AccumulateGrad nodes, which
+    # differs between any two graphs; what matters is that the penalty's gradient is not held back.)
+    assert set(seen) == {"ours", "theirs"}
+    _assert_same_grads(ours, theirs)
+    assert deferred == [] and reg_all is not None
+
+
+def test_anomaly_mode_still_sees_a_nan_gradient(deferred):
+    ours, _, reg = _pair()
+    with torch.no_grad():
+        ours[0].weight[0, 0] = float("nan")
+    with torch.autograd.detect_anomaly(), pytest.raises(RuntimeError, match="nan"):
+        reg().backward()
+    assert deferred == []
+
+
+def test_concurrent_backwards_on_shared_parameters(deferred):
+    """Threads running backward on the same parameters (Hogwild-style): the deferred addition
+    takes AccumulateGrad's locks, so no update is lost."""
+    import threading
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 256))
+    reg = fastreg.Penalty(model, l1=L1, l2=L2, group=GROUP, backend="cpu")
+    x = torch.randn(8, 256)
+    (model(x).square().mean() + reg()).backward()
+    one = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    threads, rounds = 4, 25
+
+    def work():
+        for _ in range(rounds):
+            (model(x).square().mean() + reg()).backward()
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    for p, g in zip(model.parameters(), one):
+        torch.testing.assert_close(p.grad, g * threads * rounds, rtol=2e-5, atol=1e-6)
+    assert len(deferred) == 1 + threads * rounds  # (and the single backward above)

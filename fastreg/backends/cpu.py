@@ -134,6 +134,22 @@ def gradient_routes(params):
     return _ops.gradient_routes(params)
 
 
+class accumulators_locked:
+    """``with accumulators_locked(params):`` holds the locks the autograd engine's AccumulateGrad
+    takes while it writes these params' ``.grad`` (the deferred backward writes them outside the
+    engine; a concurrent backward on the same params waits). Needs the extension loaded, as
+    ``gradient_routes`` does."""
+
+    def __init__(self, params):
+        self.params = params
+
+    def __enter__(self):
+        self.token = _kernels().lock_accumulators(self.params)
+
+    def __exit__(self, *exc):
+        _kernels().unlock_accumulators(self.token)
+
+
 def _structure(params, groups):
     """Every param's ``(group_dims, group_sizes)`` entries, as the ops take them (``groups``: a
     ``_geometry.Groups`` or one group_dim for every param)."""
@@ -303,3 +319,5 @@ class _Ops:
         self.prox_ = namespace.prox_.default
         self.metric_prox_ = namespace.metric_prox_.default
         self.gradient_routes = namespace.gradient_routes.default
+        self.lock_accumulators = namespace.lock_accumulators.default
+        self.unlock_accumulators = namespace.unlock_accumulators.default
