@@ -323,9 +323,13 @@ def _checked_metric(plan, metric):
         if value.device != tensor.device or not _broadcasts_to(value.shape, tensor.shape):
             raise ValueError(f"fastreg: the metric of parameter {name!r} has shape {tuple(value.shape)} on "
                              f"{value.device}; the parameter {tuple(tensor.shape)} on {tensor.device}")
-        if not bool(((value > 0) & torch.isfinite(value)).all()):  # one read; the metric step is not a hot path
-            raise ValueError(f"fastreg: the metric of parameter {name!r} must be positive and finite everywhere")
-        checked[id(tensor)] = Metric(value.detach(), root=False)
+        if value.numel():  # one fused read (a NaN makes the minimum NaN, which fails the test too)
+            low, high = torch.aminmax(value.detach())
+            if not bool((low > 0) & (high < math.inf)):
+                raise ValueError(f"fastreg: the metric of parameter {name!r} must be positive and finite everywhere")
+        # The kernels take one metric element per parameter element: a broadcast one is expanded
+        # (a view; a backend reads it through its own dense copy, as any operand of another layout).
+        checked[id(tensor)] = Metric(value.detach().expand(tensor.shape), root=False)
     return checked
 
 

@@ -118,7 +118,7 @@ def test_a_metric_must_be_positive_and_given_once():
     p = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
     reg = fastreg.Penalty([("p", p)], l1=0.1)
     for bad in (-torch.ones(1, 3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64),
-                torch.full((1, 3), torch.inf, dtype=torch.float64)):
+                torch.full((1, 3), torch.inf, dtype=torch.float64), torch.tensor([[1.0, torch.nan, 1.0]])):
         with pytest.raises(ValueError, match="positive and finite"):
             reg.prox_(0.1, metric={"p": bad})
     with pytest.raises(ValueError, match="twice"):
@@ -168,3 +168,16 @@ def test_a_small_l2_keeps_its_precision_in_float32(backend):
     reg = fastreg.Penalty([("w", w)], l2=1e-4, backend=backend)
     reg.prox_(1e-3, metric={"w": D.float()})
     torch.testing.assert_close(w.double(), expected.float().double(), rtol=2e-7, atol=0)
+
+
+def test_a_metric_that_broadcasts_is_the_same_as_its_expansion(backend):
+    """``metric={"w": 2.0-tensor}`` (or a row) means D = 2 everywhere: the kernels take one metric
+    element per parameter element, so a broadcast metric is expanded, not refused inside a kernel."""
+    import fastreg
+
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = torch.sign(w) * (w.abs() - 0.5 * 0.1 / 2).clamp(min=0)
+    for D in (torch.tensor(2.0, dtype=torch.float64), torch.full((1, 3), 2.0, dtype=torch.float64)):
+        x = w.clone()
+        fastreg.Penalty([("w", x)], l1=0.1, backend=backend).prox_(0.5, metric={"w": D})
+        torch.testing.assert_close(x, expected, rtol=1e-13, atol=1e-15)
