@@ -338,10 +338,8 @@ def _defer_to_end_of_backward(params, centers, group_sq, groups, backend, grad_s
     coeffs = grad_sums.to(group_sq.dtype)
     norms = group_sq.sqrt() if group_sq.numel() else None
     if len(index) < len(params):
-        sizes = group_sizes(params, groups)
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
         if norms is not None:
-            norms = torch.cat([norms[starts[i]:starts[i] + sizes[i]] for i in index])
+            norms = group_vector_subset(norms, params, groups, index)
         params, groups, coeffs = [params[i] for i in index], groups.subset(index), coeffs[index]
         centers = [centers[i] for i in index] if centers else centers
     torch.autograd.Variable._execution_engine.queue_callback(
@@ -461,6 +459,14 @@ def _check_writable(tensors):
                            "(as for any PyTorch in-place op); clone it, or call this inside torch.inference_mode()")
 
 
+def group_vector_subset(vector, params, groups, index):
+    """The entries of a group vector (one per group, tensor after tensor) that belong to the
+    tensors ``index``, in that order: the group vector of the call on ``params[i] for i in index``."""
+    sizes = group_sizes(params, groups)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return torch.cat([vector[starts[i]:starts[i] + sizes[i]] for i in index])
+
+
 def add_grad_by_dtype(kernels, params, grads, centers, groups, coeffs, group_norms, workspace=None,
                       want_sums=True):
     """``kernels.add_grad_`` with gradients of any dtypes: one call per gradient dtype (in a fixed
@@ -472,13 +478,12 @@ def add_grad_by_dtype(kernels, params, grads, centers, groups, coeffs, group_nor
                                  want_sums=want_sums)
     table = as_table(coeffs, len(params), Gradient)
     sizes = group_sizes(params, groups)
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
     rows, pieces = [None] * len(params), [None] * len(params)
     for dtype in sorted({g.dtype for g in grads}, key=str):
         index = [i for i, g in enumerate(grads) if g.dtype == dtype]
         norms = None
         if group_norms is not None:
-            norms = torch.cat([group_norms[starts[i]:starts[i] + sizes[i]] for i in index])
+            norms = group_vector_subset(group_norms, params, groups, index)
         result = kernels.add_grad_([params[i] for i in index], [grads[i] for i in index],
                                    None if centers is None else [centers[i] for i in index],
                                    groups.subset(index), table[index], norms, workspace=workspace,
