@@ -7,9 +7,12 @@
 //   no groups: x = u / a, one pass reading w, c, v (and RMSprop's m) and writing w;
 //   a group:   x = 0 when ‖u_g‖ <= t3, else x = u / (a + μ), μ the root of μ·‖u/(a + μ)‖ = t3
 //              (0 without a group term), raised to the root of ‖u/(a + μ)‖ = hi where the norm
-//              is over MAX_NORM. One task per group: a pass for ‖u‖, min a and max a, a few
-//              safeguarded Newton steps on the bracket (each a pass over the group, which is in
-//              cache), then the pass that writes.
+//              is over MAX_NORM; where it is under MIN_NORM = lo (or the group would be zero),
+//              x = u / ((a - min a) + σ) with σ the root of ‖u/((a - min a) + σ)‖ = lo, or
+//              in the hard case σ = 0 and the group's spread where a = min a (_terms.py says
+//              why this is the exact step). One task per group: a pass for ‖u‖, min a and
+//              max a, a few safeguarded Newton steps on the bracket (each a pass over the
+//              group, which is in cache), then the pass that writes.
 // Groups are computed in double (the root-finding), tensors without groups in the acc dtype
 // (vectorized: span_loop), from the operands as stored (no copies of the optimizer's state when
 // its layout matches the param's): a group's result depends on that group alone and a flat
@@ -35,7 +38,7 @@ struct MetricItem {
   const void* c = nullptr;  // nullptr: no center
   const void* v = nullptr;  // nullptr: D = 1 (IDENTITY)
   const void* m = nullptr;  // nullptr: no running mean (CENTERED = 0)
-  double t1 = 0, c2 = 0, t3 = 0, hi = 0, scale = 1, eps = 0;
+  double t1 = 0, c2 = 0, t3 = 0, lo = 0, hi = 0, scale = 1, eps = 0;
   bool nonneg = false, root = true;
 };
 
@@ -114,51 +117,89 @@ void step_group(const MetricItem& it, int64_t g) {
     a_max = std::max(a_max, a);
   });
   const double norm_u = std::sqrt(norm_sq);
-  if (norm_u <= it.t3) {  // the whole group is exactly zero (w = c)
+  const bool zero = norm_u <= it.t3;
+  if (zero && !(it.lo > 0.0 && norm_u > 0.0)) {  // the whole group is exactly zero (w = c)
     for_group(it, g, [&](int64_t i) { el.write(i, 0.0); });
     return;
   }
-  // f(μ) = ‖u/(a + μ)‖ and its slope, one pass over the group.
-  auto f_and_slope = [&](double mu, double& f, double& slope) {
+  // f(μ) = ‖u/(base + μ)‖ and its slope, one pass over the group (base: a, or a - min a). A zero
+  // u is 0 whatever the divisor is (0 in the hard case of a lower bound).
+  auto f_and_slope = [&](double mu, double base_shift, double& f, double& slope) {
     double sq = 0.0, cube = 0.0;
     for_group(it, g, [&](int64_t i) {
       double u, a;
       el(i, u, a);
-      const double q = a + mu, r = u / q;
+      if (u == 0.0) return;
+      const double q = (a - base_shift) + mu, r = u / q;
       sq += r * r;
       cube += r * r / q;
     });
     f = std::sqrt(sq);
     slope = -cube / (f > 0 ? f : 1.0);
   };
-  double mu = 0.0;
-  if (it.t3 > 0) {  // μ·f(μ) = t3 on [t3·a_min/(‖u‖ - t3), t3·a_max/(‖u‖ - t3)]
+  double mu = 0.0, shift = 0.0, spread = 0.0;
+  if (!zero && it.t3 > 0) {  // μ·f(μ) = t3 on [t3·a_min/(‖u‖ - t3), t3·a_max/(‖u‖ - t3)]
     const double gap = norm_u - it.t3;
     mu = newton([&](double x, double& value, double& slope) {
       double f, df;
-      f_and_slope(x, f, df);
+      f_and_slope(x, 0.0, f, df);
       value = x * f - it.t3;
       slope = f + x * df;
     }, it.t3 * a_min / gap, it.t3 * a_max / gap);
   }
-  if (std::isfinite(it.hi)) {
+  if (!zero && std::isfinite(it.hi)) {
     double f, df;
-    f_and_slope(mu, f, df);
+    f_and_slope(mu, 0.0, f, df);
     if (f > it.hi) {  // f(μ) = hi on [max(μ, ‖u‖/hi - a_max), ‖u‖/hi - a_min]
       const double lower = std::max(mu, norm_u / it.hi - a_max);
       const double upper = std::max(lower, norm_u / it.hi - a_min);
       mu = newton([&](double x, double& value, double& slope) {
         double fx, dfx;
-        f_and_slope(x, fx, dfx);
+        f_and_slope(x, 0.0, fx, dfx);
         value = it.hi - fx;
         slope = -dfx;
       }, lower, upper);
     }
   }
+  if (it.lo > 0.0) {
+    double f = 0.0, df;
+    if (!zero) f_and_slope(mu, 0.0, f, df);
+    if (zero || f < it.lo) {  // held at the lower bound: solved in σ = λ + min a
+      double mass_at_min = 0.0, limit_sq = 0.0;
+      int64_t count_at_min = 0;
+      for_group(it, g, [&](int64_t i) {
+        double u, a;
+        el(i, u, a);
+        const double above = a - a_min;
+        if (above == 0.0) {
+          mass_at_min += u * u;
+          ++count_at_min;
+        } else {
+          limit_sq += (u / above) * (u / above);
+        }
+      });
+      const double f_limit = std::sqrt(limit_sq);
+      shift = a_min;
+      if (mass_at_min == 0.0 && f_limit <= it.lo) {  // the hard case: σ = 0, the rest of the norm spread
+        mu = 0.0;
+        spread = std::sqrt(std::max(it.lo * it.lo - limit_sq, 0.0) / static_cast<double>(count_at_min));
+      } else {  // 1/f(σ) = 1/lo on [max(0, ‖u‖/lo - (a_max - a_min)), min(μ + a_min, ‖u‖/lo)]
+        const double lower = std::max(0.0, norm_u / it.lo - (a_max - a_min));
+        const double upper = zero ? norm_u / it.lo : std::min(norm_u / it.lo, mu + a_min);
+        mu = newton([&](double x, double& value, double& slope) {
+          double fx, dfx;
+          f_and_slope(x, a_min, fx, dfx);
+          value = 1.0 / fx - 1.0 / it.lo;
+          slope = -dfx / (fx * fx);
+        }, lower, upper);
+      }
+    }
+  }
   for_group(it, g, [&](int64_t i) {
     double u, a;
     el(i, u, a);
-    el.write(i, u / (a + mu));
+    const double q = (a - shift) + mu;
+    el.write(i, q == 0.0 ? spread : u / q);
   });
 }
 
@@ -262,10 +303,11 @@ void metric_prox_(at::TensorList params, at::TensorList centers, at::TensorList 
     it.t1 = k(t, Prox::THRESHOLD);
     it.c2 = k(t, Prox::DENOMINATOR) - 1.0;
     it.t3 = k(t, Prox::GROUP_THRESHOLD);
+    it.lo = k(t, Prox::MIN_NORM);
     it.hi = k(t, Prox::MAX_NORM);
     it.nonneg = k(t, Prox::NONNEG) != 0.0;
-    TORCH_CHECK(k(t, Prox::MIN_NORM) == 0.0, "fastreg_cpu::metric_prox_: params[", t,
-                "]: a lower norm bound has no exact step in a metric");
+    TORCH_CHECK(it.lo == 0.0 || (it.t1 == 0.0 && !it.nonneg), "fastreg_cpu::metric_prox_: params[", t,
+                "]: a lower norm bound with L1 or nonneg has no exact step (the plan refuses it)");
     if (mt(t, MetricSlot::IDENTITY) == 0.0) {
       const at::Tensor& v = metric[t];
       TORCH_CHECK(v.device().is_cpu() && v.layout() == at::kStrided && v.sizes() == params[t].sizes() &&

@@ -135,9 +135,6 @@ def _check_metric_step(plan, coefficients):
     if plan.meshes:
         raise NotImplementedError("fastreg: the proximal step in an optimizer's metric does not support sharded "
                                   "parameters yet; use metric='euclidean'")
-    if any(c.min_norm > 0 for c in coefficients):
-        raise ValueError("fastreg: a lower norm bound (min_max_norm / unit_norm) has no exact proximal step in an "
-                         "optimizer's metric (a non-convex trust-region problem); use metric='euclidean'")
 
 
 def _coupling_pieces(plan, groups_of):

@@ -428,9 +428,10 @@ def coupled_metric_prox_(slices):
         row = slices[0][3].double()
         u_rows = torch.cat([logical_groups(u, dim, size) for (u, _), (*_, dim, size) in zip(shrunk, slices)], dim=1)
         a_rows = torch.cat([logical_groups(a, dim, size) for (_, a), (*_, dim, size) in zip(shrunk, slices)], dim=1)
-        mu = metric_multiplier(u_rows, a_rows, row[Prox.GROUP_THRESHOLD], row[Prox.MAX_NORM])
+        mu, shift, spread = metric_multiplier(u_rows, a_rows, row[Prox.GROUP_THRESHOLD], row[Prox.MIN_NORM],
+                                       row[Prox.MAX_NORM])
         for (u, a), (p, c, _, _, dim, size) in zip(shrunk, slices):
-            x = metric_step(u, a, mu, dim, size)
+            x = metric_step(u, a, mu, shift, spread, dim, size)
             if c is not None:
                 x = x + c.double()
             p.copy_(x.to(acc_dtype(p.dtype)))

@@ -241,8 +241,9 @@ class Penalty:
         lr·R(x)`` whose fixed points under an adaptive optimizer solve ``loss + R``
         (``attach(optimizer, mode="prox")`` passes the optimizer's own D). Closed forms per
         coordinate (threshold ``lr·l1/D``, divisor ``1 + 2·lr·l2/D``); a group's norm solved by a
-        safeguarded Newton iteration to float64 precision; ``max_norm`` and ``nonneg`` in the
-        same metric (a lower norm bound → ``ValueError``).
+        safeguarded Newton iteration to float64 precision; ``max_norm``, ``nonneg`` and the lower
+        bounds of ``min_max_norm`` / ``unit_norm`` in the same metric (exact too: see the README's
+        "Exact sparsity under Adam").
 
         With ``s = sign(d)·max(|d| − lr·l1, 0)`` (``max(d − lr·l1, 0)`` with ``nonneg``):
         ``w = c + f_g·s`` with ``f_g = clip((‖s_g‖ − lr·group)/(1 + 2·lr·l2), lo, hi)/‖s_g‖``

@@ -1,6 +1,8 @@
 """Fixed points that solve the objective: an adaptive optimizer with ``attach(mode="prox")`` in
 its own metric reaches scikit-learn's Lasso / ElasticNet / MultiTaskLasso solutions, and the
-Euclidean step under the same optimizer measurably does not (a gradient-reweighted lasso)."""
+Euclidean step under the same optimizer measurably does not (a gradient-reweighted lasso).
+The same for the norm constraints, projections in the metric: least squares on a ball (convex)
+and on a sphere (not), against the trust-region subproblem's solution from an eigendecomposition."""
 
 import numpy as np
 import pytest
@@ -30,7 +32,7 @@ def _problem(tasks=1, seed=0):
 
 def _train(x, y, penalty_kwargs, optimizer, metric, steps=1500):
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    w = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(x.shape[1:] if y.ndim == 1 else (x.shape[1], y.shape[1]), dtype=torch.float64, requires_grad=True)
     opt = OPTIMIZERS[optimizer]([w])
     fastreg.Penalty([("w", w)], **penalty_kwargs).attach(opt, mode="prox", metric=metric)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t / 100) ** 0.6)  # decaying
@@ -78,3 +80,50 @@ def test_an_optimizer_without_a_known_metric_is_an_error_naming_the_way_out():
     with pytest.raises(ValueError, match="momentum"):
         reg.attach(torch.optim.RMSprop([w], momentum=0.9), mode="prox")
     reg.attach(torch.optim.Adamax([w]), mode="prox", metric="euclidean")  # by name: the plain step
+
+
+def _least_squares_on_a_sphere(x, y, radius, lower):
+    """argmin ½n⁻¹‖y − Xw‖² on ‖w‖ = radius: w = (A + λI)⁻¹b with ‖w‖ = radius, λ > −λ_min(A)
+    (the global minimiser; A = XᵀX/n, b = Xᵀy/n), from A's eigendecomposition and a bracketed
+    root — no fastreg code. ``lower``: the free solution's norm is below the radius (λ < 0)."""
+    brentq = pytest.importorskip("scipy.optimize").brentq
+    a, b = x.T @ x / len(x), x.T @ y / len(x)
+    values, vectors = np.linalg.eigh(a)
+    b_eig = vectors.T @ b
+    lam = brentq(lambda t: np.linalg.norm(b_eig / (values + t)) - radius,
+                 -values[0] + 1e-12 if lower else 0.0, 0.0 if lower else 1e6)
+    return vectors @ (b_eig / (values + lam)), a, b
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_max_norm_is_reached_in_the_optimizers_metric_and_missed_in_the_euclidean_one(optimizer):
+    """A ball smaller than the free solution (‖w_ls‖ = 2.6): the projection in the metric has
+    the constrained minimiser as its fixed point; the Euclidean projection does not (it stops
+    where g/D, not g, is normal to the sphere)."""
+    x, y = _problem(seed=2)
+    oracle, _, _ = _least_squares_on_a_sphere(x, y[:, 0], 1.0, lower=False)
+    metric = _train(x, y[:, 0], {"max_norm": 1.0}, optimizer, "optimizer")
+    np.testing.assert_allclose(metric, oracle, rtol=1e-5, atol=1e-7)
+    euclidean = _train(x, y[:, 0], {"max_norm": 1.0}, optimizer, "euclidean", steps=300)
+    assert np.abs(euclidean - oracle).max() > 0.1 * np.abs(oracle).max()
+
+
+def test_a_lower_norm_bound_is_reached_in_the_optimizers_metric():
+    """unit_norm with a free solution of norm 0.4, a non-convex problem: every fixed point of
+    the metric step is a KKT point of least squares on the sphere (g = −λw), whichever local
+    minimiser the optimizer's path leads to. Adagrad reaches the global one to 1e-5; Adam a
+    KKT point; the Euclidean step under Adam stops far from any (g/D, not g, normal to it)."""
+    x, y = _problem(seed=2)
+    y = 0.15 * y[:, 0]
+    oracle, a, b = _least_squares_on_a_sphere(x, y, 1.0, lower=True)
+
+    def kkt_residual(w):
+        g = a @ w - b
+        return np.linalg.norm(g - (g @ w) / (w @ w) * w) / np.linalg.norm(g)
+
+    adagrad = _train(x, y, {"unit_norm": True}, "adagrad", "optimizer")
+    np.testing.assert_allclose(adagrad, oracle, rtol=1e-5, atol=1e-7)
+    adam = _train(x, y, {"unit_norm": True}, "adam", "optimizer")
+    assert np.linalg.norm(adam) == pytest.approx(1.0, rel=1e-12) and kkt_residual(adam) < 1e-3
+    euclidean = _train(x, y, {"unit_norm": True}, "adam", "euclidean")
+    assert kkt_residual(euclidean) > 0.1

@@ -1,7 +1,9 @@
 """The proximal step in a diagonal metric (an optimizer's preconditioner D): for one group,
 ``argmin ½‖x − y‖²_D + t1‖x‖₁ + t2‖x‖² + t3‖x‖`` subject to ``‖x‖ <= hi`` (and ``x >= 0``), the
 torch backend's closed forms and root-finding against scipy's SLSQP in float64 (as
-tests/test_prox_exact.py does for D = I), and D = I against the Euclidean step bitwise-close."""
+tests/test_prox_exact.py does for D = I), and D = I against the Euclidean step bitwise-close.
+With a lower norm bound (non-convex: a trust-region problem on the sphere) the step is checked
+against SLSQP from many starts, and its hard case against its closed form."""
 
 import itertools
 import math
@@ -21,10 +23,10 @@ CONSTRAINTS = {"free": (math.inf, False), "max_norm": (0.7, False), "nonneg": (m
                "nonneg+max_norm": (0.7, True)}
 
 
-def _row(t1, t2, t3, hi, nonneg):
+def _row(t1, t2, t3, hi, nonneg, lo=0.0):
     row = torch.zeros(len(Prox), dtype=torch.float64)
     row[Prox.THRESHOLD], row[Prox.DENOMINATOR], row[Prox.GROUP_THRESHOLD] = t1, 1 + 2 * t2, t3
-    row[Prox.MAX_NORM], row[Prox.NONNEG] = hi, float(nonneg)
+    row[Prox.MIN_NORM], row[Prox.MAX_NORM], row[Prox.NONNEG] = lo, hi, float(nonneg)
     return row
 
 
@@ -36,7 +38,7 @@ def _objective(x, y, d, t1, t2, t3):
     return 0.5 * np.sum(d * (x - y) ** 2) + t1 * np.abs(x).sum() + t2 * np.sum(x * x) + t3 * np.linalg.norm(x)
 
 
-def _solve(y, d, t1, t2, t3, hi, nonneg, starts):
+def _solve(y, d, t1, t2, t3, hi, nonneg, starts, lo=0.0):
     n = len(y)
 
     def f(z):
@@ -44,6 +46,8 @@ def _solve(y, d, t1, t2, t3, hi, nonneg, starts):
         return 0.5 * np.sum(d * (x - y) ** 2) + t1 * z.sum() + t2 * np.sum(x * x) + t3 * math.sqrt(np.sum(x * x) + 1e-30)
 
     constraints = [{"type": "ineq", "fun": lambda z: hi ** 2 - np.sum((z[:n] - z[n:]) ** 2)}] if hi < math.inf else []
+    if lo > 0:
+        constraints.append({"type": "ineq", "fun": lambda z: np.sum((z[:n] - z[n:]) ** 2) - lo ** 2})
     bounds = [(0, None)] * n + [(0, 0) if nonneg else (0, None)] * n
     best = None
     for start in starts:
@@ -52,8 +56,8 @@ def _solve(y, d, t1, t2, t3, hi, nonneg, starts):
                               options={"ftol": 1e-15, "maxiter": 2000}).x
         x = x[:n] - x[n:]
         norm = np.linalg.norm(x)
-        if norm > hi:
-            x = x * hi / norm  # the solver's small violations removed
+        if norm > hi or 0 < norm < lo:
+            x = x * min(max(norm, lo), hi) / norm  # the solver's small violations removed
         if best is None or _objective(x, y, d, t1, t2, t3) < _objective(best, y, d, t1, t2, t3):
             best = x
     return best
@@ -76,6 +80,72 @@ def test_the_metric_step_is_the_argmin(terms, constraint):
         assert best <= _objective(numeric, y, d, t1, t2, t3) + 1e-10
         np.testing.assert_allclose(x, numeric, atol=2e-4)
         assert np.linalg.norm(x) <= hi * (1 + 1e-12) and (not nonneg or (x >= 0).all())
+
+
+BOUNDS = {"min_norm": (1.5, math.inf), "min_max_norm": (0.8, 1.2), "unit_norm": (1.0, 1.0)}
+
+
+def _metric_step(y, d, t2, t3, lo, hi):
+    w = torch.tensor(y)[None, :].clone()
+    torch_backend.prox_([w], None, Groups((WHOLE,), (1,)), _row(0.0, t2, t3, hi, False, lo), None,
+                        metric=_operand(Metric(torch.tensor(d)[None, :], root=False), w))
+    return w[0].numpy()
+
+
+@pytest.mark.parametrize("terms, bounds", list(itertools.product(["none", "l2", "group", "l2+group"], BOUNDS)))
+def test_a_lower_norm_bound_in_the_metric_is_the_argmin(terms, bounds):
+    """The bound pushes a group out (λ < 0: beyond the free step's norm) or holds it (a group the
+    group term would zero): the step's objective is no worse than SLSQP's best of many starts."""
+    t2, t3 = {"none": (0.0, 0.0), "l2": (0.4, 0.0), "group": (0.0, 0.8), "l2+group": (0.4, 0.8)}[terms]
+    lo, hi = BOUNDS[bounds]
+    rng = np.random.default_rng(7)
+    for scale in (0.1, 0.5, 2.0, 6.0):
+        y = rng.normal(size=5) * scale
+        d = np.exp(rng.normal(size=5))
+        x = _metric_step(y, d, t2, t3, lo, hi)
+        assert lo * (1 - 1e-12) <= np.linalg.norm(x) <= hi * (1 + 1e-12)
+        starts = [y, x] + [v * lo / np.linalg.norm(v) for v in rng.normal(size=(12, 5))]
+        numeric = _solve(y, d, 0.0, t2, t3, hi, False, starts, lo=lo)
+        assert _objective(x, y, d, 0.0, t2, t3) <= _objective(numeric, y, d, 0.0, t2, t3) + 1e-10
+        np.testing.assert_allclose(x, numeric, atol=2e-4)
+
+
+def test_the_hard_case_of_a_lower_bound_spreads_the_rest_of_the_norm_over_the_smallest_metric():
+    """No y where D is smallest and a bound beyond what x = D·y/(D + λ) reaches as λ → −min D:
+    λ = −min D, the other coordinates at D·y/(D − min D) and the rest of the norm spread evenly
+    (positive) over the smallest-D coordinates, one minimiser of many (any sign or direction
+    within them); its objective is SLSQP's best. A zero y stays zero, as in the Euclidean step."""
+    y = np.array([0.0, 0.3, 0.0, -0.2])
+    d = np.array([0.5, 1.5, 0.5, 2.0])
+    lo = 3.0
+    x = _metric_step(y, d, 0.0, 0.0, lo, math.inf)
+    rest = d[[1, 3]] * y[[1, 3]] / (d[[1, 3]] - 0.5)
+    expected = np.array([0.0, rest[0], 0.0, rest[1]])
+    expected[[0, 2]] = math.sqrt((lo ** 2 - np.sum(rest ** 2)) / 2)
+    np.testing.assert_allclose(x, expected, rtol=1e-12)
+    starts = [v * lo / np.linalg.norm(v) for v in np.random.default_rng(0).normal(size=(12, 4))]
+    numeric = _solve(y, d, 0.0, 0.0, 0.0, math.inf, False, starts, lo=lo)
+    assert abs(_objective(x, y, d, 0, 0, 0) - _objective(numeric, y, d, 0, 0, 0)) <= 1e-9
+    near = y + np.array([1e-3, 0, 0, 0])  # a little y where D is smallest: not the hard case, and close to it
+    x_near = _metric_step(near, d, 0.0, 0.0, lo, math.inf)
+    assert np.linalg.norm(x_near) == pytest.approx(lo, rel=1e-12) and x_near[0] > 0 and x_near[2] == 0
+    np.testing.assert_array_equal(_metric_step(np.zeros(4), d, 0.0, 0.0, lo, math.inf), np.zeros(4))
+
+
+def test_a_lower_bound_in_the_metric_through_prox_(backend):
+    """``unit_norm`` rows under ``prox_(metric=...)``: every row on the sphere, each the
+    per-group step of the reference above, on every parameter (a whole-tensor bound as well)."""
+    import fastreg
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    D = torch.exp(torch.randn(5, 4, generator=g, dtype=torch.float64))
+    x = w.clone()
+    fastreg.Penalty([("w", x)], l2=0.1, unit_norm=True, backend=backend).prox_(0.5, metric={"w": D})
+    torch.testing.assert_close(x.norm(dim=1), torch.ones(5, dtype=torch.float64), rtol=1e-12, atol=0)
+    for i in range(5):
+        np.testing.assert_allclose(x[i].numpy(), _metric_step(w[i].numpy(), D[i].numpy(), 0.05, 0.0, 1.0, 1.0),
+                                   rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("dim", [NO_GROUPS, 0, 1, WHOLE])
@@ -108,8 +178,6 @@ def test_prox_takes_a_metric_per_parameter_by_tensor_name_or_position():
     reg = fastreg.Penalty([("a", a)], l1=0.2)
     with pytest.raises(ValueError, match="metric of parameter 'a' has shape"):
         reg.prox_(0.5, metric={"a": torch.ones(3, 4, dtype=torch.float64)})
-    with pytest.raises(ValueError, match="lower norm bound"):
-        fastreg.Penalty([("a", a)], unit_norm=True).prox_(0.5, metric={"a": d_a})
 
 
 def test_a_metric_must_be_positive_and_given_once():

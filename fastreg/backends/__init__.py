@@ -71,8 +71,12 @@ coefficient tables: ``(T, len(Gradient))`` or ``(T, len(Prox))`` acc tensors on 
     ``a = D + DENOMINATOR − 1``: ``x = u/a`` without groups; per group, 0 when ``‖u_g‖ <=
     GROUP_THRESHOLD``, else ``x = u/(a + μ_g)`` with ``μ_g`` the root of ``μ·‖u/(a + μ)‖ =
     GROUP_THRESHOLD`` (0 without a group term), raised to the root of ``‖u/(a + μ)‖ = MAX_NORM``
-    where the norm is over it (``MIN_NORM`` is 0: the plan refuses a lower bound). The torch
-    backend's ``_metric_prox`` is the reference. ``v`` is read in the same pass as ``w`` and
+    where the norm is over it, or lowered to the root ``λ > −min a`` of ``‖u/(a + λ)‖ = MIN_NORM``
+    where the norm is under it (a zero ``u`` stays zero; in the hard case, no ``u`` where ``a``
+    is smallest and the bound beyond reach, ``λ = −min a`` and those coordinates take the
+    group's ``spread``: ``_terms.metric_multiplier``). With ``MIN_NORM > 0``, ``THRESHOLD`` is
+    0 and ``NONNEG`` is 0 (the plan refuses the rest). The torch backend's ``_metric_prox`` is
+    the reference. ``v`` is read in the same pass as ``w`` and
     ``c``; a group's root is found in passes over that group alone.
 
 Every kernel also takes ``workspace=None``: a ``fastreg.backends._workspace.Workspace`` owned

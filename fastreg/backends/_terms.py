@@ -196,12 +196,29 @@ def prox_group_factor(norms, group_threshold, denominator, min_norm, max_norm):
 #   a group:    x = u / (D + c2 + μ), with μ = t3/‖x‖: zero iff ‖u‖ <= t3, else the root of
 #               μ·f(μ) = t3, f(μ) = ‖u/(D + c2 + μ)‖ (increasing in μ from 0 to ‖u‖);
 #               with MAX_NORM = h and f(μ) > h at that root, the root of f(μ) = h instead
-#               (the bound's multiplier adds to μ).
+#               (the bound's multiplier adds to μ); with MIN_NORM = l and f(μ) < l (or a zero
+#               group), the root λ of f(λ) = l on (−min a, μ) (the bound's multiplier, negative
+#               when the bound pushes the group out beyond the unconstrained x at μ = 0).
 # Each is the stationarity condition of the problem (the L1 part is separable and keeps y's
-# sign), so the step is exact; with D = 1 it is the Euclidean step. A lower norm bound in a
-# metric is a non-convex trust-region problem: the plan refuses it. These float64 torch
-# functions are the reference (the torch backend's step, and coupled groups' in fastreg._ops);
-# the cpu and Triton kernels follow them element by element.
+# sign), so the step is exact; with D = 1 it is the Euclidean step.
+#
+# Why clipping the norm is exact with a lower bound, which makes the problem non-convex (the
+# plan allows it without L1 and NONNEG only, so u = D·y): write F(r) = φ(r) + t3·r with φ(r)
+# the minimum of q(x) = ½xᵀAx − uᵀx (A = diag(a)) on the sphere ‖x‖ = r, a trust-region
+# subproblem. Its dual is exact (the S-lemma): φ(r) = max over λ >= −min a of
+# −½Σuᵢ²/(aᵢ + λ) − ½λr², so dφ/dr = −λ(r)·r with λ(r) the root of f(λ) = r, decreasing in r.
+# For r below f(0), λ > 0 and λ·f(λ) = ‖λu/(a + λ)‖ increases with λ, so F'(r) = t3 − λ(r)·r
+# increases with r; beyond f(0), λ < 0 and F' > 0. F falls then rises: its minimum on
+# [l, h] is the unconstrained radius clipped to [l, h], as in the Euclidean step.
+# The hard case: when u has no mass on the coordinates where a is smallest, f stays finite as
+# λ → −min a, and l can lie beyond that limit; then λ = −min a, x = u/(a − min a) off those
+# coordinates and the rest of the norm, √(l² − f_limit²), lies on them. Any direction within
+# them is a minimiser; the step spreads it evenly with a positive sign (``spread``: the same
+# value on each), a rule every backend follows. A zero u stays zero, as in the Euclidean step.
+# A group at a lower bound is solved and written in σ = λ + min a (x = u/((a − min a) + σ)),
+# which keeps the divisor's precision where λ is close to −min a.
+# These float64 torch functions are the reference (the torch backend's step, and coupled
+# groups' in fastreg._ops); the cpu and Triton kernels follow them element by element.
 
 
 def metric_shrink(y, D, row):
@@ -215,19 +232,25 @@ def metric_shrink(y, D, row):
     return torch.where(nonneg | (y >= 0), u, -u), D + c2
 
 
-def metric_step(u, a, mu, dim, size):
-    """``x = u/(a + μ_g)`` per group (0 where ``μ_g`` is inf: the group is exactly zero)."""
+def metric_step(u, a, mu, shift, spread, dim, size):
+    """``x = u/((a − shift_g) + μ_g)`` per group (0 where ``μ_g`` is inf: the group is exactly
+    zero; the group's ``spread`` where that divisor is 0: the hard case of a lower norm bound)."""
     u_rows, a_rows = logical_groups(u, dim, size), logical_groups(a, dim, size)
     zero = ~torch.isfinite(mu)
-    x_rows = torch.where(zero[:, None], 0.0, u_rows / (a_rows + torch.where(zero, 0.0, mu)[:, None]))
+    q = (a_rows - shift[:, None]) + torch.where(zero, 0.0, mu)[:, None]
+    x_rows = torch.where(zero[:, None], 0.0, torch.where(q == 0, spread[:, None], u_rows / q))
     if dim == WHOLE:
         return x_rows.reshape(u.shape)
     return x_rows.reshape(u.movedim(dim, 0).shape).movedim(0, dim)
 
 
-def metric_multiplier(u, a, t3, hi, iterations=60):
-    """Per group (rows of ``u`` and ``a = D + c2``), the μ of ``x = u/(a + μ)``; inf for a group
-    that is exactly zero. Safeguarded Newton in float64 on a bracket from ``min a`` and ``max a``."""
+def metric_multiplier(u, a, t3, lo, hi, iterations=60):
+    """Per group (rows of ``u`` and ``a = D + c2``), ``(μ, shift, spread)`` for
+    ``x = u/((a − shift) + μ)``: ``μ`` inf for a group that is exactly zero; ``shift`` 0, or
+    ``min a`` for a group held at a lower bound ``lo`` (then ``μ = λ + min a`` >= 0, found and
+    applied without cancelling next to ``λ = −min a``); ``spread`` the value where the divisor
+    is 0 (the hard case; 0 elsewhere). Safeguarded Newton in float64 on a bracket from
+    ``min a`` and ``max a``."""
     norm_u = u.norm(dim=1)
     empty = u.shape[1] == 0
     a_min = a.min(dim=1).values if not empty else torch.ones_like(norm_u)
@@ -235,10 +258,11 @@ def metric_multiplier(u, a, t3, hi, iterations=60):
     zero = norm_u <= t3
     safe_gap = torch.where(zero, 1.0, norm_u - t3)
 
-    def f_and_slope(mu):
-        q = a + mu[:, None]
-        f = (u / q).norm(dim=1)
-        slope = -((u * u) / (q * q * q)).sum(dim=1) / torch.where(f > 0, f, 1.0)
+    def f_and_slope(mu, base=a):
+        q = base + mu[:, None]
+        r = torch.where(u == 0, 0.0, u / q)  # a zero u is 0 whatever q is (0 in the hard case)
+        f = r.norm(dim=1)
+        slope = -torch.where(u == 0, 0.0, r * r / q).sum(dim=1) / torch.where(f > 0, f, 1.0)
         return f, slope
 
     mu = torch.zeros_like(norm_u)
@@ -253,7 +277,36 @@ def metric_multiplier(u, a, t3, hi, iterations=60):
             upper = torch.maximum(lower, norm_u / hi - a_min)
             bound = _newton(lambda m: _minus_f(m, f_and_slope, hi), lower, upper, iterations)
             mu = torch.where(over, bound, mu)
-    return torch.where(zero, torch.inf, mu)
+    shift, spread = torch.zeros_like(norm_u), torch.zeros_like(norm_u)
+    if lo > 0:
+        f, _ = f_and_slope(mu)
+        under = (norm_u > 0) & (zero | (f < lo))
+        if bool(under.any()):
+            sigma, spread = _lower_bound(u, a - a_min[:, None], a_max - a_min, norm_u, mu + a_min, zero, under, lo,
+                                         f_and_slope, iterations)
+            mu, shift = torch.where(under, sigma, mu), torch.where(under, a_min, shift)
+            zero = zero & ~under
+    return torch.where(zero, torch.inf, mu), shift, spread
+
+
+def _lower_bound(u, above, spread_a, norm_u, sigma_at_mu, zero, under, lo, f_and_slope, iterations):
+    """``(σ, spread)`` of the groups ``under`` the lower bound ``lo``, with ``above = a − min a``
+    and σ = λ + min a: the root of f = lo, f(σ) = ‖u/(above + σ)‖, on
+    [max(0, ‖u‖/lo − (max a − min a)), min(μ + min a, ‖u‖/lo)], found on 1/f − 1/lo (nearly
+    linear next to the pole at σ = 0, where f is not); in the hard case (no u where ``above``
+    is 0, and f's limit at σ = 0 within lo) σ = 0 and the spread."""
+    at_min = above == 0
+    mass_at_min = torch.where(at_min, u * u, 0.0).sum(dim=1)
+    count_at_min = at_min.sum(dim=1)
+    f_limit = torch.where(at_min, 0.0, u / torch.where(at_min, 1.0, above)).norm(dim=1)
+    hard = under & (mass_at_min == 0) & (f_limit <= lo)
+    spread = torch.where(hard, ((lo * lo - f_limit * f_limit).clamp(min=0) / count_at_min.clamp(min=1)).sqrt(), 0.0)
+    lower = (norm_u / lo - spread_a).clamp(min=0)
+    upper = torch.where(zero, norm_u / lo, torch.minimum(norm_u / lo, sigma_at_mu))
+    solve = under & ~hard
+    lower, upper = torch.where(solve, lower, 1.0), torch.where(solve, upper, 1.0)  # the rest: a fixed point
+    root = _newton(lambda m: _inverse_minus(m, lambda x: f_and_slope(x, above), lo), lower, upper, iterations)
+    return torch.where(hard, 0.0, torch.where(solve, root, 0.0)), spread
 
 
 def _times_f(mu, f_and_slope, t3):
@@ -264,6 +317,11 @@ def _times_f(mu, f_and_slope, t3):
 def _minus_f(mu, f_and_slope, hi):
     f, slope = f_and_slope(mu)
     return hi - f, -slope  # increasing in μ
+
+
+def _inverse_minus(mu, f_and_slope, lo):
+    f, slope = f_and_slope(mu)
+    return 1 / f - 1 / lo, -slope / (f * f)  # increasing in μ (f decreases)
 
 
 def _newton(fn, lower, upper, iterations):

@@ -312,9 +312,10 @@ def _metric_prox(p, c, D, row, dim, size):
     if dim == NO_GROUPS:
         x = u / a
     else:
-        mu = metric_multiplier(logical_groups(u, dim, size), logical_groups(a, dim, size),
-                               row[Prox.GROUP_THRESHOLD].double(), row[Prox.MAX_NORM].double())
-        x = metric_step(u, a, mu, dim, size)
+        mu, shift, spread = metric_multiplier(logical_groups(u, dim, size), logical_groups(a, dim, size),
+                                       row[Prox.GROUP_THRESHOLD].double(), row[Prox.MIN_NORM].double(),
+                                       row[Prox.MAX_NORM].double())
+        x = metric_step(u, a, mu, shift, spread, dim, size)
     if c is not None:
         x = x + c.double()
     p.copy_(x.to(acc).to(p.dtype) if acc != p.dtype else x)

@@ -44,13 +44,22 @@ def _metric(kind, p, g, metric_dtype):
 KINDS = ["adam", "given", "identity", "centered", "transposed"]
 
 
+ROWS = [  # (t1, t2, t3, lo, hi, nonneg); a lower bound only without L1 and nonneg (the plan's rule)
+    (0.02, 0.1, 0.3, 0.0, math.inf, 0), (0.0, 0.0, 0.5, 0.0, 0.8, 0), (0.05, 0.0, 0.0, 0.0, math.inf, 1),
+    (0.01, 0.2, 1e3, 0.0, math.inf, 0), (0.0, 0.3, 0.2, 0.0, 1.5, 1), (0.03, 0.0, 0.1, 0.0, math.inf, 0),
+    (0.0, 0.1, 0.3, 1.0, 1.0, 0),  # unit_norm
+    (0.0, 0.0, 0.0, 2.0, math.inf, 0),  # every group pushed out to a norm of 2
+    (0.0, 0.2, 1e3, 0.5, 3.0, 0),  # groups the group term would zero, held at 0.5
+]
+
+
 def _row(i):
-    """Tensor ``i``'s terms and constraint: varied, some group exactly zero, some at max_norm."""
-    t1, t2, t3, hi, nonneg = [(0.02, 0.1, 0.3, math.inf, 0), (0.0, 0.0, 0.5, 0.8, 0), (0.05, 0.0, 0.0, math.inf, 1),
-                              (0.01, 0.2, 1e3, math.inf, 0), (0.0, 0.3, 0.2, 1.5, 1), (0.03, 0.0, 0.1, math.inf, 0)][i % 6]
+    """Tensor ``i``'s terms and constraint: varied, some group exactly zero, some at max_norm,
+    some at a lower bound."""
+    t1, t2, t3, lo, hi, nonneg = ROWS[i % len(ROWS)]
     row = torch.zeros(len(Prox), dtype=torch.float64)
     row[Prox.THRESHOLD], row[Prox.DENOMINATOR], row[Prox.GROUP_THRESHOLD] = t1, 1 + 2 * t2, t3
-    row[Prox.MAX_NORM], row[Prox.NONNEG] = hi, nonneg
+    row[Prox.MIN_NORM], row[Prox.MAX_NORM], row[Prox.NONNEG] = lo, hi, nonneg
     return row
 
 
@@ -77,8 +86,8 @@ def _bisect(fn, lower, upper, steps=200):
 def _reference(p, c, metric, row, dim, size):
     y = p.double() - (0 if c is None else c.double())
     D = _d_values(metric, y.shape)
-    t1, den, t3, hi, nonneg = (row[s].item() for s in (Prox.THRESHOLD, Prox.DENOMINATOR, Prox.GROUP_THRESHOLD,
-                                                         Prox.MAX_NORM, Prox.NONNEG))
+    t1, den, t3, lo, hi, nonneg = (row[s].item() for s in (Prox.THRESHOLD, Prox.DENOMINATOR, Prox.GROUP_THRESHOLD,
+                                                             Prox.MIN_NORM, Prox.MAX_NORM, Prox.NONNEG))
     u = torch.clamp(D * (y.clamp(min=0) if nonneg else y.abs()) - t1, min=0) * (1 if nonneg else torch.sign(y))
     a = D + den - 1
     if dim == NO_GROUPS:
@@ -95,6 +104,11 @@ def _reference(p, c, metric, row, dim, size):
         if hi < math.inf:
             mu = torch.where(f(mu) > hi, _bisect(lambda m: hi - f(m), mu, top), mu)
         xr = torch.where((norm_u <= t3)[:, None], 0.0, ur / (ar + mu[:, None]))
+        if lo > 0:  # below the bound (or zero, with u): f(λ) = lo, in σ = λ + min a on (0, ∞)
+            above = ar - ar.min(dim=1, keepdim=True).values
+            under = (norm_u > 0) & ((norm_u <= t3) | (f(mu) < lo))
+            sigma = _bisect(lambda s: (ur / (above + s[:, None])).norm(dim=1) * -1 + lo, torch.zeros_like(norm_u), top)
+            xr = torch.where(under[:, None], ur / (above + sigma[:, None]), xr)
         x = _from_rows(xr, u, dim, size)
     return x + (0 if c is None else c.double())
 
@@ -144,6 +158,30 @@ def test_groups_that_vanish_and_groups_at_the_norm_bound(backend):
     assert torch.equal(w[0], torch.zeros(3, dtype=torch.float64))
     assert w[1].norm().item() == pytest.approx(2.0, rel=1e-12)
     assert (w[2] != 0).all()
+
+
+def test_groups_held_at_a_lower_bound_and_its_hard_case(backend):
+    """unit_norm rows in the metric: a row pushed out (beyond the free step's norm), a row the
+    group term would zero held at the bound, the hard case (no y where D is smallest: the rest of
+    the norm spread evenly over those coordinates), a zero row that stays zero; as the float64
+    reference of tests/test_metric_prox.py (_terms' maths)."""
+    w = torch.tensor([[0.3, -0.2, 0.1, 0.05], [1e-3, 2e-3, -1e-3, 5e-4], [0.0, 0.3, 0.0, -0.2], [0.0, 0.0, 0.0, 0.0]],
+                     dtype=torch.float64)
+    D = torch.tensor([[1.0, 2.0, 0.5, 1.5], [0.5, 1.0, 2.0, 1.0], [0.5, 1.5, 0.5, 2.0], [1.0, 1.0, 1.0, 1.0]],
+                     dtype=torch.float64)
+    row = torch.tensor([0.0, 1.0, 0.05, 1.0, 1.0, 0.0], dtype=torch.float64)
+    x = w.to(torch.get_default_device(), copy=True)
+    _ops.prox_(backend, [x], None, Groups((0,), (1,)), row, metric=[Metric(D.to(x.device), root=False)])
+    x = x.cpu()
+    torch.testing.assert_close(x[:3].norm(dim=1), torch.ones(3, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert torch.equal(x[3], torch.zeros(4, dtype=torch.float64))
+    rest = D[2, [1, 3]] * w[2, [1, 3]] / (D[2, [1, 3]] - 0.5)  # λ = −min D (t3 adds nothing at the bound)
+    hard = torch.stack([((1 - rest.square().sum()) / 2).sqrt(), rest[0], ((1 - rest.square().sum()) / 2).sqrt(),
+                        rest[1]])
+    torch.testing.assert_close(x[2], hard, rtol=1e-12, atol=1e-15)
+    for i in range(2):  # on the sphere, x = D·y/(D + λ): the same λ for every coordinate
+        lam = D[i] * w[i] / x[i] - D[i]
+        torch.testing.assert_close(lam, lam[:1].expand(4), rtol=1e-9, atol=1e-12)
 
 
 def test_a_small_l2_step_is_not_rounded_away(backend):

@@ -81,7 +81,8 @@ def _metric_configs(dtype, options):
         for mode, aligned in ((MODE_FLAT, True), (MODE_FLAT, False), (MODE_GROUP, False)):
             for center in (False, True):
                 constexprs = {"DTYPE": _TL_DTYPES[dtype], "V_DTYPE": _TL_DTYPES[v_dtype], "ACC": _TL_DTYPES[acc],
-                              "MODE": mode, "HAS_CENTER": center, "ALIGNED": aligned, "BLOCK": tuning.block(dtype),
+                              "MODE": mode, "HAS_CENTER": center, "ALIGNED": aligned,
+                              "BLOCK": tuning.group_block(dtype) if mode == MODE_GROUP else tuning.block(dtype),
                               "VEC": tuning.vector(dtype), "F64": acc == torch.float64}
                 alignment = ("-aligned" if aligned else "-unaligned") if mode == MODE_FLAT else ""
                 name = f"metric_prox-{str(dtype)[6:]}-v{str(v_dtype)[6:]}-{MODE_NAMES[mode]}{alignment}"

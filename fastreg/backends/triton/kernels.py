@@ -57,7 +57,8 @@ metric), with their ``@triton.jit`` helpers. The launchers are in
   tensor without groups is walked as in ``MODE_FLAT`` (the same programs). A group's step needs
   a root of a scalar equation that depends on all its elements, so ``MODE_GROUP`` runs one program
   per group, looping over the group's elements: a pass for ``‖u‖²``, ``min a`` and ``max a``;
-  safeguarded Newton iterations on the bracket of the torch backend's ``_metric_multiplier``,
+  safeguarded Newton iterations on the brackets of ``_terms.metric_multiplier`` (the group
+  threshold's root, the max norm's, the min norm's in σ = λ + min a, with its hard case),
   each a pass over the group (which is then in cache), at most ``NEWTON_STEPS`` and none once
   the root no longer moves; then the pass that writes ``w``. Its elements, ``A`` runs of ``K``
   (``_geometry``), are walked ``BLOCK`` at a time as one list: each lane carries its (run,
@@ -79,6 +80,11 @@ MODE_GROUP = tl.constexpr(3)
 NEWTON_STEPS = tl.constexpr(40)  # a group's root finding: at most this many passes over it
 NEWTON_TOL_F32 = tl.constexpr(4 * 2.0**-23)  # the root no longer moves: 4 ulps of the acc dtype
 NEWTON_TOL_F64 = tl.constexpr(4 * 2.0**-52)
+# The equation a group's root solves (_group_root), each increasing in its unknown: the group
+# threshold's μ·f(μ) = t3, the max norm's f(μ) = hi, the min norm's 1/f(σ) = 1/lo (σ = λ + min a).
+ROOT_GROUP = tl.constexpr(0)
+ROOT_MAX_NORM = tl.constexpr(1)
+ROOT_MIN_NORM = tl.constexpr(2)
 
 # What _elementwise_kernel computes (see "Ops").
 OP_GRADS = tl.constexpr(0)
@@ -525,18 +531,19 @@ def _group_terms(w, c, v, m, start, run, k, L, j, n, t1, c2, nonneg, scale, eps,
 
 
 @triton.jit
-def _group_norm(w, c, v, m, start, n, L, K, run0, k0, step_runs, step_k, mu, t1, c2, nonneg, scale, eps, root,
-                identity, centered, ACC: tl.constexpr, HAS_CENTER: tl.constexpr, F64: tl.constexpr,
+def _group_norm(w, c, v, m, start, n, L, K, run0, k0, step_runs, step_k, mu, shift, t1, c2, nonneg, scale, eps,
+                root, identity, centered, ACC: tl.constexpr, HAS_CENTER: tl.constexpr, F64: tl.constexpr,
                 BLOCK: tl.constexpr):
-    """One pass over a group: ``f = ‖u/(a + μ)‖`` and its derivative ``df/dμ = -Σu²/(a + μ)³ / f``
-    (0 for ``f = 0``), summed in the acc dtype."""
+    """One pass over a group: ``f = ‖u/((a − shift) + μ)‖`` and its derivative
+    ``df/dμ = -Σu²/((a − shift) + μ)³ / f`` (0 for ``f = 0``), summed in the acc dtype. A zero
+    ``u`` (masked lanes too) adds 0 whatever its divisor is (0 in a lower bound's hard case)."""
     run, k = run0, k0
     sq = tl.zeros([BLOCK], dtype=ACC)
     cube = tl.zeros([BLOCK], dtype=ACC)
     for j in range(0, n, BLOCK):
         u, a, _offs, _mask = _group_terms(w, c, v, m, start, run, k, L, j, n, t1, c2, nonneg, scale, eps, root,
                                           identity, centered, ACC, HAS_CENTER, F64, BLOCK)
-        inverse = 1.0 / (a + mu)  # (masked lanes: u = 0, a > 0)
+        inverse = 1.0 / tl.where(u == 0, 1.0, (a - shift) + mu)  # (r = 0 for u = 0 whatever the divisor)
         r = u * inverse
         sq += r * r
         cube += r * r * inverse
@@ -546,13 +553,14 @@ def _group_norm(w, c, v, m, start, n, L, K, run0, k0, step_runs, step_k, mu, t1,
 
 
 @triton.jit
-def _group_root(w, c, v, m, start, n, L, K, run0, k0, step_runs, step_k, lower, upper, target, t1, c2, nonneg,
-                scale, eps, root, identity, centered, BOUND: tl.constexpr, ACC: tl.constexpr,
+def _group_root(w, c, v, m, start, n, L, K, run0, k0, step_runs, step_k, lower, upper, target, shift, t1, c2,
+                nonneg, scale, eps, root, identity, centered, ROOT: tl.constexpr, ACC: tl.constexpr,
                 HAS_CENTER: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
-    """The μ in [lower, upper] where ``μ·f(μ) = target`` (the group threshold) or, with BOUND,
-    ``f(μ) = target`` (the max norm), f the group's ``_group_norm``: both increasing in μ. As the
-    torch backend's ``_newton``: Newton steps that stay inside the bracket, bisection otherwise,
-    one pass over the group each, until μ no longer moves (at most NEWTON_STEPS)."""
+    """The μ in [lower, upper] where the equation ROOT holds with ``target`` (ROOT_GROUP:
+    ``μ·f(μ) = target``, the group threshold; ROOT_MAX_NORM: ``f(μ) = target``; ROOT_MIN_NORM:
+    ``1/f(μ) = target``, with ``shift`` = min a), f the group's ``_group_norm``: each
+    increasing in μ. As ``_terms._newton``: Newton steps that stay inside the bracket, bisection
+    otherwise, one pass over the group each, until μ no longer moves (at most NEWTON_STEPS)."""
     if F64:
         tol = NEWTON_TOL_F64
     else:
@@ -561,11 +569,15 @@ def _group_root(w, c, v, m, start, n, L, K, run0, k0, step_runs, step_k, lower, 
     moving = lower <= upper  # (false for a NaN bracket: nothing to find)
     for _ in range(NEWTON_STEPS):
         if moving:
-            f, slope_f = _group_norm(w, c, v, m, start, n, L, K, run0, k0, step_runs, step_k, mu, t1, c2, nonneg,
-                                     scale, eps, root, identity, centered, ACC, HAS_CENTER, F64, BLOCK)
-            if BOUND:
+            f, slope_f = _group_norm(w, c, v, m, start, n, L, K, run0, k0, step_runs, step_k, mu, shift, t1, c2,
+                                     nonneg, scale, eps, root, identity, centered, ACC, HAS_CENTER, F64, BLOCK)
+            if ROOT == ROOT_MAX_NORM:
                 value = target - f
                 slope = -slope_f
+            elif ROOT == ROOT_MIN_NORM:  # (target: 1/lo; one division per pass)
+                inverse_f = 1.0 / f
+                value = inverse_f - target
+                slope = -slope_f * inverse_f * inverse_f
             else:
                 value = mu * f - target
                 slope = f + mu * slope_f
@@ -638,6 +650,7 @@ def _metric_prox_kernel(
             start = (pid - group_base) * K
             n = A.to(tl.int64) * K
             t3 = tl.load(row + PROX_GROUP_THRESHOLD).to(ACC)
+            lo = tl.load(row + PROX_MIN_NORM).to(ACC)
             hi = tl.load(row + PROX_MAX_NORM).to(ACC)
             # Walked as runs of KW at a stride of LW, each lane's run and offset in int32: one run
             # (A = 1, up to 2**31 elements) as runs of BLOCK; else the runs themselves, whose K
@@ -664,29 +677,70 @@ def _metric_prox_kernel(
             norm_u = _sqrt(tl.sum(sq, axis=0), F64)
             low_a = tl.min(a_min, axis=0)
             high_a = tl.max(a_max, axis=0)
-            zero = norm_u <= t3  # the group is exactly zero
+            zero = norm_u <= t3  # the group is exactly zero (unless a lower bound holds it)
             mu = tl.zeros([], dtype=ACC)
+            shift = tl.zeros([], dtype=ACC)  # min a for a group held at the lower bound (μ is then σ)
+            spread = tl.zeros([], dtype=ACC)  # the lower bound's hard case: the value where a = min a
             if not zero:
                 if t3 > 0:  # μ·f(μ) = t3 on [t3·a_min/(‖u‖ − t3), t3·a_max/(‖u‖ − t3)]
                     gap = norm_u - t3
                     mu = _group_root(w, c, v, m, start, n, LW, KW, run0, k0, step_runs, step_k, t3 * low_a / gap,
-                                     t3 * high_a / gap, t3, t1, c2, nonneg, scale, eps, root, identity, centered,
-                                     False, ACC, HAS_CENTER, F64, BLOCK)
+                                     t3 * high_a / gap, t3, shift, t1, c2, nonneg, scale, eps, root, identity,
+                                     centered, ROOT_GROUP, ACC, HAS_CENTER, F64, BLOCK)
                 if hi < float("inf"):
-                    f, _slope = _group_norm(w, c, v, m, start, n, LW, KW, run0, k0, step_runs, step_k, mu, t1, c2,
-                                            nonneg, scale, eps, root, identity, centered, ACC, HAS_CENTER, F64, BLOCK)
+                    f, _slope = _group_norm(w, c, v, m, start, n, LW, KW, run0, k0, step_runs, step_k, mu, shift, t1,
+                                            c2, nonneg, scale, eps, root, identity, centered, ACC, HAS_CENTER, F64,
+                                            BLOCK)
                     if f > hi:  # f(μ) = h on [max(μ, ‖u‖/h − a_max), ‖u‖/h − a_min]
                         lower = tl.maximum(mu, norm_u / hi - high_a)
                         upper = tl.maximum(lower, norm_u / hi - low_a)
                         mu = _group_root(w, c, v, m, start, n, LW, KW, run0, k0, step_runs, step_k, lower, upper, hi,
-                                         t1, c2, nonneg, scale, eps, root, identity, centered, True, ACC, HAS_CENTER,
-                                         F64, BLOCK)
-            # The write: x = u / (a + μ), or 0 for a zero group.
+                                         shift, t1, c2, nonneg, scale, eps, root, identity, centered, ROOT_MAX_NORM,
+                                         ACC, HAS_CENTER, F64, BLOCK)
+            if (lo > 0) & (norm_u > 0):  # (with lo > 0 the plan allows neither L1 nor nonneg: u = D·y)
+                f = tl.zeros([], dtype=ACC)
+                if not zero:
+                    f, _slope = _group_norm(w, c, v, m, start, n, LW, KW, run0, k0, step_runs, step_k, mu, shift, t1,
+                                            c2, nonneg, scale, eps, root, identity, centered, ACC, HAS_CENTER, F64,
+                                            BLOCK)
+                if zero | (f < lo):  # held at the bound: solved and written in σ = λ + min a
+                    # The hard case's figures: u's mass where a = min a and their count (a pass), and
+                    # f's limit at σ = 0 (finite when that mass is 0: _group_norm skips a zero u).
+                    run, k = run0, k0
+                    mass = tl.zeros([], dtype=ACC)
+                    count = tl.zeros([], dtype=ACC)
+                    for j in range(0, n, BLOCK):
+                        u, a, _offs, mask = _group_terms(w, c, v, m, start, run, k, LW, j, n, t1, c2, nonneg, scale,
+                                                         eps, root, identity, centered, ACC, HAS_CENTER, F64, BLOCK)
+                        at_min = mask & (a == low_a)
+                        mass += tl.sum(tl.where(at_min, u * u, 0.0), axis=0)
+                        count += tl.sum(tl.where(at_min, 1.0, 0.0), axis=0)
+                        run, k = _advance(run, k, step_runs, step_k, KW)
+                    shift = low_a
+                    limit = lo
+                    if mass == 0:
+                        limit, _slope = _group_norm(w, c, v, m, start, n, LW, KW, run0, k0, step_runs, step_k, 0.0,
+                                                    shift, t1, c2, nonneg, scale, eps, root, identity, centered, ACC,
+                                                    HAS_CENTER, F64, BLOCK)
+                    if (mass == 0) & (limit <= lo):  # hard: σ = 0, the rest of the norm spread
+                        mu = tl.zeros([], dtype=ACC)
+                        spread = _sqrt(tl.maximum(lo * lo - limit * limit, 0.0) / count, F64)
+                    else:  # 1/f(σ) = 1/lo on [max(0, ‖u‖/lo − (a_max − a_min)), min(μ + a_min, ‖u‖/lo)]
+                        lower = tl.maximum(norm_u / lo - (high_a - low_a), 0.0)
+                        upper = norm_u / lo
+                        if not zero:
+                            upper = tl.minimum(upper, mu + low_a)
+                        mu = _group_root(w, c, v, m, start, n, LW, KW, run0, k0, step_runs, step_k, lower, upper,
+                                         1.0 / lo, shift, t1, c2, nonneg, scale, eps, root, identity, centered, ROOT_MIN_NORM,
+                                         ACC, HAS_CENTER, F64, BLOCK)
+                    zero = norm_u <= 0  # (false: the bound holds this group; a tensor, as the branch needs)
+            # The write: x = u / ((a − shift) + μ) (the spread where that is 0), or 0 for a zero group.
             run, k = run0, k0
             for j in range(0, n, BLOCK):
                 u, a, offs, mask = _group_terms(w, c, v, m, start, run, k, LW, j, n, t1, c2, nonneg, scale, eps, root,
                                                 identity, centered, ACC, HAS_CENTER, F64, BLOCK)
-                x = tl.where(zero, 0.0, _divide(u, a + mu, F64))
+                q = (a - shift) + mu
+                x = tl.where(zero, 0.0, tl.where(q == 0, spread, _divide(u, tl.where(q == 0, 1.0, q), F64)))
                 if HAS_CENTER:
                     x += tl.load(c + offs, mask=mask, other=0.0).to(ACC)
                 tl.store(w + offs, _store_as(x, DTYPE), mask=mask)

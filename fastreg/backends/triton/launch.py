@@ -252,4 +252,4 @@ def _metric_prox(plan, params, coeffs, metric, workspace, capturing):
     if plan.grouped:
         kernels._metric_prox_kernel[(plan.ngroups,)](
             plan.w_ptrs, plan.c_ptrs, v_ptrs, m_ptrs, plan.info, plan.group_owner, plan.tensor_of, coeffs, table,
-            plan.chunk, MODE=MODE_GROUP, ALIGNED=False, **constants)
+            plan.chunk, MODE=MODE_GROUP, ALIGNED=False, **dict(constants, BLOCK=tuning.group_block(plan.dtype)))

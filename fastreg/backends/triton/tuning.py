@@ -22,6 +22,8 @@ FINISH_TENSORS = 8  # tensors per _finish_kernel program
 FINISH_BLOCK = 128  # partial pairs (and groups) per tensor per _finish_kernel iteration
 FINISH_WARPS = 4
 GROUP_BLOCK = 256  # groups per _group_sq_kernel program
+GROUP_TILE = 512  # elements per tile of the metric step's one-program-per-group walk (group_block)
+GROUP_TILE_FP64 = 1024
 ALIGN_BYTES = 16
 ENABLE_FP_FUSION = True  # set on every launch: see "Floating-point fusion" in launch.py
 
@@ -29,6 +31,14 @@ ENABLE_FP_FUSION = True  # set on every launch: see "Floating-point fusion" in l
 def block(dtype):
     """Elements per tile for ``dtype``."""
     return BLOCK_FP64 if dtype == torch.float64 else BLOCK
+
+
+def group_block(dtype):
+    """Elements per tile of the metric step's MODE_GROUP programs. A group's program carries its
+    root-finding state beside the tile, and ptxas caps these at 80 registers: a tile of BLOCK
+    spills on sm_80 and sm_90; these sizes compile without spills on both for every dtype
+    pair (tests/backends/test_triton_compile.py checks them; float64 spills at 512, not 1024)."""
+    return GROUP_TILE_FP64 if dtype == torch.float64 else GROUP_TILE
 
 
 def vector(dtype):
