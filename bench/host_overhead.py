@@ -11,7 +11,7 @@ steady state: the parameters' tables found in the workspace (the last column cou
 built and found over the run), each call's own per-call work (the targets' pointer table of
 ``grads`` and ``add_grad_``, outputs, buffers) included.
 
-    python -m bench.host_overhead                      # GPT-2 shapes and 2000 x 1000
+    python -m bench.host_overhead                      # GPT-2 shapes, 200 x 1000 and 2000 x 1000
     python -m bench.host_overhead --module old.py      # another version of the backend, side by side
     python -m bench.host_overhead --module old/triton  # the same, for a version that is a package
 
@@ -20,6 +20,9 @@ for one from before the backend became the package ``fastreg/backends/triton/``,
 that package's folder, such as ``git archive REV fastreg/backends/triton | tar -x -C old``. A
 file with an older contract, ``sums(params)``, ``grads(params, coeffs)``, is timed with those
 signatures.) The GPU benchmark reports the same host time, measured, beside each row.
+
+The slope lines split each call's time into a constant and a part per tensor, from the two
+cases of equal tensors (200 x 1000 and 2000 x 1000): ``(t_2000 - t_200) / 1800`` µs a tensor.
 """
 
 import argparse
@@ -33,8 +36,13 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors a
 
 import torch  # noqa: E402
 
-from bench.cases import CASES_BY_NAME, make_params  # noqa: E402
+from bench.cases import CASES_BY_NAME, Case, _many_small_shapes, make_params  # noqa: E402
 from fastreg.backends._workspace import Workspace  # noqa: E402
+
+
+# Host time only: the same small tensors as "many-small", ten times fewer (for the slope).
+_CASES = {**CASES_BY_NAME, "many-small-200": Case("many-small-200", "200 x 1000", _many_small_shapes(200), False)}
+_SLOPE = ("many-small-200", "many-small")  # (fewer, more) tensors of one shape
 
 
 class _NoLaunch:
@@ -91,7 +99,7 @@ def time_us(fn, repeats):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.host_overhead", description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="gpt2,many-small")
+    parser.add_argument("--cases", default="gpt2,many-small-200,many-small")
     parser.add_argument("--module", help="another version of the Triton backend to time beside this one: a file "
                         "(fastreg/backends/triton.py before it was a package) or a copy of fastreg/backends/triton/")
     parser.add_argument("--repeats", type=int, default=200)
@@ -101,8 +109,9 @@ def main(argv=None):
         modules[os.path.basename(args.module)] = load(args.module)
     lines = ["| case | backend | " + " | ".join(f"{c} µs" for c in ("sums", "grads", "add_grad_", "prox_"))
              + " | tables built / found |", "|---|---|---:|---:|---:|---:|---|"]
+    medians = {}  # (case, backend) -> µs per call
     for name in args.cases.split(","):
-        case = CASES_BY_NAME[name.strip()]
+        case = _CASES[name.strip()]
         # Only the shapes matter (no kernel runs): small tensors keep the host's memory free.
         params = [torch.empty(shape) for _, shape in case.shapes] if case.num_elements > 5e7 else \
             [p.detach() for p in make_params(case, torch.float32, "cpu", 0)]
@@ -111,12 +120,20 @@ def main(argv=None):
                 module.cache_clear()
             workspace = Workspace()
             row = [f"{case.title} ({case.num_tensors} tensors)", label]
-            for fn in calls(module, params, workspace).values():
-                row.append(f"{time_us(fn, args.repeats):.0f}")
+            for call, fn in calls(module, params, workspace).items():
+                medians[case.name, label, call] = time_us(fn, args.repeats)
+                row.append(f"{medians[case.name, label, call]:.0f}")
             uses = "workspace" in module.sums.__code__.co_varnames
             row.append(f"{workspace.builds} / {workspace.hits}" if uses else "(its own cache)")
             lines.append("| " + " | ".join(row) + " |")
     print("\n".join(lines))
+    few, many = (_CASES[name] for name in _SLOPE)
+    for label in modules:
+        if all((name, label, "sums") in medians for name in _SLOPE):
+            per = {call: (medians[many.name, label, call] - medians[few.name, label, call])
+                   / (many.num_tensors - few.num_tensors) for call in ("sums", "grads", "add_grad_", "prox_")}
+            print(f"{label}: µs per tensor ({few.title} -> {many.title}): "
+                  + ", ".join(f"{call} {value:.3f}" for call, value in per.items()))
     return 0
 
 
