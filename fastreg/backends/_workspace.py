@@ -6,7 +6,10 @@
    holding the address. A table cached here holds, beside the addresses, the tensors they
    point into (the parameters' storages, their centers, any copy made for the kernels);
    a table built for one call (e.g. the gradients' pointers, which change every step) lives
-   only as long as that call.
+   only as long as that call, or is kept holding addresses only (no tensor: old gradients are
+   not kept alive) and used again only by a call whose own operands are at those addresses
+   with the same layout, checked at every use and never during CUDA-graph capture: it is then
+   the table that call would build.
 2. fastreg keeps no user tensor alive beyond the ``Penalty`` that regularizes it: no
    module-level cache holds tables or user tensors (module level holds only small coefficient
    constants, and the one-call ``penalty(model)``'s ``Penalty`` per module, weakly keyed by the
@@ -47,11 +50,15 @@ class Workspace:
         self.handle = next(_handles)
         _registry[self.handle] = self
 
-    def get(self, key):
+    def get(self, key, still_valid=None):
+        """The plan cached under ``key``, or None; with ``still_valid``, only a plan for which it
+        returns True (a key may leave out what is cheaper to compare than to hash: the caller
+        then rebuilds the plan and puts it under the same key)."""
         plan = self.entries.get(key)
-        if plan is not None:
-            self.entries.move_to_end(key)
-            self.hits += 1
+        if plan is None or (still_valid is not None and not still_valid(plan)):
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
         return plan
 
     def put(self, key, plan, family=None):

@@ -36,7 +36,7 @@ per-group coefficients, and launches:
 
 import torch
 
-from fastreg.backends._geometry import acc_dtype, as_groups, group_sizes
+from fastreg.backends._geometry import acc_dtype, group_sizes
 from fastreg.backends._terms import SUMS, Gradient, Prox, as_table, prox_group_factor
 
 from . import kernels, tables, tuning
@@ -126,7 +126,6 @@ def _per_group(table, plan, slot):
 
 
 def sums(params, centers, groups, shrink, workspace, capturing):
-    groups = as_groups(params, groups)
     if not any(p.numel() for p in params):
         return _empty_result(params, groups)
     plan = tables._tables(params, centers, groups, workspace, capturing)
@@ -160,19 +159,18 @@ def _elementwise(plan, op, targets, coeffs, group_coef, out_dtype, partials):
 
 
 def grads(params, centers, groups, coeffs, group_scale, workspace, capturing):
-    groups = as_groups(params, groups)
-    outputs = [torch.empty_like(p) for p in params]
+    outputs = list(map(torch.empty_like, params))  # fresh, as the contract says: the caller keeps them
     if not any(p.numel() for p in params):
         return outputs
     pointers = list(map(torch.Tensor.data_ptr, outputs))
-    plan = tables._tables(params, centers, groups, workspace, capturing, tables._misaligned(pointers))
+    plan = tables._tables(params, centers, groups, workspace, capturing, pointers)
     coeffs = _table(coeffs, plan, Gradient)
     group_coef = plan.zero  # unused without groups
     if plan.grouped:  # the coefficient of d per group: 2·L2 of its tensor + scale_g
         group_coef = 2 * _per_group(coeffs, plan, Gradient.L2)
         if group_scale is not None:
             group_coef = group_coef + group_scale.to(device=plan.device, dtype=coeffs.dtype)
-    targets, copy_back = tables._targets_of(plan, params, outputs, pointers, workspace, capturing)
+    targets, copy_back = tables._targets_of(plan, params, outputs, pointers, workspace, capturing, like_params=True)
     _elementwise(plan, OP_GRADS, targets.table, coeffs, group_coef, plan.dtype, group_coef)
     for target, work in copy_back:
         target.copy_(work)
@@ -180,11 +178,10 @@ def grads(params, centers, groups, coeffs, group_scale, workspace, capturing):
 
 
 def add_grad_(params, grads_, centers, groups, coeffs, group_norms, workspace, capturing, want_sums=True):
-    groups = as_groups(params, groups)
     if not any(p.numel() for p in params):
         return _empty_result(params, groups) if want_sums else None
     pointers = list(map(torch.Tensor.data_ptr, grads_))
-    plan = tables._tables(params, centers, groups, workspace, capturing, tables._misaligned(pointers))
+    plan = tables._tables(params, centers, groups, workspace, capturing, pointers)
     coeffs = _table(coeffs, plan, Gradient)
     partials = _acc_zeros(plan, 2 * plan.programs)
     group_sq = _acc_zeros(plan, plan.ngroups)
@@ -202,7 +199,6 @@ def add_grad_(params, grads_, centers, groups, coeffs, group_norms, workspace, c
 
 
 def prox_(params, centers, groups, coeffs, group_norms, workspace, capturing, metric=None):
-    groups = as_groups(params, groups)
     if not any(p.numel() for p in params):
         return None
     plan = tables._tables(params, centers, groups, workspace, capturing)

@@ -37,7 +37,9 @@ tensors of the step in a metric (``_metric_of``).
   Tables that read copies (non-dense parameters, centers in another memory order) are never
   cached: the copies are made for each call and live as long as its tables; in-place results on
   a copy are copied back explicitly. The write targets (gradients, outputs: new pointers every
-  step) get a ``_Targets`` table per call, owned by the call; so do the metric tensors of a
+  step) get a ``_Targets`` table per call, owned by the call (or the addresses-only copy of the
+  last one kept on the tables, when the targets are where it points: ``_targets_of``); so do the
+  metric tensors of a
   step in a metric (detached aliases of the optimizer's state, or copies in the parameters'
   order, read only). The placeholder (an operand a
   specialization does not read) and the device copy of the slots' defaults (which complete a
@@ -57,18 +59,27 @@ tensors of the step in a metric (``_metric_of``).
   strides; centers, gradients and metric tensors in another order, and non-dense tensors, are
   read through a copy in the parameter's order.
 * **Host time per call** (what a call costs the training loop's thread while the GPU works;
-  ``python -m bench.host_overhead`` measures it with the kernels stubbed): a cache hit reads each
-  tensor's pointer, shape and strides (C-level maps);
-  ``add_grad_`` and ``grads`` build and upload their targets' pointer table. ``grads`` must return
-  one fresh tensor per parameter (148 ``empty_like`` are most of its ~1 ms for GPT-2 shapes on
-  this host).
+  ``python -m bench.host_overhead`` measures it with the kernels stubbed). A cache hit reads
+  each param's (and center's) pointer, shape and strides with three C-level maps and compares
+  them with the tables' (``_tables`` lists the conditions of a hit); nothing proportional to
+  the call is hashed but the structures (~3 ns a tensor). ``add_grad_`` and ``grads`` also read
+  their targets' pointers; a targets table that needed no copy is kept on the tables, holding
+  addresses only, and reused when the targets have the same pointers and strides
+  (``_targets_of``: p.grad may be a new tensor every step, often at the same address), else
+  built (an ``array`` of the pointers and one upload). ``grads`` must return one fresh tensor
+  per parameter: its ``empty_like`` calls (~0.8 µs a tensor on this host) are most of its time.
+  Measured here (2 cores, medians, 200 -> 2,000 tensors): ~0.3 µs a tensor for ``sums`` and
+  ``prox_``, ~0.5 for ``add_grad_``. Below ~0.2 would take one C-level pass over the list
+  (three Python-level reads of a tensor cost ~0.2 µs; a C++ function reading the list directly
+  ~0.01).
 """
 
+import array
 import itertools
 
 import torch
 
-from fastreg.backends._geometry import NO_GROUPS, acc_dtype, group_owners, group_sizes, memory_geometry
+from fastreg.backends._geometry import NO_GROUPS, acc_dtype, as_groups, group_owners, group_sizes, memory_geometry
 from fastreg.backends import _terms
 from fastreg.backends._terms import Gradient, Prox
 
@@ -98,7 +109,8 @@ class _Tables:
     __slots__ = ("data", "host", "pointers", "owners", "zero", "defaults", "defaults_host", "w_ptrs", "c_ptrs",
                  "info", "launches", "ginfo", "gmap", "finfo", "group_owner", "group_programs", "programs", "nslots",
                  "ngroups", "ntensors", "chunk", "grouped", "has_center", "dtype", "device", "direct", "reads",
-                 "copies", "index", "tensor_of")
+                 "copies", "index", "tensor_of", "misaligned", "params_at", "centers_at", "aligned_for",
+                 "targets_cache")
 
     def addresses(self):
         """Every device address written into the tables (w's and c's data pointers); each lies
@@ -170,41 +182,74 @@ def _same_order(a, b):
 
 
 def _signature(tensors):
-    """What tables depend on: every data pointer, shape and stride (C-level maps, ~0.4 µs a
-    tensor). Every stride, not only those of tensors with groups: a tensor read as one flat run
-    depends on being dense, and a non-dense view at the same address and shape (``w.data =
-    base[:, :4]`` after ``base.view(-1)[:16].view(4, 4)``) must not find the dense one's tables."""
-    return (tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.size, tensors)),
-            tuple(map(torch.Tensor.stride, tensors)))
+    """What tables depend on: every data pointer, shape and stride (three C-level maps, ~0.2 µs a
+    tensor; compared, never hashed). Every stride, not only those of tensors with groups: a
+    tensor read as one flat run depends on being dense, and a non-dense view at the same address
+    and shape (``w.data = base[:, :4]`` after ``base.view(-1)[:16].view(4, 4)``) must not find the
+    dense one's tables."""
+    return (list(map(torch.Tensor.data_ptr, tensors)), list(map(torch.Tensor.size, tensors)),
+            list(map(torch.Tensor.stride, tensors)))
 
 
-def _tables(params, centers, groups, workspace, capturing, misaligned=()):
-    """The tables for ``params`` (and ``centers``) with the structures ``groups`` (a
-    ``Groups``): from ``workspace`` when every tensor is where it was, else built (and cached
-    there when they read no copy); ``misaligned``: indices whose write target is not 16-byte
-    aligned. See "Ownership"."""
+def _tables(params, centers, groups, workspace, capturing, target_ptrs=None):
+    """The tables for ``params`` (and ``centers``) with the structures ``groups`` (a ``Groups``,
+    or one group_dim for every tensor): from ``workspace`` when they are still valid, else built
+    (and cached there when they read no copy). ``target_ptrs``: the data pointers of the call's
+    write targets (``grads``, ``add_grad_``), whose alignment the launches depend on.
+
+    A cached entry is found by its key: the setting (device, dtype, stream, tuning constants),
+    the structures (``groups``: hashing it is ~3 ns a tensor), whether there are centers, the
+    tensor count and the first data pointer; no pointer, shape or stride list is hashed. It is
+    used as is only when (see "Host time per call"):
+
+    1. every param and center has the data pointer, shape and strides the tables were built
+       from (``_signature``, compared element by element: ``p.data = ...``, a resize, another
+       view of the same memory all fail it);
+    2. the write targets' alignment is the one the launches assume: the same target pointers
+       as the last call that checked it, or the same misaligned set (computed only when they
+       moved); a call without targets uses only tables built with every target aligned.
+
+    Else it is rebuilt, under the same key. See "Ownership"."""
     if workspace is None:
         if capturing:
             raise _no_workspace_under_capture()
-        return _build_tables(params, centers, groups, misaligned)
+        groups = as_groups(params, groups)
+        return _build_tables(params, centers, groups, () if target_ptrs is None else _misaligned(target_ptrs))
     device, dtype = params[0].device, params[0].dtype
+    setting = (device, dtype, _stream_key(device), tuning.BLOCK, tuning.BLOCK_FP64, tuning.MAX_CHUNK,
+               tuning.TARGET_PROGRAMS, tuning.RUN_TILE, tuning.MIN_RUN, tuning.RUN_LONG, tuning.GROUP_BLOCK,
+               tuning.ALIGN_BYTES)
     params_at, centers_at = _signature(params), None if centers is None else _signature(centers)
-    setting = (device, dtype, _stream_key(device), groups, misaligned, tuning.BLOCK, tuning.BLOCK_FP64,
-               tuning.MAX_CHUNK, tuning.TARGET_PROGRAMS, tuning.RUN_TILE, tuning.MIN_RUN, tuning.RUN_LONG,
-               tuning.GROUP_BLOCK)
-    key = (*setting, params_at, centers_at)
-    tables = workspace.get(key)
+    key = (*setting, groups, centers is None, len(params), params_at[0][0])
+
+    def still_valid(tables):
+        if not (tables.params_at == params_at and tables.centers_at == centers_at):
+            return False
+        if target_ptrs is None:
+            return not tables.misaligned
+        if target_ptrs == tables.aligned_for:
+            return True
+        if _misaligned(target_ptrs) != tables.misaligned:
+            return False
+        tables.aligned_for = target_ptrs  # the next call at these pointers skips the check
+        return True
+
+    tables = workspace.get(key, still_valid)
     if tables is not None:
         if capturing:
             _keep_for_graph(workspace, tables)
         return tables
-    tables = _build_tables(params, centers, groups, misaligned)
+    misaligned = () if target_ptrs is None else _misaligned(target_ptrs)
+    tables = _build_tables(params, centers, as_groups(params, groups), misaligned)
+    tables.params_at, tables.centers_at = params_at, centers_at
+    tables.aligned_for = target_ptrs
     if capturing:  # uploaded only when the graph replays: never where an eager call looks
         workspace.keep_for_capture(tables)
     elif tables.direct:  # tables reading copies are valid for this call only
         # The same setting and shapes at other addresses (p.data swapped) replace the old tables,
-        # so a swapped-out storage lives no longer than the next build.
-        family = (*setting, params_at[1:], None if centers_at is None else centers_at[1:])
+        # so a swapped-out storage lives no longer than the next build (hashed on a build only).
+        family = (*setting, groups, misaligned, tuple(params_at[1]), tuple(map(tuple, params_at[2])),
+                  None if centers_at is None else (tuple(centers_at[1]), tuple(map(tuple, centers_at[2]))))
         workspace.put(key, tables, family=family)
     return tables
 
@@ -330,6 +375,8 @@ def _build_tables(params, centers, groups, misaligned):
     tables.index = [r[0] for r in records]  # record -> param index
     tables.reads = [None if r[9] else r[2] for r in records]  # None: the param itself, else its copy
     tables.copies = [(params[r[0]], r[2]) for r in records if not r[9]]
+    tables.misaligned = misaligned
+    tables.params_at = tables.centers_at = tables.aligned_for = tables.targets_cache = None
     return tables
 
 
@@ -354,16 +401,43 @@ def _pointer_table(plan, pointers, owners, workspace, capturing):
     targets = _Targets()
     targets.pointers = pointers
     targets.owners = owners
-    targets.table, targets.host = _upload(torch.tensor(pointers, dtype=torch.int64), plan.device)
+    targets.table, targets.host = _upload(_int64(pointers), plan.device)
     if capturing:  # the graph rereads the pinned table at every replay (a workspace exists: _tables)
         workspace.captured.append(targets)
     return targets
 
 
-def _targets_of(plan, params, wanted, pointers, workspace, capturing):
+def _int64(values):
+    """A CPU int64 tensor of ``values`` (Python ints): through an ``array``, half the time of
+    ``torch.tensor`` on a list of thousands."""
+    if not values:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.frombuffer(array.array("q", values), dtype=torch.int64).clone()
+
+
+def _targets_of(plan, params, wanted, pointers, workspace, capturing, like_params=False):
     """(this call's ``_Targets``, copy-backs): ``wanted[k]`` for param k (its data pointer
     ``pointers[k]``), used as is when it walks memory in the order param k is read (the param as
-    it is now, or the tables' copy of it), else through a copy in that order."""
+    it is now, or the tables' copy of it), else through a copy in that order.
+
+    The device table of targets that needed no copy is kept on the tables (``targets_cache``:
+    the addresses, the targets' strides, the device and host tensors; no target tensor, so old
+    gradients are not kept alive) and reused, outside CUDA-graph capture and with a workspace,
+    by a call whose targets have the same data pointers and strides: its addresses are then
+    those of that call's live targets, laid out as when it was built (the params' layouts are
+    the tables', just checked by ``_tables``), i.e. the table that call would build.
+
+    ``like_params``: ``wanted[k]`` is ``torch.empty_like(params[k])`` (``grads``' fresh outputs).
+    When the tables read every param as is (``direct``: all dense), each output has its param's
+    strides (``empty_like`` keeps a dense tensor's), so it is read as is: no per-tensor check."""
+    reusable = workspace is not None and not capturing
+    cached = plan.targets_cache
+    if reusable and cached is not None and cached[0] == pointers and \
+            cached[1] == list(map(torch.Tensor.stride, wanted)):
+        return cached[2], ()
+    if like_params and plan.direct:
+        table = pointers if len(plan.index) == len(pointers) else [pointers[k] for k in plan.index]
+        return _pointer_table(plan, table, list(wanted), workspace, capturing), ()
     table, copy_back = [], []
     for k, read in zip(plan.index, plan.reads):
         target = wanted[k]
@@ -377,7 +451,12 @@ def _targets_of(plan, params, wanted, pointers, workspace, capturing):
             copy_back.append((target, work))
         table.append(work.data_ptr())
     owners = list(wanted) + [work for _, work in copy_back]
-    return _pointer_table(plan, table, owners, workspace, capturing), copy_back
+    targets = _pointer_table(plan, table, owners, workspace, capturing)
+    if reusable and not copy_back:
+        kept = _Targets()
+        kept.pointers, kept.owners, kept.table, kept.host = pointers, [], targets.table, targets.host
+        plan.targets_cache = (pointers, list(map(torch.Tensor.stride, wanted)), kept)
+    return targets, copy_back
 
 
 def _metric_of(plan, params, metric, workspace, capturing):
