@@ -15,10 +15,28 @@
 //   2 kUnused   the current backward does not need this param's gradient (backward(inputs=...)
 //               without it)
 
+//
+// defer_add_grad is the value's backward when every param's gradient can be deferred: it queues,
+// on the engine, a callback that adds the penalty's gradient to p.grad once the backward is over
+// (the C++ twin of fastreg/_ops.py's _add_deferred, for the cpu backend's kernels: no Python in
+// the callback), and returns how many params it queued (0: this backward needs none of them), or
+// -1 where the gradient must go through the graph.
+
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sqrt.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/csrc/autograd/anomaly_mode.h>
+#include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -115,6 +133,138 @@ void unlock_accumulators(int64_t token) {
     registry.erase(found);
   }
   for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) NodeMutex::of(**it).unlock();
+}
+
+namespace {
+
+// The additions run so far, and the params of each of the last kLogged (tests/test_deferred_backward.py
+// counts them): integers only, nothing of the user's.
+constexpr size_t kLogged = 1024;
+std::mutex log_mutex;
+int64_t additions = 0;
+std::deque<int64_t> logged;
+
+void log_addition(int64_t params) {
+  std::lock_guard<std::mutex> guard(log_mutex);
+  ++additions;
+  logged.push_back(params);
+  if (logged.size() > kLogged) logged.pop_front();
+}
+
+// Each param's number of groups (fastreg/backends/_geometry.py group_sizes).
+std::vector<int64_t> group_counts(at::TensorList params, at::IntArrayRef dims, at::IntArrayRef sizes) {
+  std::vector<int64_t> out(params.size(), 0);
+  for (size_t k = 0; k < params.size(); ++k) {
+    if (dims[k] == detail::kWhole) out[k] = 1;
+    else if (dims[k] >= 0) out[k] = params[k].size(dims[k]) / sizes[k];
+  }
+  return out;
+}
+
+// One add_grad_ call's operands: the params `index` of a call (or all), with their rows of the
+// coefficient table and their entries of the group norms.
+struct Addition {
+  std::vector<at::Tensor> params, centers;
+  std::vector<int64_t> dims, sizes;
+  at::Tensor coeffs;
+  std::optional<at::Tensor> norms;
+
+  Addition subset(const std::vector<int64_t>& index) const {
+    if (index.size() == params.size()) return *this;
+    Addition out;
+    const auto counts = group_counts(params, dims, sizes);
+    std::vector<int64_t> starts(counts.size() + 1, 0);
+    for (size_t k = 0; k < counts.size(); ++k) starts[k + 1] = starts[k] + counts[k];
+    std::vector<at::Tensor> pieces;
+    for (const int64_t k : index) {
+      out.params.push_back(params[k]);
+      if (!centers.empty()) out.centers.push_back(centers[k]);
+      out.dims.push_back(dims[k]);
+      out.sizes.push_back(sizes[k]);
+      if (norms.has_value()) pieces.push_back(norms->slice(0, starts[k], starts[k + 1]));
+    }
+    out.coeffs = coeffs.index_select(0, at::tensor(index));
+    if (norms.has_value()) out.norms = at::cat(pieces);
+    return out;
+  }
+};
+
+// The end of the backward: p.grad += the penalty's gradient for every param, p.grad as the engine
+// left it (created, zeros, where the task did not reach the param; a sparse one made dense, as
+// adding a dense gradient to it in the graph would), under AccumulateGrad's locks; the gradients'
+// version counters bumped, as a PyTorch in-place op does. One add_grad_ per gradient dtype.
+void add_deferred(const Addition& a) {
+  at::NoGradGuard no_grad;
+  const int64_t token = lock_accumulators(a.params);
+  struct Unlock {
+    int64_t token;
+    ~Unlock() { unlock_accumulators(token); }
+  } unlock{token};
+  std::vector<at::Tensor> grads;
+  grads.reserve(a.params.size());
+  for (const auto& p : a.params) {
+    at::Tensor& g = const_cast<at::Tensor&>(p).mutable_grad();
+    if (!g.defined()) {
+      const auto* meta = torch::autograd::impl::get_autograd_meta(p);
+      const auto dtype = meta != nullptr ? meta->grad_dtype(p) : std::nullopt;
+      g = at::zeros_like(p, p.options().dtype(dtype.value_or(p.scalar_type())));
+    } else if (g.layout() != at::kStrided) {
+      g = g.to_dense();
+    }
+    grads.push_back(g);
+  }
+  // What a PyTorch in-place op refuses, raw kernels must refuse too (fastreg/_ops.py _check_writable).
+  if (!c10::InferenceMode::is_enabled()) {
+    for (const auto& g : grads) {
+      TORCH_CHECK(!g.is_inference(), "fastreg: inplace update to an inference tensor outside InferenceMode is not "
+                  "allowed (as for any PyTorch in-place op); clone it, or call this inside torch.inference_mode()");
+    }
+  }
+  std::map<std::string, std::vector<int64_t>> by_dtype;  // (a fixed order, as _ops.add_grad_by_dtype's)
+  for (size_t k = 0; k < grads.size(); ++k) by_dtype[c10::toString(grads[k].scalar_type())].push_back(k);
+  for (const auto& entry : by_dtype) {
+    const Addition part = a.subset(entry.second);
+    std::vector<at::Tensor> part_grads;
+    for (const int64_t k : entry.second) part_grads.push_back(grads[k]);
+    add_grad_(part.params, part_grads, part.centers, part.dims, part.sizes, part.coeffs, part.norms, false);
+  }
+  for (const auto& g : grads) torch::autograd::impl::bump_version(g);
+  log_addition(static_cast<int64_t>(a.params.size()));
+}
+
+}  // namespace
+
+int64_t defer_add_grad(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
+                       at::IntArrayRef group_sizes, const at::Tensor& table, const at::Tensor& grad_value,
+                       const at::Tensor& group_sq) {
+  // (create_graph: the gradient must carry its own graph; anomaly mode checks every node's
+  // returned gradient for NaN: both keep the graph. fastreg/_ops.py checks them first too.)
+  if (at::GradMode::is_enabled() || torch::autograd::AnomalyMode::is_enabled()) return -1;
+  const auto routes = gradient_routes(params);
+  std::vector<int64_t> index;
+  for (size_t k = 0; k < routes.size(); ++k) {
+    if (routes[k] == kGraph) return -1;
+    if (routes[k] == kDeferred) index.push_back(static_cast<int64_t>(k));
+  }
+  if (index.empty()) return 0;  // this backward needs none of these gradients
+  Addition all;
+  all.params = params.vec();
+  all.centers = centers.vec();
+  all.dims = group_dims.vec();
+  all.sizes = group_sizes.vec();
+  // _ops._EagerValue.backward's grad_sums, and the norms of _ops._defer_to_end_of_backward: the same ops.
+  all.coeffs = table.to(at::kDouble).mul(grad_value.to(at::kDouble)).to(group_sq.scalar_type());
+  if (group_sq.numel()) all.norms = group_sq.sqrt();
+  torch::autograd::Engine::get_default_engine().queue_callback(
+      [addition = all.subset(index)]() { add_deferred(addition); });
+  return static_cast<int64_t>(index.size());
+}
+
+std::vector<int64_t> deferral_log() {
+  std::lock_guard<std::mutex> guard(log_mutex);
+  std::vector<int64_t> out{additions};
+  out.insert(out.end(), logged.begin(), logged.end());
+  return out;
 }
 
 }  // namespace fastreg_cpu

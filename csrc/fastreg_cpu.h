@@ -26,6 +26,14 @@
 //                int[] group_dims, int[] group_sizes, Tensor coeffs, Tensor metric_table) -> ()
 //       the step in the diagonal metric D of each param (metric_table: its MetricSlot row,
 //       metric[t] its v, centered[t] RMSprop's running mean): see metric_prox.cpp
+//   value(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor table,
+//         ScalarType dtype) -> (Tensor, Tensor)
+//       the eager value of a kernel group, Σ table·sums in float64 as dtype, and group_sq (sums.cpp)
+//   defer_add_grad(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes,
+//                  Tensor table, Tensor grad_value, Tensor group_sq) -> int
+//       inside the value's backward: queues p.grad += its gradient at the end of the backward
+//       where no one can tell (deferral.cpp); -1 where the gradient must go through the graph
+//   deferral_log() -> int[]    [additions run so far, then the params of each of the last ones]
 //   gradient_routes(Tensor[] params) -> int[]   inside a backward, where the engine puts each
 //       param's gradient (deferral.cpp): the graph, p.grad with no one watching, or nowhere
 //   lock_accumulators(Tensor[] params) -> int, unlock_accumulators(int token) -> ()
@@ -81,7 +89,13 @@ void prox_(at::TensorList params, at::TensorList centers, at::IntArrayRef group_
 void metric_prox_(at::TensorList params, at::TensorList centers, at::TensorList metric,
                   const c10::List<std::optional<at::Tensor>>& centered, at::IntArrayRef group_dims,
                   at::IntArrayRef group_sizes, const at::Tensor& coeffs, const at::Tensor& metric_table);
+std::tuple<at::Tensor, at::Tensor> value(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
+                                         at::IntArrayRef group_sizes, const at::Tensor& table, at::ScalarType dtype);
 std::vector<int64_t> gradient_routes(at::TensorList params);
+int64_t defer_add_grad(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
+                       at::IntArrayRef group_sizes, const at::Tensor& table, const at::Tensor& grad_value,
+                       const at::Tensor& group_sq);
+std::vector<int64_t> deferral_log();
 int64_t lock_accumulators(at::TensorList params);
 void unlock_accumulators(int64_t token);
 std::string term_layout();

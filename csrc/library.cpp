@@ -40,7 +40,12 @@ TORCH_LIBRARY(fastreg_cpu, m) {
         "Tensor? group_norms) -> ()");
   m.def("metric_prox_(Tensor(a!)[] params, Tensor[] centers, Tensor[] metric, Tensor?[] centered, "
         "int[] group_dims, int[] group_sizes, Tensor coeffs, Tensor metric_table) -> ()");
+  m.def("value(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor table, "
+        "ScalarType dtype) -> (Tensor, Tensor)");
   m.def("gradient_routes(Tensor[] params) -> int[]", &fastreg_cpu::gradient_routes);
+  m.def("defer_add_grad(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor table, "
+        "Tensor grad_value, Tensor group_sq) -> int", &fastreg_cpu::defer_add_grad);
+  m.def("deferral_log() -> int[]", &fastreg_cpu::deferral_log);
   m.def("lock_accumulators(Tensor[] params) -> int", &fastreg_cpu::lock_accumulators);
   m.def("unlock_accumulators(int token) -> ()", &fastreg_cpu::unlock_accumulators);
   m.def("term_layout() -> str", &fastreg_cpu::term_layout);
@@ -49,6 +54,7 @@ TORCH_LIBRARY(fastreg_cpu, m) {
 
 TORCH_LIBRARY_IMPL(fastreg_cpu, CPU, m) {
   m.impl("sums", &fastreg_cpu::sums);
+  m.impl("value", &fastreg_cpu::value);
   m.impl("grads", &fastreg_cpu::grads);
   m.impl("add_grad_", &fastreg_cpu::add_grad_);
   m.impl("prox_", &fastreg_cpu::prox_);

@@ -1,6 +1,11 @@
 // fastreg_cpu::sums: per tensor [Σ|s|, Σs², Σ_g ‖s_g‖] and the groups' squared norms, one pass (see
 // fastreg_cpu.h); s = d, or the shrunk d of each row of a Prox table.
 
+#include <ATen/ops/mul.h>
+#include <ATen/ops/ne.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
+
 #include "fastreg_cpu.h"
 
 namespace fastreg_cpu {
@@ -36,6 +41,17 @@ std::tuple<at::Tensor, at::Tensor> sums(at::TensorList params, at::TensorList ce
     });
   });
   return finish_sums(p, partials, slots, dtype);
+}
+
+// The value of one kernel group in eager mode (fastreg/_ops.py penalty_value): Σ table·sums with
+// the zero coefficients' terms dropped (never inf·0), in float64, as `dtype`; and group_sq. The
+// same ATen ops as _ops.weighted_total, in the same order (bitwise the same value), in one call.
+std::tuple<at::Tensor, at::Tensor> value(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
+                                         at::IntArrayRef group_sizes, const at::Tensor& table, at::ScalarType dtype) {
+  auto [per_tensor, group_sq] = sums(params, centers, group_dims, group_sizes, std::nullopt);
+  const at::Tensor coefficients = table.to(at::kDouble);
+  const at::Tensor products = per_tensor.to(at::kDouble).mul(coefficients);
+  return {at::where(coefficients.ne(0), products, 0).sum().to(dtype), group_sq};
 }
 
 }  // namespace fastreg_cpu

@@ -226,10 +226,12 @@ class _EagerSums(torch.autograd.Function):
         return (None, None, None, None, *grads, *([None] * len(centers)))
 
 
-def _param_gradients(params, centers, group_sq, groups, backend, workspace, grad_sums, grad_group_sq):
+def _param_gradients(params, centers, group_sq, groups, backend, workspace, grad_sums, grad_group_sq,
+                     deferrable=True):
     """The backward of the sums of one kernel group: the gradient of each param to hand autograd
     (None for all where it is added at the end of the backward instead)."""
-    if _defer_to_end_of_backward(params, centers, group_sq, groups, backend, grad_sums, grad_group_sq, workspace):
+    if deferrable and _defer_to_end_of_backward(params, centers, group_sq, groups, backend, grad_sums,
+                                                grad_group_sq, workspace):
         return [None] * len(params)
     coeffs, scale = _backward_coeffs(grad_sums, params, groups, group_sq, grad_group_sq)
     if torch.is_grad_enabled():  # create_graph=True: the op carries the second derivative
@@ -259,22 +261,33 @@ def weighted_total(sums, table, dtype):
 class _EagerValue(torch.autograd.Function):
     """The value of one kernel group and its backward in one node: the kernels' sums, weighted by
     the coefficient table inside (see ``penalty_value``); the backward is ``_EagerSums``'
-    with ``grad_sums = table · grad``."""
+    with ``grad_sums = table · grad``.
+
+    A backend may offer each direction as one call (the cpu backend does): ``value`` (the sums and
+    their weighted total, the same ops as ``weighted_total``) and ``defer_add_grad`` (the deferred
+    backward's conditions, and the addition queued as a C++ callback; -1 where the graph must
+    carry the gradient, which then takes the path below). The table is kept as the call gives
+    it: its products with float64 values are exact, whatever its dtype."""
 
     @staticmethod
     def forward(ctx, backend, groups, count, workspace, table, dtype, *tensors):
         params, centers = list(tensors[:count]), list(tensors[count:])
-        result, group_sq = _dispatch.backend_for(backend, params[0].device).sums(params, centers or None, groups,
-                                                                                  workspace=workspace)
-        table = table.double()
+        kernels = _dispatch.backend_for(backend, params[0].device)
+        fused = getattr(kernels, "value", None)
+        if fused is not None:
+            total, group_sq = fused(params, centers, groups, table, dtype)
+        else:
+            result, group_sq = kernels.sums(params, centers or None, groups, workspace=workspace)
+            total = weighted_total(result, table, dtype)
         ctx.save_for_backward(*tensors, group_sq)
         ctx.split = (count, groups, backend)
-        ctx.workspace, ctx.table = workspace, table
-        return weighted_total(result, table, dtype)
+        ctx.workspace, ctx.table, ctx.kernels = workspace, table, kernels
+        return total
 
     @staticmethod
     def backward(ctx, grad_value):
         params, centers, group_sq, groups, backend = _unpack(ctx)
+        nones = (None, None, None, None, None, None)
         if torch.is_grad_enabled():
             # create_graph=True: the second derivative of the group term needs group_sq's own
             # dependence on the params, which this node's forward did not record: the value is
@@ -286,10 +299,18 @@ class _EagerValue(torch.autograd.Function):
                 sums_, _ = penalty_sums(aliases, centers, groups, backend, ctx.workspace)
                 again = weighted_total(sums_, ctx.table, grad_value.dtype)
             grads = torch.autograd.grad(again, aliases, grad_value, create_graph=True, allow_unused=True)
-            return (None, None, None, None, None, None, *grads, *([None] * len(centers)))
+            return (*nones, *grads, *([None] * len(centers)))
+        defer = getattr(ctx.kernels, "defer_add_grad", None)
+        if defer is not None and not torch.is_anomaly_enabled() and _plain(params):
+            if defer(params, centers, groups, ctx.table, grad_value, group_sq) >= 0:
+                return (*nones, *([None] * (len(params) + len(centers))))
+            deferrable = False  # the engine's state says the graph: no second look
+        else:
+            deferrable = True
         grad_sums = (ctx.table * grad_value.double()).to(group_sq.dtype)
-        grads = _param_gradients(params, centers, group_sq, groups, backend, ctx.workspace, grad_sums, None)
-        return (None, None, None, None, None, None, *grads, *([None] * len(centers)))
+        grads = _param_gradients(params, centers, group_sq, groups, backend, ctx.workspace, grad_sums, None,
+                                 deferrable)
+        return (*nones, *grads, *([None] * len(centers)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -321,13 +342,19 @@ class _EagerValue(torch.autograd.Function):
 # Each condition is tested in tests/test_deferred_backward.py against plain autograd.
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TYPE_SET = frozenset(_PLAIN_TYPES)
+
+
+def _plain(params):
+    """Whether every param is a plain tensor (no subclass: a DTensor, or any other)."""
+    return set(map(type, params)) <= _PLAIN_TYPE_SET
 
 
 def _defer_to_end_of_backward(params, centers, group_sq, groups, backend, grad_sums, grad_group_sq, workspace):
     """True when the penalty's gradient will be added at the end of this backward (queued here)."""
     if grad_sums is None or grad_group_sq is not None or torch.is_grad_enabled() or torch.is_anomaly_enabled():
         return False  # (anomaly mode checks every node's returned gradient for NaN: keep it in the graph)
-    if not all(type(p) in _PLAIN_TYPES for p in params):
+    if not _plain(params):
         return False
     routes = _dispatch.gradient_routes(params)
     if routes is None or _dispatch.ROUTE_GRAPH in routes:

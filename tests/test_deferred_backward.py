@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fastreg
 from fastreg import _dispatch, _ops
+from fastreg.backends import cpu
 
 L1, L2, GROUP = 1e-2, 3e-3, 2e-2
 
@@ -39,18 +40,42 @@ def _task(model):
     return model(X).square().mean()
 
 
+class _Additions:
+    """The deferred additions run since the fixture started, as a list of their param counts:
+    the Python callbacks (``_ops._add_deferred``, spied on) and the cpu backend's C++ ones (its
+    ``deferral_log``)."""
+
+    def __init__(self):
+        self.python = []
+        self.start = cpu.deferral_log()[0]
+
+    def ran(self):
+        log = cpu.deferral_log()
+        count = log[0] - self.start
+        return self.python + (log[len(log) - count:] if count else [])
+
+    def __eq__(self, other):
+        return self.ran() == other
+
+    def __len__(self):
+        return len(self.ran())
+
+    def __repr__(self):
+        return repr(self.ran())
+
+
 @pytest.fixture
 def deferred(monkeypatch):
     """Counts the deferred additions (the end-of-backward callbacks that ran)."""
-    ran = []
+    additions = _Additions()
     original = _ops._add_deferred
 
     def spy(*args):
-        ran.append(len(args[1]))
+        additions.python.append(len(args[1]))
         return original(*args)
 
     monkeypatch.setattr(_ops, "_add_deferred", spy)
-    return ran
+    return additions
 
 
 def _pair(backend="cpu"):
@@ -199,6 +224,7 @@ def test_reentrant_checkpointing(deferred):
 
 def test_without_the_extension_the_graph_is_used(deferred, monkeypatch):
     monkeypatch.setattr(_dispatch, "gradient_routes", lambda params: None)
+    monkeypatch.setattr(cpu, "defer_add_grad", None)  # the C++ deferral is in the same extension
     ours, theirs, reg = _pair()
     (_task(ours) + reg()).backward()
     (_task(theirs) + _reference_penalty(theirs)).backward()

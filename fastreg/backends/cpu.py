@@ -115,6 +115,30 @@ def prox_(params, centers, groups, coeffs, group_norms, workspace=None, metric=N
 
 
 # ------------------------------------------------------------------------------------------
+# The eager value's node (fastreg._ops._EagerValue), in one call each way: optional backend entries.
+
+
+def value(params, centers, groups, table, dtype):
+    """``(Σ table·sums as dtype, group_sq)`` of one kernel group (``_ops.weighted_total``'s ops in
+    C++, after the sums): the eager forward in one call."""
+    return _kernels().value(params, _as_list(centers), groups.dims, groups.sizes, table, dtype)
+
+
+def defer_add_grad(params, centers, groups, table, grad_value, group_sq):
+    """Inside the value's backward: queues ``p.grad += the penalty's gradient`` at the end of the
+    backward where no one can tell (``csrc/deferral.cpp``; the conditions of ``_ops``' deferred
+    backward, the addition and its locks in C++); the number of params queued, or -1 where the
+    gradient must go through the graph."""
+    return _kernels().defer_add_grad(params, _as_list(centers), groups.dims, groups.sizes, table, grad_value,
+                                     group_sq)
+
+
+def deferral_log():
+    """``[additions run so far, params of each of the last ones...]`` (tests count them)."""
+    return list(_kernels().deferral_log())
+
+
+# ------------------------------------------------------------------------------------------
 # Not a kernel: what the autograd engine will do with each param's gradient (csrc/deferral.cpp),
 # for fastreg._ops' deferred backward. The engine's state is only visible from C++.
 
@@ -289,6 +313,10 @@ def _register_fakes():
     def _sums_fake(params, centers, group_dims, group_sizes, shrink):
         return sums_like(params, group_dims, group_sizes)
 
+    @torch.library.register_fake("fastreg_cpu::value")
+    def _value_fake(params, centers, group_dims, group_sizes, table, dtype):
+        return params[0].new_empty((), dtype=dtype), sums_like(params, group_dims, group_sizes)[1]
+
     @torch.library.register_fake("fastreg_cpu::grads")
     def _grads_fake(params, centers, group_dims, group_sizes, coeffs, group_scale):
         return [torch.empty_like(p) for p in params]
@@ -318,6 +346,9 @@ class _Ops:
         self.add_grad_ = namespace.add_grad_.default
         self.prox_ = namespace.prox_.default
         self.metric_prox_ = namespace.metric_prox_.default
+        self.value = namespace.value.default
+        self.defer_add_grad = namespace.defer_add_grad.default
+        self.deferral_log = namespace.deferral_log.default
         self.gradient_routes = namespace.gradient_routes.default
         self.lock_accumulators = namespace.lock_accumulators.default
         self.unlock_accumulators = namespace.unlock_accumulators.default
