@@ -230,6 +230,8 @@ class Plan:
         dtypes = {m.tensor.dtype for m in self.members}
         self.result_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         self._in_place_checked = False
+        self._last_calls = {}  # op -> (coefficients, lr, table_dtype, Call): see call()
+        self._checked = None  # (state, coefficients) of the last coefficients(): see there
 
     def _read_layout(self):
         """What the kernel groups depend on: every parameter's dtype and device, and the shape of
@@ -304,16 +306,57 @@ class Plan:
     # Per call
 
     def coefficients(self):
-        """Every param group's ``Coefficients``, read and checked now."""
+        """Every param group's ``Coefficients``, read and checked now; the same list as at the
+        last call when no param group has changed since (``call`` reuses its tables then).
+
+        The checks are skipped only when they cannot answer differently: the param groups are
+        the same dicts, each with the same keys holding the very same objects (``is``) and the
+        same number of params, and every coefficient and constraint is an immutable Python value
+        (float, int, bool, None, a tuple of numbers: a tensor can change in place, a list be
+        mutated, so those are read and checked at every call, as before). Any way of setting a
+        coefficient (``reg.l2 = v``, ``param_groups[i][key] = v``, ``update``, a new dict) puts
+        another object there, or the same already-checked one. Not while torch.compile traces."""
+        state = None if torch.compiler.is_compiling() else self._coefficient_state()
+        if state is not None and self._checked is not None and _same_state(state, self._checked[0]):
+            return self._checked[1]
         self.check_unchanged()
         if len(self.param_groups) == 1 and "rule" not in self.param_groups[0]:
-            return [_settings.coefficients(self.param_groups[0])]
-        coefficients = [_settings.coefficients(group, _where(i, group)) for i, group in enumerate(self.param_groups)]
-        for index, coupling in enumerate(self.couplings):
-            _check_coupling(index, coupling, coefficients, self.param_groups)
+            coefficients = [_settings.coefficients(self.param_groups[0])]
+        else:
+            coefficients = [_settings.coefficients(group, _where(i, group))
+                            for i, group in enumerate(self.param_groups)]
+            for index, coupling in enumerate(self.couplings):
+                _check_coupling(index, coupling, coefficients, self.param_groups)
+        self._checked = None if state is None else (state, coefficients)
         return coefficients
 
+    def _coefficient_state(self):
+        """What ``coefficients()`` read, by identity, or None when a value may change unseen."""
+        groups = self.param_groups
+        state = [groups, len(groups)]
+        for group in groups:
+            for key in _settings.COEFFICIENT_KEYS:
+                if not _immutable(group.get(key)):
+                    return None
+            params = group.get("params")
+            state += (group, tuple(group), tuple(group.values()), len(params) if isinstance(params, list) else -1)
+        return state
+
     def call(self, coefficients, op=None, lr=None, table_dtype=None):
+        """See ``_call``; the last ``Call`` of each op again when it is asked for with the same
+        ``coefficients`` list (``coefficients()`` returns the same list while nothing changed),
+        ``lr`` and ``table_dtype``. Not while torch.compile traces or a CUDA graph is captured
+        (the tables are then made by capturable kernels, never cached)."""
+        if torch.compiler.is_compiling() or any(_coefficients.capturing(kg.device) for kg in self.kernel_groups()):
+            return self._call(coefficients, op, lr, table_dtype)
+        last = self._last_calls.get(op)
+        if last is not None and last[0] is coefficients and last[1] == lr and last[2] == table_dtype:
+            return last[3]
+        out = self._call(coefficients, op, lr, table_dtype)
+        self._last_calls[op] = (coefficients, lr, table_dtype, out)
+        return out
+
+    def _call(self, coefficients, op=None, lr=None, table_dtype=None):
         """``Call``: per kernel group (in ``kernel_groups()`` order), ``(groups, table)``: the
         structure each tensor has in this operation (a tensor's group term is off where its
         coefficient is a Python zero; a norm constraint needs its groups in ``prox_`` only), and
@@ -349,6 +392,23 @@ class Plan:
 
 
 _DTYPE = operator.attrgetter("dtype")
+_IMMUTABLE = (float, int, bool, type(None))
+
+
+def _immutable(value):
+    """A coefficient or constraint value that cannot change without being replaced."""
+    return type(value) in _IMMUTABLE or (type(value) is tuple and all(type(v) in _IMMUTABLE for v in value))
+
+
+def _same_state(state, last):
+    """``Plan._coefficient_state`` unchanged: the same objects (keys compared by value)."""
+    if len(state) != len(last) or state[0] is not last[0] or state[1] != last[1]:
+        return False
+    for i in range(2, len(state), 4):
+        if (state[i] is not last[i] or state[i + 1] != last[i + 1] or state[i + 3] != last[i + 3]
+                or not all(map(operator.is_, state[i + 2], last[i + 2]))):
+            return False
+    return True
 
 
 def _where(index, group):

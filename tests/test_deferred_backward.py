@@ -304,3 +304,21 @@ def test_concurrent_backwards_on_shared_parameters(deferred):
     for p, g in zip(model.parameters(), one):
         torch.testing.assert_close(p.grad, g * threads * rounds, rtol=2e-5, atol=1e-6)
     assert len(deferred) == 1 + threads * rounds  # (and the single backward above)
+
+
+def test_gradients_of_several_dtypes_are_each_added_in_their_own(deferred):
+    """One deferred addition over params whose gradients differ in dtype (``p.grad_dtype``): one
+    kernel call per gradient dtype, the same numbers as add_to_grad_."""
+    torch.manual_seed(0)
+    ours = [torch.randn(7, 5, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    for p, q in zip(ours[1:], theirs[1:]):
+        p.grad_dtype = q.grad_dtype = torch.float32
+    reg, ref_reg = (fastreg.Penalty(ps, l1=L1, l2=L2, group=GROUP, backend="cpu") for ps in (ours, theirs))
+    sum(p.float().sum() for p in ours).add(reg()).backward()
+    sum(p.float().sum() for p in theirs).backward()
+    ref_reg.add_to_grad_()
+    assert [p.grad.dtype for p in ours] == [torch.bfloat16, torch.float32, torch.float32]
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p.grad, q.grad)
+    assert deferred == [3]

@@ -91,3 +91,72 @@ def test_prox_refuses_a_parameter_whose_elements_share_memory():
     reg()  # reading it is fine
     with pytest.raises(ValueError, match="elements that share memory"):
         reg.prox_(0.1)
+
+
+# --------------------------------------------------------------------------- per-call state
+
+
+def _penalty(**settings):
+    return fastreg.Penalty(nn.Linear(4, 3), backend="torch", **settings)
+
+
+def test_coefficients_and_call_are_reused_while_nothing_changed():
+    reg = _penalty(l2=1e-2)
+    first = reg._plan.coefficients()
+    assert reg._plan.coefficients() is first
+    assert reg._plan.call(first, "grad") is reg._plan.call(first, "grad")
+    reg.l2 = 2e-2
+    again = reg._plan.coefficients()
+    assert again is not first and again[0].l2 == 2e-2
+    assert reg._plan.call(again, "grad")[0][1][0, 1] == 2e-2
+
+
+@pytest.mark.parametrize("setter", ["property", "item", "update", "setdefault_after_del"])
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf")])
+def test_a_bad_coefficient_is_an_error_however_it_is_set(setter, bad):
+    reg = _penalty(l2=1e-2)
+    reg()  # the checked state is cached now
+    group = reg.param_groups[0]
+    if setter == "property":
+        with pytest.raises(ValueError, match="l2"):
+            reg.l2 = bad
+        return
+    if setter == "item":
+        group["l2"] = bad
+    elif setter == "update":
+        group.update(l2=bad)
+    else:
+        del group["l2"]
+        group.setdefault("l2", bad)
+    for call in (reg, reg.add_to_grad_, lambda: reg.prox_(0.1), reg.values):
+        with pytest.raises(ValueError, match="l2"):
+            call()
+
+
+def test_values_that_can_change_in_place_are_checked_at_every_call():
+    l1 = torch.tensor(1e-2)
+    bounds = [0.0, 2.0]
+    reg = _penalty(l1=l1, max_norm=None)
+    reg.param_groups[0]["min_max_norm"] = bounds
+    reg()
+    l1.fill_(float("nan"))  # a tensor coefficient changed in place
+    with pytest.raises(ValueError, match="l1"):
+        reg()
+    l1.fill_(1e-2)
+    reg.l1 = 0.0
+    reg.prox_(0.1)
+    bounds[0] = 3.0  # a list mutated in place
+    with pytest.raises(ValueError, match="min_max_norm"):
+        reg.prox_(0.1)
+
+
+def test_a_structure_change_is_still_an_error_after_cached_calls():
+    reg = _penalty(l2=1e-2)
+    reg()
+    reg.param_groups[0]["group_dim"] = 1
+    with pytest.raises(ValueError, match="group_dim"):
+        reg()
+    reg.param_groups[0]["group_dim"] = 0
+    reg.param_groups[0]["params"].append(torch.zeros(2, requires_grad=True))  # the same list, longer
+    with pytest.raises(ValueError, match="params"):
+        reg()
