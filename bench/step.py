@@ -31,6 +31,7 @@ each way adds per step, with its spread), ``results.json`` (every step time), ``
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import multiprocessing
@@ -86,6 +87,9 @@ def parse_args(argv=None):
     parser.add_argument("--contenders", help="comma-separated contender names (default: all; baselines are added)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 25; --quick 6)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 3; --quick 2)")
+    parser.add_argument("--profiled", type=int, default=None,
+                        help="profiled steps per contender and model after the timed rounds, whose time the "
+                             "profiler attributes to the penalty (default 5; --quick 1)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: torch's)")
     parser.add_argument("--out", type=Path, help="results folder (default: bench/results/step-<device>-<date>; "
@@ -94,6 +98,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (6 if args.quick else 25)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    args.profiled = args.profiled if args.profiled is not None else (1 if args.quick else 5)
     return args
 
 
@@ -151,26 +156,48 @@ def _build(contender, spec, device):
             for group, value in zip(optimizer.param_groups, decay):
                 group["weight_decay"] = value if on else 0.0
 
+    def one_step(on, ranged=contextlib.nullcontext):
+        """A step; ``ranged()`` encloses the penalty's own calls (a profiler range when profiled)."""
+        optimizer.zero_grad(set_to_none=True)
+        loss = model.loss(batch)
+        if on and extra is not None:
+            with ranged():
+                penalty = extra()
+            loss = loss + penalty
+        loss.backward()
+        if on and method == "add-to-grad":
+            with ranged():
+                reg.add_to_grad_()
+        optimizer.step()
+
     def timed(on):
         switch(on)
         synchronize()
         start, cpu_start = time.perf_counter(), time.process_time()
-        optimizer.zero_grad(set_to_none=True)
-        loss = model.loss(batch)
-        if on and extra is not None:
-            loss = loss + extra()
-        loss.backward()
-        if on and method == "add-to-grad":
-            reg.add_to_grad_()
-        optimizer.step()
+        one_step(on)
         synchronize()
         return time.perf_counter() - start, time.process_time() - cpu_start
 
+    def profiled():
+        """The contender's step and the step without it, each under the profiler: the time the
+        profiler attributes to the penalty inside the step (``attribute``)."""
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        events = []
+        for on in (True, False):
+            switch(on)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                one_step(on, lambda: record_function(PENALTY_RANGE))
+            events.append(prof.events())
+        return attribute(*events)
+
     calls = [0]
 
-    def step():
+    def step(profile=False):
         """``(wall, cpu)`` of a step with the contender's way, then of this process's step without
         it, taken back to back (in alternating order)."""
+        if profile:
+            return profiled()
         calls[0] += 1
         if calls[0] % 2:
             with_it = timed(True)
@@ -193,15 +220,55 @@ def _worker(conn, contender, size, device_name, threads):
         request = conn.recv()
         if request is None:
             break
-        if request != current:
+        profile = isinstance(request, tuple)  # ("profile", model): an attributed step
+        model = request[1] if profile else request
+        if model != current:
             step = None
-            step = _build(contender, specs[request], device)
-            current = request
+            step = _build(contender, specs[model], device)
+            current = model
         try:
-            conn.send(("ok", step()))
+            conn.send(("ok", step(profile)))
         except Exception as exc:  # reported in the table, not fatal
             conn.send(("error", f"{type(exc).__name__}: {exc}"[:300]))
     conn.close()
+
+
+# ------------------------------------------------------------------------------------------
+# What the profiler attributes to the penalty inside a step: resolvable where a difference of
+# two steps is not (this VM's step-to-step noise is larger than most penalties' cost).
+
+PENALTY_RANGE = "bench::penalty"  # encloses extra() / add_to_grad_() in a profiled step
+FASTREG_RANGES = ("fastreg::deferred_add_grad", "fastreg::attach")  # fastreg's own, outside any op of ours
+EVALUATE = "autograd::engine::evaluate_function: "
+ACCUMULATE = ("aten::add_", "aten::add")
+
+
+def attribute(events, baseline):
+    """ms of a step's time that is the penalty's, from its profiler events (``baseline``: the
+    same process's step without it): the penalty's calls (the range around them); the backward
+    of every autograd node they created (matched by sequence number); fastreg's own ranges (the
+    deferred addition at the end of the backward, an optimizer hook); and the engine's
+    accumulation of the penalty's gradients into the task's (the additions inside the task's
+    nodes, less those of the step without the penalty). An optimizer's weight_decay runs inside
+    its own ops and is not attributable: None for it."""
+    ranges = [e for e in events if e.name == PENALTY_RANGE]
+    inside = [e for e in events if e.sequence_nr >= 0 and not e.name.startswith(EVALUATE)
+              and any(r.time_range.start <= e.time_range.start and e.time_range.end <= r.time_range.end for r in ranges)]
+    sequence = {e.sequence_nr for e in inside}
+    calls = sum(e.cpu_time_total for e in ranges)
+    nodes = sum(e.cpu_time_total for e in events if e.name.startswith(EVALUATE) and e.sequence_nr in sequence)
+    own = sum(e.cpu_time_total for e in events if e.name in FASTREG_RANGES)
+    accumulation = max(0.0, _accumulation(events, sequence) - _accumulation(baseline, set()))
+    return {"calls_ms": calls / 1e3, "backward_nodes_ms": nodes / 1e3, "fastreg_ranges_ms": own / 1e3,
+            "accumulation_ms": accumulation / 1e3, "total_ms": (calls + nodes + own + accumulation) / 1e3}
+
+
+def _accumulation(events, penalty_sequence):
+    """µs of additions run directly inside the backward nodes that are not the penalty's (where
+    the engine adds two gradients of one tensor)."""
+    return sum(child.cpu_time_total for e in events
+               if e.name.startswith(EVALUATE) and e.sequence_nr not in penalty_sequence
+               for child in e.cpu_children if child.name in ACCUMULATE)
 
 
 # ------------------------------------------------------------------------------------------
@@ -216,8 +283,9 @@ def _quantile(values, q):
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def analyse(times, contenders):
-    """Per contender: median step (ms), added time vs its baseline (paired per round), spread, share."""
+def analyse(times, contenders, attributed=None):
+    """Per contender: median step (ms), added time vs its baseline (paired per round), spread, share;
+    and the median of what the profiler attributes to it (``attribute``), with its range."""
     rows = []
     for c in contenders:
         mine = times.get(c.name)
@@ -243,6 +311,12 @@ def analyse(times, contenders):
                    added_cpu_ms=statistics.median(added_cpu), added_cpu_q25_ms=_quantile(added_cpu, 0.25),
                    added_cpu_q75_ms=_quantile(added_cpu, 0.75), passes=PASSES.get(c.method))
         row["share"] = row["added_ms"] / row["baseline_ms"] if row["baseline_ms"] else None
+        profiled = (attributed or {}).get(c.name) or []
+        if profiled and c.method not in ("none", "weight-decay"):  # (weight_decay: inside the optimizer's ops)
+            totals = [a["total_ms"] for a in profiled]
+            row.update(attributed_ms=statistics.median(totals), attributed_min_ms=min(totals),
+                       attributed_max_ms=max(totals), attributed_parts={
+                           key: statistics.median(a[key] for a in profiled) for key in profiled[0] if key != "total_ms"})
         rows.append(row)
     return rows
 
@@ -259,16 +333,18 @@ PASSES = {"seed-l2": 6, "seed-l1": 6, "foreach-norm": 6, "autograd": 4, "one-cal
 
 
 def targets(rows):
-    """The issue's targets, as ratios of added times within one run (wall clock, and the CPU time
-    of the step's process). A ratio whose denominator is not positive (inside the noise) is
+    """The issue's targets, as ratios of added times within one run (wall clock, the CPU time of
+    the step's process, and the in-step time the profiler attributes to each way). A ratio whose denominator is not positive (inside the noise) is
     reported as n/a, not met: the target is listed either way."""
     by = {r["name"]: r for r in rows if r.get("added_ms") is not None}
 
     def check(target, mine, theirs, key, limit):
         if mine not in by or theirs not in by:
             return None
-        denominator = by[theirs][key]
-        ratio = by[mine][key] / denominator if denominator > 0 else None
+        numerator, denominator = by[mine].get(key), by[theirs].get(key)
+        if numerator is None or denominator is None:
+            return None
+        ratio = numerator / denominator if denominator > 0 else None
         return {"target": target, "ratio": ratio, "met": ratio is not None and ratio <= limit}
 
     checks = [
@@ -278,6 +354,10 @@ def targets(rows):
         check("fastreg autograd adds <= 1/5 of what the seed loop (L2) adds", "autograd", "seed-l2", "added_ms", 0.2),
         check("fastreg autograd adds <= 1/5 of what the seed loop (L2) adds (CPU)", "autograd", "seed-l2",
               "added_cpu_ms", 0.2),
+        check("fastreg autograd's in-step time <= 1.2x add_to_grad_'s (profiler)", "autograd", "add-to-grad",
+              "attributed_ms", 1.2),
+        check("fastreg autograd's in-step time <= 1/5 of the seed loop's (L2, profiler)", "autograd", "seed-l2",
+              "attributed_ms", 0.2),
         check("add_to_grad_ adds <= 1.5x what SGD's foreach weight_decay adds", "add-to-grad", "sgd-wd", "added_ms",
               1.5),
     ]
@@ -310,7 +390,7 @@ def run(args):
         process.start()
         workers[c.name] = (parent, process)
     results = {}
-    total = len(models) * (args.rounds + args.warmup) * len(contenders)
+    total = len(models) * (args.rounds + args.warmup + args.profiled) * len(contenders)
     try:
         with tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr) as progress:
             for model in models:
@@ -330,7 +410,18 @@ def run(args):
                         elif r >= args.warmup:
                             times[c.name].append(value)
                         progress.update()
-                results[model] = {"title": specs[model].title, "rows": analyse(times, contenders)}
+                attributed = {c.name: [] for c in contenders}
+                for _ in range(args.profiled):
+                    for c in contenders:
+                        progress.set_postfix_str(f"{model} {c.name} (profiled)")
+                        if not isinstance(times[c.name], str):
+                            conn = workers[c.name][0]
+                            conn.send(("profile", model))
+                            status, value = conn.recv()
+                            if status == "ok":
+                                attributed[c.name].append(value)
+                        progress.update()
+                results[model] = {"title": specs[model].title, "rows": analyse(times, contenders, attributed)}
                 results[model]["targets"] = targets(results[model]["rows"])
     finally:
         for conn, process in workers.values():
@@ -340,6 +431,12 @@ def run(args):
                 pass
             process.join(timeout=10)
     return device, models, results
+
+
+def _attributed(row):
+    if row.get("attributed_ms") is None:
+        return "–"
+    return f"{_ms(row['attributed_ms'])} ({_ms(row['attributed_min_ms'])} .. {_ms(row['attributed_max_ms'])})"
 
 
 def _signed(x):
@@ -361,14 +458,21 @@ def markdown(device, results, args, meta):
              "right next to it); spread = interquartile range of those differences (the no-penalty rows show the noise "
              "floor); share = added / baseline step; added CPU = the same for the "
              "worker process's CPU time (all its threads: the work itself, less exposed to other processes); passes "
-             "= reads and writes of the parameters' bytes it adds (`bench/step.py` PASSES)"]
+             "= reads and writes of the parameters' bytes it adds (`bench/step.py` PASSES)",
+             f"- in-step ms (profiler) = median over {args.profiled} profiled steps of the time the profiler attributes to "
+             "the penalty inside the real step: its calls, the backward of the autograd nodes they created, fastreg's "
+             "own ranges (the deferred addition at the end of the backward, an optimizer hook), and the engine's "
+             "additions of its gradients into the task's (beyond those of the step without it); in parentheses its "
+             "min .. max; resolvable where a difference of two steps is not (`bench/step.py` attribute; profiling "
+             "slows each op a little, so it is an upper bound). An optimizer's weight_decay runs inside its own ops: "
+             "not attributable"]
     for model, data in results.items():
         lines += ["", f"## {data['title']}", "",
-                  "| contender | step ms | added ms | spread (IQR) ms | added CPU ms | CPU spread (IQR) ms | passes "
-                  "| share of step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| contender | step ms | in-step ms (profiler) | added ms | spread (IQR) ms | added CPU ms "
+                  "| CPU spread (IQR) ms | passes | share of step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in data["rows"]:
             if r["error"]:
-                lines.append(f"| {r['label']} | skipped: {r['error']} | | | | | | |")
+                lines.append(f"| {r['label']} | skipped: {r['error']} | | | | | | | |")
                 continue
             penalized = r["method"] != "none"
             spread = f"{_ms(r['added_q25_ms'])} .. {_ms(r['added_q75_ms'])}"
@@ -377,8 +481,8 @@ def markdown(device, results, args, meta):
             cpu_spread = f"{_ms(r['added_cpu_q25_ms'])} .. {_ms(r['added_cpu_q75_ms'])}"
             passes = "" if r.get("passes") is None else str(r["passes"])
             share = f"{100 * r['share']:.1f}%" if penalized and r["share"] is not None else ""
-            lines.append(f"| {r['label']} | {_ms(r['step_ms'])} | {added} | {spread} | {cpu} | {cpu_spread} | {passes} "
-                         f"| {share} |")
+            lines.append(f"| {r['label']} | {_ms(r['step_ms'])} | {_attributed(r)} | {added} | {spread} | {cpu} "
+                         f"| {cpu_spread} | {passes} | {share} |")
         for t in data["targets"]:
             ratio = "n/a" if t["ratio"] is None else f"{t['ratio']:.2f}"
             lines.append(f"\n- target: {t['target']}: ratio {ratio} ({'met' if t['met'] else 'NOT met'})")
@@ -391,8 +495,9 @@ HEADLINE = [("seed-l2", "seed loop L2"), ("seed-l1", "seed loop L1"), ("autograd
 
 
 def headline(results):
-    """The README's opening table: one row per model, the time each way adds to a step (median
-    and interquartile range, ms; and the CPU time it adds), beside the plain step."""
+    """The README's opening table: one row per model, each way's time inside the step as the
+    profiler attributes it (``attribute``; weight_decay: not attributable), then the wall-clock
+    time it adds to a step (median, interquartile range), beside the plain step."""
     lines = ["| model | step without penalty | " + " | ".join(label for _, label in HEADLINE) + " |",
              "|---|---:|" + "---:|" * len(HEADLINE)]
     for data in results.values():
@@ -401,9 +506,11 @@ def headline(results):
         cells = [data["title"], f"{_ms(base['step_ms'])} ms" if base else "–"]
         for name, _ in HEADLINE:
             r = by.get(name)
-            cells.append("–" if r is None else
-                         f"{_signed(r['added_ms'])} ms ({_ms(r['added_q25_ms'])} .. {_ms(r['added_q75_ms'])}); "
-                         f"CPU {_signed(r['added_cpu_ms'])} ms")
+            if r is None:
+                cells.append("–")
+                continue
+            own = "" if r.get("attributed_ms") is None else f"**{_ms(r['attributed_ms'])} ms**; "
+            cells.append(f"{own}wall {_signed(r['added_ms'])} ({_ms(r['added_q25_ms'])} .. {_ms(r['added_q75_ms'])})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -23,6 +23,7 @@
 // -1 where the gradient must go through the graph.
 
 #include <ATen/core/grad_mode.h>
+#include <ATen/record_function.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/mul.h>
@@ -194,6 +195,7 @@ struct Addition {
 // adding a dense gradient to it in the graph would), under AccumulateGrad's locks; the gradients'
 // version counters bumped, as a PyTorch in-place op does. One add_grad_ per gradient dtype.
 void add_deferred(const Addition& a) {
+  RECORD_FUNCTION("fastreg::deferred_add_grad", std::vector<c10::IValue>());  // (a profiler's row: bench.step)
   at::NoGradGuard no_grad;
   const int64_t token = lock_accumulators(a.params);
   struct Unlock {

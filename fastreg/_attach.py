@@ -113,7 +113,8 @@ def attach(penalty, optimizer, mode, metric="optimizer"):
     if mode == "grad":
         def before_step(opt, args, kwargs):
             scale = _still_scaled(opt)
-            handle._value, totals = penalty._add_to_grad(scale)
+            with _operations.profiled("fastreg::attach"):
+                handle._value, totals = penalty._add_to_grad(scale)
             handle._values = [None if v is None else v.detach() for v in totals]
             handle._steps += 1
 
@@ -139,8 +140,9 @@ def attach(penalty, optimizer, mode, metric="optimizer"):
                     step_metric = {id(t): _preconditioners.metric(optimizer, group, t) for t in plan.tensors}
                     lr = _preconditioners.step_size(optimizer, group, plan.tensors[0]) if plan.tensors else lr
                 steps.append((plan, lr, step_metric))
-            for plan, lr, step_metric in steps:
-                _operations.prox(plan.current(), penalty.coefficients(), lr, step_metric)
+            with _operations.profiled("fastreg::attach"):
+                for plan, lr, step_metric in steps:
+                    _operations.prox(plan.current(), penalty.coefficients(), lr, step_metric)
             handle._steps += 1
 
         handle._hook = optimizer.register_step_post_hook(after_step)

@@ -19,6 +19,7 @@ import torch
 
 from fastreg import _ops, _sharded
 from fastreg._coefficients import add_class_values, add_values
+from fastreg._ops import profiled
 from fastreg._plan import GRAD, PROX
 from fastreg.backends._geometry import NO_GROUPS, group_sizes
 

@@ -24,6 +24,7 @@ The in-place primitives (``add_grad_``, ``prox_``) bump the version counters of 
 when the backend's kernels write through raw pointers, as a PyTorch in-place op would.
 """
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -374,11 +375,22 @@ def _defer_to_end_of_backward(params, centers, group_sq, groups, backend, grad_s
     return True
 
 
+def profiled(name):
+    """A ``torch.profiler`` range named ``name`` while a profiler records, else nothing (a range
+    costs ~5 µs, a check 0.1): fastreg's work that runs where no op of the caller's encloses it
+    — the deferred addition at the end of a backward, an optimizer hook — shows as its own row
+    (``python -m bench.step`` attributes a step's time to the penalty by these)."""
+    return torch.autograd.profiler.record_function(name) if torch.autograd._profiler_enabled() else _NO_RANGE
+
+
+_NO_RANGE = contextlib.nullcontext()
+
+
 def _add_deferred(backend, params, centers, groups, coeffs, norms, workspace):
     """The end of the backward: ``p.grad += the penalty's gradient`` for every param, ``p.grad``
     as the engine left it (created, zeros, where the task did not reach the param; a sparse one
     made dense, as adding a dense gradient to it in the graph would)."""
-    with torch.no_grad(), _dispatch.accumulators_locked(params):  # as AccumulateGrad writes p.grad
+    with profiled("fastreg::deferred_add_grad"), torch.no_grad(), _dispatch.accumulators_locked(params):
         grads = []
         for p in params:
             g = p.grad

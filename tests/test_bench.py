@@ -77,7 +77,15 @@ def test_training_step_benchmark(tmp_path):
         assert all(len(r["times_s"]) == 3 for r in rows if r["error"] is None)
         assert all(r["step_ms"] > 0 for r in rows if r["error"] is None)
     text = (tmp_path / "results.md").read_text()
-    assert "| contender | step ms | added ms | spread (IQR) ms | added CPU ms | CPU spread (IQR) ms | passes " in text
+    assert ("| contender | step ms | in-step ms (profiler) | added ms | spread (IQR) ms | added CPU ms "
+            "| CPU spread (IQR) ms | passes ") in text
+    for result in data["results"].values():  # the profiler's attribution: each part where it belongs
+        by = {r["name"]: r for r in result["rows"]}
+        assert by["seed-l2"]["attributed_parts"]["backward_nodes_ms"] > 0  # the loop's own autograd nodes
+        assert by["autograd"]["attributed_parts"]["fastreg_ranges_ms"] > 0  # the deferred add_grad_
+        assert by["attach"]["attributed_parts"]["fastreg_ranges_ms"] > 0  # its optimizer hook
+        assert by["add-to-grad"]["attributed_parts"]["calls_ms"] > 0
+        assert by["sgd-wd"].get("attributed_ms") is None and by["none"].get("attributed_ms") is None
     assert "target: fastreg autograd adds <= 1/5" in text and "target: fastreg autograd adds <= 1.2x" in text
     assert all(r["added_cpu_ms"] is not None and len(r["cpu_times_s"]) == 3 for result in data["results"].values()
                for r in result["rows"] if r["error"] is None)
