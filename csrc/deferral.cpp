@@ -33,6 +33,7 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/autograd/anomaly_mode.h>
 #include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 
@@ -71,6 +72,11 @@ int64_t route(const at::Tensor& p, const std::unordered_map<torch::autograd::Nod
   if (!p.defined() || !p.requires_grad() || !p.is_leaf()) return kGraph;
   const auto accumulator = torch::autograd::impl::try_get_grad_accumulator(p);
   if (!accumulator) return kGraph;
+  // The tensor the node saved may come back as another object pointing at the same accumulator
+  // (saved-tensor hooks: save_on_cpu, non-reentrant checkpointing): its .grad is not p.grad, so
+  // the addition could not reach the parameter. Only the accumulator's own variable defers.
+  const auto* accumulate = dynamic_cast<const torch::autograd::AccumulateGrad*>(accumulator.get());
+  if (accumulate == nullptr || accumulate->variable.unsafeGetTensorImpl() != p.unsafeGetTensorImpl()) return kGraph;
   if (!exec_info.empty()) {  // backward(inputs=...) or autograd.grad: only some nodes run
     const auto found = exec_info.find(accumulator.get());
     if (found == exec_info.end()) return kUnused;
@@ -222,7 +228,7 @@ void add_deferred(const Addition& a) {
                   "allowed (as for any PyTorch in-place op); clone it, or call this inside torch.inference_mode()");
     }
   }
-  std::map<std::string, std::vector<int64_t>> by_dtype;  // (a fixed order, as _ops.add_grad_by_dtype's)
+  std::map<std::string, std::vector<int64_t>> by_dtype;  // (a fixed order; each call writes its own gradients)
   for (size_t k = 0; k < grads.size(); ++k) by_dtype[c10::toString(grads[k].scalar_type())].push_back(k);
   for (const auto& entry : by_dtype) {
     const Addition part = a.subset(entry.second);

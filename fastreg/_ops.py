@@ -308,7 +308,7 @@ class _EagerValue(torch.autograd.Function):
             deferrable = False  # the engine's state says the graph: no second look
         else:
             deferrable = True
-        grad_sums = (ctx.table * grad_value.double()).to(group_sq.dtype)
+        grad_sums = (ctx.table.double() * grad_value.double()).to(group_sq.dtype)
         grads = _param_gradients(params, centers, group_sq, groups, backend, ctx.workspace, grad_sums, None,
                                  deferrable)
         return (*nones, *grads, *([None] * len(centers)))

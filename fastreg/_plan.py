@@ -310,12 +310,14 @@ class Plan:
         last call when no param group has changed since (``call`` reuses its tables then).
 
         The checks are skipped only when they cannot answer differently: the param groups are
-        the same dicts, each with the same keys holding the very same objects (``is``) and the
+        the same plain dicts (a dict subclass may compute a value on each read: never cached),
+        each with the same keys holding the very same objects (``is``) and the
         same number of params, and every coefficient and constraint is an immutable Python value
         (float, int, bool, None, a tuple of numbers: a tensor can change in place, a list be
         mutated, so those are read and checked at every call, as before). Any way of setting a
         coefficient (``reg.l2 = v``, ``param_groups[i][key] = v``, ``update``, a new dict) puts
-        another object there, or the same already-checked one. Not while torch.compile traces."""
+        another object there, or the same already-checked one. Not while torch.compile traces.
+        Internal: the list is shared between calls (``Penalty.coefficients`` hands out a copy)."""
         state = None if torch.compiler.is_compiling() else self._coefficient_state()
         if state is not None and self._checked is not None and _same_state(state, self._checked[0]):
             return self._checked[1]
@@ -335,6 +337,8 @@ class Plan:
         groups = self.param_groups
         state = [groups, len(groups)]
         for group in groups:
+            if type(group) is not dict:  # a subclass may compute what it returns on each read
+                return None
             for key in _settings.COEFFICIENT_KEYS:
                 if not _immutable(group.get(key)):
                     return None

@@ -173,8 +173,8 @@ class Penalty:
 
     def coefficients(self):
         """Every param group's current ``Coefficients`` (``l1, l2, group`` and its constraints),
-        checked (tensor coefficients may change in place)."""
-        return self._plan.coefficients()
+        checked (tensor coefficients may change in place); a new list, the caller's to edit."""
+        return list(self._plan.coefficients())
 
     # The three ways to apply it.
 

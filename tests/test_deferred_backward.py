@@ -322,3 +322,23 @@ def test_gradients_of_several_dtypes_are_each_added_in_their_own(deferred):
     for p, q in zip(ours, theirs):
         assert torch.equal(p.grad, q.grad)
     assert deferred == [3]
+
+
+@pytest.mark.parametrize("hooks", ["save_on_cpu", "checkpoint"])
+def test_saved_tensor_hooks_keep_the_graph(deferred, hooks):
+    """Saved-tensor hooks (save_on_cpu, non-reentrant checkpointing) hand the backward another
+    tensor object pointing at the parameter's accumulator: its .grad is not p.grad, so the
+    gradient goes through the graph, and p.grad is autograd's."""
+    ours, theirs, reg = _pair()
+
+    def loss(model, penalty):
+        if hooks == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu():
+                return _task(model) + penalty()
+        out = checkpoint(lambda x: model[1](model[0](x)), X, use_reentrant=False)
+        return model[2](out).square().mean() + checkpoint(penalty, use_reentrant=False)
+
+    loss(ours, reg).backward()
+    loss(theirs, lambda: _reference_penalty(theirs)).backward()
+    _assert_same_grads(ours, theirs)
+    assert deferred == []

@@ -160,3 +160,35 @@ def test_a_structure_change_is_still_an_error_after_cached_calls():
     reg.param_groups[0]["params"].append(torch.zeros(2, requires_grad=True))  # the same list, longer
     with pytest.raises(ValueError, match="params"):
         reg()
+
+
+def test_the_coefficients_handed_out_are_the_callers_to_edit():
+    """``Penalty.coefficients()`` is a copy: editing it changes nothing the penalty computes."""
+    w = torch.ones(3, dtype=torch.float64)
+    reg = fastreg.Penalty([("w", w)], l2=1.0)
+    handed = reg.coefficients()
+    handed[0] = handed[0]._replace(l2=-100.0)
+    assert reg.coefficients()[0].l2 == 1.0
+    assert reg().item() == 3.0 and reg.values()[0].item() == 3.0
+
+
+def test_a_param_group_that_computes_its_values_is_read_at_every_call():
+    """A dict subclass may return a new value on each read (a schedule): never cached."""
+
+    class Schedule(dict):
+        calls = 0
+
+        def __getitem__(self, key):
+            if key == "l2":
+                Schedule.calls += 1
+                return float(Schedule.calls)
+            return super().__getitem__(key)
+
+        def get(self, key, default=None):
+            return self[key] if key in self else default
+
+    w = torch.ones(3, dtype=torch.float64)
+    reg = fastreg.Penalty([("w", w)], l2=1.0)
+    reg.param_groups[0] = Schedule(reg.param_groups[0])
+    values = [reg().item() for _ in range(3)]
+    assert values[0] < values[1] < values[2]
