@@ -1,5 +1,5 @@
 """DTensor helpers (FSDP2's ``fully_shard`` parameters): what a plan needs to know about a
-sharded parameter, and the one collective. The maths of sharded penalties is in ``_sharded``."""
+sharded parameter, and the collectives. The maths of sharded penalties is in ``_sharded``."""
 
 
 import torch
@@ -84,8 +84,19 @@ def local_slices(tensor):
 
 def all_reduce_sum(value, mesh):
     """The sum of a tensor over every rank of ``mesh`` (one all-reduce per mesh dimension)."""
+    return all_reduce(value, mesh, "sum")
+
+
+def all_reduce(value, mesh, op):
+    """``value`` combined over every rank of ``mesh`` by ``op`` (``"sum"``, ``"min"``, ``"max"``;
+    one all-reduce per mesh dimension); every rank gets the same result."""
     import torch.distributed._functional_collectives as funcol
 
     for dim in range(mesh.ndim):
-        value = funcol.all_reduce(value, "sum", (mesh, dim) if mesh.ndim > 1 else mesh)
+        value = funcol.all_reduce(value, op, (mesh, dim) if mesh.ndim > 1 else mesh)
     return funcol.wait_tensor(value) if hasattr(funcol, "wait_tensor") else value
+
+
+def same_placement(a, b):
+    """Whether two DTensors are laid out alike: one mesh, the same placements and global shape."""
+    return a.device_mesh == b.device_mesh and tuple(a.placements) == tuple(b.placements) and a.shape == b.shape

@@ -89,15 +89,17 @@ def add_to_grad(plan, coefficients):
 def prox(plan, coefficients, lr, metric=None):
     """The proximal step for step size ``lr``, in place, under no_grad. ``metric``: None
     (Euclidean), or ``{id(parameter): D}`` (a diagonal preconditioner per parameter; a parameter
-    absent from it gets D = 1): the step ``argmin ½‖x − y‖²_D + lr·R(x)``."""
-    if metric is not None:
-        _check_metric_step(plan, coefficients)
+    absent from it gets D = 1): the step ``argmin ½‖x − y‖²_D + lr·R(x)`` (sharded parameters:
+    ``_sharded.metric_prox``)."""
     # The metric step's tables in float64: it reads 2·lr·l2 as DENOMINATOR − 1.
     call = plan.call(coefficients, PROX, lr, None if metric is None else torch.float64)
     with torch.no_grad():
         plan.check_in_place_once()
         if metric is not None:
+            shards = [_sharded.local_metrics(part, metric) for part in plan.meshes]  # checked before any step
             _metric_prox(plan, call, metric)
+            for part, local in zip(plan.meshes, shards):
+                _sharded.metric_prox(plan, part, call, local)
             return
         coupled = _coupled_norms(plan, call, coefficients, shrink=True)
         for kg, (groups, table) in zip(plan.local, call):
@@ -129,13 +131,6 @@ def _metric_prox(plan, call, metric):
     for coupling in slices:
         if coupling:
             _ops.coupled_metric_prox_(coupling)
-
-
-def _check_metric_step(plan, coefficients):
-    """What the step in a metric does not offer yet: errors naming why, never another step."""
-    if plan.meshes:
-        raise NotImplementedError("fastreg: the proximal step in an optimizer's metric does not support sharded "
-                                  "parameters yet; use metric='euclidean'")
 
 
 def _coupling_pieces(plan, groups_of):

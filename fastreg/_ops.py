@@ -448,13 +448,17 @@ def prox_(backend, params, centers, groups, coeffs, group_norms=None, workspace=
         torch.autograd.graph.increment_version(params)
 
 
-def coupled_metric_prox_(slices):
+def coupled_metric_prox_(slices, reduce=None):
     """The step in a metric of one coupling: ``slices`` are ``(param, center, metric, row, dim,
     size)`` (``metric`` a ``_terms.Metric`` or None, ``row`` the param's Prox row), whose groups
     along ``dim`` together form the coupling's groups. Each group's multiplier is the root for
     all its slices at once (their ``u`` and ``a`` side by side), so the slices cannot go through
     separate kernel calls: torch ops in float64 (``_terms``' reference maths), the parameters
-    written with ``copy_`` (version counters bumped by torch)."""
+    written with ``copy_`` (version counters bumped by torch).
+
+    ``reduce``: None, or the hook of ``_terms.metric_multiplier`` that combines each group's
+    sums, minima and maxima with those of its parts on other ranks (``fastreg._sharded``: the
+    local shard of a parameter whose groups span shards, one slice)."""
     with torch.autocast(slices[0][0].device.type, enabled=False):
         shrunk = []
         for p, c, metric, row, dim, size in slices:
@@ -468,7 +472,7 @@ def coupled_metric_prox_(slices):
         u_rows = torch.cat([logical_groups(u, dim, size) for (u, _), (*_, dim, size) in zip(shrunk, slices)], dim=1)
         a_rows = torch.cat([logical_groups(a, dim, size) for (_, a), (*_, dim, size) in zip(shrunk, slices)], dim=1)
         mu, shift, spread = metric_multiplier(u_rows, a_rows, row[Prox.GROUP_THRESHOLD], row[Prox.MIN_NORM],
-                                       row[Prox.MAX_NORM])
+                                              row[Prox.MAX_NORM], reduce=reduce)
         for (u, a), (p, c, _, _, dim, size) in zip(shrunk, slices):
             x = metric_step(u, a, mu, shift, spread, dim, size)
             if c is not None:

@@ -19,6 +19,12 @@ value, in the same single collective, and every rank then computes the same glob
 surrogate ``group · Σ_g local_sq_g / (2 N_g)`` with ``N_g`` held constant, which is how the
 value carries it. One all-reduce per mesh dimension is the only communication.
 
+The step in a diagonal metric (``metric_prox``) has no closed form per group: a group's
+multiplier is the root of a scalar equation over all its elements. Groups within a shard step
+in the fused kernels; a group that spans shards runs the float64 reference maths
+(``_terms.metric_multiplier``) with every per-group sum, minimum and maximum all-reduced over
+the mesh, once per Newton iteration — identical values on every rank, so identical decisions.
+
 Per-parameter settings: the counted sums are reduced per *class* (``fastreg._plan``: a param
 group, and whether its own group term counts), one row of the reduced vector each, so every
 param group's global value comes out of the same single collective.
@@ -28,7 +34,7 @@ import torch
 
 from fastreg import _dtensor, _ops
 from fastreg._coefficients import add_class_values, add_values, term
-from fastreg.backends._geometry import fixed_order_sum, group_sizes
+from fastreg.backends._geometry import NO_GROUPS, fixed_order_sum, group_sizes
 from fastreg.backends._terms import Sum
 
 
@@ -130,6 +136,87 @@ def prox(plan, part, call):
             _ops.prox_(plan.backend, params, kg.centers, groups, table, n.to(shrunk_sq.dtype), kg.workspace)
     # The kernels bumped the local shards' versions; autograd checks the DTensors' own.
     torch.autograd.graph.increment_version([t for kg in part.groups for t in kg.tensors])
+
+
+def local_metrics(part, metric):
+    """``{id(parameter): Metric}`` of one mesh's parameters, their tensors replaced by their local
+    shards (``_local_metric``); a parameter absent from ``metric`` is absent here too (D = 1)."""
+    return {id(t): _local_metric(name, t, metric[id(t)]) for kg in part.groups
+            for name, t in zip(kg.names, kg.tensors) if metric.get(id(t)) is not None}
+
+
+def metric_prox(plan, part, call, metric):
+    """The step in a diagonal metric (``metric``: ``{id(parameter): Metric}`` of local shards, from
+    ``local_metrics``; a parameter absent from it gets D = 1) on every local shard of one mesh.
+
+    The tensors whose groups lie within a shard (or that have none in this call) go through the
+    fused kernels, their local shards with the local shards of their metrics. A group that spans
+    shards has one multiplier, a root over all its elements: each spanning tensor's local shard
+    takes the float64 torch path of coupled groups (``_ops.coupled_metric_prox_``) with a
+    ``reduce`` hook that all-reduces every per-group sum, minimum and maximum over the mesh
+    (``_terms.metric_multiplier``): a few collectives to start, one per Newton iteration. Every
+    rank gets the same values, so every rank takes the same branches and iterations, and each
+    writes its own shard. The spanning tensors are stepped in the plan's order of parameters,
+    the same on every rank."""
+    calls = _calls_of(plan, call)
+    position = {id(m): i for i, m in enumerate(plan.members)}
+    spanning = []
+    for kg in part.groups:
+        groups, table = calls[id(kg)]
+        params = kg.local()
+        metrics = [metric.get(id(t)) for t in kg.tensors]
+        span = [i for i, dim in enumerate(groups.dims) if dim != NO_GROUPS] if kg.reduce_groups else []
+        fused = [i for i in range(len(params)) if i not in span]
+        if len(fused) == len(params):
+            _ops.prox_(plan.backend, params, kg.centers, groups, table, None, kg.workspace, metrics)
+        elif fused:
+            _ops.prox_(plan.backend, [params[i] for i in fused],
+                       None if kg.centers is None else [kg.centers[i] for i in fused], groups.subset(fused),
+                       table[fused], None, kg.workspace, [metrics[i] for i in fused])
+        for i in span:
+            piece = (params[i], None if kg.centers is None else kg.centers[i], metrics[i], table[i], groups.dims[i],
+                     groups.sizes[i])
+            spanning.append((position[id(kg.members[i])], kg.counted, piece))
+    for _, counted, piece in sorted(spanning, key=lambda entry: entry[0]):
+        _ops.coupled_metric_prox_([piece], _mesh_reduce(part.mesh, counted))
+    # The kernels and copy_ bumped the local shards' versions; autograd checks the DTensors' own.
+    torch.autograd.graph.increment_version([t for kg in part.groups for t in kg.tensors])
+
+
+def _mesh_reduce(mesh, counted):
+    """The ``reduce`` hook of ``_terms.metric_multiplier`` over ``mesh``: sums of the counted
+    shards (a replica other than coordinate 0 adds zeros), minima and maxima over every rank."""
+
+    def reduce(op, values):
+        if op == "sum" and not counted:
+            values = torch.zeros_like(values)
+        return _dtensor.all_reduce(values, mesh, op)
+
+    return reduce
+
+
+def _local_metric(name, param, metric):
+    """A ``Metric`` of a sharded parameter with its tensors replaced by their local shards: a
+    DTensor laid out as the parameter (an optimizer's state is) as its local shard, a plain
+    tensor of the parameter's full shape as this rank's part of it (a view; nothing copied)."""
+    if metric is None:
+        return None
+    centered = None if metric.centered is None else _local_part(name, param, metric.centered)
+    return metric._replace(v=_local_part(name, param, metric.v), centered=centered)
+
+
+def _local_part(name, param, tensor):
+    if _dtensor.is_sharded(tensor):
+        if not _dtensor.same_placement(tensor, param):
+            raise ValueError(f"fastreg: the metric of parameter {name!r} is a DTensor of shape {tuple(tensor.shape)} "
+                             f"with placements {tuple(tensor.placements)} on {tensor.device_mesh}; the parameter has "
+                             f"shape {tuple(param.shape)}, placements {tuple(param.placements)} on "
+                             f"{param.device_mesh}: redistribute the metric to the parameter's placements")
+        return tensor.to_local()
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(f"fastreg: the metric of sharded parameter {name!r} has shape {tuple(tensor.shape)}; give "
+                         f"a DTensor laid out as the parameter, or a tensor of its full shape {tuple(param.shape)}")
+    return tensor[_dtensor.local_slices(param)]
 
 
 def _calls_of(plan, call):

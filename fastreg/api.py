@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from fastreg import _attach, _coefficients, _dispatch, _explain, _one_call, _operations, _settings
+from fastreg import _attach, _coefficients, _dispatch, _dtensor, _explain, _one_call, _operations, _settings
 from fastreg._plan import Plan
 from fastreg.backends._terms import Metric
 
@@ -252,7 +252,9 @@ class Penalty:
         weights, the group term whole groups, to exact zeros (``w == c`` with a center), which
         subgradient steps never do. Call it right after ``optimizer.step()``, with a penalty that
         is *not* also in the loss. Sharded parameters are updated shard by shard; only strided
-        groups of sharded parameters need communication (one all-reduce).
+        groups of sharded parameters need communication (one all-reduce; in a metric, one per
+        Newton iteration of the groups that span shards). A sharded parameter's ``D`` is a DTensor
+        laid out as the parameter, or a plain tensor of its full shape (each rank reads its part).
         """
         plan = self._plan.current()
         _operations.prox(plan, self.coefficients(), _checked_lr(lr), _checked_metric(plan, metric))
@@ -313,6 +315,7 @@ def _checked_metric(plan, metric):
         pairs = [(t, v) for (_, t), v in zip(named, values)]
     name_of = {id(t): n for n, t in named}
     checked = {}
+    sharded = {}  # mesh -> [(name, whether this rank's shard of its DTensor metric is bad)]
     for tensor, value in pairs:
         if value is None:
             continue
@@ -321,16 +324,42 @@ def _checked_metric(plan, metric):
             raise ValueError(f"fastreg: metric gives parameter {name!r} twice (by tensor and by name)")
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise TypeError(f"fastreg: the metric of parameter {name!r} must be a floating-point tensor")
+        if _dtensor.is_sharded(value):
+            # A sharded parameter's metric as a DTensor laid out as the parameter: each rank
+            # checks its own shard, and every rank raises if any shard is bad (below).
+            if not (_dtensor.is_sharded(tensor) and _dtensor.same_placement(value, tensor)):
+                layout = (f"shape {tuple(tensor.shape)}, placements {tuple(tensor.placements)}"
+                          if _dtensor.is_sharded(tensor) else f"a plain tensor of shape {tuple(tensor.shape)}")
+                raise ValueError(f"fastreg: the metric of parameter {name!r} is a DTensor of shape "
+                                 f"{tuple(value.shape)} with placements {tuple(value.placements)}; the parameter is "
+                                 f"{layout}: give a DTensor laid out as the parameter, or a plain tensor of its "
+                                 "full shape")
+            local = value.to_local().detach()
+            bad = torch.zeros((), dtype=torch.float64, device=local.device)
+            if local.numel():
+                low, high = torch.aminmax(local)
+                bad = (~((low > 0) & (high < math.inf))).to(torch.float64)
+            sharded.setdefault(value.device_mesh, []).append((name, bad))
+            checked[id(tensor)] = Metric(value.detach(), root=False)
+            continue
         if value.device != tensor.device or not _broadcasts_to(value.shape, tensor.shape):
             raise ValueError(f"fastreg: the metric of parameter {name!r} has shape {tuple(value.shape)} on "
-                             f"{value.device}; the parameter {tuple(tensor.shape)} on {tensor.device}")
+                             f"{value.device}; the parameter {tuple(tensor.shape)} on {tensor.device}"
+                             + (" (a sharded parameter takes a DTensor laid out as it, or a plain tensor of its "
+                                "full shape)" if _dtensor.is_sharded(tensor) else ""))
         if value.numel():  # one fused read (a NaN makes the minimum NaN, which fails the test too)
             low, high = torch.aminmax(value.detach())
             if not bool((low > 0) & (high < math.inf)):
                 raise ValueError(f"fastreg: the metric of parameter {name!r} must be positive and finite everywhere")
         # The kernels take one metric element per parameter element: a broadcast one is expanded
-        # (a view; a backend reads it through its own dense copy, as any operand of another layout).
+        # (a view; a backend reads it through its own dense copy, as any operand of another layout;
+        # a sharded parameter's kernels read this rank's part of it: fastreg._sharded).
         checked[id(tensor)] = Metric(value.detach().expand(tensor.shape), root=False)
+    for mesh, flags in sharded.items():  # one all-reduce per mesh: every rank raises, or none
+        bad = _dtensor.all_reduce_sum(torch.stack([flag for _, flag in flags]), mesh)
+        for (name, _), flag in zip(flags, bad.tolist()):
+            if flag:
+                raise ValueError(f"fastreg: the metric of parameter {name!r} must be positive and finite everywhere")
     return checked
 
 

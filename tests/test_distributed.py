@@ -331,3 +331,162 @@ def _settings_worker(rank):
 
 def test_param_groups_and_constraints_on_sharded_parameters(tmp_path):
     _run(_settings_worker, tmp_path)
+
+
+# ------------------------------------------------------------------ the step in a metric
+
+# name: (shape, placement (Shard dim, or None: Replicate), param group). Param group 0 has
+# column groups (group_dim=1), 1 row groups (group_dim=0), 2 blocks of 2 columns. Spanning
+# shards: "cols_s0" (columns of a Shard(0) tensor), "rows_s1", "blocks_s0", "vec_s0" (no groups:
+# max_norm on the whole vector); within a shard: "cols_s1", "rows_s0", "cols_rep"; "rows_s0"
+# splits 1/0 (an empty local shard).
+METRIC_PARAMS = {"cols_s0": ((7, 4), 0, 0), "cols_s1": ((5, 6), 1, 0), "vec_s0": ((5,), 0, 0),
+                 "cols_rep": ((3, 4), None, 0), "rows_s1": ((4, 5), 1, 1), "rows_s0": ((1, 5), 0, 1),
+                 "blocks_s0": ((6, 4), 0, 2)}
+METRIC_SETTINGS = [{"group_dim": 1, "l1": 0.3, "l2": 0.2, "group": 3.0, "max_norm": 1.2},
+                   {"group_dim": 0, "l1": 0.3, "l2": 0.1, "group": 3.0, "max_norm": 0.9},
+                   {"group_dim": 1, "group_size": 2, "l1": 0.3, "l2": 0.1, "group": 3.0, "max_norm": 1.0}]
+
+
+def _metric_full(seed, positive=False, spec=METRIC_PARAMS):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, (shape, _, _) in spec.items():
+        if positive:
+            out[name] = 0.5 + 2 * torch.rand(*shape, dtype=torch.float64, generator=g)
+        else:  # groups of every scale: some exactly zero, some free, some at a norm bound
+            t = torch.randn(*shape, dtype=torch.float64, generator=g)
+            for dim, n in enumerate(shape):
+                t = t * torch.linspace(0.1, 1.5, n, dtype=torch.float64).reshape([n] + [1] * (len(shape) - dim - 1))
+            out[name] = t
+    return out
+
+
+def _distribute(full, mesh, spec=METRIC_PARAMS, parameter=True):
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    out = {}
+    for name, t in full.items():
+        dim = spec[name][1]
+        d = distribute_tensor(t.clone(), mesh, [Replicate() if dim is None else Shard(dim)])
+        out[name] = nn.Parameter(d) if parameter else d
+    return out
+
+
+def _metric_groups(tensors, spec=METRIC_PARAMS, settings=METRIC_SETTINGS):
+    return [dict(s, params=[(n, t) for n, t in tensors.items() if spec[n][2] == k]) for k, s in enumerate(settings)]
+
+
+def _assert_local(params, expected, rtol=1e-10, atol=1e-13, zeros=True):
+    from fastreg import _dtensor
+
+    for name, p in params.items():
+        want = expected[name][_dtensor.local_slices(p)]
+        torch.testing.assert_close(p.to_local().detach(), want, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+        if zeros:
+            assert torch.equal(p.to_local() == 0, want == 0), name
+
+
+def _metric_prox_worker(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+
+    from fastreg import _dtensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    full, D = _metric_full(20), _metric_full(21, positive=True)
+    # The metric of some parameters as a DTensor laid out as the parameter, of others as a plain
+    # full tensor (each rank reads its part), one without (D = 1).
+    given = {n: D[n] for n in ("cols_s1", "rows_s0", "blocks_s0")}
+    given["cols_rep"] = None
+    as_dtensors = ("cols_s0", "vec_s0", "rows_s1")
+    reference = {n: nn.Parameter(t.clone()) for n, t in full.items()}
+    fastreg.Penalty(_metric_groups(reference)).prox_(LR, metric={**{n: D[n] for n in as_dtensors}, **given})
+    assert any((t == 0).any() for t in reference.values()) and any((t != 0).any() for t in reference.values())
+
+    params = _distribute(full, mesh)
+    dtensors = _distribute({n: D[n] for n in as_dtensors}, mesh, parameter=False)
+    reg = fastreg.Penalty(_metric_groups(params))
+    versions = {n: p._version for n, p in params.items()}
+    reg.prox_(LR, metric={**dtensors, **given})
+    _assert_local(params, {n: t.detach() for n, t in reference.items()})
+    assert all(p._version > versions[n] for n, p in params.items())
+
+    # Groups within shards only: the fused kernels on the local shards, no collective (a metric
+    # given as DTensors would take one, the check that every shard of it is positive).
+    within = {n: s for n, s in METRIC_PARAMS.items() if n in ("cols_s1", "rows_s0", "cols_rep")}
+    reference = {n: nn.Parameter(full[n].clone()) for n in within}
+    fastreg.Penalty(_metric_groups(reference, within)).prox_(LR, metric={n: D[n] for n in within})
+    params = _distribute({n: full[n] for n in within}, mesh, within)
+    calls, restore = _count_all_reduces(None)
+    try:
+        fastreg.Penalty(_metric_groups(params, within)).prox_(LR, metric={n: D[n] for n in within})
+        assert calls == [], calls
+    finally:
+        restore()
+    _assert_local(params, {n: t.detach() for n, t in reference.items()})
+
+    # unit_norm (a lower bound: the non-convex case), with l2 and the group term; "hard" has, in
+    # every row, y = 0 where D is smallest and ‖u/(a − min a)‖ < 1: the hard case, whose spread
+    # lands on one rank (the row's argmin column) while the norm comes from both.
+    spec = {"cols_s0": ((7, 4), 0, 0), "rows_s1": ((4, 5), 1, 1), "vec_s0": ((5,), 0, 0), "hard": ((4, 6), 1, 1)}
+    settings = [{"group_dim": 1, "l2": 0.2, "group": 0.1, "unit_norm": True},
+                {"group_dim": 0, "l2": 0.1, "unit_norm": True}]
+    full, D = _metric_full(22, spec=spec), _metric_full(23, positive=True, spec=spec)
+    full["hard"] = 0.01 * full["hard"]
+    for r in range(4):
+        full["hard"][r, r], D["hard"][r, r] = 0.0, 0.25
+    reference = {n: nn.Parameter(t.clone()) for n, t in full.items()}
+    fastreg.Penalty(_metric_groups(reference, spec, settings)).prox_(LR, metric=D)
+    for r in range(4):
+        assert reference["hard"][r, r] > 0  # the spread: the hard case was taken
+    params = _distribute(full, mesh, spec)
+    fastreg.Penalty(_metric_groups(params, spec, settings)).prox_(LR, metric=_distribute(D, mesh, spec, False))
+    _assert_local(params, {n: t.detach() for n, t in reference.items()})
+
+    # A DTensor metric laid out otherwise, or a plain one of the local shard's shape: an error
+    # naming the parameter, on every rank.
+    params = _distribute({"cols_s0": full["cols_s0"]}, mesh, spec)
+    reg = fastreg.Penalty(_metric_groups(params, {"cols_s0": spec["cols_s0"]}, settings[:1]))
+    replicated = torch.distributed.tensor.distribute_tensor(D["cols_s0"], mesh, [Replicate()])
+    for bad in (replicated, D["cols_s0"][_dtensor.local_slices(params["cols_s0"])][:3]):
+        with pytest.raises(ValueError, match="cols_s0"):
+            reg.prox_(LR, metric={"cols_s0": bad})
+    negative = _distribute({"cols_s0": torch.where(torch.arange(7)[:, None] == 6, -1.0, D["cols_s0"])}, mesh, spec,
+                           parameter=False)  # bad on rank 1's shard only
+    with pytest.raises(ValueError, match="cols_s0.*positive"):
+        reg.prox_(LR, metric=negative)
+
+
+def test_metric_prox_on_sharded_parameters(tmp_path):
+    _run(_metric_prox_worker, tmp_path)
+
+
+def _metric_attach_worker(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    full = _metric_full(30)
+    grads = [_metric_full(31 + step) for step in range(3)]
+
+    def train(params, shard):
+        opt = torch.optim.Adam(params.values(), lr=0.05)
+        reg = fastreg.Penalty(_metric_groups(params))
+        reg.attach(opt, mode="prox")
+        for g in grads:
+            for name, p in params.items():
+                p.grad = shard(name, p, g[name])
+            opt.step()
+        return params
+
+    reference = train({n: nn.Parameter(t.clone()) for n, t in full.items()}, lambda n, p, g: g.clone())
+    params = train(_distribute(full, mesh),
+                   lambda n, p, g: distribute_tensor(g.clone(), mesh, p.placements))
+    expected = {n: t.detach() for n, t in reference.items()}
+    assert any((t == 0).any() for t in expected.values())
+    _assert_local(params, expected)
+
+
+def test_attach_adam_prox_on_sharded_parameters(tmp_path):
+    _run(_metric_attach_worker, tmp_path)

@@ -244,26 +244,39 @@ def metric_step(u, a, mu, shift, spread, dim, size):
     return x_rows.reshape(u.movedim(dim, 0).shape).movedim(0, dim)
 
 
-def metric_multiplier(u, a, t3, lo, hi, iterations=60):
+def metric_multiplier(u, a, t3, lo, hi, iterations=60, reduce=None):
     """Per group (rows of ``u`` and ``a = D + c2``), ``(μ, shift, spread)`` for
     ``x = u/((a − shift) + μ)``: ``μ`` inf for a group that is exactly zero; ``shift`` 0, or
     ``min a`` for a group held at a lower bound ``lo`` (then ``μ = λ + min a`` >= 0, found and
     applied without cancelling next to ``λ = −min a``); ``spread`` the value where the divisor
     is 0 (the hard case; 0 elsewhere). Safeguarded Newton in float64 on a bracket from
-    ``min a`` and ``max a``."""
-    norm_u = u.norm(dim=1)
-    empty = u.shape[1] == 0
-    a_min = a.min(dim=1).values if not empty else torch.ones_like(norm_u)
-    a_max = a.max(dim=1).values if not empty else torch.ones_like(norm_u)
+    ``min a`` and ``max a``.
+
+    ``reduce``: None (each row holds its whole group), or ``reduce(op, values)`` with ``op`` one
+    of ``"sum"``, ``"min"``, ``"max"``: the per-row ``values`` (shape ``(k, groups)``) of this
+    part of every group combined with the other parts' (an all-reduce over the ranks a sharded
+    group spans; ``fastreg._sharded``). Every sum, min and max over a group's elements goes
+    through it (the norms, ``min a`` and ``max a``, f and its slope at every Newton iteration,
+    the lower bound's mass, count and limit at ``min a``), so every part gets the same values
+    and takes the same branches and the same number of iterations. Without it the step is
+    bitwise the one it always was."""
+    sums = _RowSums(reduce)
+    norm_u = sums.norm(u)
+    a_min, a_max = sums.min_max(a, norm_u)
     zero = norm_u <= t3
     safe_gap = torch.where(zero, 1.0, norm_u - t3)
 
     def f_and_slope(mu, base=a):
         q = base + mu[:, None]
         r = torch.where(u == 0, 0.0, u / q)  # a zero u is 0 whatever q is (0 in the hard case)
-        f = r.norm(dim=1)
-        slope = -torch.where(u == 0, 0.0, r * r / q).sum(dim=1) / torch.where(f > 0, f, 1.0)
-        return f, slope
+        if reduce is None:
+            f = r.norm(dim=1)
+            slope = -torch.where(u == 0, 0.0, r * r / q).sum(dim=1) / torch.where(f > 0, f, 1.0)
+            return f, slope
+        square = r * r
+        both = reduce("sum", torch.stack([square.sum(dim=1), torch.where(u == 0, 0.0, square / q).sum(dim=1)]))
+        f = both[0].sqrt()
+        return f, -both[1] / torch.where(f > 0, f, 1.0)
 
     mu = torch.zeros_like(norm_u)
     if t3 > 0:  # μ·f(μ) = t3 on [t3·a_min/(‖u‖ − t3), t3·a_max/(‖u‖ − t3)]
@@ -283,22 +296,62 @@ def metric_multiplier(u, a, t3, lo, hi, iterations=60):
         under = (norm_u > 0) & (zero | (f < lo))
         if bool(under.any()):
             sigma, spread = _lower_bound(u, a - a_min[:, None], a_max - a_min, norm_u, mu + a_min, zero, under, lo,
-                                         f_and_slope, iterations)
+                                         f_and_slope, iterations, sums)
             mu, shift = torch.where(under, sigma, mu), torch.where(under, a_min, shift)
             zero = zero & ~under
     return torch.where(zero, torch.inf, mu), shift, spread
 
 
-def _lower_bound(u, above, spread_a, norm_u, sigma_at_mu, zero, under, lo, f_and_slope, iterations):
+class _RowSums:
+    """The sums, minima and maxima over each row of a group matrix: the rows' own (``reduce``
+    None: the reference's expressions as written), or combined over the parts of each group
+    through ``reduce`` (see ``metric_multiplier``)."""
+
+    def __init__(self, reduce):
+        self.reduce = reduce
+
+    def norm(self, x):
+        if self.reduce is None:
+            return x.norm(dim=1)
+        return self.reduce("sum", (x * x).sum(dim=1)[None])[0].sqrt()
+
+    def min_max(self, a, like):
+        """``(min a, max a)`` per row; 1 for a group without elements."""
+        if self.reduce is None:
+            if a.shape[1] == 0:
+                return torch.ones_like(like), torch.ones_like(like)
+            return a.min(dim=1).values, a.max(dim=1).values
+        if a.shape[1] == 0:  # an empty part: the other parts decide
+            low, high = torch.full_like(like, torch.inf), torch.full_like(like, -torch.inf)
+        else:
+            low, high = a.min(dim=1).values, a.max(dim=1).values
+        both = self.reduce("max", torch.stack([-low, high]))  # one collective for both
+        low, high = -both[0], both[1]
+        empty = ~torch.isfinite(low)  # no part has an element
+        return torch.where(empty, 1.0, low), torch.where(empty, 1.0, high)
+
+    def at_min(self, u, above, at_min):
+        """``(mass, count, limit)`` per row: ``Σu²`` and the number of elements where ``above``
+        is 0, and ``‖u/above‖`` over the others."""
+        if self.reduce is None:
+            mass = torch.where(at_min, u * u, 0.0).sum(dim=1)
+            count = at_min.sum(dim=1)
+            limit = torch.where(at_min, 0.0, u / torch.where(at_min, 1.0, above)).norm(dim=1)
+            return mass, count, limit
+        ratio = torch.where(at_min, 0.0, u / torch.where(at_min, 1.0, above))
+        three = self.reduce("sum", torch.stack([torch.where(at_min, u * u, 0.0).sum(dim=1),
+                                                at_min.sum(dim=1).to(u.dtype), (ratio * ratio).sum(dim=1)]))
+        return three[0], three[1], three[2].sqrt()
+
+
+def _lower_bound(u, above, spread_a, norm_u, sigma_at_mu, zero, under, lo, f_and_slope, iterations, sums):
     """``(σ, spread)`` of the groups ``under`` the lower bound ``lo``, with ``above = a − min a``
     and σ = λ + min a: the root of f = lo, f(σ) = ‖u/(above + σ)‖, on
     [max(0, ‖u‖/lo − (max a − min a)), min(μ + min a, ‖u‖/lo)], found on 1/f − 1/lo (nearly
     linear next to the pole at σ = 0, where f is not); in the hard case (no u where ``above``
     is 0, and f's limit at σ = 0 within lo) σ = 0 and the spread."""
     at_min = above == 0
-    mass_at_min = torch.where(at_min, u * u, 0.0).sum(dim=1)
-    count_at_min = at_min.sum(dim=1)
-    f_limit = torch.where(at_min, 0.0, u / torch.where(at_min, 1.0, above)).norm(dim=1)
+    mass_at_min, count_at_min, f_limit = sums.at_min(u, above, at_min)
     hard = under & (mass_at_min == 0) & (f_limit <= lo)
     spread = torch.where(hard, ((lo * lo - f_limit * f_limit).clamp(min=0) / count_at_min.clamp(min=1)).sqrt(), 0.0)
     lower = (norm_u / lo - spread_a).clamp(min=0)
