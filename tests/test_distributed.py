@@ -338,11 +338,11 @@ def test_param_groups_and_constraints_on_sharded_parameters(tmp_path):
 # name: (shape, placement (Shard dim, or None: Replicate), param group). Param group 0 has
 # column groups (group_dim=1), 1 row groups (group_dim=0), 2 blocks of 2 columns. Spanning
 # shards: "cols_s0" (columns of a Shard(0) tensor), "rows_s1", "blocks_s0", "vec_s0" (no groups:
-# max_norm on the whole vector); within a shard: "cols_s1", "rows_s0", "cols_rep"; "rows_s0"
-# splits 1/0 (an empty local shard).
+# max_norm on the whole vector), "cols_empty"; within a shard: "cols_s1", "rows_s0", "cols_rep".
+# "rows_s0" and "cols_empty" split 1/0 (an empty local shard, whose columns still span).
 METRIC_PARAMS = {"cols_s0": ((7, 4), 0, 0), "cols_s1": ((5, 6), 1, 0), "vec_s0": ((5,), 0, 0),
                  "cols_rep": ((3, 4), None, 0), "rows_s1": ((4, 5), 1, 1), "rows_s0": ((1, 5), 0, 1),
-                 "blocks_s0": ((6, 4), 0, 2)}
+                 "blocks_s0": ((6, 4), 0, 2), "cols_empty": ((1, 4), 0, 0)}
 METRIC_SETTINGS = [{"group_dim": 1, "l1": 0.3, "l2": 0.2, "group": 3.0, "max_norm": 1.2},
                    {"group_dim": 0, "l1": 0.3, "l2": 0.1, "group": 3.0, "max_norm": 0.9},
                    {"group_dim": 1, "group_size": 2, "l1": 0.3, "l2": 0.1, "group": 3.0, "max_norm": 1.0}]
@@ -429,7 +429,8 @@ def _metric_prox_worker(rank):
     # unit_norm (a lower bound: the non-convex case), with l2 and the group term; "hard" has, in
     # every row, y = 0 where D is smallest and ‖u/(a − min a)‖ < 1: the hard case, whose spread
     # lands on one rank (the row's argmin column) while the norm comes from both.
-    spec = {"cols_s0": ((7, 4), 0, 0), "rows_s1": ((4, 5), 1, 1), "vec_s0": ((5,), 0, 0), "hard": ((4, 6), 1, 1)}
+    spec = {"cols_s0": ((7, 4), 0, 0), "rows_s1": ((4, 5), 1, 1), "vec_s0": ((5,), 0, 0), "hard": ((4, 6), 1, 1),
+            "cols_empty": ((1, 4), 0, 0)}
     settings = [{"group_dim": 1, "l2": 0.2, "group": 0.1, "unit_norm": True},
                 {"group_dim": 0, "l2": 0.1, "unit_norm": True}]
     full, D = _metric_full(22, spec=spec), _metric_full(23, positive=True, spec=spec)
