@@ -29,6 +29,11 @@
 //   value(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor table,
 //         ScalarType dtype) -> (Tensor, Tensor)
 //       the eager value of a kernel group, Σ table·sums in float64 as dtype, and group_sq (sums.cpp)
+//   penalty_value(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor table,
+//                 ScalarType dtype) -> Tensor
+//       value's total with its own autograd node (an Autograd kernel: the backward defers, or
+//       hands autograd the gradient, or under create_graph calls fastreg::value_graph_backward,
+//       registered in Python): value_node.cpp
 //   defer_add_grad(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes,
 //                  Tensor table, Tensor grad_value, Tensor group_sq) -> int
 //       inside the value's backward: queues p.grad += its gradient at the end of the backward
@@ -91,6 +96,10 @@ void metric_prox_(at::TensorList params, at::TensorList centers, at::TensorList 
                   at::IntArrayRef group_sizes, const at::Tensor& coeffs, const at::Tensor& metric_table);
 std::tuple<at::Tensor, at::Tensor> value(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
                                          at::IntArrayRef group_sizes, const at::Tensor& table, at::ScalarType dtype);
+at::Tensor penalty_value(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
+                         at::IntArrayRef group_sizes, const at::Tensor& table, at::ScalarType dtype);
+at::Tensor penalty_value_cpu(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
+                             at::IntArrayRef group_sizes, const at::Tensor& table, at::ScalarType dtype);
 std::vector<int64_t> gradient_routes(at::TensorList params);
 int64_t defer_add_grad(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
                        at::IntArrayRef group_sizes, const at::Tensor& table, const at::Tensor& grad_value,

@@ -42,6 +42,8 @@ TORCH_LIBRARY(fastreg_cpu, m) {
         "int[] group_dims, int[] group_sizes, Tensor coeffs, Tensor metric_table) -> ()");
   m.def("value(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor table, "
         "ScalarType dtype) -> (Tensor, Tensor)");
+  m.def("penalty_value(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor table, "
+        "ScalarType dtype) -> Tensor");
   m.def("gradient_routes(Tensor[] params) -> int[]", &fastreg_cpu::gradient_routes);
   m.def("defer_add_grad(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor table, "
         "Tensor grad_value, Tensor group_sq) -> int", &fastreg_cpu::defer_add_grad);
@@ -55,8 +57,14 @@ TORCH_LIBRARY(fastreg_cpu, m) {
 TORCH_LIBRARY_IMPL(fastreg_cpu, CPU, m) {
   m.impl("sums", &fastreg_cpu::sums);
   m.impl("value", &fastreg_cpu::value);
+  m.impl("penalty_value", &fastreg_cpu::penalty_value_cpu);
   m.impl("grads", &fastreg_cpu::grads);
   m.impl("add_grad_", &fastreg_cpu::add_grad_);
   m.impl("prox_", &fastreg_cpu::prox_);
   m.impl("metric_prox_", &fastreg_cpu::metric_prox_);
+}
+
+// The value's own autograd node (value_node.cpp).
+TORCH_LIBRARY_IMPL(fastreg_cpu, Autograd, m) {
+  m.impl("penalty_value", &fastreg_cpu::penalty_value);
 }

@@ -250,6 +250,9 @@ def penalty_value(params, centers, groups, table, backend, workspace, dtype):
     sharded parameters whose coefficients need no gradient: the value formed per class with torch
     ops (``fastreg._coefficients``) costs a dozen small ops and autograd nodes per call, which is
     the whole cost of a small model's penalty."""
+    node = getattr(_dispatch.backend_for(backend, params[0].device), "penalty_value", None)
+    if node is not None and _plain(params):  # the backend's own node (the cpu backend: csrc/value_node.cpp)
+        return node(params, centers, groups, table, dtype)
     return _EagerValue.apply(backend, groups, len(params), workspace, table, dtype, *params, *(centers or []))
 
 
@@ -257,6 +260,26 @@ def weighted_total(sums, table, dtype):
     """``Σ table·sums`` with the zero coefficients' terms dropped (never inf·0), in float64."""
     products = sums.double() * table
     return torch.where(table != 0, products, 0).sum().to(dtype)
+
+
+def _value_graph_backward(params, centers, group_dims, group_sizes_, table, grad_value):
+    """``_EagerValue.backward`` under create_graph, for a backend's own value node (the cpu
+    backend's C++ node calls it through the dispatcher: ``fastreg::value_graph_backward``, a
+    CompositeImplicitAutograd kernel, so that autograd records what it does): the value formed
+    again through the differentiable sums over aliases of the params, differentiated with a graph.
+    Only the cpu backend has such a node."""
+    groups = Groups(tuple(group_dims), tuple(group_sizes_))
+    with torch.enable_grad():
+        aliases = [p.view_as(p) for p in params]
+        sums_, _ = penalty_sums(aliases, centers, groups, "cpu")
+        again = weighted_total(sums_, table, grad_value.dtype)
+    return list(torch.autograd.grad(again, aliases, grad_value, create_graph=True, allow_unused=True))
+
+
+_library = torch.library.Library("fastreg", "FRAGMENT")
+_library.define("value_graph_backward(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, "
+                "Tensor table, Tensor grad_value) -> Tensor?[]")
+_library.impl("value_graph_backward", _value_graph_backward, "CompositeImplicitAutograd")
 
 
 class _EagerValue(torch.autograd.Function):

@@ -64,6 +64,15 @@ class _Additions:
         return repr(self.ran())
 
 
+@pytest.fixture(autouse=True, params=["node", "function"])
+def value_node(request, monkeypatch):
+    """Every test twice: the cpu backend's C++ value node (csrc/value_node.cpp), and the Python
+    autograd.Function it replaces (fastreg._ops._EagerValue, still taken by a backend without it)."""
+    if request.param == "function":
+        monkeypatch.setattr(cpu, "penalty_value", None)
+    return request.param
+
+
 @pytest.fixture
 def deferred(monkeypatch):
     """Counts the deferred additions (the end-of-backward callbacks that ran)."""
@@ -224,7 +233,8 @@ def test_reentrant_checkpointing(deferred):
 
 def test_without_the_extension_the_graph_is_used(deferred, monkeypatch):
     monkeypatch.setattr(_dispatch, "gradient_routes", lambda params: None)
-    monkeypatch.setattr(cpu, "defer_add_grad", None)  # the C++ deferral is in the same extension
+    monkeypatch.setattr(cpu, "defer_add_grad", None)  # the C++ deferral and value node are in the same extension
+    monkeypatch.setattr(cpu, "penalty_value", None)
     ours, theirs, reg = _pair()
     (_task(ours) + reg()).backward()
     (_task(theirs) + _reference_penalty(theirs)).backward()
@@ -342,3 +352,66 @@ def test_saved_tensor_hooks_keep_the_graph(deferred, hooks):
     loss(theirs, lambda: _reference_penalty(theirs)).backward()
     _assert_same_grads(ours, theirs)
     assert deferred == []
+
+
+def _node_and_function(monkeypatch, params, **settings):
+    """The value and the gradients of ``params`` through the C++ node and through the Python
+    autograd.Function, for each way the backward goes (deferred, through the graph because of a
+    hook, under create_graph with a Hessian-vector product), for the caller to compare bitwise."""
+    results = []
+    for node in (True, False):
+        with monkeypatch.context() as patch:
+            if not node:
+                patch.setattr(cpu, "penalty_value", None)
+            ps = [p.detach().clone().requires_grad_() for p in params]
+            reg = fastreg.Penalty(ps, backend="cpu", **settings)
+            out = {}
+            value = reg()
+            assert ("PenaltyValueBackward" in type(value.grad_fn).__name__ + value.grad_fn.name()) == node
+            (0.75 * value).backward()
+            out["value"], out["deferred"] = value.detach(), [p.grad.clone() for p in ps]
+            for p in ps:
+                p.grad = None
+            ps[0].register_hook(lambda g: g)  # a hook: the graph
+            (0.75 * reg()).backward()
+            out["graph"] = [p.grad.clone() for p in ps]
+            vs = [torch.ones_like(p) for p in ps]
+            grads = torch.autograd.grad(reg(), ps, create_graph=True)
+            out["hvp"] = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), ps)
+            out["first"] = [g.detach() for g in grads]
+            results.append(out)
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("centered", [False, True])
+def test_the_node_and_the_function_agree_bitwise(monkeypatch, value_node, dtype, centered):
+    if value_node == "function":
+        pytest.skip("compares both itself")
+    torch.manual_seed(0)
+    params = [torch.randn(6, 4, dtype=dtype), torch.randn(5, dtype=dtype), torch.zeros(3, 2, dtype=dtype)]
+    settings = dict(l1=L1, l2=L2, group=GROUP)
+    if centered:
+        settings["center"] = [torch.randn_like(p) for p in params]
+    ours, python = _node_and_function(monkeypatch, params, **settings)
+    for key in ours:
+        a, b = ours[key], python[key]
+        for x, y in (zip(a, b) if isinstance(a, (list, tuple)) else [(a, b)]):
+            assert torch.equal(x, y), key
+
+
+def test_the_node_releases_what_it_saved(value_node):
+    """After a backward without retain_graph, a second one is an error (the saved params are
+    released), as for any autograd node; with retain_graph it runs again."""
+    p = torch.randn(4, 3, requires_grad=True)
+    reg = fastreg.Penalty([p], l2=L2, backend="cpu")
+    value = reg()
+    value.backward(retain_graph=True)
+    value.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        value.backward()
+    value = reg()
+    with torch.no_grad():
+        p.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        value.backward()

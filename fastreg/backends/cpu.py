@@ -48,7 +48,8 @@ METRIC_PROX = True  # prox_(..., metric=...): csrc/metric_prox.cpp
 
 # One translation unit per op (ninja compiles them in parallel) and the shared headers: every
 # file in csrc/, since all of them enter the hash that names the build.
-SOURCE_FILES = ("library.cpp", "sums.cpp", "grads.cpp", "add_grad.cpp", "prox.cpp", "metric_prox.cpp", "deferral.cpp")
+SOURCE_FILES = ("library.cpp", "sums.cpp", "grads.cpp", "add_grad.cpp", "prox.cpp", "metric_prox.cpp", "deferral.cpp",
+                "value_node.cpp")
 HEADER_FILES = ("fastreg_cpu.h", "vec.h", "traits.h", "span.h", "terms.h", "schedule.h", "prepare.h", "passes.h")
 EXTENSION = _build.Extension("fastreg_cpu", SOURCE_FILES, HEADER_FILES, what="the C++ CPU kernels")
 # CHUNK_ELEMS (elements per flat chunk, kChunk in csrc/schedule.h) is read from the extension:
@@ -122,6 +123,13 @@ def value(params, centers, groups, table, dtype):
     """``(Σ table·sums as dtype, group_sq)`` of one kernel group (``_ops.weighted_total``'s ops in
     C++, after the sums): the eager forward in one call."""
     return _kernels().value(params, _as_list(centers), groups.dims, groups.sizes, table, dtype)
+
+
+def penalty_value(params, centers, groups, table, dtype):
+    """``value``'s total as one op with its own C++ autograd node (``csrc/value_node.cpp``): the
+    backward of ``fastreg._ops._EagerValue`` (deferred, through the graph, or under create_graph
+    ``fastreg::value_graph_backward``) without Python in the forward or the backward."""
+    return _kernels().penalty_value(params, _as_list(centers), groups.dims, groups.sizes, table, dtype)
 
 
 def defer_add_grad(params, centers, groups, table, grad_value, group_sq):
@@ -317,6 +325,10 @@ def _register_fakes():
     def _value_fake(params, centers, group_dims, group_sizes, table, dtype):
         return params[0].new_empty((), dtype=dtype), sums_like(params, group_dims, group_sizes)[1]
 
+    @torch.library.register_fake("fastreg_cpu::penalty_value")
+    def _penalty_value_fake(params, centers, group_dims, group_sizes, table, dtype):
+        return params[0].new_empty((), dtype=dtype)
+
     @torch.library.register_fake("fastreg_cpu::grads")
     def _grads_fake(params, centers, group_dims, group_sizes, coeffs, group_scale):
         return [torch.empty_like(p) for p in params]
@@ -347,6 +359,7 @@ class _Ops:
         self.prox_ = namespace.prox_.default
         self.metric_prox_ = namespace.metric_prox_.default
         self.value = namespace.value.default
+        self.penalty_value = namespace.penalty_value.default
         self.defer_add_grad = namespace.defer_add_grad.default
         self.deferral_log = namespace.deferral_log.default
         self.gradient_routes = namespace.gradient_routes.default
