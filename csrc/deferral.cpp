@@ -25,6 +25,7 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/record_function.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sqrt.h>
@@ -203,11 +204,24 @@ struct Addition {
 void add_deferred(const Addition& a) {
   RECORD_FUNCTION("fastreg::deferred_add_grad", std::vector<c10::IValue>());  // (a profiler's row: bench.step)
   at::NoGradGuard no_grad;
-  const int64_t token = lock_accumulators(a.params);
+  // AccumulateGrad's locks, in address order (lock_accumulators' order), held for this scope.
+  std::vector<NodePtr> nodes;
+  nodes.reserve(a.params.size());
+  for (const auto& p : a.params) {
+    if (!p.defined() || !p.requires_grad()) continue;
+    auto node = torch::autograd::impl::try_get_grad_accumulator(p);
+    if (node) nodes.push_back(std::move(node));
+  }
+  std::sort(nodes.begin(), nodes.end(), [](const NodePtr& x, const NodePtr& y) { return x.get() < y.get(); });
+  nodes.erase(std::unique(nodes.begin(), nodes.end(), [](const NodePtr& x, const NodePtr& y) { return x.get() == y.get(); }),
+              nodes.end());
+  for (auto& node : nodes) NodeMutex::of(*node).lock();
   struct Unlock {
-    int64_t token;
-    ~Unlock() { unlock_accumulators(token); }
-  } unlock{token};
+    std::vector<NodePtr>& nodes;
+    ~Unlock() {
+      for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) NodeMutex::of(**it).unlock();
+    }
+  } unlock{nodes};
   std::vector<at::Tensor> grads;
   grads.reserve(a.params.size());
   for (const auto& p : a.params) {
@@ -228,16 +242,52 @@ void add_deferred(const Addition& a) {
                   "allowed (as for any PyTorch in-place op); clone it, or call this inside torch.inference_mode()");
     }
   }
-  std::map<std::string, std::vector<int64_t>> by_dtype;  // (a fixed order; each call writes its own gradients)
-  for (size_t k = 0; k < grads.size(); ++k) by_dtype[c10::toString(grads[k].scalar_type())].push_back(k);
-  for (const auto& entry : by_dtype) {
-    const Addition part = a.subset(entry.second);
-    std::vector<at::Tensor> part_grads;
-    for (const int64_t k : entry.second) part_grads.push_back(grads[k]);
-    add_grad_(part.params, part_grads, part.centers, part.dims, part.sizes, part.coeffs, part.norms, false);
+  const at::ScalarType first = grads.front().scalar_type();
+  if (std::all_of(grads.begin(), grads.end(), [&](const at::Tensor& g) { return g.scalar_type() == first; })) {
+    add_grad_(a.params, grads, a.centers, a.dims, a.sizes, a.coeffs, a.norms, false);
+  } else {
+    // One add_grad_ per gradient dtype, in a fixed order (each call writes its own gradients).
+    std::map<std::string, std::vector<int64_t>> by_dtype;
+    for (size_t k = 0; k < grads.size(); ++k) by_dtype[c10::toString(grads[k].scalar_type())].push_back(k);
+    for (const auto& entry : by_dtype) {
+      const Addition part = a.subset(entry.second);
+      std::vector<at::Tensor> part_grads;
+      for (const int64_t k : entry.second) part_grads.push_back(grads[k]);
+      add_grad_(part.params, part_grads, part.centers, part.dims, part.sizes, part.coeffs, part.norms, false);
+    }
   }
   for (const auto& g : grads) torch::autograd::impl::bump_version(g);
   log_addition(static_cast<int64_t>(a.params.size()));
+}
+
+// (double(table) · double(grad_value)) as group_sq's dtype: the values of
+// table.to(kDouble).mul(grad_value.to(kDouble)).to(dtype), element by element, for a float or
+// double table (else those ATen ops).
+at::Tensor deferred_coeffs(const at::Tensor& table, const at::Tensor& grad_value, at::ScalarType dtype) {
+  const bool direct = table.device().is_cpu() && table.dim() == 2 && grad_value.device().is_cpu() &&
+                      grad_value.numel() == 1 &&
+                      (table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble) &&
+                      (dtype == at::kFloat || dtype == at::kDouble);
+  if (!direct) return table.to(at::kDouble).mul(grad_value.to(at::kDouble)).to(dtype);
+  double g = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_value.scalar_type(), "fastreg_cpu::defer_add_grad",
+                                  [&] { g = static_cast<double>(*grad_value.const_data_ptr<scalar_t>()); });
+  const int64_t rows = table.size(0), cols = table.size(1);
+  at::Tensor out = at::empty({rows, cols}, table.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "fastreg_cpu::defer_add_grad", [&] {
+    using C = scalar_t;
+    const C* t = table.const_data_ptr<C>();
+    const int64_t r_stride = table.stride(0), c_stride = table.stride(1);
+    AT_DISPATCH_FLOATING_TYPES(dtype, "fastreg_cpu::defer_add_grad", [&] {
+      scalar_t* o = out.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < cols; ++j) {
+          o[i * cols + j] = static_cast<scalar_t>(static_cast<double>(t[i * r_stride + j * c_stride]) * g);
+        }
+      }
+    });
+  });
+  return out;
 }
 
 }  // namespace
@@ -260,11 +310,12 @@ int64_t defer_add_grad(at::TensorList params, at::TensorList centers, at::IntArr
   all.centers = centers.vec();
   all.dims = group_dims.vec();
   all.sizes = group_sizes.vec();
-  // _ops._EagerValue.backward's grad_sums, and the norms of _ops._defer_to_end_of_backward: the same ops.
-  all.coeffs = table.to(at::kDouble).mul(grad_value.to(at::kDouble)).to(group_sq.scalar_type());
+  // _ops._EagerValue.backward's grad_sums, and the norms of _ops._defer_to_end_of_backward: the same values.
+  all.coeffs = deferred_coeffs(table, grad_value, group_sq.scalar_type());
   if (group_sq.numel()) all.norms = group_sq.sqrt();
+  if (index.size() < params.size()) all = all.subset(index);
   torch::autograd::Engine::get_default_engine().queue_callback(
-      [addition = all.subset(index)]() { add_deferred(addition); });
+      [addition = std::move(all)]() { add_deferred(addition); });
   return static_cast<int64_t>(index.size());
 }
 

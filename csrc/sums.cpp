@@ -1,6 +1,7 @@
 // fastreg_cpu::sums: per tensor [Σ|s|, Σs², Σ_g ‖s_g‖] and the groups' squared norms, one pass (see
 // fastreg_cpu.h); s = d, or the shrunk d of each row of a Prox table.
 
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/ne.h>
 #include <ATen/ops/sum.h>
@@ -46,12 +47,44 @@ std::tuple<at::Tensor, at::Tensor> sums(at::TensorList params, at::TensorList ce
 // The value of one kernel group in eager mode (fastreg/_ops.py penalty_value): Σ table·sums with
 // the zero coefficients' terms dropped (never inf·0), in float64, as `dtype`; and group_sq. The
 // same ATen ops as _ops.weighted_total, in the same order (bitwise the same value), in one call.
+// The products are formed here element by element (double(sum) · double(coefficient), or 0 where
+// the coefficient is 0: IEEE products, the values ATen's to/mul/ne/where give, in a contiguous
+// tensor as theirs) and only their sum is ATen's (its reduction order); a table of another shape,
+// layout or dtype takes the ATen ops.
 std::tuple<at::Tensor, at::Tensor> value(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
                                          at::IntArrayRef group_sizes, const at::Tensor& table, at::ScalarType dtype) {
   auto [per_tensor, group_sq] = sums(params, centers, group_dims, group_sizes, std::nullopt);
-  const at::Tensor coefficients = table.to(at::kDouble);
-  const at::Tensor products = per_tensor.to(at::kDouble).mul(coefficients);
-  return {at::where(coefficients.ne(0), products, 0).sum().to(dtype), group_sq};
+  // (a contiguous table, or one row expanded, as the plan's tables are: ATen's products of another
+  // strided one follow its layout, and so does the sum's order)
+  const bool direct = table.device().is_cpu() && table.sizes() == per_tensor.sizes() &&
+                      (table.is_contiguous() || (table.stride(0) == 0 && table.stride(1) == 1)) &&
+                      (table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble) &&
+                      per_tensor.is_contiguous() &&
+                      (per_tensor.scalar_type() == at::kFloat || per_tensor.scalar_type() == at::kDouble);
+  if (!direct) {
+    const at::Tensor coefficients = table.to(at::kDouble);
+    const at::Tensor products = per_tensor.to(at::kDouble).mul(coefficients);
+    return {at::where(coefficients.ne(0), products, 0).sum().to(dtype), group_sq};
+  }
+  const int64_t rows = per_tensor.size(0), cols = per_tensor.size(1);
+  at::Tensor products = at::empty({rows, cols}, per_tensor.options().dtype(at::kDouble));
+  double* out = products.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "fastreg_cpu::value", [&] {
+    using C = scalar_t;
+    const C* coef = table.const_data_ptr<C>();
+    const int64_t r_stride = table.stride(0), c_stride = table.stride(1);
+    AT_DISPATCH_FLOATING_TYPES(per_tensor.scalar_type(), "fastreg_cpu::value", [&] {
+      const scalar_t* sum = per_tensor.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < cols; ++j) {
+          const double c = static_cast<double>(coef[i * r_stride + j * c_stride]);
+          out[i * cols + j] = c != 0 ? static_cast<double>(sum[i * cols + j]) * c : 0.0;
+        }
+      }
+    });
+  });
+  at::Tensor total = products.sum();
+  return {dtype == at::kDouble ? total : total.to(dtype), group_sq};
 }
 
 }  // namespace fastreg_cpu

@@ -415,3 +415,26 @@ def test_the_node_releases_what_it_saved(value_node):
         p.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         value.backward()
+
+
+def test_deferred_coefficients_round_as_the_aten_ops(deferred):
+    """A float32 kernel group in a float64 penalty gets a float64 gradient of the value: its
+    coefficients are double(table)·grad rounded to float32 (table.double().mul(grad).float()),
+    the values the deferred addition uses."""
+    from fastreg._plan import GRAD
+
+    torch.manual_seed(0)
+    a = torch.randn(6, 4, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    reg = fastreg.Penalty([a, b], l1=L1, l2=L2, group=GROUP, backend="cpu")
+    scale = torch.tensor(1 / 3, dtype=torch.float64)
+    (reg() * scale).backward()
+    assert len(deferred) == 2
+    plan, coefficients = reg._plan, reg.coefficients()
+    for kg, (groups, table) in zip(plan.local, plan.call(coefficients, GRAD)):
+        grads = [torch.zeros_like(p) for p in kg.tensors]
+        _, group_sq = _ops.plain_sums("cpu", kg.tensors, kg.centers, groups)
+        _ops.add_grad_("cpu", kg.tensors, grads, kg.centers, groups, table.double().mul(scale).to(table.dtype),
+                       group_sq.sqrt() if group_sq.numel() else None)
+        for p, g in zip(kg.tensors, grads):
+            assert torch.equal(p.grad, g)

@@ -489,6 +489,44 @@ def test_opcheck(ops, op, dtype):
             assert all(v == "SUCCESS" for v in result.values()), result
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck_penalty_value(ops, dtype):
+    """The value op with its own autograd node (csrc/value_node.cpp): schema, the Autograd kernel's
+    registration, the fake kernel. (Not aot_dispatch_dynamic: its backward reads concrete group
+    counts; the op is never traced, torch.compile takes fastreg::sums.)"""
+    params = [p.requires_grad_() for p in make([(3, 4), 5, 700], dtype)]
+    params[2] = params[2].detach().reshape(70, 10).requires_grad_()
+    table = torch.tensor([[0.1, 0.2, 0.3]] * len(params), dtype=acc(dtype))
+    for centers in ([], [p.detach().clone() for p in params]):
+        for dims, sizes in (([-1, -1, -1], [1, 1, 1]), ([1, WHOLE, 0], [1, 1, 10])):
+            result = torch.library.opcheck(ops.penalty_value.default,
+                                           (params, centers, dims, sizes, table, torch.float64),
+                                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+            assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("result", [torch.float32, torch.float64], ids=str)
+def test_value_is_the_weighted_total_bitwise(ops, dtype, result):
+    """fastreg_cpu::value forms the products of the weighted total element by element: the very
+    value of _ops.weighted_total (ATen's to, mul, ne, where, sum) on the sums, for tables with
+    zero, negative and huge coefficients, contiguous, transposed or one row expanded (the plan's
+    tables), float32 or float64, of 1 to 40 tensors."""
+    from fastreg import _ops
+    g = torch.Generator().manual_seed(3)
+    for count in (1, 2, 3, 7, 40):
+        params = make([(int(s) % 9 + 1, 3) for s in torch.randint(0, 100, (count,), generator=g)], dtype,
+                      seed=count, scale=10.0)
+        for table_dtype in (torch.float32, torch.float64):
+            table = torch.rand(count, 3, generator=g, dtype=torch.float64).to(table_dtype) * 1e-2
+            table[::2, 1] = 0
+            table[1::3, 0] = -3e5
+            for t in (table, table.t().contiguous().t(), table[1 % count].expand(count, 3)):
+                sums, _ = ops.sums.default(params, [], [0] * count, [1] * count, None)
+                total, _ = ops.value.default(params, [], [0] * count, [1] * count, t, result)
+                assert torch.equal(total, _ops.weighted_total(sums, t, result)), (count, table_dtype)
+
+
 def test_term_slots_mirror_terms_py(ops):
     """The C++ term slots (csrc/terms.h, via fastreg_cpu::term_layout) are _terms.py's: the load-time
     check passed, and it does catch a disagreement."""
