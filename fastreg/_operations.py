@@ -42,9 +42,13 @@ def values(plan, coefficients):
 
 def value(plan, coefficients):
     """The penalty, differentiable with respect to every selected parameter."""
-    if _one_node_per_group(plan, coefficients):
+    calls = plan.one_node_calls(coefficients)  # (the checks below, made once for these coefficients)
+    if calls is None and _one_node_per_group(plan, coefficients):
+        calls = [(kg, groups, table) for kg, (groups, table) in zip(plan.local, plan.call(coefficients, GRAD))]
+        plan.remember_one_node_calls(coefficients, calls)
+    if calls is not None:
         result = None
-        for kg, (groups, table) in zip(plan.local, plan.call(coefficients, GRAD)):
+        for kg, groups, table in calls:
             result = add_values(result, _ops.penalty_value(kg.tensors, kg.centers, groups, table, plan.backend,
                                                            kg.workspace, plan.result_dtype))
         return _or_zero(plan, result)

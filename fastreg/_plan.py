@@ -232,6 +232,7 @@ class Plan:
         self._in_place_checked = False
         self._last_calls = {}  # op -> (coefficients, lr, table_dtype, Call): see call()
         self._checked = None  # (state, coefficients) of the last coefficients(): see there
+        self._one_node_calls = None  # (coefficients, [(kernel group, groups, table)]): see one_node_calls()
 
     def _read_layout(self):
         """What the kernel groups depend on: every parameter's dtype and device, and the shape of
@@ -359,6 +360,26 @@ class Plan:
         out = self._call(coefficients, op, lr, table_dtype)
         self._last_calls[op] = (coefficients, lr, table_dtype, out)
         return out
+
+    def one_node_calls(self, coefficients):
+        """The value's calls as one node per kernel group (``_operations.value``'s fast path):
+        ``[(kernel group, groups, table)]`` as remembered by ``remember_one_node_calls`` for this
+        very ``coefficients`` list, or None. Valid exactly while that list is the one
+        ``coefficients()`` returns from its cache (immutable values only: no coefficient tensor
+        that could come to need a gradient; the param groups unchanged) and the kernel groups
+        are the same (a regroup forgets it); never while torch.compile traces."""
+        last = self._one_node_calls
+        if last is None or last[0] is not coefficients or torch.compiler.is_compiling():
+            return None
+        return last[1]
+
+    def remember_one_node_calls(self, coefficients, calls):
+        """Keeps ``calls`` for ``one_node_calls`` when that is exact: ``coefficients`` is the
+        list ``coefficients()`` cached, and no kernel group is on a CUDA device (``call``'s CUDA
+        graph capture check, which a cached call would skip, is then always false)."""
+        if (self._checked is not None and self._checked[1] is coefficients and not torch.compiler.is_compiling()
+                and all(kg.device.type != "cuda" for kg in self.kernel_groups())):
+            self._one_node_calls = (coefficients, calls)
 
     def _call(self, coefficients, op=None, lr=None, table_dtype=None):
         """``Call``: per kernel group (in ``kernel_groups()`` order), ``(groups, table)``: the

@@ -192,3 +192,46 @@ def test_a_param_group_that_computes_its_values_is_read_at_every_call():
     reg.param_groups[0] = Schedule(reg.param_groups[0])
     values = [reg().item() for _ in range(3)]
     assert values[0] < values[1] < values[2]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_the_value_fast_path_follows_every_change(backend):
+    """The value's calls are remembered for one cached coefficients list (Plan.one_node_calls):
+    after each way of changing a coefficient, a param's dtype, or making a coefficient a tensor
+    that needs a gradient, the value and its gradients are a fresh Penalty's."""
+    if backend == "cpu" and fastreg._dispatch.unavailable_reason("cpu") is not None:
+        pytest.skip("no cpu backend")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    reg = fastreg.Penalty(model, backend=backend, l1=1e-2, l2=1e-2, group=1e-2)
+
+    def check():
+        fresh = fastreg.Penalty(model, backend=backend, **{k: reg.param_groups[0][k] for k in ("l1", "l2", "group")})
+        assert torch.equal(reg(), fresh())
+        for r in (reg, fresh):
+            model.zero_grad(set_to_none=True)
+            r().backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            if r is reg:
+                ours = grads
+        assert all(torch.equal(a, b) for a, b in zip(ours, grads))
+
+    check()
+    first = reg._plan.coefficients()
+    assert reg._plan.one_node_calls(first) is not None  # remembered
+    reg.l2 = 3e-2
+    check()
+    reg.param_groups[0]["l1"] = 0.0
+    check()
+    reg.param_groups[0].update(group=0.0)
+    check()
+    assert reg._plan.one_node_calls(first) is None
+    with torch.no_grad():
+        model.weight.data = model.weight.data.double()
+    check()
+    model.weight.data = model.weight.data.float()
+    l2 = torch.tensor(2e-2, requires_grad=True)
+    reg.l2 = l2
+    reg().backward()
+    assert l2.grad is not None  # a coefficient that needs a gradient: the value formed per class
+    assert reg._plan.one_node_calls(reg._plan.coefficients()) is None
