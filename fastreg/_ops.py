@@ -26,6 +26,7 @@ when the backend's kernels write through raw pointers, as a PyTorch in-place op 
 
 import contextlib
 import functools
+import sys
 from typing import Optional
 
 import torch
@@ -276,10 +277,30 @@ def _value_graph_backward(params, centers, group_dims, group_sizes_, table, grad
     return list(torch.autograd.grad(again, aliases, grad_value, create_graph=True, allow_unused=True))
 
 
-_library = torch.library.Library("fastreg", "FRAGMENT")
-_library.define("value_graph_backward(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, "
-                "Tensor table, Tensor grad_value) -> Tensor?[]")
-_library.impl("value_graph_backward", _value_graph_backward, "CompositeImplicitAutograd")
+def _value_graph_backward_kernel(*args):
+    # The kernel of fastreg::value_graph_backward: this module's function as it is now in
+    # sys.modules (the op is registered once per process; fastreg may be imported again after
+    # its modules were dropped from sys.modules, as a test of the import does).
+    module = sys.modules.get(__name__)
+    return getattr(module, "_value_graph_backward", _value_graph_backward)(*args)
+
+
+def _register_value_graph_backward():
+    """Defines ``fastreg::value_graph_backward`` once per process (the Library object is kept
+    alive by the kernel it registers, which refers to this module's globals)."""
+    try:
+        torch._C._dispatch_has_kernel_for_dispatch_key("fastreg::value_graph_backward", "CompositeImplicitAutograd")
+        return None  # defined by an earlier import of this module
+    except RuntimeError:  # no such operator yet
+        pass
+    library = torch.library.Library("fastreg", "FRAGMENT")
+    library.define("value_graph_backward(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, "
+                   "Tensor table, Tensor grad_value) -> Tensor?[]")
+    library.impl("value_graph_backward", _value_graph_backward_kernel, "CompositeImplicitAutograd")
+    return library
+
+
+_library = _register_value_graph_backward()
 
 
 class _EagerValue(torch.autograd.Function):
@@ -287,11 +308,19 @@ class _EagerValue(torch.autograd.Function):
     the coefficient table inside (see ``penalty_value``); the backward is ``_EagerSums``'
     with ``grad_sums = table · grad``.
 
-    A backend may offer each direction as one call (the cpu backend does): ``value`` (the sums and
-    their weighted total, the same ops as ``weighted_total``) and ``defer_add_grad`` (the deferred
-    backward's conditions, and the addition queued as a C++ callback; -1 where the graph must
-    carry the gradient, which then takes the path below). The table is kept as the call gives
-    it: its products with float64 values are exact, whatever its dtype."""
+    A backend may offer each direction as one call: ``value`` (the sums and their weighted total,
+    the same ops as ``weighted_total``) and ``defer_add_grad`` (the deferred backward's conditions,
+    and the addition queued as a C++ callback; -1 where the graph must carry the gradient, which
+    then takes the path below). The table is kept as the call gives it: its products with float64
+    values are exact, whatever its dtype.
+
+    A backend may also offer the whole node, ``penalty_value`` (the cpu backend: the op
+    ``fastreg_cpu::penalty_value`` with a C++ autograd node, ``csrc/value_node.cpp``), which
+    ``penalty_value`` takes for plain tensors instead of this class: the same forward, and this
+    backward's three ways in the same order (create_graph through ``_value_graph_backward``, the
+    code below, called back through the dispatcher; the deferral; the gradient through the
+    graph), with no Python between the engine and the kernels. This class remains the path of
+    the other backends, of tensor subclasses, and of a build without the node."""
 
     @staticmethod
     def forward(ctx, backend, groups, count, workspace, table, dtype, *tensors):

@@ -438,3 +438,32 @@ def test_deferred_coefficients_round_as_the_aten_ops(deferred):
                        group_sq.sqrt() if group_sq.numel() else None)
         for p, g in zip(kg.tensors, grads):
             assert torch.equal(p.grad, g)
+
+
+def test_create_graph_after_fastreg_is_imported_again(value_node):
+    """fastreg::value_graph_backward (the node's create_graph path) is registered once per
+    process: importing fastreg again after its modules were dropped from sys.modules keeps it,
+    and it runs the module as imported now."""
+    if value_node == "function":
+        pytest.skip("the node's path only")
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gc, torch\n"
+        "import fastreg, fastreg._ops\n"
+        "for name in [m for m in sys.modules if m.startswith('fastreg')]:\n"
+        "    del sys.modules[name]\n"
+        "gc.collect()\n"
+        "import fastreg\n"
+        "p = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)\n"
+        "reg = fastreg.Penalty([p], l2=1e-2, group=1e-2, backend='cpu')\n"
+        "g, = torch.autograd.grad(reg(), [p], create_graph=True)\n"
+        "h, = torch.autograd.grad(g.sum(), [p])\n"
+        "q = p.detach().requires_grad_()\n"
+        "r, = torch.autograd.grad(1e-2 * q.square().sum() + 1e-2 * q.norm(dim=1).sum(), [q], create_graph=True)\n"
+        "torch.testing.assert_close(h, torch.autograd.grad(r.sum(), [q])[0])\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
