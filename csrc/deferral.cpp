@@ -11,7 +11,8 @@
 //               see it on the way: a leaf, whose AccumulateGrad node is needed by the current
 //               backward (not captured by autograd.grad), and no node of this backward's graph
 //               has a pre / post / tensor / retain / post-accumulate hook (a hook anywhere could
-//               read this p.grad before the end of the backward)
+//               read this p.grad before the end of the backward); and the tensor given is that
+//               node's own variable (not a copy a saved-tensor hook made)
 //   2 kUnused   the current backward does not need this param's gradient (backward(inputs=...)
 //               without it)
 
@@ -85,6 +86,11 @@ int64_t route(const at::Tensor& p, const std::unordered_map<torch::autograd::Nod
     if (!found->second.needed_) return kUnused;
   }
   if (watched(*accumulator)) return kGraph;  // someone watches this gradient (DDP's reducer, a tensor hook)
+  // The engine accumulates into its AccumulateGrad's own variable. A saved-tensor hook
+  // (saved_tensors_hooks that copy what they save) hands the backward another tensor with the same
+  // accumulator: the addition would write that copy's .grad, never seen. The graph then.
+  const auto* accumulate = dynamic_cast<const torch::autograd::AccumulateGrad*>(accumulator.get());
+  if (accumulate == nullptr || !accumulate->variable.is_same(p)) return kGraph;
   return kDeferred;
 }
 

@@ -467,3 +467,32 @@ def test_create_graph_after_fastreg_is_imported_again(value_node):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("hooks", ["copying", "save_on_cpu"])
+def test_saved_tensor_hooks(deferred, hooks):
+    """Under saved-tensor hooks the backward unpacks another tensor than each param (a copy, or
+    a new tensor over the same memory, carrying the param's AccumulateGrad): the deferred
+    addition would write that tensor's .grad, never seen (it did before this check), so the
+    gradient goes through the graph."""
+    ours, theirs, reg = _pair()
+    context = (torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t) if hooks == "copying"
+               else torch.autograd.graph.save_on_cpu())
+    with context:
+        value = reg()
+    (_task(ours) + value).backward()
+    (_task(theirs) + _reference_penalty(theirs)).backward()
+    _assert_same_grads(ours, theirs)
+    assert deferred == []
+
+
+def test_non_reentrant_checkpointing(deferred):
+    ours, theirs, reg = _pair()
+    x = X.clone().requires_grad_()
+    checkpoint(lambda x: _task_of(ours, x) + reg(), x, use_reentrant=False).backward()
+    (_task_of(theirs, X) + _reference_penalty(theirs)).backward()
+    _assert_same_grads(ours, theirs)
+
+
+def _task_of(model, x):
+    return model(x).square().mean()
