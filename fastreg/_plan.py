@@ -319,9 +319,16 @@ class Plan:
         coefficient (``reg.l2 = v``, ``param_groups[i][key] = v``, ``update``, a new dict) puts
         another object there, or the same already-checked one. Not while torch.compile traces.
         Internal: the list is shared between calls (``Penalty.coefficients`` hands out a copy)."""
-        state = None if torch.compiler.is_compiling() else self._coefficient_state()
-        if state is not None and self._checked is not None and _same_state(state, self._checked[0]):
-            return self._checked[1]
+        if torch.compiler.is_compiling():
+            state = None
+        else:
+            # (the last state's values were all immutable, else there is none: the very same
+            # objects need no new look, and the state formed from them would be the same)
+            if self._checked is not None and _unchanged(self.param_groups, self._checked[0]):
+                return self._checked[1]
+            state = self._coefficient_state()
+            if state is not None and self._checked is not None and _same_state(state, self._checked[0]):
+                return self._checked[1]
         self.check_unchanged()
         if len(self.param_groups) == 1 and "rule" not in self.param_groups[0]:
             coefficients = [_settings.coefficients(self.param_groups[0])]
@@ -432,6 +439,22 @@ def _same_state(state, last):
     for i in range(2, len(state), 4):
         if (state[i] is not last[i] or state[i + 1] != last[i + 1] or state[i + 3] != last[i + 3]
                 or not all(map(operator.is_, state[i + 2], last[i + 2]))):
+            return False
+    return True
+
+
+def _unchanged(groups, last):
+    """``_same_state(Plan._coefficient_state(), last)`` without forming the state: the same param
+    groups holding the same keys and the very same values (``last`` holds only immutable ones)."""
+    if groups is not last[0] or len(groups) != last[1]:
+        return False
+    for i, group in enumerate(groups):
+        j = 2 + 4 * i
+        if group is not last[j] or tuple(group) != last[j + 1] or not all(map(operator.is_, group.values(),
+                                                                                 last[j + 2])):
+            return False
+        params = group.get("params")
+        if (len(params) if isinstance(params, list) else -1) != last[j + 3]:
             return False
     return True
 
