@@ -147,6 +147,10 @@ struct ValueBackward : Node {
 // The Autograd kernel: the value below autograd, and the node where a param or center needs a gradient.
 at::Tensor penalty_value(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
                          at::IntArrayRef group_sizes, const at::Tensor& table, at::ScalarType dtype) {
+  // (forward-mode AD: the node has no jvp, as the autograd.Function it replaces has none)
+  TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefinedTensorList(params) &&
+                                  !torch::autograd::isFwGradDefinedTensorList(centers),
+                              "fastreg: the penalty's value does not support forward-mode AD (no jvp)");
   at::Tensor total, sq;
   {
     at::AutoDispatchBelowADInplaceOrView guard;

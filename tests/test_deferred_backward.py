@@ -496,3 +496,15 @@ def test_non_reentrant_checkpointing(deferred):
 
 def _task_of(model, x):
     return model(x).square().mean()
+
+
+def test_forward_mode_ad_is_refused_as_before():
+    """The node has no jvp, as the autograd.Function it replaces (NotImplementedError), rather
+    than a value without its tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    p = torch.randn(4, 3)
+    with fwAD.dual_level():
+        reg = fastreg.Penalty([fwAD.make_dual(p, torch.ones_like(p))], l2=L2, backend="cpu")
+        with pytest.raises(NotImplementedError):
+            reg()
