@@ -74,11 +74,6 @@ int64_t route(const at::Tensor& p, const std::unordered_map<torch::autograd::Nod
   if (!p.defined() || !p.requires_grad() || !p.is_leaf()) return kGraph;
   const auto accumulator = torch::autograd::impl::try_get_grad_accumulator(p);
   if (!accumulator) return kGraph;
-  // The tensor the node saved may come back as another object pointing at the same accumulator
-  // (saved-tensor hooks: save_on_cpu, non-reentrant checkpointing): its .grad is not p.grad, so
-  // the addition could not reach the parameter. Only the accumulator's own variable defers.
-  const auto* accumulate = dynamic_cast<const torch::autograd::AccumulateGrad*>(accumulator.get());
-  if (accumulate == nullptr || accumulate->variable.unsafeGetTensorImpl() != p.unsafeGetTensorImpl()) return kGraph;
   if (!exec_info.empty()) {  // backward(inputs=...) or autograd.grad: only some nodes run
     const auto found = exec_info.find(accumulator.get());
     if (found == exec_info.end()) return kUnused;
@@ -87,8 +82,9 @@ int64_t route(const at::Tensor& p, const std::unordered_map<torch::autograd::Nod
   }
   if (watched(*accumulator)) return kGraph;  // someone watches this gradient (DDP's reducer, a tensor hook)
   // The engine accumulates into its AccumulateGrad's own variable. A saved-tensor hook
-  // (saved_tensors_hooks that copy what they save) hands the backward another tensor with the same
-  // accumulator: the addition would write that copy's .grad, never seen. The graph then.
+  // (save_on_cpu, non-reentrant checkpointing, saved_tensors_hooks that copy what they save) hands
+  // the backward another tensor with the same accumulator: the addition would write that copy's
+  // .grad, never seen. The graph then.
   const auto* accumulate = dynamic_cast<const torch::autograd::AccumulateGrad*>(accumulator.get());
   if (accumulate == nullptr || !accumulate->variable.is_same(p)) return kGraph;
   return kDeferred;
