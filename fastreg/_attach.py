@@ -142,7 +142,7 @@ def attach(penalty, optimizer, mode, metric="optimizer"):
                 steps.append((plan, lr, step_metric))
             with _operations.profiled("fastreg::attach"):
                 for plan, lr, step_metric in steps:
-                    _operations.prox(plan.current(), penalty.coefficients(), lr, step_metric)
+                    _operations.prox(plan.current(), penalty._coefficients(), lr, step_metric)
             handle._steps += 1
 
         handle._hook = optimizer.register_step_post_hook(after_step)

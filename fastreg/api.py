@@ -176,11 +176,16 @@ class Penalty:
         checked (tensor coefficients may change in place); a new list, the caller's to edit."""
         return list(self._plan.coefficients())
 
+    def _coefficients(self):
+        """``coefficients()`` as the plan keeps it: the same list while nothing changed (the
+        plan's per-call caches key on that identity); internal, never handed to a user."""
+        return self._plan.coefficients()
+
     # The three ways to apply it.
 
     def __call__(self):
         """The penalty value, differentiable with respect to every selected parameter."""
-        return self._value(self.coefficients())
+        return self._value(self._coefficients())
 
     def _value(self, coefficients):
         return _operations.value(self._plan.current(), coefficients)
@@ -193,7 +198,7 @@ class Penalty:
 
     def _value_list(self):
         """Each param group's value (None for one without tensors), in group order."""
-        return _operations.values(self._plan.current(), self.coefficients())
+        return _operations.values(self._plan.current(), self._coefficients())
 
     def _keyed(self, totals):
         zero = torch.zeros((), dtype=self._plan.result_dtype)
@@ -216,7 +221,7 @@ class Penalty:
         """``(value, per-group values)`` of ``add_to_grad_``. ``scale``: a 0-dim tensor the
         gradients still carry (a fused optimizer's step under ``GradScaler``): the penalty's
         gradient is added times it; the values returned are the penalty's own."""
-        coefficients = self.coefficients()
+        coefficients = self._coefficients()
         if scale is None:
             totals = _operations.add_to_grad(self._plan.current(), coefficients)
             return self._total(totals).detach(), totals
@@ -257,7 +262,7 @@ class Penalty:
         laid out as the parameter, or a plain tensor of its full shape (each rank reads its part).
         """
         plan = self._plan.current()
-        _operations.prox(plan, self.coefficients(), _checked_lr(lr), _checked_metric(plan, metric))
+        _operations.prox(plan, self._coefficients(), _checked_lr(lr), _checked_metric(plan, metric))
 
     def attach(self, optimizer, mode="grad", metric="optimizer"):
         """Apply the penalty inside ``optimizer.step()``: no line in the training loop.
@@ -286,7 +291,7 @@ class Penalty:
     def explain(self):
         """A table of every candidate parameter: shape, dtype, included or why excluded, its param
         group (or rule), settings, groups and center, and the backend of each kernel group."""
-        return _explain.explain(self._plan.current(), self.param_groups, self.coefficients())
+        return _explain.explain(self._plan.current(), self.param_groups, self._coefficients())
 
     def __repr__(self):
         return _explain.describe(self._plan, self.param_groups)
