@@ -98,6 +98,23 @@ struct NodeMutex : Node {
 
 // Locked accumulators by token: the nodes are kept alive until unlocked.
 using NodePtr = decltype(torch::autograd::impl::try_get_grad_accumulator(std::declval<const at::Tensor&>()));
+// The AccumulateGrad nodes of `params`, locked in address order (no deadlock with another thread
+// doing the same), each once; the caller unlocks them in reverse order.
+std::vector<NodePtr> lock_nodes(at::TensorList params) {
+  std::vector<NodePtr> nodes;
+  nodes.reserve(params.size());
+  for (const auto& p : params) {
+    if (!p.defined() || !p.requires_grad()) continue;
+    auto node = torch::autograd::impl::try_get_grad_accumulator(p);
+    if (node) nodes.push_back(std::move(node));
+  }
+  std::sort(nodes.begin(), nodes.end(), [](const NodePtr& a, const NodePtr& b) { return a.get() < b.get(); });
+  nodes.erase(std::unique(nodes.begin(), nodes.end(), [](const NodePtr& a, const NodePtr& b) { return a.get() == b.get(); }),
+              nodes.end());
+  for (auto& node : nodes) NodeMutex::of(*node).lock();
+  return nodes;
+}
+
 std::mutex registry_mutex;
 std::map<int64_t, std::vector<NodePtr>> registry;
 int64_t next_token = 1;
@@ -117,16 +134,7 @@ std::vector<int64_t> gradient_routes(at::TensorList params) {
 // doing the same), so that a concurrent backward on shared params (Hogwild-style threads) never
 // interleaves with it. Returns a token for unlock_accumulators.
 int64_t lock_accumulators(at::TensorList params) {
-  std::vector<NodePtr> nodes;
-  for (const auto& p : params) {
-    if (!p.defined() || !p.requires_grad()) continue;
-    auto node = torch::autograd::impl::try_get_grad_accumulator(p);
-    if (node) nodes.push_back(std::move(node));
-  }
-  std::sort(nodes.begin(), nodes.end(), [](const NodePtr& a, const NodePtr& b) { return a.get() < b.get(); });
-  nodes.erase(std::unique(nodes.begin(), nodes.end(), [](const NodePtr& a, const NodePtr& b) { return a.get() == b.get(); }),
-              nodes.end());
-  for (auto& node : nodes) NodeMutex::of(*node).lock();
+  std::vector<NodePtr> nodes = lock_nodes(params);
   std::lock_guard<std::mutex> guard(registry_mutex);
   const int64_t token = next_token++;
   registry.emplace(token, std::move(nodes));
@@ -206,18 +214,8 @@ struct Addition {
 void add_deferred(const Addition& a) {
   RECORD_FUNCTION("fastreg::deferred_add_grad", std::vector<c10::IValue>());  // (a profiler's row: bench.step)
   at::NoGradGuard no_grad;
-  // AccumulateGrad's locks, in address order (lock_accumulators' order), held for this scope.
-  std::vector<NodePtr> nodes;
-  nodes.reserve(a.params.size());
-  for (const auto& p : a.params) {
-    if (!p.defined() || !p.requires_grad()) continue;
-    auto node = torch::autograd::impl::try_get_grad_accumulator(p);
-    if (node) nodes.push_back(std::move(node));
-  }
-  std::sort(nodes.begin(), nodes.end(), [](const NodePtr& x, const NodePtr& y) { return x.get() < y.get(); });
-  nodes.erase(std::unique(nodes.begin(), nodes.end(), [](const NodePtr& x, const NodePtr& y) { return x.get() == y.get(); }),
-              nodes.end());
-  for (auto& node : nodes) NodeMutex::of(*node).lock();
+  // AccumulateGrad's locks, held for this scope.
+  std::vector<NodePtr> nodes = lock_nodes(a.params);
   struct Unlock {
     std::vector<NodePtr>& nodes;
     ~Unlock() {
