@@ -227,9 +227,7 @@ void add_deferred(const Addition& a) {
   for (const auto& p : a.params) {
     at::Tensor& g = const_cast<at::Tensor&>(p).mutable_grad();
     if (!g.defined()) {
-      const auto* meta = torch::autograd::impl::get_autograd_meta(p);
-      const auto dtype = meta != nullptr ? meta->grad_dtype(p) : std::nullopt;
-      g = at::zeros_like(p, p.options().dtype(dtype.value_or(p.scalar_type())));
+      g = zero_grad_like(p);
     } else if (g.layout() != at::kStrided) {
       g = g.to_dense();
     }

@@ -34,6 +34,11 @@
 //       value's total with its own autograd node (an Autograd kernel: the backward defers, or
 //       hands autograd the gradient, or under create_graph calls fastreg::value_graph_backward,
 //       registered in Python): value_node.cpp
+//   add_to_grad(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor table)
+//       -> Tensor?                  Penalty.add_to_grad_ of one kernel group: p.grad created where
+//                                   None, add_grad_, versions bumped, Σ table·sums in the acc dtype;
+//                                   None (nothing written) where the Python path must take the call
+//                                   (add_to_grad.cpp)
 //   defer_add_grad(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes,
 //                  Tensor table, Tensor grad_value, Tensor group_sq) -> int
 //       inside the value's backward: queues p.grad += its gradient at the end of the backward
@@ -61,8 +66,8 @@
 //               each item's group geometry from its structure, coefficient tables
 //   passes.h    the passes over a schedule (sums, element-wise updates, group norms first),
 //               finish_sums (per-tensor sums), with_center
-// and one translation unit per op (sums.cpp, grads.cpp, add_grad.cpp, prox.cpp, metric_prox.cpp: ninja compiles
-// them in parallel), which prepares the tensors, picks the dtype and center instantiation, and
+// and one translation unit per op (sums.cpp, grads.cpp, add_grad.cpp, prox.cpp, metric_prox.cpp, and the
+// ops built on them: ninja compiles them in parallel), which prepares the tensors, picks the dtype and center instantiation, and
 // runs the passes. fastreg/backends/cpu.py lists every file here (HEADER_FILES, SOURCE_FILES):
 // they all enter the hash that names the build.
 
@@ -94,12 +99,16 @@ void prox_(at::TensorList params, at::TensorList centers, at::IntArrayRef group_
 void metric_prox_(at::TensorList params, at::TensorList centers, at::TensorList metric,
                   const c10::List<std::optional<at::Tensor>>& centered, at::IntArrayRef group_dims,
                   at::IntArrayRef group_sizes, const at::Tensor& coeffs, const at::Tensor& metric_table);
+at::Tensor weighted_total(const at::Tensor& per_tensor, const at::Tensor& table, at::ScalarType dtype);
 std::tuple<at::Tensor, at::Tensor> value(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
                                          at::IntArrayRef group_sizes, const at::Tensor& table, at::ScalarType dtype);
 at::Tensor penalty_value(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
                          at::IntArrayRef group_sizes, const at::Tensor& table, at::ScalarType dtype);
 at::Tensor penalty_value_cpu(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
                              at::IntArrayRef group_sizes, const at::Tensor& table, at::ScalarType dtype);
+std::optional<at::Tensor> add_to_grad(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
+                                      at::IntArrayRef group_sizes, const at::Tensor& table);
+at::Tensor zero_grad_like(const at::Tensor& p);
 std::vector<int64_t> gradient_routes(at::TensorList params);
 int64_t defer_add_grad(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
                        at::IntArrayRef group_sizes, const at::Tensor& table, const at::Tensor& grad_value,

@@ -44,6 +44,8 @@ TORCH_LIBRARY(fastreg_cpu, m) {
         "ScalarType dtype) -> (Tensor, Tensor)");
   m.def("penalty_value(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor table, "
         "ScalarType dtype) -> Tensor");
+  m.def("add_to_grad(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor table) "
+        "-> Tensor?", &fastreg_cpu::add_to_grad);
   m.def("gradient_routes(Tensor[] params) -> int[]", &fastreg_cpu::gradient_routes);
   m.def("defer_add_grad(Tensor[] params, Tensor[] centers, int[] group_dims, int[] group_sizes, Tensor table, "
         "Tensor grad_value, Tensor group_sq) -> int", &fastreg_cpu::defer_add_grad);

@@ -44,16 +44,13 @@ std::tuple<at::Tensor, at::Tensor> sums(at::TensorList params, at::TensorList ce
   return finish_sums(p, partials, slots, dtype);
 }
 
-// The value of one kernel group in eager mode (fastreg/_ops.py penalty_value): Σ table·sums with
-// the zero coefficients' terms dropped (never inf·0), in float64, as `dtype`; and group_sq. The
+// Σ table·sums with the zero coefficients' terms dropped (never inf·0), in float64, as `dtype`: the
 // same ATen ops as _ops.weighted_total, in the same order (bitwise the same value), in one call.
 // The products are formed here element by element (double(sum) · double(coefficient), or 0 where
 // the coefficient is 0: IEEE products, the values ATen's to/mul/ne/where give, in a contiguous
 // tensor as theirs) and only their sum is ATen's (its reduction order); a table of another shape,
 // layout or dtype takes the ATen ops.
-std::tuple<at::Tensor, at::Tensor> value(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
-                                         at::IntArrayRef group_sizes, const at::Tensor& table, at::ScalarType dtype) {
-  auto [per_tensor, group_sq] = sums(params, centers, group_dims, group_sizes, std::nullopt);
+at::Tensor weighted_total(const at::Tensor& per_tensor, const at::Tensor& table, at::ScalarType dtype) {
   // (a contiguous table, or one row expanded, as the plan's tables are: ATen's products of another
   // strided one follow its layout, and so does the sum's order)
   const bool direct = table.device().is_cpu() && table.sizes() == per_tensor.sizes() &&
@@ -64,16 +61,16 @@ std::tuple<at::Tensor, at::Tensor> value(at::TensorList params, at::TensorList c
   if (!direct) {
     const at::Tensor coefficients = table.to(at::kDouble);
     const at::Tensor products = per_tensor.to(at::kDouble).mul(coefficients);
-    return {at::where(coefficients.ne(0), products, 0).sum().to(dtype), group_sq};
+    return at::where(coefficients.ne(0), products, 0).sum().to(dtype);
   }
   const int64_t rows = per_tensor.size(0), cols = per_tensor.size(1);
   at::Tensor products = at::empty({rows, cols}, per_tensor.options().dtype(at::kDouble));
   double* out = products.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "fastreg_cpu::value", [&] {
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "fastreg_cpu::weighted_total", [&] {
     using C = scalar_t;
     const C* coef = table.const_data_ptr<C>();
     const int64_t r_stride = table.stride(0), c_stride = table.stride(1);
-    AT_DISPATCH_FLOATING_TYPES(per_tensor.scalar_type(), "fastreg_cpu::value", [&] {
+    AT_DISPATCH_FLOATING_TYPES(per_tensor.scalar_type(), "fastreg_cpu::weighted_total", [&] {
       const scalar_t* sum = per_tensor.const_data_ptr<scalar_t>();
       for (int64_t i = 0; i < rows; ++i) {
         for (int64_t j = 0; j < cols; ++j) {
@@ -84,13 +81,21 @@ std::tuple<at::Tensor, at::Tensor> value(at::TensorList params, at::TensorList c
     });
   });
   const at::Tensor total = products.sum();
-  if (dtype == at::kDouble) return {total, group_sq};
+  if (dtype == at::kDouble) return total;
   if (dtype == at::kFloat) {  // total.to(kFloat): the same rounding (static_cast), without the op
-    at::Tensor out = at::empty({}, total.options().dtype(at::kFloat));
-    *out.data_ptr<float>() = static_cast<float>(*total.const_data_ptr<double>());
-    return {out, group_sq};
+    at::Tensor out_ = at::empty({}, total.options().dtype(at::kFloat));
+    *out_.data_ptr<float>() = static_cast<float>(*total.const_data_ptr<double>());
+    return out_;
   }
-  return {total.to(dtype), group_sq};
+  return total.to(dtype);
+}
+
+// The value of one kernel group in eager mode (fastreg/_ops.py penalty_value): the sums' weighted
+// total as `dtype`, and group_sq.
+std::tuple<at::Tensor, at::Tensor> value(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
+                                         at::IntArrayRef group_sizes, const at::Tensor& table, at::ScalarType dtype) {
+  auto [per_tensor, group_sq] = sums(params, centers, group_dims, group_sizes, std::nullopt);
+  return {weighted_total(per_tensor, table, dtype), group_sq};
 }
 
 }  // namespace fastreg_cpu

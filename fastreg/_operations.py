@@ -42,10 +42,7 @@ def values(plan, coefficients):
 
 def value(plan, coefficients):
     """The penalty, differentiable with respect to every selected parameter."""
-    calls = plan.one_node_calls(coefficients)  # (the checks below, made once for these coefficients)
-    if calls is None and _one_node_per_group(plan, coefficients):
-        calls = [(kg, groups, table) for kg, (groups, table) in zip(plan.local, plan.call(coefficients, GRAD))]
-        plan.remember_one_node_calls(coefficients, calls)
+    calls = _one_node_calls(plan, coefficients)
     if calls is not None:
         result = None
         for kg, groups, table in calls:
@@ -53,6 +50,17 @@ def value(plan, coefficients):
                                                            kg.workspace, plan.result_dtype))
         return _or_zero(plan, result)
     return total(plan, values(plan, coefficients))
+
+
+def _one_node_calls(plan, coefficients):
+    """``[(kernel group, groups, Gradient table)]`` where each kernel group's value (and its
+    gradient added in place) can be one call of the whole Σ table·sums (see
+    ``_one_node_per_group``), else None; the checks made once for these coefficients."""
+    calls = plan.one_node_calls(coefficients)
+    if calls is None and _one_node_per_group(plan, coefficients):
+        calls = [(kg, groups, table) for kg, (groups, table) in zip(plan.local, plan.call(coefficients, GRAD))]
+        plan.remember_one_node_calls(coefficients, calls)
+    return calls
 
 
 def _one_node_per_group(plan, coefficients):
@@ -66,28 +74,46 @@ def _one_node_per_group(plan, coefficients):
 def add_to_grad(plan, coefficients):
     """``p.grad += d(penalty)/dp`` for every selected ``p`` (``p.grad`` created if None);
     returns each param group's value, detached."""
+    if len(coefficients) == 1:  # one param group: one weighted sum per kernel group, one call each
+        calls = _one_node_calls(plan, coefficients)
+        if calls is not None:
+            total = None
+            with torch.no_grad():
+                for kg, groups, table in calls:
+                    value_ = _ops.add_to_grad_value(plan.backend, kg.tensors, kg.centers, groups, table)
+                    if value_ is None:  # (the backend's single call declined these gradients)
+                        value_ = _add_to_grad_of(plan, kg, groups, table)
+                    total = add_values(total, value_)
+            return [total]
     call = plan.call(coefficients, GRAD)
     totals = [None] * len(coefficients)
     with torch.no_grad():
         coupled = _coupled_norms(plan, call, coefficients, shrink=False)
         for kg, (groups, table) in zip(plan.local, call):
-            grads = grads_of(kg.names, kg.tensors)
             if id(kg) in coupled:  # the norms pass already made the sums
                 sums, norms, _ = coupled[id(kg)]
-                _ops.add_grad_(plan.backend, kg.tensors, grads, kg.centers, groups, table, norms, kg.workspace,
-                               want_sums=False)
+                _ops.add_grad_(plan.backend, kg.tensors, grads_of(kg.names, kg.tensors), kg.centers, groups, table,
+                               norms, kg.workspace, want_sums=False)
+                add_class_values(totals, kg.classes, sums, coefficients)
+            elif len(coefficients) == 1 and not plan.couplings:
+                totals[0] = add_values(totals[0], _add_to_grad_of(plan, kg, groups, table))
             else:
-                sums, _ = _ops.add_grad_(plan.backend, kg.tensors, grads, kg.centers, groups, table, None,
-                                         kg.workspace)
-            if len(coefficients) == 1 and not plan.couplings:  # one param group: one weighted sum
-                totals[0] = add_values(totals[0], _ops.weighted_total(sums, table, sums.dtype))
-            else:
+                sums, _ = _ops.add_grad_(plan.backend, kg.tensors, grads_of(kg.names, kg.tensors), kg.centers,
+                                         groups, table, None, kg.workspace)
                 add_class_values(totals, kg.classes, sums, coefficients)
         _add_coupling_values(totals, plan, coefficients, {key: value[2] for key, value in coupled.items()})
         for part in plan.meshes:
             for g, v in enumerate(_sharded.add_to_grad(plan, part, coefficients, call, grads_of)):
                 totals[g] = add_values(totals[g], v)
     return totals
+
+
+def _add_to_grad_of(plan, kg, groups, table):
+    """One kernel group's gradient added (``grads_of``, ``_ops.add_grad_``) and its value, the one
+    weighted sum of a penalty with one param group."""
+    sums, _ = _ops.add_grad_(plan.backend, kg.tensors, grads_of(kg.names, kg.tensors), kg.centers, groups, table,
+                             None, kg.workspace)
+    return _ops.weighted_total(sums, table, sums.dtype)
 
 
 def prox(plan, coefficients, lr, metric=None):
@@ -201,17 +227,17 @@ def _coupled_norms(plan, call, coefficients, shrink):
 
 
 def grads_of(names, params):
-    """Every parameter's ``.grad``, created (zeros) where None, checked once per call."""
-    grads = []
-    for name, p in zip(names, params):
-        g = p.grad
-        if g is None:
-            dtype = getattr(p, "grad_dtype", None) or p.dtype
-            g = p.grad = torch.zeros_like(p, dtype=dtype)
-        elif (g.layout != torch.strided or g.shape != p.shape or g.device != p.device
-              or not g.is_floating_point()):
+    """Every parameter's ``.grad``, created (zeros) where None, checked once per call: every one
+    checked before any is created (a refused gradient leaves every ``.grad`` as it was)."""
+    grads = [p.grad for p in params]
+    for name, p, g in zip(names, params, grads):
+        if g is not None and (g.layout != torch.strided or g.shape != p.shape or g.device != p.device
+                              or not g.is_floating_point()):
             _bad_grad(name, p, g)
-        grads.append(g)
+    _ops.check_writable([g for g in grads if g is not None])
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            grads[i] = p.grad = torch.zeros_like(p, dtype=getattr(p, "grad_dtype", None) or p.dtype)
     return grads
 
 

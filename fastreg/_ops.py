@@ -467,12 +467,24 @@ def add_grad_(backend, params, grads, centers, groups, coeffs, group_norms=None,
     in-place op does."""
     kernels = _dispatch.backend_for(backend, params[0].device)
     if not kernels.VERSIONS_BUMPED:
-        _check_writable(grads)
+        check_writable(grads)
     result = add_grad_by_dtype(kernels, params, grads, centers, as_groups(params, groups), coeffs, group_norms,
                                workspace, want_sums)
     if not kernels.VERSIONS_BUMPED:
         torch.autograd.graph.increment_version(grads)
     return result
+
+
+def add_to_grad_value(backend, params, centers, groups, table):
+    """``p.grad += d(penalty)/dp`` for one kernel group (``p.grad`` created where None; versions
+    bumped) and its value, ``weighted_total`` of the sums in the acc dtype, in one call of the
+    backend's own entry (the cpu backend: ``csrc/add_to_grad.cpp``); None, having written nothing,
+    where the backend has none or leaves these gradients to the caller's general path (one it
+    would refuse, or several gradient dtypes). ``table``: the call's ``Gradient`` table."""
+    one_call = getattr(_dispatch.backend_for(backend, params[0].device), "add_to_grad", None)
+    if one_call is None or not _plain(params):
+        return None
+    return one_call(params, centers, groups, table)
 
 
 def prox_(backend, params, centers, groups, coeffs, group_norms=None, workspace=None, metric=None):
@@ -485,7 +497,7 @@ def prox_(backend, params, centers, groups, coeffs, group_norms=None, workspace=
     if metric is not None and not getattr(kernels, "METRIC_PROX", False):
         kernels = _dispatch.backend("torch")
     if not kernels.VERSIONS_BUMPED:
-        _check_writable(params)
+        check_writable(params)
     if metric is None:
         kernels.prox_(params, centers, groups, coeffs, group_norms, workspace=workspace)
     else:
@@ -547,7 +559,7 @@ def _metric_dtype_calls(metric, params):
     return [index for index in calls.values() if index]
 
 
-def _check_writable(tensors):
+def check_writable(tensors):
     """What a PyTorch in-place op refuses, raw kernels must refuse too: an inference tensor
     outside ``torch.inference_mode`` (it has no version counter to bump)."""
     if not torch.is_inference_mode_enabled() and any(map(torch.Tensor.is_inference, tensors)):

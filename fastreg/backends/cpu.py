@@ -49,7 +49,7 @@ METRIC_PROX = True  # prox_(..., metric=...): csrc/metric_prox.cpp
 # One translation unit per op (ninja compiles them in parallel) and the shared headers: every
 # file in csrc/, since all of them enter the hash that names the build.
 SOURCE_FILES = ("library.cpp", "sums.cpp", "grads.cpp", "add_grad.cpp", "prox.cpp", "metric_prox.cpp", "deferral.cpp",
-                "value_node.cpp")
+                "value_node.cpp", "add_to_grad.cpp")
 HEADER_FILES = ("fastreg_cpu.h", "vec.h", "traits.h", "span.h", "terms.h", "schedule.h", "prepare.h", "passes.h")
 EXTENSION = _build.Extension("fastreg_cpu", SOURCE_FILES, HEADER_FILES, what="the C++ CPU kernels")
 # CHUNK_ELEMS (elements per flat chunk, kChunk in csrc/schedule.h) is read from the extension:
@@ -130,6 +130,14 @@ def penalty_value(params, centers, groups, table, dtype):
     backward of ``fastreg._ops._EagerValue`` (deferred, through the graph, or under create_graph
     ``fastreg::value_graph_backward``) without Python in the forward or the backward."""
     return _kernels().penalty_value(params, _as_list(centers), groups.dims, groups.sizes, table, dtype)
+
+
+def add_to_grad(params, centers, groups, table):
+    """``Penalty.add_to_grad_`` of one kernel group in one call (``csrc/add_to_grad.cpp``): each
+    ``p.grad`` created where None, the gradient added, the versions bumped; the value
+    (``_ops.weighted_total`` of the sums, in the acc dtype), or None, having written nothing,
+    where the gradients need the Python path (one it refuses, or several gradient dtypes)."""
+    return _kernels().add_to_grad(params, _as_list(centers), groups.dims, groups.sizes, table)
 
 
 def defer_add_grad(params, centers, groups, table, grad_value, group_sq):
@@ -360,6 +368,7 @@ class _Ops:
         self.metric_prox_ = namespace.metric_prox_.default
         self.value = namespace.value.default
         self.penalty_value = namespace.penalty_value.default
+        self.add_to_grad = namespace.add_to_grad.default
         self.defer_add_grad = namespace.defer_add_grad.default
         self.deferral_log = namespace.deferral_log.default
         self.gradient_routes = namespace.gradient_routes.default
