@@ -78,12 +78,12 @@ def add_to_grad(plan, coefficients):
         calls = _one_node_calls(plan, coefficients)
         if calls is not None:
             total = None
-            with torch.no_grad():
-                for kg, groups, table in calls:
-                    value_ = _ops.add_to_grad_value(plan.backend, kg.tensors, kg.centers, groups, table)
-                    if value_ is None:  # (the backend's single call declined these gradients)
+            for kg, groups, table in calls:  # (the one call makes no graph: no torch.no_grad() to pay for)
+                value_ = _ops.add_to_grad_value(plan.backend, kg.tensors, kg.centers, groups, table)
+                if value_ is None:  # (the backend's single call declined these gradients)
+                    with torch.no_grad():
                         value_ = _add_to_grad_of(plan, kg, groups, table)
-                    total = add_values(total, value_)
+                total = add_values(total, value_)
             return [total]
     call = plan.call(coefficients, GRAD)
     totals = [None] * len(coefficients)

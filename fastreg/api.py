@@ -224,7 +224,8 @@ class Penalty:
         coefficients = self._coefficients()
         if scale is None:
             totals = _operations.add_to_grad(self._plan.current(), coefficients)
-            return self._total(totals).detach(), totals
+            value = self._total(totals)
+            return (value.detach() if value.requires_grad else value), totals
         scaled = [c._replace(**{name: getattr(c, name) if _coefficients.is_zero(getattr(c, name))
                                 else getattr(c, name) * scale for name in ("l1", "l2", "group")})
                   for c in coefficients]
