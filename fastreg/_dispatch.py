@@ -57,6 +57,16 @@ def gradient_routes(params):
         return None
 
 
+def layout_watch(tensors, shaped):
+    """A compiled ``Plan.current`` check of these tensors' dtypes and devices and of ``shaped``'s
+    shapes (``fastreg.backends.cpu.layout_watch``: a zero-argument callable, True once one
+    changed), or None where the cpu extension is not loaded (it is never built for this)."""
+    try:
+        return backend("cpu").layout_watch(tensors, shaped)
+    except ImportError:
+        return None
+
+
 def accumulators_locked(params):
     """A context holding the engine's accumulation locks of ``params`` (the deferred backward's
     write into ``p.grad``); only used where ``gradient_routes`` answered, so the extension is loaded."""

@@ -79,7 +79,7 @@ def add_to_grad(plan, coefficients):
         if calls is not None:
             total = None
             for kg, groups, table in calls:  # (the one call makes no graph: no torch.no_grad() to pay for)
-                value_ = _ops.add_to_grad_value(plan.backend, kg.tensors, kg.centers, groups, table)
+                value_ = _ops.add_to_grad_value(plan.backend, kg.tensors, kg.centers, groups, table, kg.workspace)
                 if value_ is None:  # (the backend's single call declined these gradients)
                     with torch.no_grad():
                         value_ = _add_to_grad_of(plan, kg, groups, table)

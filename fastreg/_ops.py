@@ -252,8 +252,8 @@ def penalty_value(params, centers, groups, table, backend, workspace, dtype):
     ops (``fastreg._coefficients``) costs a dozen small ops and autograd nodes per call, which is
     the whole cost of a small model's penalty."""
     node = getattr(_dispatch.backend_for(backend, params[0].device), "penalty_value", None)
-    if node is not None and _plain(params):  # the backend's own node (the cpu backend: csrc/value_node.cpp)
-        return node(params, centers, groups, table, dtype)
+    if node is not None and _plain(params, workspace):  # the backend's own node (cpu: csrc/value_node.cpp)
+        return node(params, centers, groups, table, dtype, workspace)
     return _EagerValue.apply(backend, groups, len(params), workspace, table, dtype, *params, *(centers or []))
 
 
@@ -398,9 +398,16 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _PLAIN_TYPE_SET = frozenset(_PLAIN_TYPES)
 
 
-def _plain(params):
-    """Whether every param is a plain tensor (no subclass: a DTensor, or any other)."""
-    return set(map(type, params)) <= _PLAIN_TYPE_SET
+def _plain(params, workspace=None):
+    """Whether every param is a plain tensor (no subclass: a DTensor, or any other); with a
+    ``workspace``, the answer kept there for this very list (a Python object's type is fixed)."""
+    if workspace is None:
+        return set(map(type, params)) <= _PLAIN_TYPE_SET
+    entry = workspace.get(("plain", id(params)), lambda e: e[0] is params)
+    if entry is None:
+        entry = (params, set(map(type, params)) <= _PLAIN_TYPE_SET)
+        workspace.put(("plain", id(params)), entry)
+    return entry[1]
 
 
 def _defer_to_end_of_backward(params, centers, group_sq, groups, backend, grad_sums, grad_group_sq, workspace):
@@ -475,16 +482,16 @@ def add_grad_(backend, params, grads, centers, groups, coeffs, group_norms=None,
     return result
 
 
-def add_to_grad_value(backend, params, centers, groups, table):
+def add_to_grad_value(backend, params, centers, groups, table, workspace=None):
     """``p.grad += d(penalty)/dp`` for one kernel group (``p.grad`` created where None; versions
     bumped) and its value, ``weighted_total`` of the sums in the acc dtype, in one call of the
     backend's own entry (the cpu backend: ``csrc/add_to_grad.cpp``); None, having written nothing,
     where the backend has none or leaves these gradients to the caller's general path (one it
     would refuse, or several gradient dtypes). ``table``: the call's ``Gradient`` table."""
     one_call = getattr(_dispatch.backend_for(backend, params[0].device), "add_to_grad", None)
-    if one_call is None or not _plain(params):
+    if one_call is None or not _plain(params, workspace):
         return None
-    return one_call(params, centers, groups, table)
+    return one_call(params, centers, groups, table, workspace)
 
 
 def prox_(backend, params, centers, groups, coeffs, group_norms=None, workspace=None, metric=None):

@@ -225,9 +225,11 @@ class Plan:
         """The kernel groups (and what they depend on) from the parameters as they are now."""
         self.local, self.meshes = _kernel_groups(self.members)
         self._tensors = [m.tensor for m in self.members]  # (read by _read_layout at every call)
+        self._plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in self._tensors)
         self._centered = [m.tensor for m in self.members if m.center is not None]
         self._shaped = [m.tensor for m in self.members if m.structure[1] > 1 or m.coupling is not None]
         self._layout = None if torch.compiler.is_compiling() else self._read_layout()
+        self._layout_changed = None  # the compiled check of _layout, once available: see current()
         dtypes = {m.tensor.dtype for m in self.members}
         self.result_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         self._in_place_checked = False
@@ -250,8 +252,15 @@ class Plan:
         its center follows a new dtype or device. Not while torch.compile traces (the check is
         Python it cannot trace): a graph traced after a change the plan has not followed gets a
         clear error from the op instead (``fastreg._ops.sums``), never a wrong number."""
-        if self._layout is not None and not torch.compiler.is_compiling() and self._read_layout() != self._layout:
+        if self._layout is None or torch.compiler.is_compiling():
+            return self
+        if self._layout_changed is not None:
+            if self._layout_changed():
+                self._follow()
+        elif self._read_layout() != self._layout:
             self._follow()
+        elif self._plain:  # unchanged: from now on the same check in one C++ call, where one is loaded
+            self._layout_changed = _dispatch.layout_watch(self._tensors, self._centered + self._shaped)
         return self
 
     def _follow(self):

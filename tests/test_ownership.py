@@ -218,6 +218,53 @@ def test_deleting_the_model_and_the_penalty_frees_the_parameters(backend, mode):
     assert alive() is None and storage() is None
 
 
+def test_the_cpu_backends_handles_die_with_their_penalty():
+    # csrc/operands.cpp's registries hold tensors for the cpu backend's calls (each kernel group's
+    # bound operands, the plan's layout watch) while their Penalty lives, and only then.
+    from fastreg.backends import cpu
+    if cpu.unavailable_reason() is not None:
+        pytest.skip("the C++ CPU backend is not built")
+    gc.collect()
+    before = cpu.handles_held()
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3).double())  # two kernel groups
+    alive = weakref.ref(model[0].weight)
+    reg = fastreg.Penalty(model, l2=0.1, backend="cpu")
+    for _ in range(2):
+        reg().backward()
+        reg.add_to_grad_()
+    held = cpu.handles_held()
+    assert held[0] == before[0] + 2 and held[1] == before[1] + 1
+    model[0].bias.data = model[0].bias.data.double()  # a regroup drops the old ones
+    reg().backward()
+    assert cpu.handles_held()[0] <= before[0] + 3
+    del model, reg
+    gc.collect()
+    assert cpu.handles_held() == before and alive() is None
+
+
+def test_a_deep_copy_of_a_penalty_regularizes_its_own_copies(backend):
+    import copy
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).double()
+    reg = fastreg.Penalty(model, l2=0.5, backend=backend)
+    reg(), reg.add_to_grad_(), reg()  # every cache of the original filled
+    twin_model, twin = copy.deepcopy((model, reg))
+    with torch.no_grad():
+        for p in twin_model.parameters():
+            p.mul_(2)
+    twin_model[0].bias.data = twin_model[0].bias.data.float()  # a layout change only the copy sees
+
+    def exact(m):
+        return sum(0.5 * p.detach().double().square().sum() for p in m.parameters())
+
+    torch.testing.assert_close(twin().double(), exact(twin_model), rtol=1e-6, atol=0)
+    torch.testing.assert_close(reg().double(), exact(model), rtol=1e-13, atol=0)
+    del twin, twin_model
+    gc.collect()
+    model.zero_grad(set_to_none=True)
+    reg.add_to_grad_()  # the original's own caches still work after the copy is gone
+    torch.testing.assert_close(model[0].weight.grad, model[0].weight.detach(), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------
 # The one-call penalty() passes its coefficients to the call: nothing shared is written.
 

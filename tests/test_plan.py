@@ -52,6 +52,43 @@ def test_current_regroups_only_when_a_dtype_or_device_changed():
                                                                                      "torch.float64"]
 
 
+@pytest.fixture
+def cpu_loaded():
+    from fastreg.backends import cpu
+    if cpu.unavailable_reason() is not None:
+        pytest.skip("the C++ CPU backend is not built")
+
+
+@pytest.mark.parametrize("change", ["dtype", "shape-of-a-grouped-tensor", "indivisible-shape", "same-layout"])
+def test_the_compiled_layout_check_follows_what_the_python_one_does(cpu_loaded, change):
+    # Once a call found the layout unchanged, Plan.current checks it in one C++ call
+    # (csrc/operands.cpp Layout); the kernels read the bound operands (cpu._operands) as they are.
+    lin = nn.Linear(4, 4).double()
+    reg = fastreg.Penalty(lin, l2=0.5, group=0.25, group_size=2, backend="cpu")
+    reg(), reg.add_to_grad_()
+    assert reg._plan._layout_changed is not None  # the compiled check is the one in use
+    groups = reg._plan.local
+    if change == "dtype":
+        lin.bias.data = lin.bias.data.float()
+    elif change == "shape-of-a-grouped-tensor":
+        lin.weight.data = torch.randn(6, 4, dtype=torch.float64)
+    elif change == "indivisible-shape":
+        lin.weight.data = torch.randn(5, 4, dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"'weight' changed shape to \(5, 4\), which its group_size 2"):
+            reg()
+        return
+    else:
+        lin.weight.data = torch.randn(4, 4, dtype=torch.float64)  # the same TensorImpl, new storage
+    value = reg()
+    assert (reg._plan.local is groups) == (change == "same-layout")
+    fresh = fastreg.Penalty(lin, l2=0.5, group=0.25, group_size=2, backend="torch")()
+    torch.testing.assert_close(value.double(), fresh.double(), rtol=1e-6 if change == "dtype" else 1e-13, atol=0)
+    lin.zero_grad(set_to_none=True)
+    reg.add_to_grad_()
+    assert lin.weight.grad.shape == lin.weight.shape and lin.bias.grad.dtype == lin.bias.dtype
+    torch.testing.assert_close(lin.bias.grad, lin.bias.detach(), rtol=0, atol=0)  # 2·0.5·b, bias ungrouped
+
+
 # --------------------------------------------------------------------------- overlapping memory
 
 def test_two_views_of_the_same_memory_are_rejected_naming_both():

@@ -75,6 +75,12 @@ class Workspace:
             oldest, _ = self.entries.popitem(last=False)
             self.families.pop(oldest, None)
 
+    def __deepcopy__(self, memo):
+        # What a workspace holds is derived from its kernel group's tensors (device tables, C++
+        # handles of cpu.py): a deep copy of a Penalty regularizes copies of those tensors, and
+        # builds its own from them.
+        return Workspace(self.limit)
+
     def keep_for_capture(self, plan):
         self.builds += 1
         self.captured.append(plan)

@@ -49,7 +49,8 @@ METRIC_PROX = True  # prox_(..., metric=...): csrc/metric_prox.cpp
 # One translation unit per op (ninja compiles them in parallel) and the shared headers: every
 # file in csrc/, since all of them enter the hash that names the build.
 SOURCE_FILES = ("library.cpp", "sums.cpp", "grads.cpp", "add_grad.cpp", "prox.cpp", "metric_prox.cpp", "deferral.cpp",
-                "value_node.cpp", "add_to_grad.cpp")
+                "value_node.cpp", "add_to_grad.cpp",
+                "operands.cpp")
 HEADER_FILES = ("fastreg_cpu.h", "vec.h", "traits.h", "span.h", "terms.h", "schedule.h", "prepare.h", "passes.h")
 EXTENSION = _build.Extension("fastreg_cpu", SOURCE_FILES, HEADER_FILES, what="the C++ CPU kernels")
 # CHUNK_ELEMS (elements per flat chunk, kChunk in csrc/schedule.h) is read from the extension:
@@ -125,19 +126,87 @@ def value(params, centers, groups, table, dtype):
     return _kernels().value(params, _as_list(centers), groups.dims, groups.sizes, table, dtype)
 
 
-def penalty_value(params, centers, groups, table, dtype):
+def penalty_value(params, centers, groups, table, dtype, workspace=None):
     """``value``'s total as one op with its own C++ autograd node (``csrc/value_node.cpp``): the
     backward of ``fastreg._ops._EagerValue`` (deferred, through the graph, or under create_graph
-    ``fastreg::value_graph_backward``) without Python in the forward or the backward."""
-    return _kernels().penalty_value(params, _as_list(centers), groups.dims, groups.sizes, table, dtype)
+    ``fastreg::value_graph_backward``) without Python in the forward or the backward. With a
+    ``workspace``, on the operands bound there (``_operands``)."""
+    kernels = _kernels()
+    operands = _operands(params, centers, groups, workspace)
+    if operands is not None:
+        return kernels.penalty_value_of(operands, table, dtype)
+    return kernels.penalty_value(params, _as_list(centers), groups.dims, groups.sizes, table, dtype)
 
 
-def add_to_grad(params, centers, groups, table):
+def add_to_grad(params, centers, groups, table, workspace=None):
     """``Penalty.add_to_grad_`` of one kernel group in one call (``csrc/add_to_grad.cpp``): each
     ``p.grad`` created where None, the gradient added, the versions bumped; the value
     (``_ops.weighted_total`` of the sums, in the acc dtype), or None, having written nothing,
-    where the gradients need the Python path (one it refuses, or several gradient dtypes)."""
-    return _kernels().add_to_grad(params, _as_list(centers), groups.dims, groups.sizes, table)
+    where the gradients need the Python path (one it refuses, or several gradient dtypes). With
+    a ``workspace``, on the operands bound there (``_operands``)."""
+    kernels = _kernels()
+    operands = _operands(params, centers, groups, workspace)
+    if operands is not None:
+        return kernels.add_to_grad_of(operands, table)
+    return kernels.add_to_grad(params, _as_list(centers), groups.dims, groups.sizes, table)
+
+
+def _operands(params, centers, groups, workspace):
+    """The handle of ``(params, centers, groups)`` bound in C++ (``csrc/operands.cpp``), made once
+    and kept in the kernel group's ``workspace`` (None without one): a call then hands over one
+    integer, where lists of tensors cost torch.ops about 0.1 µs a tensor to convert. Found again
+    by the identity of the very lists and ``groups`` the plan passes at every call (the entry
+    holds them, so an id is never reused while it lives); the C++ entry holds the params and
+    centers, as the plan does, and is released when the workspace drops the entry (the
+    ``Penalty`` gone, or a regroup)."""
+    if workspace is None:
+        return None
+    key = ("operands", id(params), id(centers), id(groups))
+    bound = workspace.get(key, lambda b: b.params is params and b.centers is centers and b.groups is groups)
+    if bound is None:
+        bound = _Held(_ops.bind_operands(params, _as_list(centers), list(groups.dims), list(groups.sizes)),
+                      _ops.release_operands, params=params, centers=centers, groups=groups)
+        workspace.put(key, bound)
+    return bound.handle
+
+
+def layout_watch(tensors, shaped):
+    """A zero-argument check that any of ``tensors`` changed dtype or device, or any of
+    ``shaped`` changed shape, since now (``fastreg._plan.Plan.current``'s check in one C++ call:
+    ``csrc/operands.cpp``, about 1 µs however many tensors); None while the extension is not
+    loaded (never loads it). The C++ entry is released when the returned object dies."""
+    if _ops is None:
+        return None
+    return _Held(_ops.watch_layout(list(tensors), list(shaped)), _ops.release_layout, call=_ops.layout_changed)
+
+
+class _Held:
+    """An entry of a C++ registry (``csrc/operands.cpp``) by its handle, released when this dies,
+    with what the entry was made from (kept for identity checks) and, for a layout watch, the
+    op that reads it (``watch()``)."""
+
+    __slots__ = ("handle", "_release", "_call", "params", "centers", "groups")
+
+    def __init__(self, handle, release, call=None, params=None, centers=None, groups=None):
+        self.handle, self._release, self._call = handle, release, call
+        self.params, self.centers, self.groups = params, centers, groups
+
+    def __call__(self):
+        return self._call(self.handle)
+
+    def __deepcopy__(self, memo):
+        return None  # a copy owns no C++ entry: its owner makes its own (Plan.current; a Workspace's copy is empty)
+
+    def __del__(self):
+        try:
+            self._release(self.handle)
+        except Exception:  # (interpreter shutdown: the library may be gone already)
+            pass
+
+
+def handles_held():
+    """``[operands bound, layouts watched]`` in the C++ registries now (ownership tests)."""
+    return list(_kernels().handles_held())
 
 
 def defer_add_grad(params, centers, groups, table, grad_value, group_sq):
@@ -369,6 +438,14 @@ class _Ops:
         self.value = namespace.value.default
         self.penalty_value = namespace.penalty_value.default
         self.add_to_grad = namespace.add_to_grad.default
+        self.bind_operands = namespace.bind_operands.default
+        self.release_operands = namespace.release_operands.default
+        self.penalty_value_of = namespace.penalty_value_of.default
+        self.add_to_grad_of = namespace.add_to_grad_of.default
+        self.watch_layout = namespace.watch_layout.default
+        self.layout_changed = namespace.layout_changed.default
+        self.release_layout = namespace.release_layout.default
+        self.handles_held = namespace.handles_held.default
         self.defer_add_grad = namespace.defer_add_grad.default
         self.deferral_log = namespace.deferral_log.default
         self.gradient_routes = namespace.gradient_routes.default

@@ -797,3 +797,27 @@ def test_cli_info_and_build(ops):
                            capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     assert "already built" in built.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# Handles (csrc/operands.cpp)
+
+
+def test_a_released_handle_is_an_error_not_a_read_of_freed_memory(ops):
+    w = torch.ones(3)
+    handle = ops.bind_operands([w], [], [-1], [1])
+    table = torch.tensor([[0.0, 1.0, 0.0]])
+    assert ops.add_to_grad_of(handle, table).item() == 3.0 and torch.equal(w.grad, 2 * w)
+    ops.release_operands(handle)
+    ops.release_operands(handle)  # (twice: nothing)
+    with pytest.raises(RuntimeError, match="no operands with handle"):
+        ops.add_to_grad_of(handle, table)
+    with pytest.raises(RuntimeError, match="no operands with handle"):
+        ops.penalty_value_of(handle, table, torch.float32)
+    watch = ops.watch_layout([w], [w])
+    assert not ops.layout_changed(watch)
+    w.data = torch.ones(4)
+    assert ops.layout_changed(watch)
+    ops.release_layout(watch)
+    with pytest.raises(RuntimeError, match="no layout with handle"):
+        ops.layout_changed(watch)
