@@ -10,11 +10,17 @@
 //   - Layout: the plan's per-call check (fastreg/_plan.py Plan.current) that no parameter changed
 //     dtype or device, nor (those whose shape the plan depends on) shape: watch_layout,
 //     layout_changed, released by its Plan.
+//   - Memory: the Triton backend's cache-hit check (fastreg/backends/triton/tables.py) that the
+//     tensors a cached table points into are still where it was built for (data pointer, shape,
+//     strides): watch_memory, memory_changed, released with the table; and its per-call check
+//     that a call's write targets (gradients) are where the last call's were, through weak
+//     references (no old gradient kept alive): watch_targets, targets_changed.
 // Both hold the tensors themselves: `p.data = x` swaps what a tensor holds in place (the same
 // TensorImpl), so a held tensor always reads what the Python one does; a dtype, device or shape
 // change makes the plan regroup, which drops its kernel groups' workspaces and these with them.
 // A handle that was released (or never made) is an error, never a read of freed memory.
 
+#include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
 #include <memory>
@@ -46,6 +52,45 @@ struct Layout {
     }
     for (size_t k = 0; k < shaped.size(); ++k) {
       if (shaped[k].sizes() != at::IntArrayRef(shapes[k])) return true;
+    }
+    return false;
+  }
+};
+
+// Tensors and where their elements are (fastreg/backends/triton/tables.py: a cached table's params
+// and centers, whose addresses it holds): data pointer, shape and strides at the time of watching.
+struct Memory {
+  std::vector<at::Tensor> tensors;
+  std::vector<const void*> pointers;
+  std::vector<std::vector<int64_t>> sizes, strides;
+
+  bool changed() const {
+    for (size_t k = 0; k < tensors.size(); ++k) {
+      const at::Tensor& t = tensors[k];
+      if (t.data_ptr() != pointers[k] || t.sizes() != at::IntArrayRef(sizes[k]) ||
+          t.strides() != at::IntArrayRef(strides[k])) {
+        return true;
+      }
+    }
+    return false;
+  }
+};
+
+// A call's write targets (the Triton backend's gradients) by weak reference: a gradient that is
+// gone (its TensorImpl freed) counts as changed, and none is kept alive.
+struct Targets {
+  std::vector<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> tensors;
+  std::vector<const void*> pointers;
+  std::vector<std::vector<int64_t>> strides;
+
+  // (Read without taking a strong reference, whose atomics cost 0.1 µs a tensor: a weak reference
+  // keeps the TensorImpl's memory, if not its storage, until it is released, so its fields can be
+  // read; one whose last strong reference is gone has changed.)
+  bool changed() const {
+    for (size_t k = 0; k < tensors.size(); ++k) {
+      if (tensors[k].expired()) return true;
+      const c10::TensorImpl* impl = tensors[k]._unsafe_get_target();
+      if (impl->data() != pointers[k] || impl->strides() != at::IntArrayRef(strides[k])) return true;
     }
     return false;
   }
@@ -97,6 +142,16 @@ Registry<Layout>& layouts() {
   return *registry;
 }
 
+Registry<Memory>& memories() {
+  static auto* registry = new Registry<Memory>();
+  return *registry;
+}
+
+Registry<Targets>& targets() {
+  static auto* registry = new Registry<Targets>();
+  return *registry;
+}
+
 int64_t bind_operands(at::TensorList params, at::TensorList centers, at::IntArrayRef group_dims,
                       at::IntArrayRef group_sizes) {
   TORCH_CHECK(!params.empty() && group_dims.size() == params.size() && group_sizes.size() == params.size() &&
@@ -135,8 +190,40 @@ bool layout_changed(int64_t handle) { return layouts().get(handle, "layout")->ch
 
 void release_layout(int64_t handle) { layouts().release(handle); }
 
-// [operands bound, layouts watched] now (the ownership tests count them).
-std::vector<int64_t> handles_held() { return {operands().size(), layouts().size()}; }
+int64_t watch_memory(at::TensorList tensors) {
+  auto memory = std::make_shared<Memory>();
+  memory->tensors = tensors.vec();
+  for (const auto& t : tensors) {
+    memory->pointers.push_back(t.data_ptr());
+    memory->sizes.push_back(t.sizes().vec());
+    memory->strides.push_back(t.strides().vec());
+  }
+  return memories().add(std::move(memory));
+}
+
+bool memory_changed(int64_t handle) { return memories().get(handle, "memory watch")->changed(); }
+
+void release_memory(int64_t handle) { memories().release(handle); }
+
+int64_t watch_targets(at::TensorList tensors) {
+  auto watched = std::make_shared<Targets>();
+  for (const auto& t : tensors) {
+    watched->tensors.emplace_back(t.getIntrusivePtr());
+    watched->pointers.push_back(t.data_ptr());
+    watched->strides.push_back(t.strides().vec());
+  }
+  return targets().add(std::move(watched));
+}
+
+bool targets_changed(int64_t handle) { return targets().get(handle, "targets watch")->changed(); }
+
+void release_targets(int64_t handle) { targets().release(handle); }
+
+// [operands bound, layouts watched, memories watched, targets watched] now (the ownership tests
+// count them).
+std::vector<int64_t> handles_held() {
+  return {operands().size(), layouts().size(), memories().size(), targets().size()};
+}
 
 }  // namespace
 
@@ -154,5 +241,11 @@ TORCH_LIBRARY_FRAGMENT(fastreg_cpu, m) {
   m.def("watch_layout(Tensor[] tensors, Tensor[] shaped) -> int", &fastreg_cpu::watch_layout);
   m.def("layout_changed(int layout) -> bool", &fastreg_cpu::layout_changed);
   m.def("release_layout(int handle) -> ()", &fastreg_cpu::release_layout);
+  m.def("watch_memory(Tensor[] tensors) -> int", &fastreg_cpu::watch_memory);
+  m.def("memory_changed(int memory) -> bool", &fastreg_cpu::memory_changed);
+  m.def("release_memory(int handle) -> ()", &fastreg_cpu::release_memory);
+  m.def("watch_targets(Tensor[] tensors) -> int", &fastreg_cpu::watch_targets);
+  m.def("targets_changed(int targets) -> bool", &fastreg_cpu::targets_changed);
+  m.def("release_targets(int handle) -> ()", &fastreg_cpu::release_targets);
   m.def("handles_held() -> int[]", &fastreg_cpu::handles_held);
 }

@@ -39,7 +39,7 @@ class Workspace:
     """A small LRU of a backend's per-call plans (device tables with their owners), plus the
     plans built during CUDA-graph capture."""
 
-    __slots__ = ("entries", "families", "captured", "limit", "handle", "hits", "builds", "__weakref__")
+    __slots__ = ("entries", "families", "captured", "limit", "handle", "hits", "builds", "targets", "__weakref__")
 
     def __init__(self, limit=4):
         self.entries = OrderedDict()  # key -> plan (each plan holds the tensors it points into)
@@ -47,6 +47,7 @@ class Workspace:
         self.captured = []  # plans built while a CUDA graph was being captured
         self.limit = limit
         self.hits = self.builds = 0
+        self.targets = None  # a backend's record of the last call's write targets, never holding them
         self.handle = next(_handles)
         _registry[self.handle] = self
 
@@ -89,6 +90,7 @@ class Workspace:
         self.entries.clear()
         self.families.clear()
         self.captured.clear()
+        self.targets = None
 
     def plans(self):
         """Every plan held (for the ownership tests)."""

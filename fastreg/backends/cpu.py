@@ -180,6 +180,25 @@ def layout_watch(tensors, shaped):
     return _Held(_ops.watch_layout(list(tensors), list(shaped)), _ops.release_layout, call=_ops.layout_changed)
 
 
+def memory_watch(tensors):
+    """A zero-argument check that any of ``tensors`` moved (data pointer), or changed shape or
+    strides, since now: the Triton backend's cache-hit check in one C++ call
+    (``csrc/operands.cpp``, about 1 µs plus 5 ns a tensor); None where the extension is not built
+    (never built for this: the caller then compares in Python). The C++ entry holds the tensors,
+    as the caller's table does, and is released when the returned object dies."""
+    if not _loaded_if_built():
+        return None
+    return _Held(_ops.watch_memory(list(tensors)), _ops.release_memory, call=_ops.memory_changed)
+
+
+def targets_watch(tensors):
+    """``memory_watch`` of a call's write targets (gradients) through weak references: none is
+    kept alive, and one that is gone counts as changed. None where the extension is not built."""
+    if not _loaded_if_built():
+        return None
+    return _Held(_ops.watch_targets(list(tensors)), _ops.release_targets, call=_ops.targets_changed)
+
+
 class _Held:
     """An entry of a C++ registry (``csrc/operands.cpp``) by its handle, released when this dies,
     with what the entry was made from (kept for identity checks) and, for a layout watch, the
@@ -205,7 +224,8 @@ class _Held:
 
 
 def handles_held():
-    """``[operands bound, layouts watched]`` in the C++ registries now (ownership tests)."""
+    """``[operands bound, layouts watched, memories watched, targets watched]`` in the C++
+    registries now (ownership tests)."""
     return list(_kernels().handles_held())
 
 
@@ -233,14 +253,20 @@ def gradient_routes(params):
     must go through the graph); ``None`` when the extension is not loaded. Never builds inside a backward:
     the extension is loaded here only when it is already built (the cpu backend builds it on first
     use; ``python -m fastreg build`` on a GPU machine), checked once per process."""
+    if not _loaded_if_built():
+        return None
+    return _ops.gradient_routes(params)
+
+
+def _loaded_if_built():
+    """Whether the extension is loaded, loading it first where it is already built (checked once
+    per process); never builds it."""
     if not _state["tried"]:
         if "cached_build" not in _state:
             _state["cached_build"] = EXTENSION.is_built()
         if not _state["cached_build"]:
-            return None
-    if unavailable_reason() is not None:
-        return None
-    return _ops.gradient_routes(params)
+            return False
+    return unavailable_reason() is None
 
 
 class accumulators_locked:
@@ -446,6 +472,12 @@ class _Ops:
         self.layout_changed = namespace.layout_changed.default
         self.release_layout = namespace.release_layout.default
         self.handles_held = namespace.handles_held.default
+        self.watch_memory = namespace.watch_memory.default
+        self.memory_changed = namespace.memory_changed.default
+        self.release_memory = namespace.release_memory.default
+        self.watch_targets = namespace.watch_targets.default
+        self.targets_changed = namespace.targets_changed.default
+        self.release_targets = namespace.release_targets.default
         self.defer_add_grad = namespace.defer_add_grad.default
         self.deferral_log = namespace.deferral_log.default
         self.gradient_routes = namespace.gradient_routes.default

@@ -174,3 +174,74 @@ def test_grads_outputs_of_dense_parameters_in_any_order():
     outputs = B.grads(params, None, -1, coeffs(F32, 0.0, 0.5), None, workspace=ws)
     for out, p in zip(outputs, params):
         assert torch.equal(out, p)
+
+
+# ------------------------------------------------------------------------------------------
+# The checks in C++ (csrc/operands.cpp, where the cpu extension is built): the same conditions,
+# read through the tensors a table holds (memory_watch) and a call's targets through weak
+# references (targets_watch, after the same targets came twice in a row).
+
+watched = pytest.mark.skipif(B.tables.cpu.unavailable_reason() is not None, reason="the C++ extension is not built")
+
+
+@watched
+@checked
+def test_a_list_of_other_tensors_never_finds_the_tables_of_the_same_first_pointer():
+    ws = Workspace()
+    a, b = randn((8,), F32, 1), randn((5,), F32, 2)
+    B.sums([a, b], None, -1, workspace=ws)
+    (plan,) = ws.entries.values()
+    assert plan.watch is not None
+    twin = b.clone()  # another tensor of the same shape: other ids, other pointer
+    got, _ = B.sums([a, twin], None, -1, workspace=ws)
+    assert ws.builds == 2
+    torch.testing.assert_close(got[:, 0].double(), _abs_sums([a, twin]), rtol=1e-6, atol=0)
+    got, _ = B.sums([a, twin], None, -1, workspace=ws)  # a new list of the same tensors: found by their ids
+    assert (ws.builds, ws.hits) == (2, 1)
+    got, _ = B.sums([a, b], None, -1, workspace=ws)  # (the key's tables are [a, twin]'s now: built again)
+    assert ws.builds == 3
+    torch.testing.assert_close(got[:, 0].double(), _abs_sums([a, b]), rtol=1e-6, atol=0)
+
+
+@watched
+@pytest.mark.parametrize("change", ["moved", "restrided", "replaced", "freed"])
+@checked
+def test_watched_targets_are_read_again_whenever_they_changed(change):
+    ws = Workspace()
+    p = randn((6, 6), F32, 1)
+    params = [p, randn((10,), F32, 2)]
+    c = coeffs(F32, 0.0, 0.5)
+    grads = [torch.zeros(6, 6), torch.zeros(10)]
+    for _ in range(3):  # the third call reads them through the watch
+        B.add_grad_(params, grads, None, -1, c, None, workspace=ws)
+    assert ws.targets.watch is not None and not ws.targets.watch()
+    if change == "moved":  # the same object, other memory
+        grads[0].data = torch.zeros(6, 6)
+    elif change == "restrided":  # the same object, the same memory, transposed
+        grads[0].data = grads[0].data.t()
+    elif change == "replaced":  # another object in the list
+        grads[0] = torch.zeros(6, 6)
+    else:  # every old gradient gone; new ones, which may land at the old ids and addresses
+        grads = None
+        gc.collect()
+        grads = [torch.zeros(6, 6), torch.zeros(10)]
+    before = grads[0].clone()
+    B.add_grad_(params, grads, None, -1, c, None, workspace=ws)
+    assert torch.equal(grads[0], before + p)  # 0.5·2·p, element by element, whatever the layout
+
+
+@watched
+def test_the_watches_are_released_with_the_workspace():
+    cpu = B.tables.cpu
+    gc.collect()
+    before = cpu.handles_held()
+    ws = Workspace()
+    params = [randn((6, 6), F32, 1)]
+    grads = [torch.zeros(6, 6)]
+    for _ in range(3):
+        B.add_grad_(params, grads, None, -1, coeffs(F32, 0.0, 0.5), None, workspace=ws)
+    held = cpu.handles_held()
+    assert held[2] == before[2] + 1 and held[3] == before[3] + 1
+    del ws
+    gc.collect()
+    assert cpu.handles_held() == before

@@ -180,7 +180,7 @@ def grads(params, centers, groups, coeffs, group_scale, workspace, capturing):
 def add_grad_(params, grads_, centers, groups, coeffs, group_norms, workspace, capturing, want_sums=True):
     if not any(p.numel() for p in params):
         return _empty_result(params, groups) if want_sums else None
-    pointers = list(map(torch.Tensor.data_ptr, grads_))
+    pointers, strides = tables.target_layout(grads_, workspace, capturing)
     plan = tables._tables(params, centers, groups, workspace, capturing, pointers)
     coeffs = _table(coeffs, plan, Gradient)
     partials = _acc_zeros(plan, 2 * plan.programs)
@@ -191,7 +191,7 @@ def add_grad_(params, grads_, centers, groups, coeffs, group_norms, workspace, c
         positive = norms > 0
         group = torch.where(positive, _per_group(coeffs, plan, Gradient.GROUP) / torch.where(positive, norms, 1), 0)
         group_coef = (2 * _per_group(coeffs, plan, Gradient.L2) + group).to(coeffs.dtype)
-    targets, copy_back = tables._targets_of(plan, params, grads_, pointers, workspace, capturing)
+    targets, copy_back = tables._targets_of(plan, params, grads_, pointers, workspace, capturing, strides=strides)
     _elementwise(plan, OP_ADD_GRAD, targets.table, coeffs, group_coef, grads_[0].dtype, partials)
     for target, work in copy_back:
         target.copy_(work)

@@ -80,7 +80,7 @@ import itertools
 import torch
 
 from fastreg.backends._geometry import NO_GROUPS, acc_dtype, as_groups, group_owners, group_sizes, memory_geometry
-from fastreg.backends import _terms
+from fastreg.backends import _terms, cpu
 from fastreg.backends._terms import Gradient, Prox
 
 from . import tuning
@@ -110,7 +110,7 @@ class _Tables:
                  "info", "launches", "ginfo", "gmap", "finfo", "group_owner", "group_programs", "programs", "nslots",
                  "ngroups", "ntensors", "chunk", "grouped", "has_center", "dtype", "device", "direct", "reads",
                  "copies", "index", "tensor_of", "misaligned", "params_at", "centers_at", "aligned_for",
-                 "targets_cache")
+                 "targets_cache", "watch", "watched_ids", "watched_lists")
 
     def addresses(self):
         """Every device address written into the tables (w's and c's data pointers); each lies
@@ -219,15 +219,28 @@ def _tables(params, centers, groups, workspace, capturing, target_ptrs=None):
     setting = (device, dtype, _stream_key(device), tuning.BLOCK, tuning.BLOCK_FP64, tuning.MAX_CHUNK,
                tuning.TARGET_PROGRAMS, tuning.RUN_TILE, tuning.MIN_RUN, tuning.RUN_LONG, tuning.GROUP_BLOCK,
                tuning.ALIGN_BYTES)
-    params_at, centers_at = _signature(params), None if centers is None else _signature(centers)
-    key = (*setting, groups, centers is None, len(params), params_at[0][0])
+    key = (*setting, groups, centers is None, len(params), params[0].data_ptr())
 
     def still_valid(tables):
-        if not (tables.params_at == params_at and tables.centers_at == centers_at):
+        if tables.watch is not None:
+            # The very tensors the tables were built from, at the same pointers, shapes and
+            # strides (one C++ call over the tensors it holds). The very tensors: the same list
+            # objects (a Penalty's kernel groups pass theirs, never modified, at every call), or
+            # lists of the same tensors (their ids: the watch holds them, so no id is reused).
+            if not (params is tables.watched_lists[0] and centers is tables.watched_lists[1]) and \
+                    list(map(id, _operands(params, centers))) != tables.watched_ids:
+                return False
+            if tables.watch():
+                return False
+        elif not (tables.params_at == _signature(params)
+                  and tables.centers_at == (None if centers is None else _signature(centers))):
             return False
         if target_ptrs is None:
             return not tables.misaligned
+        if target_ptrs is tables.aligned_for:
+            return True
         if target_ptrs == tables.aligned_for:
+            tables.aligned_for = target_ptrs  # (the next call with these very pointers: no compare)
             return True
         if _misaligned(target_ptrs) != tables.misaligned:
             return False
@@ -241,6 +254,7 @@ def _tables(params, centers, groups, workspace, capturing, target_ptrs=None):
         return tables
     misaligned = () if target_ptrs is None else _misaligned(target_ptrs)
     tables = _build_tables(params, centers, as_groups(params, groups), misaligned)
+    params_at, centers_at = _signature(params), None if centers is None else _signature(centers)
     tables.params_at, tables.centers_at = params_at, centers_at
     tables.aligned_for = target_ptrs
     if capturing:  # uploaded only when the graph replays: never where an eager call looks
@@ -250,8 +264,15 @@ def _tables(params, centers, groups, workspace, capturing, target_ptrs=None):
         # so a swapped-out storage lives no longer than the next build (hashed on a build only).
         family = (*setting, groups, misaligned, tuple(params_at[1]), tuple(map(tuple, params_at[2])),
                   None if centers_at is None else (tuple(centers_at[1]), tuple(map(tuple, centers_at[2]))))
+        operands = _operands(params, centers)
+        tables.watch = cpu.memory_watch(operands)  # (None without the C++ extension: _signature then)
+        tables.watched_ids, tables.watched_lists = list(map(id, operands)), (params, centers)
         workspace.put(key, tables, family=family)
     return tables
+
+
+def _operands(params, centers):
+    return list(params) if centers is None else [*params, *centers]
 
 
 def _build_tables(params, centers, groups, misaligned):
@@ -377,6 +398,7 @@ def _build_tables(params, centers, groups, misaligned):
     tables.copies = [(params[r[0]], r[2]) for r in records if not r[9]]
     tables.misaligned = misaligned
     tables.params_at = tables.centers_at = tables.aligned_for = tables.targets_cache = None
+    tables.watch = tables.watched_ids = tables.watched_lists = None
     return tables
 
 
@@ -415,7 +437,38 @@ def _int64(values):
     return torch.frombuffer(array.array("q", values), dtype=torch.int64).clone()
 
 
-def _targets_of(plan, params, wanted, pointers, workspace, capturing, like_params=False):
+class _LastTargets:
+    """A workspace's record of its last call's write targets (``target_layout``): their ids, data
+    pointers and strides, and a C++ check of them through weak references."""
+
+    __slots__ = ("ids", "pointers", "strides", "watch")
+
+
+def target_layout(targets, workspace, capturing):
+    """``(data pointers, strides)`` of a call's write targets (``add_grad_``'s gradients): the last
+    call's, read no further, when these are the very same tensors (their ids) still at the same
+    pointers and strides (one C++ call through weak references: an old gradient is not kept
+    alive, and one that is gone counts as changed; a live tensor's id is not reused, since a
+    tensor whose Python object is gone but whose memory lives on keeps that object), else read
+    and recorded in the ``workspace``. Strides None: not read (no workspace, or capture)."""
+    if workspace is None or capturing:
+        return list(map(torch.Tensor.data_ptr, targets)), None
+    ids = list(map(id, targets))
+    last = workspace.targets
+    same = last is not None and last.ids == ids
+    if same and last.watch is not None and not last.watch():
+        return last.pointers, last.strides
+    record = _LastTargets()
+    record.ids, record.pointers = ids, list(map(torch.Tensor.data_ptr, targets))
+    record.strides = list(map(torch.Tensor.stride, targets))
+    # Watched once the same tensors came twice in a row (gradients kept between steps): fresh
+    # gradients every step (zero_grad(set_to_none=True)) would only pay for watches never used.
+    record.watch = cpu.targets_watch(targets) if same else None
+    workspace.targets = record
+    return record.pointers, record.strides
+
+
+def _targets_of(plan, params, wanted, pointers, workspace, capturing, like_params=False, strides=None):
     """(this call's ``_Targets``, copy-backs): ``wanted[k]`` for param k (its data pointer
     ``pointers[k]``), used as is when it walks memory in the order param k is read (the param as
     it is now, or the tables' copy of it), else through a copy in that order.
@@ -432,9 +485,12 @@ def _targets_of(plan, params, wanted, pointers, workspace, capturing, like_param
     strides (``empty_like`` keeps a dense tensor's), so it is read as is: no per-tensor check."""
     reusable = workspace is not None and not capturing
     cached = plan.targets_cache
-    if reusable and cached is not None and cached[0] == pointers and \
-            cached[1] == list(map(torch.Tensor.stride, wanted)):
-        return cached[2], ()
+    if reusable and cached is not None and (cached[0] is pointers or cached[0] == pointers):
+        if strides is None:
+            strides = list(map(torch.Tensor.stride, wanted))
+        if cached[1] is strides or cached[1] == strides:
+            plan.targets_cache = (pointers, strides, cached[2])  # (the next call: these very lists, no compare)
+            return cached[2], ()
     if like_params and plan.direct:
         table = pointers if len(plan.index) == len(pointers) else [pointers[k] for k in plan.index]
         return _pointer_table(plan, table, list(wanted), workspace, capturing), ()
@@ -455,7 +511,8 @@ def _targets_of(plan, params, wanted, pointers, workspace, capturing, like_param
     if reusable and not copy_back:
         kept = _Targets()
         kept.pointers, kept.owners, kept.table, kept.host = pointers, [], targets.table, targets.host
-        plan.targets_cache = (pointers, list(map(torch.Tensor.stride, wanted)), kept)
+        plan.targets_cache = (pointers, strides if strides is not None else list(map(torch.Tensor.stride, wanted)),
+                              kept)
     return targets, copy_back
 
 
