@@ -17,6 +17,10 @@
    of one ``Penalty`` and dies with it; direct backend calls without a workspace cache nothing.
    A cached table may keep a swapped-out storage (``p.data = ...``) alive until the next build
    replaces it (same shapes) or the LRU drops it (at most ``limit`` tables a kernel group).
+   The C++ registries of the cpu extension (``csrc/operands.cpp``: bound operands, layout and
+   memory watches) hold tensors only under a handle that an object here or in the plan owns
+   (``backends.cpu._Held``), and release them when it dies; a watch of write targets holds
+   them by weak reference only.
 3. Nothing built while a CUDA graph is being captured reaches an eager call: such tables are
    kept in ``captured`` (alive as long as the ``Penalty``, hence as long as a graph that
    replays them can run with it), never in the cache that eager calls look in.

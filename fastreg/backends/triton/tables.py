@@ -59,19 +59,21 @@ tensors of the step in a metric (``_metric_of``).
   strides; centers, gradients and metric tensors in another order, and non-dense tensors, are
   read through a copy in the parameter's order.
 * **Host time per call** (what a call costs the training loop's thread while the GPU works;
-  ``python -m bench.host_overhead`` measures it with the kernels stubbed). A cache hit reads
-  each param's (and center's) pointer, shape and strides with three C-level maps and compares
-  them with the tables' (``_tables`` lists the conditions of a hit); nothing proportional to
-  the call is hashed but the structures (~3 ns a tensor). ``add_grad_`` and ``grads`` also read
-  their targets' pointers; a targets table that needed no copy is kept on the tables, holding
-  addresses only, and reused when the targets have the same pointers and strides
-  (``_targets_of``: p.grad may be a new tensor every step, often at the same address), else
-  built (an ``array`` of the pointers and one upload). ``grads`` must return one fresh tensor
-  per parameter: its ``empty_like`` calls (~0.8 µs a tensor on this host) are most of its time.
-  Measured here (2 cores, medians, 200 -> 2,000 tensors): ~0.3 µs a tensor for ``sums`` and
-  ``prox_``, ~0.5 for ``add_grad_``. Below ~0.2 would take one C-level pass over the list
-  (three Python-level reads of a tensor cost ~0.2 µs; a C++ function reading the list directly
-  ~0.01).
+  ``python -m bench.host_overhead`` measures it with the kernels stubbed). A cache hit checks
+  that each param (and center) has the pointer, shape and strides the tables were built from:
+  where the cpu backend's C++ extension is built, in one C++ call over the tensors the tables
+  hold (``cpu.memory_watch``, ~5 ns a tensor; the call passes the very lists, or lists of the
+  same tensors, compared by id), else with three C-level maps in Python (~0.2 µs a tensor);
+  nothing proportional to the call is hashed but the structures (~3 ns a tensor).
+  ``add_grad_`` and ``grads`` also read their targets' pointers; a targets table that needed no
+  copy is kept on the tables, holding addresses only, and reused when the targets have the same
+  pointers and strides (``_targets_of``: p.grad may be a new tensor every step, often at the
+  same address), else built (an ``array`` of the pointers and one upload). ``add_grad_``'s
+  targets, once the same tensors come twice in a row, are checked in C++ too, through weak
+  references (``target_layout``). ``grads`` must return one fresh tensor per parameter: its
+  ``empty_like`` calls (~0.8 µs a tensor on this host) are most of its time. Measured here (2
+  cores, medians, 200 -> 2,000 tensors, ``python -m bench.host_overhead``): ~0.02-0.03 µs a
+  tensor for ``sums`` and ``prox_``, ~0.12 for ``add_grad_``, ~1.1 for ``grads``.
 """
 
 import array
@@ -203,8 +205,10 @@ def _tables(params, centers, groups, workspace, capturing, target_ptrs=None):
     used as is only when (see "Host time per call"):
 
     1. every param and center has the data pointer, shape and strides the tables were built
-       from (``_signature``, compared element by element: ``p.data = ...``, a resize, another
-       view of the same memory all fail it);
+       from (``p.data = ...``, a resize, another view of the same memory all fail it): the
+       tables' C++ watch of the tensors they were built from (``cpu.memory_watch``), when the
+       call passes those very list objects (a kernel group's, never modified) or lists of the
+       same tensors (ids); without the extension, ``_signature`` compared element by element;
     2. the write targets' alignment is the one the launches assume: the same target pointers
        as the last call that checked it, or the same misaligned set (computed only when they
        moved); a call without targets uses only tables built with every target aligned.
