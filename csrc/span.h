@@ -77,7 +77,7 @@ inline void span(const Loader& ld, int64_t off, int64_t n, Acc<T>& acc, const El
     }
   } else {
     constexpr int kG = kFA / kM;                      // steps per group (kFA float vectors)
-    constexpr int kGroups = 4;                        // groups per block: 4 values per lane
+    constexpr int kGroups = 8;                        // groups per block: 8 values per lane
     constexpr int64_t kBlock = kGroups * kG * kStep;  // elements per block
     const Vectorized<float> zero(0.0f);
     // One step into float accumulators g*kM .. g*kM+kM-1.

@@ -10,8 +10,8 @@ Fake (meta) implementations are registered here. One call handles every tensor o
 chunks that ``at::parallel_for`` runs, each into its own partials (one per tensor it touches),
 added per tensor in a fixed order (bitwise the same for any thread count). Every tensor has its
 own structure (``group_dims`` / ``group_sizes``) and its own row of each coefficient table. fp64
-accumulates in fp64; fp32/fp16/bf16 in float over blocks of 4 values per vector lane, then in
-double (worst case 7 float roundings: <= 4.2e-7 relative). The inner loops use ATen's
+accumulates in fp64; fp32/fp16/bf16 in float over blocks of 8 values per vector lane, then in
+double (worst case 11 float roundings: <= 6.6e-7 relative). The inner loops use ATen's
 ``Vectorized<T>`` at the ISA the build targets.
 
 Mirrors, checked at load
