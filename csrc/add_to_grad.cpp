@@ -5,8 +5,9 @@
 // small model (a loop over p.grad, three layers of calls, four ATen ops for the total).
 //
 // It writes nothing, and returns None, where the Python path would refuse a gradient (a sparse
-// one, another shape or device, not floating-point, an inference tensor outside InferenceMode) or
-// would split the call (gradients of several dtypes): fastreg/_operations.py then takes that path,
+// one, another shape or device, not floating-point, a lazily negated one, an inference tensor
+// outside InferenceMode) or a param (not a leaf), or would split the call (gradients of several
+// dtypes): fastreg/_operations.py then takes that path,
 // which raises the error naming the parameter, or makes one call per gradient dtype.
 //
 // Registered without a dispatch key (CompositeImplicitAutograd), as deferral.cpp's ops: it reads
@@ -49,6 +50,7 @@ bool acceptable(const at::Tensor& p, const at::Tensor& g) {
     return false;
   }
   if (g.unsafeGetTensorImpl()->is_python_dispatch()) return false;  // a subclass: the Python path
+  if (g.is_neg() || g.is_conj()) return false;  // (a lazy negation: the Python path's op refuses it)
   return c10::InferenceMode::is_enabled() || !g.is_inference();
 }
 
@@ -60,7 +62,10 @@ std::optional<at::Tensor> add_to_grad(at::TensorList params, at::TensorList cent
   // Every check before any write: None leaves every p.grad as it was.
   const at::ScalarType gdtype = grad_dtype_of(params[0]);
   for (const auto& p : params) {
-    if (!p.device().is_cpu() || grad_dtype_of(p) != gdtype || !acceptable(p, p.grad())) return std::nullopt;
+    // (a non-leaf param: the Python path reads p.grad_dtype, which only a leaf has, and says so)
+    if (!p.device().is_cpu() || !p.is_leaf() || grad_dtype_of(p) != gdtype || !acceptable(p, p.grad())) {
+      return std::nullopt;
+    }
   }
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> grads;

@@ -31,6 +31,7 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <mutex>
 
 #include "fastreg_cpu.h"
@@ -77,7 +78,9 @@ c10::TypedOperatorHandle<GraphBackwardOp> graph_backward_op() {
 class Saved {
  public:
   explicit Saved(at::TensorList tensors) {
-    if (!at::SavedTensorDefaultHooks::get_tls_state().stack.empty()) {
+    // (an inference tensor has no version: SavedVariable refuses it, with its own message)
+    if (!at::SavedTensorDefaultHooks::get_tls_state().stack.empty() ||
+        std::any_of(tensors.begin(), tensors.end(), [](const at::Tensor& t) { return t.is_inference(); })) {
       hooked_.reserve(tensors.size());
       for (const auto& t : tensors) hooked_.emplace_back(t, false);
       return;

@@ -254,8 +254,11 @@ class Plan:
         clear error from the op instead (``fastreg._ops.sums``), never a wrong number."""
         if self._layout is None or torch.compiler.is_compiling():
             return self
-        if self._layout_changed is not None:
-            if self._layout_changed():
+        watch = self._layout_changed  # (a local: another thread's regroup may reset the attribute)
+        if watch is not None and not _dispatch.holding_tensors():
+            watch = self._layout_changed = None  # (released: torch.utils.swap_tensors refuses held tensors)
+        if watch is not None:
+            if watch():
                 self._follow()
         elif self._read_layout() != self._layout:
             self._follow()

@@ -150,3 +150,30 @@ def test_a_refused_gradient_writes_nothing_and_names_the_parameter(one_calls, sp
     assert one_calls == [None]  # the one call declined, the Python path raised
     assert torch.equal(held, torch.ones(3, 4)) and held._version == 0
     assert model[0].bias.grad is None and model[1].bias.grad is None
+
+
+def _non_leaf():
+    w = torch.randn(4, 3, requires_grad=True)
+    return [w * 2]  # (a non-leaf: the Python path reads its grad_dtype, which only a leaf has)
+
+
+def _negated_grad():
+    w = nn.Parameter(torch.randn(4, 3))
+    w.grad = torch.randn(4, 3)._neg_view()  # a lazily negated gradient
+    return [w]
+
+
+@pytest.mark.parametrize("make", [_non_leaf, _negated_grad], ids=["non-leaf", "negated-grad"])
+def test_the_one_call_declines_what_the_python_path_refuses(monkeypatch, one_calls, make):
+    def outcome():
+        try:
+            return fastreg.Penalty(make(), l2=0.5, backend="cpu").add_to_grad_()
+        except Exception as exc:  # noqa: BLE001 (the outcome compared is the error itself)
+            return type(exc), str(exc).splitlines()[0]
+
+    got = outcome()
+    assert one_calls == [None]
+    with monkeypatch.context() as m:
+        _python_path(m)
+        want = outcome()
+    assert isinstance(got, tuple) and got == want  # the same error, from the same path

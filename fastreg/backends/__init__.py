@@ -81,7 +81,10 @@ coefficient tables: ``(T, len(Gradient))`` or ``(T, len(Prox))`` acc tensors on 
 
 Every kernel also takes ``workspace=None``: a ``fastreg.backends._workspace.Workspace`` owned
 by the caller's kernel group, where a backend may keep per-call plans (device tables) between
-calls, under the ownership rules stated in ``_workspace``; ``None`` means cache nothing.
+calls, under the ownership rules stated in ``_workspace``; ``None`` means cache nothing. A
+caller that passes a workspace never modifies a list it passed (params, centers, gradients):
+a kernel group passes the same lists at every call, and a backend may recognize a list by its
+identity (a new list of other tensors is a new list).
 
 Coefficients are acc-dtype tensors on the group's device (no host synchronisation on a GPU).
 A backend never validates user input (``fastreg._dispatch`` and ``fastreg._plan`` do, once)

@@ -86,6 +86,11 @@ class Workspace:
         # builds its own from them.
         return Workspace(self.limit)
 
+    def drop(self, key):
+        """Forget the plan cached under ``key``, if any (what it holds is released with it)."""
+        self.entries.pop(key, None)
+        self.families.pop(key, None)
+
     def keep_for_capture(self, plan):
         self.builds += 1
         self.captured.append(plan)

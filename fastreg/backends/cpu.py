@@ -132,9 +132,9 @@ def penalty_value(params, centers, groups, table, dtype, workspace=None):
     ``fastreg::value_graph_backward``) without Python in the forward or the backward. With a
     ``workspace``, on the operands bound there (``_operands``)."""
     kernels = _kernels()
-    operands = _operands(params, centers, groups, workspace)
-    if operands is not None:
-        return kernels.penalty_value_of(operands, table, dtype)
+    bound = _operands(params, centers, groups, workspace)
+    if bound is not None:
+        return kernels.penalty_value_of(bound.handle, table, dtype)
     return kernels.penalty_value(params, _as_list(centers), groups.dims, groups.sizes, table, dtype)
 
 
@@ -145,37 +145,52 @@ def add_to_grad(params, centers, groups, table, workspace=None):
     where the gradients need the Python path (one it refuses, or several gradient dtypes). With
     a ``workspace``, on the operands bound there (``_operands``)."""
     kernels = _kernels()
-    operands = _operands(params, centers, groups, workspace)
-    if operands is not None:
-        return kernels.add_to_grad_of(operands, table)
+    bound = _operands(params, centers, groups, workspace)
+    if bound is not None:
+        return kernels.add_to_grad_of(bound.handle, table)
     return kernels.add_to_grad(params, _as_list(centers), groups.dims, groups.sizes, table)
 
 
 def _operands(params, centers, groups, workspace):
-    """The handle of ``(params, centers, groups)`` bound in C++ (``csrc/operands.cpp``), made once
-    and kept in the kernel group's ``workspace`` (None without one): a call then hands over one
-    integer, where lists of tensors cost torch.ops about 0.1 µs a tensor to convert. Found again
-    by the identity of the very lists and ``groups`` the plan passes at every call (the entry
-    holds them, so an id is never reused while it lives); the C++ entry holds the params and
-    centers, as the plan does, and is released when the workspace drops the entry (the
-    ``Penalty`` gone, or a regroup)."""
+    """The ``_Held`` handle of ``(params, centers, groups)`` bound in C++ (``csrc/operands.cpp``),
+    made once and kept in the kernel group's ``workspace``, or None (no workspace, or ``holding``
+    says no): a call then hands over one integer, where lists of tensors cost torch.ops about
+    0.1 µs a tensor to convert. The caller keeps the returned object alive over its op call (another
+    thread may replace the workspace's entry meanwhile). Found again by the identity of the very
+    lists and ``groups`` the plan passes at every call (the entry holds them, so an id is never
+    reused while it lives; the workspace contract: a list passed with a workspace is never
+    modified, see ``backends/__init__.py``); the C++ entry holds the params and centers, as the
+    plan does, and is released when the workspace drops the entry (the ``Penalty`` gone, a
+    regroup, or ``holding`` turned off)."""
     if workspace is None:
         return None
     key = ("operands", id(params), id(centers), id(groups))
+    if not holding():
+        workspace.drop(key)
+        return None
     bound = workspace.get(key, lambda b: b.params is params and b.centers is centers and b.groups is groups)
     if bound is None:
         bound = _Held(_ops.bind_operands(params, _as_list(centers), list(groups.dims), list(groups.sizes)),
                       _ops.release_operands, params=params, centers=centers, groups=groups)
         workspace.put(key, bound)
-    return bound.handle
+    return bound
+
+
+def holding():
+    """Whether the C++ registries may hold the tensors between calls. Not under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)``: ``torch.utils.swap_tensors``
+    (``model.double()`` then swaps every parameter and gradient) refuses a tensor anything else
+    holds, so fastreg then holds nothing in C++ and hands the lists over at every call. (Set it
+    before the first call: handles made before are dropped at the next call only.)"""
+    return not torch.__future__.get_swap_module_params_on_conversion()
 
 
 def layout_watch(tensors, shaped):
-    """A zero-argument check that any of ``tensors`` changed dtype or device, or any of
+    """(None while ``holding()`` says no.) A zero-argument check that any of ``tensors`` changed dtype or device, or any of
     ``shaped`` changed shape, since now (``fastreg._plan.Plan.current``'s check in one C++ call:
     ``csrc/operands.cpp``, about 1 µs however many tensors); None while the extension is not
     loaded (never loads it). The C++ entry is released when the returned object dies."""
-    if _ops is None:
+    if _ops is None or not holding():
         return None
     return _Held(_ops.watch_layout(list(tensors), list(shaped)), _ops.release_layout, call=_ops.layout_changed)
 
@@ -186,7 +201,7 @@ def memory_watch(tensors):
     (``csrc/operands.cpp``, about 1 µs plus 5 ns a tensor); None where the extension is not built
     (never built for this: the caller then compares in Python). The C++ entry holds the tensors,
     as the caller's table does, and is released when the returned object dies."""
-    if not _loaded_if_built():
+    if not holding() or not _loaded_if_built():
         return None
     return _Held(_ops.watch_memory(list(tensors)), _ops.release_memory, call=_ops.memory_changed)
 
@@ -194,7 +209,7 @@ def memory_watch(tensors):
 def targets_watch(tensors):
     """``memory_watch`` of a call's write targets (gradients) through weak references: none is
     kept alive, and one that is gone counts as changed. None where the extension is not built."""
-    if not _loaded_if_built():
+    if not holding() or not _loaded_if_built():
         return None
     return _Held(_ops.watch_targets(list(tensors)), _ops.release_targets, call=_ops.targets_changed)
 

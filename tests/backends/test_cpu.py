@@ -138,7 +138,7 @@ def assert_rounded(got, want, dtype, scale=None, ulps=1.0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sums_accuracy(ops, dtype):
     params = make([(30, 40), 0, 70_001, (3, 5, 7), 1, 200_003], dtype)
-    # fp32/fp16/bf16 accumulate in float blocks then double: bound 7 roundings, ~1e-8 typical;
+    # fp32/fp16/bf16 accumulate in float blocks then double: bound 11 roundings, ~1e-8 typical;
     # the result is then rounded once to float32.
     assert_sums(l1l2_sums(params), params, rtol=1e-6 if dtype != torch.float64 else 1e-13)
 

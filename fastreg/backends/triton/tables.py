@@ -226,19 +226,20 @@ def _tables(params, centers, groups, workspace, capturing, target_ptrs=None):
     key = (*setting, groups, centers is None, len(params), params[0].data_ptr())
 
     def still_valid(tables):
-        if tables.watch is not None:
-            # The very tensors the tables were built from, at the same pointers, shapes and
-            # strides (one C++ call over the tensors it holds). The very tensors: the same list
-            # objects (a Penalty's kernel groups pass theirs, never modified, at every call), or
-            # lists of the same tensors (their ids: the watch holds them, so no id is reused).
-            if not (params is tables.watched_lists[0] and centers is tables.watched_lists[1]) and \
-                    list(map(id, _operands(params, centers))) != tables.watched_ids:
-                return False
+        if tables.watch is not None and not cpu.holding():
+            tables.watch = None  # (released: torch.utils.swap_tensors refuses held tensors)
+        if tables.watch is not None and (
+                (params is tables.watched_lists[0] and centers is tables.watched_lists[1])
+                or list(map(id, _operands(params, centers))) == tables.watched_ids):
+            # The very tensors the tables were built from: the same list objects (a kernel
+            # group's, never modified: the workspace contract, backends/__init__.py) or lists of
+            # the same tensors (their ids: the watch holds them, so no id is reused); at the
+            # same pointers, shapes and strides: one C++ call over the tensors it holds.
             if tables.watch():
                 return False
         elif not (tables.params_at == _signature(params)
                   and tables.centers_at == (None if centers is None else _signature(centers))):
-            return False
+            return False  # (other tensors, e.g. a DTensor's fresh local views: compared in Python)
         if target_ptrs is None:
             return not tables.misaligned
         if target_ptrs is tables.aligned_for:
@@ -456,6 +457,9 @@ def target_layout(targets, workspace, capturing):
     tensor whose Python object is gone but whose memory lives on keeps that object), else read
     and recorded in the ``workspace``. Strides None: not read (no workspace, or capture)."""
     if workspace is None or capturing:
+        return list(map(torch.Tensor.data_ptr, targets)), None
+    if not cpu.holding():
+        workspace.targets = None  # (no watch held: torch.utils.swap_tensors refuses watched tensors)
         return list(map(torch.Tensor.data_ptr, targets)), None
     ids = list(map(id, targets))
     last = workspace.targets
