@@ -23,26 +23,32 @@
 
 namespace fastreg_cpu {
 
-// A fresh p.grad: zeros like p (its strides, as torch.zeros_like keeps them), in p.grad_dtype
-// where one is set (fp32 gradients of bf16 weights), else p's dtype.
-at::Tensor zero_grad_like(const at::Tensor& p) {
-  const auto* meta = torch::autograd::impl::get_autograd_meta(p);
-  const auto dtype = meta != nullptr ? meta->grad_dtype(p) : std::nullopt;
-  return at::zeros_like(p, p.options().dtype(dtype.value_or(p.scalar_type())));
-}
-
 namespace {
 
-// The dtype p.grad has, or will have once created.
-at::ScalarType grad_dtype_of(const at::Tensor& p) {
-  const at::Tensor& g = p.grad();
-  if (g.defined()) return g.scalar_type();
+// The dtype a new p.grad of p takes: p.grad_dtype where one is set (fp32 gradients of bf16
+// weights), else p's dtype.
+at::ScalarType new_grad_dtype(const at::Tensor& p) {
   const auto* meta = torch::autograd::impl::get_autograd_meta(p);
   const auto dtype = meta != nullptr ? meta->grad_dtype(p) : std::nullopt;
   return dtype.value_or(p.scalar_type());
 }
 
-// Whether fastreg/_operations.py grads_of and _ops._check_writable take p.grad as it is (an
+// The dtype p.grad has, or will have once created.
+at::ScalarType grad_dtype_of(const at::Tensor& p) {
+  const at::Tensor& g = p.grad();
+  return g.defined() ? g.scalar_type() : new_grad_dtype(p);
+}
+
+}  // namespace
+
+// A fresh p.grad: zeros like p (its strides, as torch.zeros_like keeps them), in new_grad_dtype.
+at::Tensor zero_grad_like(const at::Tensor& p) {
+  return at::zeros_like(p, p.options().dtype(new_grad_dtype(p)));
+}
+
+namespace {
+
+// Whether fastreg/_operations.py grads_of and _ops.check_writable take p.grad as it is (an
 // undefined one is created there): strided, p's shape and device, floating-point, writable.
 bool acceptable(const at::Tensor& p, const at::Tensor& g) {
   if (!g.defined()) return true;

@@ -9,8 +9,6 @@ warns once (at the user's line) and falls back. The grouping of tensors into ker
 import importlib
 import os
 
-import torch
-
 from fastreg._warnings import warn
 
 # Preference order; also the order of available_backends().
@@ -67,12 +65,6 @@ def layout_watch(tensors, shaped):
         return backend("cpu").layout_watch(tensors, shaped)
     except ImportError:
         return None
-
-
-def holding_tensors():
-    """Whether compiled helpers may hold tensors between calls (``fastreg.backends.cpu.holding``:
-    not under ``torch.__future__.set_swap_module_params_on_conversion(True)``)."""
-    return not torch.__future__.get_swap_module_params_on_conversion()
 
 
 def accumulators_locked(params):

@@ -35,7 +35,7 @@ from fastreg import _coefficients, _dispatch, _dtensor, _settings
 from fastreg._params import select
 from fastreg._warnings import warn
 from fastreg.backends._geometry import NO_GROUPS, WHOLE, Groups, acc_dtype, is_dense
-from fastreg.backends._workspace import Workspace
+from fastreg.backends._workspace import Workspace, may_hold_tensors
 
 INIT = "init"
 GRAD, PROX = "grad", "prox"  # the operations a Call is for (prox activates the constraints' structures)
@@ -255,7 +255,7 @@ class Plan:
         if self._layout is None or torch.compiler.is_compiling():
             return self
         watch = self._layout_changed  # (a local: another thread's regroup may reset the attribute)
-        if watch is not None and not _dispatch.holding_tensors():
+        if watch is not None and not may_hold_tensors():
             watch = self._layout_changed = None  # (released: torch.utils.swap_tensors refuses held tensors)
         if watch is not None:
             if watch():

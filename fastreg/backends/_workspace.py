@@ -35,6 +35,8 @@ import itertools
 import weakref
 from collections import OrderedDict
 
+import torch
+
 _registry = weakref.WeakValueDictionary()  # handle -> Workspace
 _handles = itertools.count(1)
 
@@ -104,6 +106,16 @@ class Workspace:
     def plans(self):
         """Every plan held (for the ownership tests)."""
         return list(self.entries.values()) + list(self.captured)
+
+
+def may_hold_tensors():
+    """Whether anything kept between calls may hold a user's tensors from C++ (the cpu
+    extension's registries, ``backends.cpu._Held``). Not under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)``: ``torch.utils.swap_tensors``
+    (``model.double()`` then swaps every parameter and gradient) refuses a tensor anything else
+    holds, so nothing is held then, and the lists are handed over at every call. (Set it before
+    the first call: handles made before are dropped at the next call only.)"""
+    return not torch.__future__.get_swap_module_params_on_conversion()
 
 
 def lookup(handle):

@@ -37,6 +37,7 @@ import time
 import torch
 
 from fastreg.backends import _build, _terms
+from fastreg.backends._workspace import may_hold_tensors
 from fastreg.backends._build import BuildError, compiler, cpu_isa  # noqa: F401  (part of this module's API)
 from fastreg.backends._geometry import acc_dtype as _acc_dtype
 from fastreg.backends._geometry import as_groups, group_count
@@ -153,19 +154,19 @@ def add_to_grad(params, centers, groups, table, workspace=None):
 
 def _operands(params, centers, groups, workspace):
     """The ``_Held`` handle of ``(params, centers, groups)`` bound in C++ (``csrc/operands.cpp``),
-    made once and kept in the kernel group's ``workspace``, or None (no workspace, or ``holding``
-    says no): a call then hands over one integer, where lists of tensors cost torch.ops about
-    0.1 µs a tensor to convert. The caller keeps the returned object alive over its op call (another
-    thread may replace the workspace's entry meanwhile). Found again by the identity of the very
-    lists and ``groups`` the plan passes at every call (the entry holds them, so an id is never
-    reused while it lives; the workspace contract: a list passed with a workspace is never
-    modified, see ``backends/__init__.py``); the C++ entry holds the params and centers, as the
-    plan does, and is released when the workspace drops the entry (the ``Penalty`` gone, a
-    regroup, or ``holding`` turned off)."""
+    made once and kept in the kernel group's ``workspace``, or None (no workspace, or
+    ``may_hold_tensors`` says no): a call then hands over one integer, where lists of tensors
+    cost torch.ops about 0.1 µs a tensor to convert. The caller keeps the returned object alive
+    over its op call (another thread may replace the workspace's entry meanwhile). Found again by
+    the identity of the very lists and ``groups`` the plan passes at every call (the entry holds
+    them, so an id is never reused while it lives; the workspace contract: a list passed with a
+    workspace is never modified, see ``backends/__init__.py``); the C++ entry holds the params
+    and centers, as the plan does, and is released when the workspace drops the entry (the
+    ``Penalty`` gone, a regroup, or ``may_hold_tensors`` turned off)."""
     if workspace is None:
         return None
     key = ("operands", id(params), id(centers), id(groups))
-    if not holding():
+    if not may_hold_tensors():
         workspace.drop(key)
         return None
     bound = workspace.get(key, lambda b: b.params is params and b.centers is centers and b.groups is groups)
@@ -176,21 +177,13 @@ def _operands(params, centers, groups, workspace):
     return bound
 
 
-def holding():
-    """Whether the C++ registries may hold the tensors between calls. Not under
-    ``torch.__future__.set_swap_module_params_on_conversion(True)``: ``torch.utils.swap_tensors``
-    (``model.double()`` then swaps every parameter and gradient) refuses a tensor anything else
-    holds, so fastreg then holds nothing in C++ and hands the lists over at every call. (Set it
-    before the first call: handles made before are dropped at the next call only.)"""
-    return not torch.__future__.get_swap_module_params_on_conversion()
-
-
 def layout_watch(tensors, shaped):
-    """(None while ``holding()`` says no.) A zero-argument check that any of ``tensors`` changed dtype or device, or any of
+    """A zero-argument check that any of ``tensors`` changed dtype or device, or any of
     ``shaped`` changed shape, since now (``fastreg._plan.Plan.current``'s check in one C++ call:
     ``csrc/operands.cpp``, about 1 µs however many tensors); None while the extension is not
-    loaded (never loads it). The C++ entry is released when the returned object dies."""
-    if _ops is None or not holding():
+    loaded (never loads it) or ``may_hold_tensors()`` says no. The C++ entry is released when
+    the returned object dies."""
+    if _ops is None or not may_hold_tensors():
         return None
     return _Held(_ops.watch_layout(list(tensors), list(shaped)), _ops.release_layout, call=_ops.layout_changed)
 
@@ -201,7 +194,7 @@ def memory_watch(tensors):
     (``csrc/operands.cpp``, about 1 µs plus 5 ns a tensor); None where the extension is not built
     (never built for this: the caller then compares in Python). The C++ entry holds the tensors,
     as the caller's table does, and is released when the returned object dies."""
-    if not holding() or not _loaded_if_built():
+    if not may_hold_tensors() or not _loaded_if_built():
         return None
     return _Held(_ops.watch_memory(list(tensors)), _ops.release_memory, call=_ops.memory_changed)
 
@@ -209,15 +202,15 @@ def memory_watch(tensors):
 def targets_watch(tensors):
     """``memory_watch`` of a call's write targets (gradients) through weak references: none is
     kept alive, and one that is gone counts as changed. None where the extension is not built."""
-    if not holding() or not _loaded_if_built():
+    if not may_hold_tensors() or not _loaded_if_built():
         return None
     return _Held(_ops.watch_targets(list(tensors)), _ops.release_targets, call=_ops.targets_changed)
 
 
 class _Held:
     """An entry of a C++ registry (``csrc/operands.cpp``) by its handle, released when this dies,
-    with what the entry was made from (kept for identity checks) and, for a layout watch, the
-    op that reads it (``watch()``)."""
+    with what the entry was made from (kept for identity checks) and, for a watch, the op that
+    reads it (``watch()``)."""
 
     __slots__ = ("handle", "_release", "_call", "params", "centers", "groups")
 

@@ -83,6 +83,7 @@ import torch
 
 from fastreg.backends._geometry import NO_GROUPS, acc_dtype, as_groups, group_owners, group_sizes, memory_geometry
 from fastreg.backends import _terms, cpu
+from fastreg.backends._workspace import may_hold_tensors
 from fastreg.backends._terms import Gradient, Prox
 
 from . import tuning
@@ -226,11 +227,11 @@ def _tables(params, centers, groups, workspace, capturing, target_ptrs=None):
     key = (*setting, groups, centers is None, len(params), params[0].data_ptr())
 
     def still_valid(tables):
-        if tables.watch is not None and not cpu.holding():
+        if tables.watch is not None and not may_hold_tensors():
             tables.watch = None  # (released: torch.utils.swap_tensors refuses held tensors)
         if tables.watch is not None and (
                 (params is tables.watched_lists[0] and centers is tables.watched_lists[1])
-                or list(map(id, _operands(params, centers))) == tables.watched_ids):
+                or list(map(id, _params_and_centers(params, centers))) == tables.watched_ids):
             # The very tensors the tables were built from: the same list objects (a kernel
             # group's, never modified: the workspace contract, backends/__init__.py) or lists of
             # the same tensors (their ids: the watch holds them, so no id is reused); at the
@@ -269,14 +270,14 @@ def _tables(params, centers, groups, workspace, capturing, target_ptrs=None):
         # so a swapped-out storage lives no longer than the next build (hashed on a build only).
         family = (*setting, groups, misaligned, tuple(params_at[1]), tuple(map(tuple, params_at[2])),
                   None if centers_at is None else (tuple(centers_at[1]), tuple(map(tuple, centers_at[2]))))
-        operands = _operands(params, centers)
+        operands = _params_and_centers(params, centers)
         tables.watch = cpu.memory_watch(operands)  # (None without the C++ extension: _signature then)
         tables.watched_ids, tables.watched_lists = list(map(id, operands)), (params, centers)
         workspace.put(key, tables, family=family)
     return tables
 
 
-def _operands(params, centers):
+def _params_and_centers(params, centers):
     return list(params) if centers is None else [*params, *centers]
 
 
@@ -458,7 +459,7 @@ def target_layout(targets, workspace, capturing):
     and recorded in the ``workspace``. Strides None: not read (no workspace, or capture)."""
     if workspace is None or capturing:
         return list(map(torch.Tensor.data_ptr, targets)), None
-    if not cpu.holding():
+    if not may_hold_tensors():
         workspace.targets = None  # (no watch held: torch.utils.swap_tensors refuses watched tensors)
         return list(map(torch.Tensor.data_ptr, targets)), None
     ids = list(map(id, targets))
