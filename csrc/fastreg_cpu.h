@@ -48,6 +48,9 @@
 //       param's gradient (deferral.cpp): the graph, p.grad with no one watching, or nowhere
 //   lock_accumulators(Tensor[] params) -> int, unlock_accumulators(int token) -> ()
 //       hold the locks the engine's AccumulateGrad takes for these params (deferral.cpp)
+//   bind_operands, penalty_value_of, add_to_grad_of; watch_layout, watch_memory, watch_targets
+//       and their *_changed / release_*; handles_held: what the eager calls keep between calls,
+//       by integer handle (operands.cpp, which registers them in a library fragment of its own)
 //   term_layout() -> str   the slots of the sums and coefficient tables (terms.h), by name
 //   constants() -> str     the schedule's constants (schedule.h), by name
 // The slots of the coefficient tables and of the sums are named in terms.h (Gradient, Prox,
